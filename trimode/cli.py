@@ -1,0 +1,134 @@
+"""The `trimode` command line. Every sub-command has --help; errors are one line, never a traceback."""
+
+from __future__ import annotations
+
+import sys
+from enum import Enum
+
+import typer
+
+app = typer.Typer(
+    help="trimode: run, serve, train and benchmark tri-mode (AR / diffusion / self-speculative) NLD models.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+
+
+@app.callback()
+def _root() -> None:
+    """trimode: run, serve, train and benchmark tri-mode (AR / diffusion / self-speculative) NLD models."""
+
+
+class Mode(str, Enum):
+    ar = "ar"
+    diffusion = "diffusion"
+    linear_spec = "linear_spec"
+    quadratic_spec = "quadratic_spec"
+
+
+def fail(message: str) -> None:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(code=2)
+
+
+def load_or_fail(model: str | None, dtype: str | None = None, device: str | None = None, lora: bool = True):
+    import trimode
+
+    try:
+        return trimode.load(model, dtype=dtype, device=device, lora=lora)
+    except (ValueError, OSError, RuntimeError) as e:
+        fail(str(e))
+
+
+@app.command()
+def generate(
+    prompt: str = typer.Argument(..., help="Prompt text."),
+    model: str | None = typer.Option(None, "--model", "-m", help="Checkpoint directory or Hub repo id (default: the bundled model)."),
+    mode: Mode = typer.Option(Mode.ar, "--mode", help="Decoding mode."),
+    max_new_tokens: int = typer.Option(64, "--max-new-tokens", "-n", help="Most tokens to generate."),
+    temperature: float = typer.Option(0.0, help="0 = greedy."),
+    top_p: float = typer.Option(1.0, "--top-p"),
+    top_k: int = typer.Option(0, "--top-k"),
+    seed: int | None = typer.Option(None, help="Seed for sampling (reproducible output)."),
+    block_length: int | None = typer.Option(None, "--block-length", help="Block size for diffusion / speculation (default: the model's)."),
+    threshold: float | None = typer.Option(None, help="Commit threshold (diffusion default 0.9; linear_spec draft default 0)."),
+    steps: bool = typer.Option(False, "--fixed-steps", help="Diffusion: fixed-step schedule instead of a threshold."),
+    no_causal_context: bool = typer.Option(False, "--no-causal-context", help="Diffusion: bidirectional prefix, no seed token."),
+    drafter: bool | None = typer.Option(None, "--drafter/--no-drafter", help="linear_spec: use the LoRA drafter (default: when present)."),
+    ar_mix_weight: float | None = typer.Option(None, "--ar-mix-weight", help="quadratic_spec: AR/diffusion logit mix."),
+    chat: bool = typer.Option(False, help="Wrap the prompt in the model's chat template as a user message."),
+    dtype: str | None = typer.Option(None, help="float32 / bfloat16 (default: float32 on CPU, bfloat16 on CUDA)."),
+    device: str | None = typer.Option(None, help="cpu / cuda (default: cuda when available)."),
+) -> None:
+    """Generate text in one of the four modes and print a one-line summary."""
+    tm = load_or_fail(model, dtype, device)
+    text: str | list[int] = prompt
+    if tm.tokenizer is None:
+        try:  # a checkpoint without tokenizer.json takes token ids: "12 7 99"
+            text = [int(t) for t in prompt.split()]
+        except ValueError:
+            fail("this checkpoint has no tokenizer.json; give the prompt as space-separated token ids")
+    if chat:
+        if tm.tokenizer is None:
+            fail("this model has no tokenizer / chat template")
+        text = tm.tokenizer.apply_chat_template([{"role": "user", "content": prompt}])
+    knobs = {}
+    if mode == Mode.diffusion:
+        knobs = {"threshold": None if steps else threshold, "causal_context": not no_causal_context}
+        if not steps and threshold is None:
+            knobs["threshold"] = 0.9
+    elif mode == Mode.linear_spec:
+        knobs = {"threshold": threshold, "use_drafter": drafter}
+    elif mode == Mode.quadratic_spec:
+        knobs = {"ar_mix_weight": ar_mix_weight}
+    try:
+        gen = tm.stream(text, mode=mode.value, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                        top_k=top_k, seed=seed, block_length=block_length, **knobs)
+        if tm.tokenizer is not None and not chat:
+            typer.echo(prompt, nl=False)
+        while True:
+            try:
+                ev = next(gen)
+            except StopIteration as done:
+                result = done.value
+                break
+            if tm.tokenizer is not None:
+                sys.stdout.write(ev.text)
+                sys.stdout.flush()
+    except ValueError as e:
+        fail(str(e))
+    if tm.tokenizer is None:
+        typer.echo(" ".join(map(str, result.token_ids)), nl=False)  # generated ids only
+    s = result.stats
+    typer.echo("")
+    typer.echo(
+        f"[{s.mode}] {s.generated_tokens} tokens, {s.forward_passes} forward passes, "
+        f"{s.tokens_per_forward:.2f} tokens/forward, {s.tokens_per_second:.1f} tok/s",
+        err=True,
+    )
+
+
+def _register_subcommands() -> None:
+    """Each layer above the engine adds its own commands (`register(app)`), importing heavy modules lazily."""
+    import importlib
+
+    for name in ("trimode.train.cli", "trimode.serve.cli", "trimode.bench.cli"):
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as e:
+            if e.name != name:
+                raise
+            continue
+        module.register(app)
+
+
+_register_subcommands()
+
+
+def main() -> None:  # pragma: no cover - console entry point
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    app()

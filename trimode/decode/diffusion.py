@@ -1,0 +1,111 @@
+"""Block diffusion (spec 2.2): blocks of masks refined in parallel over a causal KV cache of the prefix.
+
+Per block: slot 0 holds the seed (the causal prediction after the prefix) when `causal_context`; each
+denoising step runs the block bidirectionally over the read-only cache and commits the masked positions the
+transfer rule picks (threshold: top-1 plus all >= threshold; fixed steps: an even top-k schedule). After the
+block, one refresh pass writes its causal K/V and yields the next seed. `max_new_tokens` need not be a
+multiple of `block_length`: the last block is cut (the reference requires a multiple).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from trimode.decode.sampling import SamplingParams, choose, confidence
+from trimode.decode.stats import Committed, DecodeOutput, DecodeStats, DecodeStream, Provisional
+from trimode.decode.stopping import StopRule, ThinkingBudget
+from trimode.decode.transfer import commit_by_threshold, commit_top_k, masked_confidence, transfer_schedule
+from trimode.model.transformer import NLDTransformer
+
+
+def _eos_done(row: list[int], stop: StopRule, mask_id: int) -> bool:
+    """A row is finished once it holds an EOS with no mask before it."""
+    eos = stop.first_eos(row)
+    return eos is not None and mask_id not in row[:eos]
+
+
+@torch.no_grad()
+def diffusion_decode(
+    model: NLDTransformer,
+    prompt_ids: torch.Tensor,
+    stop: StopRule,
+    sampling: SamplingParams = SamplingParams(),
+    block_length: int = 32,
+    threshold: float | None = 0.9,
+    causal_context: bool = True,
+    thinking: ThinkingBudget | None = None,
+    provisional: bool = False,
+) -> DecodeStream:
+    mask_id = model.config.mask_token_id
+    batch, prompt_len = prompt_ids.shape
+    stats = DecodeStats("diffusion", prompt_tokens=prompt_len, prefill_passes=1)
+    num_blocks = math.ceil(stop.max_new_tokens / block_length)
+    cache = model.new_cache(batch, prompt_len + num_blocks * block_length)
+    rows = torch.arange(batch).repeat_interleave(block_length)
+    context_mask = "causal" if causal_context else "bidirectional"
+
+    logits = model(prompt_ids, mask=context_mask, cache=cache)
+    cache.commit(prompt_len)
+    stats.forward_passes += 1
+    seed = choose(logits[:, -1], torch.full((batch,), prompt_len), sampling, rows=torch.arange(batch))
+
+    generated: list[list[int]] = [[] for _ in range(batch)]
+    streamed = [0] * batch
+    for b in range(num_blocks):
+        start = prompt_len + b * block_length
+        block = torch.full((batch, block_length), mask_id, dtype=torch.long, device=prompt_ids.device)
+        if causal_context:
+            block[:, 0] = seed
+        if thinking is not None and (b + 1) * block_length > thinking.max_thinking_tokens:
+            offset = max(0, thinking.max_thinking_tokens - b * block_length)
+            for r in range(batch):
+                if thinking.end_think_token_id not in generated[r]:
+                    block[r, offset] = thinking.end_think_token_id
+        schedule = transfer_schedule((block == mask_id).sum(-1), block_length)
+        positions = torch.arange(start, start + block_length).repeat(batch)
+
+        for step in range(block_length):
+            masked = block == mask_id
+            if not masked.any():
+                break
+            logits = model(block, mask="bidirectional", cache=cache)
+            stats.forward_passes += 1
+            proposal = choose(logits.flatten(0, 1), positions, sampling, step=1 + b * block_length + step, rows=rows)
+            proposal = proposal.view(batch, block_length)
+            conf = masked_confidence(confidence(logits, proposal), masked)
+            if threshold is None:
+                transfer = commit_top_k(conf, masked, schedule[:, step])
+            else:
+                transfer = commit_by_threshold(conf, masked, threshold)
+            block[transfer] = proposal[transfer]
+            stats.step_commits.append(int(transfer.sum()))
+            if provisional:
+                yield Provisional(block.tolist())
+            settled = [generated[r] + _prefix_without_mask(block[r].tolist(), mask_id) for r in range(batch)]
+            new = [settled[r][streamed[r] :] for r in range(batch)]
+            if any(new):
+                for r in range(batch):
+                    streamed[r] = len(settled[r])
+                yield Committed(new, stats)
+            if all(_eos_done(generated[r] + block[r].tolist(), stop, mask_id) for r in range(batch)):
+                break
+
+        logits = model(block, mask=context_mask, cache=cache)
+        cache.commit(block_length)
+        stats.forward_passes += 1
+        seed = choose(logits[:, -1], torch.full((batch,), start + block_length), sampling, rows=torch.arange(batch))
+        for r in range(batch):
+            generated[r] += block[r].tolist()
+        finished = [stop.finish(g) for g in generated]
+        if all(over for _, over in finished):
+            break
+
+    out = [stop.finish(g)[0] for g in generated]
+    stats.generated_tokens = sum(len(o) for o in out)
+    return DecodeOutput(out, stats)
+
+
+def _prefix_without_mask(row: list[int], mask_id: int) -> list[int]:
+    return row[: row.index(mask_id)] if mask_id in row else row

@@ -1,0 +1,196 @@
+"""Reading and writing NLD checkpoint directories: safetensors and JSON only, never code or pickle.
+
+Layout (the released one):
+    config.json
+    model.safetensors | model.safetensors.index.json + shards
+    linear_spec_lora/adapter_config.json + adapter_model.safetensors   (optional drafter adapter, PEFT format)
+    tokenizer.json, tokenizer_config.json                               (optional)
+A Hub repo id resolves through `huggingface_hub` to the same layout in the local cache.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from trimode.model.config import CheckpointError, NLDConfig
+from trimode.model.transformer import NLDTransformer, yarn_inv_freq
+
+WEIGHTS = "model.safetensors"
+INDEX = "model.safetensors.index.json"
+LORA_DIR = "linear_spec_lora"
+HUB_PATTERNS = ["*.json", "*.safetensors", "*.jinja", f"{LORA_DIR}/*"]
+
+
+def resolve_checkpoint(path_or_repo: str | Path, revision: str | None = None, local_files_only: bool = False,
+                       cache_dir: str | Path | None = None) -> Path:
+    """A local directory as is; otherwise a Hub repo id downloaded (or found in the cache) by huggingface_hub."""
+    p = Path(path_or_repo).expanduser()
+    if p.is_dir():
+        return p
+    if p.exists():
+        raise CheckpointError(f"{p} is a file; expected a checkpoint directory")
+    name = str(path_or_repo)
+    if name.count("/") != 1 or name.startswith((".", "/")):
+        raise CheckpointError(f"no checkpoint directory {name!r} (and it is not a Hub repo id 'org/name')")
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
+
+    try:
+        return Path(
+            snapshot_download(
+                name, revision=revision, allow_patterns=HUB_PATTERNS, local_files_only=local_files_only,
+                cache_dir=cache_dir,
+            )
+        )
+    except (HFValidationError, LocalEntryNotFoundError) as e:
+        raise CheckpointError(f"cannot resolve {name!r} on the Hub or in its cache: {e}") from None
+
+
+def _weight_files(ckpt: Path) -> list[Path]:
+    if (ckpt / INDEX).is_file():
+        index = json.loads((ckpt / INDEX).read_text())
+        names = sorted(set(index.get("weight_map", {}).values()))
+        if not names:
+            raise CheckpointError(f"{ckpt / INDEX} has an empty weight_map")
+        missing = [n for n in names if not (ckpt / n).is_file()]
+        if missing:
+            raise CheckpointError(f"shard(s) listed in {INDEX} are missing from {ckpt}: {', '.join(missing)}")
+        return [ckpt / n for n in names]
+    if (ckpt / WEIGHTS).is_file():
+        return [ckpt / WEIGHTS]
+    raise CheckpointError(f"no {WEIGHTS} or {INDEX} in {ckpt}")
+
+
+def read_tensors(files: list[Path]) -> dict[str, torch.Tensor]:
+    tensors: dict[str, torch.Tensor] = {}
+    for f in files:
+        try:
+            with safe_open(str(f), framework="pt") as fh:
+                for k in fh.keys():
+                    tensors[k] = fh.get_tensor(k)
+        except Exception as e:  # safetensors raises its own error types for corrupt headers
+            raise CheckpointError(f"{f} is not a readable safetensors file: {e}") from None
+    return tensors
+
+
+def load_state(model: NLDTransformer, tensors: dict[str, torch.Tensor], source: str) -> None:
+    """Copy `tensors` into `model`, with clear errors for missing, unexpected or misshapen tensors."""
+    expected = {k: v for k, v in model.state_dict().items() if ".lora_" not in k}
+    if model.config.tie_word_embeddings and "diffusion_head.weight" not in tensors:
+        tensors = {**tensors, "diffusion_head.weight": tensors.get("encoder.embed_tokens.weight")}
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    if missing:
+        raise CheckpointError(f"{source}: missing tensors: {', '.join(missing[:8])}" + (" ..." if len(missing) > 8 else ""))
+    if unexpected:
+        raise CheckpointError(
+            f"{source}: unexpected tensors: {', '.join(unexpected[:8])}" + (" ..." if len(unexpected) > 8 else "")
+        )
+    for k, v in expected.items():
+        if tuple(tensors[k].shape) != tuple(v.shape):
+            raise CheckpointError(
+                f"{source}: tensor {k} has shape {list(tensors[k].shape)}, the config implies {list(v.shape)}"
+            )
+    with torch.no_grad():
+        for k, v in expected.items():
+            v.copy_(tensors[k].to(v.dtype))
+
+
+def load_model(ckpt: Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> NLDTransformer:
+    cfg = NLDConfig.from_json(ckpt / "config.json")
+    files = _weight_files(ckpt)
+    with torch.device("meta"):
+        model = NLDTransformer(cfg)
+    model = model.to_empty(device=device).to(dtype)
+    model.inv_freq.copy_(yarn_inv_freq(cfg)[0])  # a buffer, not in the checkpoint: recompute after to_empty
+    load_state(model, read_tensors(files), str(ckpt))
+    return model.eval()
+
+
+def load_lora(model: NLDTransformer, lora_dir: Path) -> None:
+    """Attach a PEFT LoRA adapter on `o_proj` (scale lora_alpha / r), used only by passes that ask for it."""
+    cfg_path, weights = lora_dir / "adapter_config.json", lora_dir / "adapter_model.safetensors"
+    for p in (cfg_path, weights):
+        if not p.is_file():
+            raise CheckpointError(f"missing {p.name} in {lora_dir}")
+    cfg = json.loads(cfg_path.read_text())
+    if cfg.get("peft_type", "LORA") != "LORA":
+        raise CheckpointError(f"{cfg_path}: peft_type {cfg.get('peft_type')!r} is not LORA")
+    targets = cfg.get("target_modules") or []
+    if isinstance(targets, str):
+        targets = [targets]
+    if set(targets) != {"o_proj"}:
+        raise CheckpointError(f"{cfg_path}: target_modules {targets} not supported (the drafter adapts o_proj only)")
+    if cfg.get("use_dora") or cfg.get("use_rslora"):
+        raise CheckpointError(f"{cfg_path}: DoRA / rsLoRA adapters are not supported")
+    r, alpha = int(cfg["r"]), float(cfg["lora_alpha"])
+    tensors = read_tensors([weights])
+    layers = model.encoder.layers
+    prefix = "base_model.model.encoder.layers.{}.self_attn.o_proj.lora_{}.weight"
+    used = set()
+    for i, layer in enumerate(layers):
+        o = layer.self_attn.o_proj
+        ka, kb = prefix.format(i, "A"), prefix.format(i, "B")
+        if ka not in tensors or kb not in tensors:
+            raise CheckpointError(f"{weights}: missing {ka if ka not in tensors else kb}")
+        a, b = tensors[ka], tensors[kb]
+        if a.shape != (r, o.weight.shape[1]) or b.shape != (o.weight.shape[0], r):
+            raise CheckpointError(
+                f"{weights}: layer {i} LoRA shapes A{list(a.shape)} B{list(b.shape)} do not fit o_proj "
+                f"{list(o.weight.shape)} with r={r}"
+            )
+        o.set_adapter(a, b, alpha / r)
+        used |= {ka, kb}
+    extra = sorted(set(tensors) - used)
+    if extra:
+        raise CheckpointError(f"{weights}: unexpected tensors: {', '.join(extra[:8])}")
+
+
+def save_checkpoint(model: NLDTransformer, out: Path, max_shard_bytes: int | None = None,
+                    dtype: torch.dtype = torch.bfloat16) -> None:
+    """Write config.json and the weights (one file, or shards plus an index when over `max_shard_bytes`)."""
+    out.mkdir(parents=True, exist_ok=True)
+    model.config.save(out / "config.json")
+    state = {k: v.detach().to(dtype).contiguous().cpu() for k, v in model.state_dict().items() if ".lora_" not in k}
+    if max_shard_bytes is None:
+        save_file(state, str(out / WEIGHTS), metadata={"format": "pt"})
+        return
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for k, v in state.items():
+        n = v.numel() * v.element_size()
+        if shards[-1] and size + n > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][k] = v
+        size += n
+    weight_map = {}
+    for i, shard in enumerate(shards):
+        name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, str(out / name), metadata={"format": "pt"})
+        weight_map.update({k: name for k in shard})
+    total = sum(v.numel() * v.element_size() for v in state.values())
+    (out / INDEX).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+
+
+def save_lora(model: NLDTransformer, out: Path, r: int, alpha: float) -> None:
+    """Write the drafter adapter in the PEFT layout `load_lora` reads."""
+    out.mkdir(parents=True, exist_ok=True)
+    tensors = {}
+    for i, layer in enumerate(model.encoder.layers):
+        o = layer.self_attn.o_proj
+        base = f"base_model.model.encoder.layers.{i}.self_attn.o_proj"
+        tensors[f"{base}.lora_A.weight"] = o.lora_A.detach().float().contiguous().cpu()
+        tensors[f"{base}.lora_B.weight"] = o.lora_B.detach().float().contiguous().cpu()
+    save_file(tensors, str(out / "adapter_model.safetensors"))
+    cfg = {
+        "peft_type": "LORA", "r": r, "lora_alpha": alpha, "target_modules": ["o_proj"], "lora_dropout": 0.0,
+        "bias": "none", "use_dora": False, "use_rslora": False, "fan_in_fan_out": False, "inference_mode": True,
+        "task_type": None, "base_model_name_or_path": None,
+    }
+    (out / "adapter_config.json").write_text(json.dumps(cfg, indent=2) + "\n")

@@ -1,0 +1,77 @@
+"""The checkpoint's tokenizer: `tokenizer.json` through the `tokenizers` library, plus the chat template.
+
+The chat template (Jinja, from `tokenizer_config.json` or `chat_template.jinja`) is rendered in an immutable
+sandboxed environment: a checkpoint's template cannot reach Python objects or the file system.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+from tokenizers import Tokenizer
+
+from trimode.model.config import CheckpointError
+
+
+class TemplateError(ValueError):
+    """The chat template failed to render the given messages."""
+
+
+def _raise(message: str):
+    raise TemplateError(message)
+
+
+class NLDTokenizer:
+    def __init__(self, tokenizer: Tokenizer, config: dict | None = None, chat_template: str | None = None) -> None:
+        self.tok = tokenizer
+        self.config = config or {}
+        self.chat_template = chat_template or self.config.get("chat_template")
+        self._env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+        self._env.globals["raise_exception"] = _raise
+
+    @classmethod
+    def from_dir(cls, path: Path) -> NLDTokenizer | None:
+        """The tokenizer in `path`, or None when the checkpoint ships none."""
+        tj = path / "tokenizer.json"
+        if not tj.is_file():
+            return None
+        try:
+            tok = Tokenizer.from_file(str(tj))
+        except Exception as e:
+            raise CheckpointError(f"{tj} is not a valid tokenizers file: {e}") from None
+        cfg_path = path / "tokenizer_config.json"
+        cfg = json.loads(cfg_path.read_text()) if cfg_path.is_file() else {}
+        template_file = path / "chat_template.jinja"
+        template = template_file.read_text() if template_file.is_file() else None
+        return cls(tok, cfg, template)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.tok.get_vocab_size()
+
+    def token_id(self, token: str) -> int | None:
+        return self.tok.token_to_id(token)
+
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        return self.tok.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        return self.tok.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+        if not self.chat_template:
+            raise TemplateError("this checkpoint has no chat template; use a completion instead")
+        try:
+            template = self._env.from_string(self.chat_template)
+            return template.render(
+                messages=messages,
+                add_generation_prompt=add_generation_prompt,
+                bos_token=self.config.get("bos_token", ""),
+                eos_token=self.config.get("eos_token", ""),
+            )
+        except TemplateError:
+            raise
+        except Exception as e:
+            raise TemplateError(f"chat template failed: {e}") from None

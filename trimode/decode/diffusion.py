@@ -20,10 +20,12 @@ from trimode.decode.transfer import commit_by_threshold, commit_top_k, masked_co
 from trimode.model.transformer import NLDTransformer
 
 
-def _eos_done(row: list[int], stop: StopRule, mask_id: int) -> bool:
-    """A row is finished once it holds an EOS with no mask before it."""
-    eos = stop.first_eos(row)
-    return eos is not None and mask_id not in row[:eos]
+def _eos_done(generated: list[int], block: torch.Tensor, masked: torch.Tensor, stop: StopRule) -> bool:
+    """A row is finished once it holds an EOS with no undecided slot before it."""
+    if stop.first_eos(generated) is not None:
+        return True
+    eos = stop.first_eos(block.tolist())
+    return eos is not None and not bool(masked[:eos].any())
 
 
 @torch.no_grad()
@@ -63,11 +65,14 @@ def diffusion_decode(
             for r in range(batch):
                 if thinking.end_think_token_id not in generated[r]:
                     block[r, offset] = thinking.end_think_token_id
-        schedule = transfer_schedule((block == mask_id).sum(-1), block_length)
+        # Undecided slots are tracked explicitly: the seed or a committed token may itself be the mask id.
+        masked = block == mask_id
+        if causal_context:
+            masked[:, 0] = False
+        schedule = transfer_schedule(masked.sum(-1), block_length)
         positions = torch.arange(start, start + block_length).repeat(batch)
 
         for step in range(block_length):
-            masked = block == mask_id
             if not masked.any():
                 break
             logits = model(block, mask="bidirectional", cache=cache)
@@ -80,16 +85,17 @@ def diffusion_decode(
             else:
                 transfer = commit_by_threshold(conf, masked, threshold)
             block[transfer] = proposal[transfer]
+            masked &= ~transfer
             stats.step_commits.append(int(transfer.sum()))
             if provisional:
-                yield Provisional(block.tolist())
-            settled = [generated[r] + _prefix_without_mask(block[r].tolist(), mask_id) for r in range(batch)]
+                yield Provisional(block.masked_fill(masked, mask_id).tolist())
+            settled = [generated[r] + _settled_prefix(block[r], masked[r]) for r in range(batch)]
             new = [settled[r][streamed[r] :] for r in range(batch)]
             if any(new):
                 for r in range(batch):
                     streamed[r] = len(settled[r])
                 yield Committed(new, stats)
-            if all(_eos_done(generated[r] + block[r].tolist(), stop, mask_id) for r in range(batch)):
+            if all(_eos_done(generated[r], block[r], masked[r], stop) for r in range(batch)):
                 break
 
         logits = model(block, mask=context_mask, cache=cache)
@@ -107,5 +113,8 @@ def diffusion_decode(
     return DecodeOutput(out, stats)
 
 
-def _prefix_without_mask(row: list[int], mask_id: int) -> list[int]:
-    return row[: row.index(mask_id)] if mask_id in row else row
+def _settled_prefix(block: torch.Tensor, masked: torch.Tensor) -> list[int]:
+    """The block's tokens before its first undecided slot."""
+    undecided = masked.nonzero()
+    end = int(undecided[0]) if len(undecided) else block.numel()
+    return block[:end].tolist()

@@ -66,8 +66,10 @@ def linear_spec_decode(
         block[0, 0] = next_token
         positions = start + offsets
 
+        # Track undecided slots explicitly: the model may legitimately emit the mask id as a token.
+        masked = offsets[None, :].to(block.device) > 0
         draft_pass = 0
-        while (masked := block == mask_id).any():
+        while masked.any():
             logits = model(block, mask="bidirectional", cache=cache, lora=use_drafter)
             stats.forward_passes += 1
             proposal = choose(logits[0], positions, sampling, step=DRAFT_STEP_KEY + draft_pass)[None]
@@ -78,6 +80,7 @@ def linear_spec_decode(
             conf = masked_confidence(confidence(logits, proposal), masked)
             transfer = commit_by_threshold(conf, masked, threshold)
             block[transfer] = proposal[transfer]
+            masked &= ~transfer
 
         logits = model(block, mask="causal", cache=cache)
         cache.commit(block_length)

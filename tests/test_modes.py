@@ -170,3 +170,13 @@ def test_diffusion_batch_rows_match_single_runs():
     assert batched == single
     ar_b = drive(ar_decode(net, rows, stop)).tokens
     assert ar_b == [drive(ar_decode(net, rows[i : i + 1], stop)).tokens[0] for i in range(2)]
+
+
+def test_fixed_step_schedule_uses_the_given_step_count():
+    net = random_model(6)
+    ids = torch.tensor([[40, 41, 42]])
+    for steps in (1, 2, 7, 10):
+        out = drive(diffusion_decode(net, ids, StopRule(16), block_length=8, threshold=None, steps=steps))
+        assert len(out.tokens[0]) == 16
+        passes_per_block = min(steps, 7)  # 7 masks after the seed; extra steps have nothing left to commit
+        assert out.stats.forward_passes == 1 + 2 * (passes_per_block + 1)

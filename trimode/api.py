@@ -109,6 +109,12 @@ class TriMode:
             if k["block_length"] < (2 if mode != "diffusion" else 1):
                 raise ValueError(f"block_length {k['block_length']} is too small for {mode}")
         if mode == "diffusion":
+            if "steps" in k:  # a step count selects the fixed-step schedule
+                if "threshold" in k:
+                    raise ValueError("give either threshold or steps for diffusion, not both")
+                if k["steps"] < 1:
+                    raise ValueError(f"steps must be >= 1, got {k['steps']}")
+                k["threshold"] = None
             k.setdefault("threshold", 0.9)
             k.setdefault("causal_context", True)
         if mode == "linear_spec":
@@ -127,7 +133,7 @@ class TriMode:
             return ar_decode(net, ids, stop, sampling, thinking)
         if mode == "diffusion":
             return diffusion_decode(net, ids, stop, sampling, knobs["block_length"], knobs["threshold"],
-                                    knobs["causal_context"], thinking, provisional)
+                                    knobs["causal_context"], thinking, provisional, knobs.get("steps"))
         if mode == "linear_spec":
             return linear_spec_decode(net, ids, stop, sampling, knobs["block_length"], knobs["threshold"],
                                       knobs["use_drafter"], thinking)
@@ -153,13 +159,14 @@ class TriMode:
         block_length: int | None = None,
         threshold: float | None = None,
         causal_context: bool | None = None,
+        steps: int | None = None,
         use_drafter: bool | None = None,
         ar_mix_weight: float | None = None,
     ) -> Generator[Delta | BlockState, None, GenerationResult]:
         if mode not in MODES:
             raise ValueError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
         knobs = self.knobs_for(mode, block_length=block_length, threshold=threshold, causal_context=causal_context,
-                               use_drafter=use_drafter, ar_mix_weight=ar_mix_weight)
+                               steps=steps, use_drafter=use_drafter, ar_mix_weight=ar_mix_weight)
         prompt_ids = self.encode(prompt)
         if not prompt_ids:
             raise ValueError("the prompt is empty")

@@ -53,7 +53,7 @@ def generate(
     seed: int | None = typer.Option(None, help="Seed for sampling (reproducible output)."),
     block_length: int | None = typer.Option(None, "--block-length", help="Block size for diffusion / speculation (default: the model's)."),
     threshold: float | None = typer.Option(None, help="Commit threshold (diffusion default 0.9; linear_spec draft default 0)."),
-    steps: bool = typer.Option(False, "--fixed-steps", help="Diffusion: fixed-step schedule instead of a threshold."),
+    steps: int | None = typer.Option(None, "--steps", help="Diffusion: fixed-step schedule with this many passes per block instead of a threshold."),
     no_causal_context: bool = typer.Option(False, "--no-causal-context", help="Diffusion: bidirectional prefix, no seed token."),
     drafter: bool | None = typer.Option(None, "--drafter/--no-drafter", help="linear_spec: use the LoRA drafter (default: when present)."),
     ar_mix_weight: float | None = typer.Option(None, "--ar-mix-weight", help="quadratic_spec: AR/diffusion logit mix."),
@@ -75,9 +75,7 @@ def generate(
         text = tm.tokenizer.apply_chat_template([{"role": "user", "content": prompt}])
     knobs = {}
     if mode == Mode.diffusion:
-        knobs = {"threshold": None if steps else threshold, "causal_context": not no_causal_context}
-        if not steps and threshold is None:
-            knobs["threshold"] = 0.9
+        knobs = {"threshold": threshold, "steps": steps, "causal_context": not no_causal_context}
     elif mode == Mode.linear_spec:
         knobs = {"threshold": threshold, "use_drafter": drafter}
     elif mode == Mode.quadratic_spec:

@@ -39,8 +39,15 @@ def diffusion_decode(
     causal_context: bool = True,
     thinking: ThinkingBudget | None = None,
     provisional: bool = False,
+    steps: int | None = None,
 ) -> DecodeStream:
+    """`threshold=None` selects the fixed-step schedule: `steps` denoising passes per block (default
+    `block_length`, as the reference), the block's masks split evenly over them."""
     mask_id = model.config.mask_token_id
+    # A threshold step commits at least one token, so block_length passes always finish a block.
+    steps_per_block = block_length if threshold is not None or steps is None else steps
+    if steps_per_block < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
     batch, prompt_len = prompt_ids.shape
     stats = DecodeStats("diffusion", prompt_tokens=prompt_len, prefill_passes=1)
     num_blocks = math.ceil(stop.max_new_tokens / block_length)
@@ -69,10 +76,10 @@ def diffusion_decode(
         masked = block == mask_id
         if causal_context:
             masked[:, 0] = False
-        schedule = transfer_schedule(masked.sum(-1), block_length)
+        schedule = transfer_schedule(masked.sum(-1), steps_per_block)
         positions = torch.arange(start, start + block_length).repeat(batch)
 
-        for step in range(block_length):
+        for step in range(steps_per_block):
             if not masked.any():
                 break
             logits = model(block, mask="bidirectional", cache=cache)

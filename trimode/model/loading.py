@@ -107,7 +107,7 @@ def load_model(ckpt: Path, dtype: torch.dtype = torch.float32, device: str | tor
     with torch.device("meta"):
         model = NLDTransformer(cfg)
     model = model.to_empty(device=device).to(dtype)
-    model.inv_freq.copy_(yarn_inv_freq(cfg)[0])  # a buffer, not in the checkpoint: recompute after to_empty
+    model.inv_freq = yarn_inv_freq(cfg)[0].to(device)  # not in the checkpoint; float32 whatever the weights
     load_state(model, read_tensors(files), str(ckpt))
     return model.eval()
 

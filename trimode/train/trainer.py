@@ -1,0 +1,586 @@
+"""The training loop: a recipe in, an NLD checkpoint directory out (`trimode train --recipe FILE.yaml`).
+
+One step = one global batch of `train.batch_size` rows, split over data-parallel ranks and micro-batches. The
+noise of each row is keyed by (seed, step, row index in the global batch), the token counts of the whole global
+batch are all-reduced *before* the backward passes, and each micro-batch contributes
+`alpha * diff_sum / N_masked + ar_sum / N_supervised` (global loss averaging), so one process with gradient
+accumulation and N processes with DDP / FSDP compute the same gradient.
+
+Output directory:
+    recipe.yaml, train_log.jsonl                 the recipe as run; one JSON line per logged step / evaluation
+    checkpoints/step-00000100/                   NLD checkpoint + tokenizer + trainer_state.{safetensors,json}
+    config.json, model.safetensors, tokenizer*   the final model, loadable with `trimode.load(output_dir)`
+Checkpoints are written to a temporary directory and renamed into place; `resume=True` continues from the latest
+one exactly (weights, AdamW state, step, data position, RNG state). Trainer state is safetensors + JSON, no pickle.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import importlib.util
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from trimode.model.config import NLD_MODEL_TYPE, NLDConfig
+from trimode.model.loading import INDEX, WEIGHTS, load_model, resolve_checkpoint, save_checkpoint
+from trimode.model.tokenizer import NLDTokenizer
+from trimode.model.transformer import NLDTransformer, yarn_inv_freq
+from trimode.train import convert
+from trimode.train.data import BatchStream, Document, PackedData, pack_documents, read_jsonl
+from trimode.train.objective import JointObjective, LossSums, corrupt, global_loss, losses, noise_key
+from trimode.train.recipe import Recipe, RecipeError
+from trimode.train.schedule import WSD
+
+CHECKPOINTS = "checkpoints"
+STATE_JSON = "trainer_state.json"
+STATE_TENSORS = "trainer_state.safetensors"
+LOG = "train_log.jsonl"
+EVAL_STEP = -1  # the "step" of the noise keys of held-out rows: the same noise at every evaluation
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
+
+
+# ---------------------------------------------------------------------------------------------- processes
+
+
+@dataclass
+class Processes:
+    """This process's place in the (possibly single-process) data-parallel group."""
+
+    rank: int
+    world: int
+    device: torch.device
+    owns_group: bool = False
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
+        if self.world > 1:
+            t = t.to(self.device)
+            dist.all_reduce(t)
+        return t.cpu()
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            dist.barrier()
+
+    def close(self) -> None:
+        if self.owns_group:
+            dist.destroy_process_group()
+
+
+def start_processes(device: str | None) -> Processes:
+    """Join the process group torchrun describes (WORLD_SIZE, RANK, LOCAL_RANK), or run alone."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    if device is not None:
+        dev = torch.device(device)
+    elif torch.cuda.is_available():
+        dev = torch.device("cuda", local % torch.cuda.device_count())
+    else:
+        dev = torch.device("cpu")
+    if dev.type == "cuda" and dev.index is None:
+        dev = torch.device("cuda", local % torch.cuda.device_count())
+    owns = False
+    if world > 1 and not dist.is_initialized():
+        if dev.type == "cuda":
+            torch.cuda.set_device(dev)
+        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+        owns = True
+    return Processes(rank, world, dev, owns)
+
+
+# ---------------------------------------------------------------------------------------------- building
+
+
+def load_documents(recipe: Recipe, split: str, files: list[str]) -> list[Document]:
+    """JSONL files plus, when the recipe names sources, `trimode.train.corpus.load_corpus(sources, split, seed)`."""
+    docs = [d for f in files for d in read_jsonl(f)]
+    if recipe.data.sources:
+        if importlib.util.find_spec("trimode.train.corpus") is None:
+            raise RecipeError("data.sources needs trimode.train.corpus, which is not in this installation")
+        corpus = importlib.import_module("trimode.train.corpus")
+        docs += corpus.load_corpus(recipe.data.sources, split, recipe.train.seed)
+    return docs
+
+
+def build_tokenizer(recipe: Recipe, procs: Processes, train_docs: list[Document], resume_dir: Path | None
+                    ) -> NLDTokenizer:
+    if resume_dir is not None:
+        tok = NLDTokenizer.from_dir(resume_dir)
+        where = f"the checkpoint {resume_dir}"
+    elif recipe.tokenizer.path is not None:
+        tok = NLDTokenizer.from_dir(Path(recipe.tokenizer.path))
+        where = f"tokenizer.path {recipe.tokenizer.path}"
+    elif recipe.tokenizer.train_vocab_size is not None:
+        if importlib.util.find_spec("trimode.train.tokenizer_train") is None:
+            raise RecipeError("tokenizer.train_vocab_size needs trimode.train.tokenizer_train, which is not in "
+                              "this installation")
+        out = Path(recipe.output_dir) / "tokenizer"
+        if procs.main:  # trained once, read by every rank
+            module = importlib.import_module("trimode.train.tokenizer_train")
+            module.train_tokenizer(train_docs, recipe.tokenizer.train_vocab_size, out)
+        procs.barrier()
+        tok = NLDTokenizer.from_dir(out)
+        where = f"the trained tokenizer in {out}"
+    elif recipe.model.init_from is not None:
+        path = resolve_checkpoint(recipe.model.init_from)
+        tok = NLDTokenizer.from_dir(path)
+        where = f"model.init_from {path}"
+    else:
+        raise RecipeError("no tokenizer: set tokenizer.path or tokenizer.train_vocab_size")
+    if tok is None:
+        raise RecipeError(f"no tokenizer.json in {where}")
+    return tok
+
+
+SPECIAL_IDS = {"bos_token_id": "bos_token", "eos_token_id": "eos_token", "mask_token_id": "mask_token",
+               "pad_token_id": "pad_token"}
+
+
+def random_init(config: dict, tokenizer: NLDTokenizer, std: float, seed: int) -> NLDTransformer:
+    """A new network from NLDConfig fields; special token ids not given come from the tokenizer's
+    tokenizer_config.json (bos_token, eos_token, mask_token, pad_token), vocab_size from its vocabulary."""
+    cfg = dict(config)
+    for key, name in SPECIAL_IDS.items():
+        token = tokenizer.config.get(name)
+        if key not in cfg and token is not None:
+            cfg[key] = token.get("content") if isinstance(token, dict) else token
+        cfg[key] = convert.resolve_token(cfg.get(key), tokenizer, f"model.config.{key}")
+    for key in ("eos_token_id", "mask_token_id"):
+        if cfg[key] is None:
+            raise RecipeError(f"model.config: set {key} (an id or a token string); the tokenizer's "
+                              f"tokenizer_config.json names no {SPECIAL_IDS[key]}")
+    cfg.setdefault("vocab_size", tokenizer.vocab_size)
+    try:
+        config_obj = NLDConfig(**cfg)
+    except TypeError as e:
+        raise RecipeError(f"model.config: {e}") from None
+    torch.manual_seed(seed)  # the same initial weights on every rank (FSDP shards each rank's copy as is)
+    net = NLDTransformer(config_obj)
+    with torch.no_grad():
+        for p in net.parameters():
+            if p.dim() >= 2:
+                p.normal_(0.0, std)
+    return net
+
+
+def build_model(recipe: Recipe, tokenizer: NLDTokenizer, resume_dir: Path | None) -> NLDTransformer:
+    m = recipe.model
+    dtype = DTYPES[m.dtype]
+    mask_id = convert.resolve_token(m.mask_token_id, tokenizer, "model.mask_token_id")
+    if resume_dir is not None:
+        net = load_model(resume_dir, dtype=torch.float32)
+    elif m.init_from is not None:
+        path = resolve_checkpoint(m.init_from)
+        kind = convert.model_type(path)
+        if kind == NLD_MODEL_TYPE:
+            net = load_model(path, dtype=torch.float32)
+            if mask_id is not None:
+                net.config.mask_token_id = mask_id
+        elif convert.is_convertible(path):
+            if mask_id is None:
+                raise RecipeError(f"model.init_from {path} is a {kind} AR checkpoint: set model.mask_token_id "
+                                  "(an unused or reserved token id, or its token string)")
+            net = convert.load_hf_causal_lm(path, mask_id, recipe.objective.block_size or 32)
+        else:
+            raise RecipeError(f"model.init_from {path}: model_type {kind!r} is neither an NLD checkpoint nor a "
+                              f"convertible causal LM ({', '.join(convert.TEXT_MODELS + convert.VLM_WRAPPERS)})")
+    else:
+        cfg = dict(m.config or {})
+        if mask_id is not None:
+            cfg["mask_token_id"] = mask_id
+        net = random_init(cfg, tokenizer, m.init_std, recipe.train.seed)
+    cfg = net.config
+    cfg.dtype = m.dtype
+    if tokenizer.vocab_size > cfg.vocab_size:
+        raise RecipeError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model only {cfg.vocab_size}")
+    if not 0 <= cfg.mask_token_id < cfg.vocab_size:
+        raise RecipeError(f"mask_token_id {cfg.mask_token_id} is outside the vocabulary [0, {cfg.vocab_size})")
+    if not 0 <= cfg.eos_token_id < cfg.vocab_size:
+        raise RecipeError(f"eos_token_id {cfg.eos_token_id} is outside the vocabulary [0, {cfg.vocab_size})")
+    net = net.to(dtype)
+    net.inv_freq = yarn_inv_freq(cfg)[0]  # RoPE frequencies stay float32 whatever the weights
+    return net.train()
+
+
+def wrap(objective: JointObjective, recipe: Recipe, procs: Processes) -> torch.nn.Module:
+    """The module the training forward runs through: the objective itself, DDP around it, or FSDP-sharded."""
+    if procs.world == 1:
+        return objective
+    if recipe.train.parallel == "fsdp":
+        from torch.distributed.fsdp import fully_shard
+
+        for layer in objective.net.encoder.layers:
+            fully_shard(layer)
+        fully_shard(objective)
+        return objective
+    from torch.nn.parallel import DistributedDataParallel
+
+    ids = [procs.device.index] if procs.device.type == "cuda" else None
+    return DistributedDataParallel(objective, device_ids=ids)
+
+
+def make_optimizer(objective: JointObjective, recipe: Recipe) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices (embeddings, projections, head) and none on norm weights."""
+    o = recipe.optim
+    decay = [p for p in objective.parameters() if p.dim() >= 2]
+    other = [p for p in objective.parameters() if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": o.weight_decay}, {"params": other, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas), eps=o.adam_eps)
+
+
+# ---------------------------------------------------------------------------------------------- checkpoints
+
+
+def checkpoint_dirs(out: Path) -> list[Path]:
+    root = out / CHECKPOINTS
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.name.startswith("step-") and (p / STATE_JSON).is_file()]
+    return sorted(found, key=lambda p: int(p.name.removeprefix("step-")))
+
+
+def save_tokenizer(tokenizer: NLDTokenizer, out: Path) -> None:
+    tokenizer.tok.save(str(out / "tokenizer.json"))
+    cfg = dict(tokenizer.config)
+    if tokenizer.chat_template and "chat_template" not in cfg:
+        (out / "chat_template.jinja").write_text(tokenizer.chat_template)
+    if cfg:
+        (out / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+
+
+def _state_options(**kw):
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(full_state_dict=True, **kw)
+
+
+def full_network(objective: JointObjective, sharded: bool, procs: Processes) -> NLDTransformer | None:
+    """The whole network on the main rank (None elsewhere). Collective under FSDP: every rank must call it."""
+    if not sharded:
+        return objective.net if procs.main else None
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+    state = get_model_state_dict(objective, options=_state_options(cpu_offload=True))
+    if not procs.main:
+        return None
+    cfg = objective.net.config
+    with torch.device("meta"):
+        net = NLDTransformer(cfg)
+    net.load_state_dict({k.removeprefix("net."): v for k, v in state.items()}, assign=True)
+    net.inv_freq = yarn_inv_freq(cfg)[0]  # a non-persistent buffer: not in the state dict
+    return net.eval()
+
+
+def save_training_checkpoint(out: Path, step: int, objective: JointObjective, optimizer, sharded: bool,
+                             tokenizer: NLDTokenizer, state: dict, recipe: Recipe, procs: Processes) -> Path:
+    """checkpoints/step-N: the NLD checkpoint in the training dtype plus the trainer state, renamed into place."""
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    net = full_network(objective, sharded, procs)
+    optim = get_optimizer_state_dict(objective, optimizer, options=_state_options(cpu_offload=True))
+    final = out / CHECKPOINTS / f"step-{step:08d}"
+    if procs.main:
+        tmp = final.with_name(f".{final.name}.tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        save_checkpoint(net, tmp, recipe.train.max_shard_bytes, dtype=DTYPES[recipe.model.dtype])
+        save_tokenizer(tokenizer, tmp)
+        tensors = {f"optim.{name}.{key}": v.detach().cpu().contiguous() for name, s in optim["state"].items()
+                   for key, v in s.items()}
+        tensors["rng.torch"] = torch.get_rng_state()
+        save_file(tensors, str(tmp / STATE_TENSORS))
+        groups = [{k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items()} for g in optim["param_groups"]]
+        state = {**state, "format": 1, "optimizer_param_groups": groups, "recipe": recipe.to_dict()}
+        (tmp / STATE_JSON).write_text(json.dumps(state, indent=2) + "\n")
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        for old in checkpoint_dirs(out)[: -recipe.train.keep_checkpoints]:
+            shutil.rmtree(old)
+    procs.barrier()
+    return final
+
+
+def load_trainer_state(ckpt: Path, objective: JointObjective, optimizer) -> dict:
+    """Restore AdamW state and the RNG from `ckpt`; return its trainer_state.json."""
+    from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
+
+    state = json.loads((ckpt / STATE_JSON).read_text())
+    optim: dict = {"state": {}, "param_groups": []}
+    with safe_open(str(ckpt / STATE_TENSORS), framework="pt") as fh:
+        for key in fh.keys():
+            if key == "rng.torch":
+                torch.set_rng_state(fh.get_tensor(key))
+                continue
+            name, field = key.removeprefix("optim.").rsplit(".", 1)
+            optim["state"].setdefault(name, {})[field] = fh.get_tensor(key)
+    for g in state["optimizer_param_groups"]:
+        optim["param_groups"].append({**g, "betas": tuple(g["betas"])})
+    set_optimizer_state_dict(objective, optimizer, optim, options=_state_options())
+    return state
+
+
+def write_final(out: Path, net: NLDTransformer, tokenizer: NLDTokenizer, recipe: Recipe) -> None:
+    """The final model in `out` itself: written beside, then each file renamed into place."""
+    tmp = out / ".final.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    save_checkpoint(net, tmp, recipe.train.max_shard_bytes, dtype=DTYPES[recipe.model.dtype])
+    save_tokenizer(tokenizer, tmp)
+    for stale in [out / WEIGHTS, out / INDEX, *out.glob("model-*-of-*.safetensors")]:
+        stale.unlink(missing_ok=True)
+    for f in tmp.iterdir():
+        os.replace(f, out / f.name)
+    tmp.rmdir()
+
+
+# ---------------------------------------------------------------------------------------------- the loop
+
+
+class RunLog:
+    """train_log.jsonl on the main rank; on resume, lines past the resumed step are dropped."""
+
+    def __init__(self, path: Path, main: bool, resume_step: int | None) -> None:
+        self.path, self.main = path, main
+        if main and resume_step is not None and path.is_file():
+            kept = [ln for ln in path.read_text().splitlines() if ln and json.loads(ln).get("step", 0) <= resume_step]
+            path.write_text("".join(ln + "\n" for ln in kept))
+        elif main and resume_step is None:
+            path.write_text("")
+
+    def write(self, record: dict) -> None:
+        if self.main:
+            with self.path.open("a") as f:
+                f.write(json.dumps(record) + "\n")
+
+
+def rank_rows(n: int, procs: Processes) -> slice:
+    per = n // procs.world
+    return slice(procs.rank * per, (procs.rank + 1) * per)
+
+
+def evaluate(objective: JointObjective, data: PackedData, recipe: Recipe, micro: int, procs: Processes,
+             autocast) -> dict[str, float]:
+    """AR and diffusion losses on the first `eval.max_rows` held-out rows (a multiple of the world size, so every
+    rank runs the same number of forwards), with the same noise at every evaluation."""
+    n = min(recipe.eval.max_rows, len(data))
+    n -= n % procs.world
+    if n == 0:
+        return {}
+    mine = rank_rows(n, procs)
+    ids_all, mask_all = data.input_ids[mine], data.loss_mask[mine]
+    total = None
+    was_training = objective.training
+    objective.eval()
+    with torch.no_grad():
+        for start in range(0, ids_all.shape[0], micro):
+            ids = ids_all[start : start + micro].to(procs.device)
+            lm = mask_all[start : start + micro].to(procs.device)
+            keys = [noise_key(recipe.train.seed, EVAL_STEP, mine.start + start + i) for i in range(ids.shape[0])]
+            noise = corrupt(ids, lm, objective.net.config.mask_token_id, keys, recipe.objective.eps)
+            with autocast():
+                sums = objective(ids, lm, noise).detach()
+            total = sums if total is None else total + sums
+    objective.train(was_training)
+    summed = LossSums.from_tensor(procs.all_reduce(total.as_tensor()))
+    result = losses(summed, recipe.objective.alpha)
+    return {f"eval_{k}": v for k, v in result.items()}
+
+
+def run_eval_tasks(objective: JointObjective, sharded: bool, tokenizer: NLDTokenizer, recipe: Recipe,
+                   procs: Processes) -> dict | None:
+    """`trimode.train.evaluate.evaluate_modes(tm, **eval.tasks)` on the main rank when that module exists."""
+    if recipe.eval.tasks is None or importlib.util.find_spec("trimode.train.evaluate") is None:
+        return None
+    net = full_network(objective, sharded, procs)
+    result = None
+    if procs.main:
+        from trimode.api import TriMode
+
+        evaluate_modes = importlib.import_module("trimode.train.evaluate").evaluate_modes
+        was_training = net.training
+        net.eval()
+        result = evaluate_modes(TriMode(net, tokenizer), **recipe.eval.tasks)
+        net.train(was_training)
+    procs.barrier()
+    return result
+
+
+def train(recipe: Recipe, resume: bool = False, stop_at: int | None = None, progress: bool = True) -> Path:
+    """Run (or resume) the recipe. Returns the final output directory, or the checkpoint where `stop_at` stopped."""
+    procs = start_processes(recipe.train.device)
+    try:
+        return _train(recipe, procs, resume, stop_at, progress)
+    finally:
+        procs.close()
+
+
+def _train(recipe: Recipe, procs: Processes, resume: bool, stop_at: int | None, progress: bool) -> Path:
+    out = Path(recipe.output_dir)
+    existing = checkpoint_dirs(out)
+    if resume and not existing:
+        raise RecipeError(f"--resume: no checkpoint in {out / CHECKPOINTS}")
+    if not resume and existing:
+        raise RecipeError(f"{out} already holds checkpoints; pass --resume to continue, or choose a new output_dir")
+    resume_dir = existing[-1] if resume else None
+    micro, accum = recipe.grad_accumulation(procs.world)
+    if procs.main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "recipe.yaml").write_text(recipe.to_yaml())
+    procs.barrier()
+
+    train_docs = load_documents(recipe, recipe.data.train_split, recipe.data.train_jsonl)
+    if not train_docs:
+        raise RecipeError("the training data is empty")
+    tokenizer = build_tokenizer(recipe, procs, train_docs, resume_dir)
+    net = build_model(recipe, tokenizer, resume_dir)
+    cfg = net.config
+    seq_len = recipe.data.seq_len
+    train_data = pack_documents(train_docs, tokenizer, seq_len, cfg.eos_token_id, recipe.data.packing)
+    eval_data = None
+    if recipe.eval.every:
+        eval_docs = load_documents(recipe, recipe.data.eval_split, recipe.data.eval_jsonl)
+        if not eval_docs:
+            raise RecipeError(f"eval.every is set but the held-out data (split {recipe.data.eval_split!r}, "
+                              "data.eval_jsonl) is empty")
+        eval_data = pack_documents(eval_docs, tokenizer, seq_len, cfg.eos_token_id, recipe.data.packing)
+    fingerprint = train_data.fingerprint()
+    for name, data in (("training", train_data), ("held-out", eval_data)):
+        if data is not None and len(data) and int(data.input_ids.max()) >= cfg.vocab_size:
+            raise RecipeError(f"the {name} data has token ids >= the model's vocab_size {cfg.vocab_size}")
+
+    objective = JointObjective(net.to(procs.device), recipe.objective.block_size or cfg.block_size)
+    sharded = procs.world > 1 and recipe.train.parallel == "fsdp"
+    model = wrap(objective, recipe, procs)
+    optimizer = make_optimizer(objective, recipe)
+    total = recipe.train.steps
+    schedule = WSD(recipe.optim.lr, recipe.optim.min_lr, total, recipe.optim.warmup_steps,
+                   recipe.optim.decay_steps or 0, recipe.optim.decay)
+
+    step, tokens_seen, position = 0, 0, None
+    if resume_dir is not None:
+        state = load_trainer_state(resume_dir, objective, optimizer)
+        if state["data_fingerprint"] != fingerprint:
+            raise RecipeError(f"the training data differs from the data of the checkpoint {resume_dir}; "
+                              "resuming would not continue the same run")
+        step, tokens_seen, position = state["step"], state["tokens_seen"], state["data_position"]
+    stream = BatchStream(train_data, recipe.train.batch_size, recipe.train.seed, position)
+    log = RunLog(out / LOG, procs.main, step if resume_dir is not None else None)
+
+    ac_dtype = DTYPES.get(recipe.train.autocast or "", None)
+
+    def autocast():
+        if ac_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(procs.device.type, dtype=ac_dtype)
+
+    def sync_grads(last: bool):
+        if sharded:
+            objective.set_requires_gradient_sync(last)
+            return contextlib.nullcontext()
+        if procs.world > 1 and not last:
+            return model.no_sync()
+        return contextlib.nullcontext()
+
+    if procs.main:
+        n_params = sum(p.numel() for p in net.parameters())
+        print(f"trimode train: {n_params / 1e6:.2f}M parameters, {len(train_data)} rows x {seq_len} tokens, "
+              f"global batch {recipe.train.batch_size} = {procs.world} process(es) x {accum} x {micro} rows, "
+              f"{total} steps, from step {step}", flush=True)
+    from tqdm import tqdm
+
+    bar = tqdm(total=total, initial=step, disable=not (progress and procs.main), unit="step", dynamic_ncols=True)
+    stop = total if stop_at is None else min(stop_at, total)
+    seed, alpha, mask_id = recipe.train.seed, recipe.objective.alpha, cfg.mask_token_id
+    tick, tick_tokens = time.perf_counter(), 0
+    window: LossSums | None = None
+    where = out
+    while step < stop:
+        lr = schedule(step)
+        for g in optimizer.param_groups:
+            g["lr"] = lr
+        ids_global, mask_global = stream.next()
+        mine = rank_rows(ids_global.shape[0], procs)
+        micros = []
+        for start in range(mine.start, mine.stop, micro):
+            ids = ids_global[start : start + micro].to(procs.device)
+            lm = mask_global[start : start + micro].to(procs.device)
+            keys = [noise_key(seed, step, row) for row in range(start, start + ids.shape[0])]
+            micros.append((ids, lm, corrupt(ids, lm, mask_id, keys, recipe.objective.eps)))
+        counts = torch.tensor([sum(float(lm[:, 1:].sum()) for _, lm, _ in micros),
+                               sum(float(n.masked.sum()) for _, _, n in micros)], dtype=torch.float64)
+        ar_count, diff_count = procs.all_reduce(counts).tolist()
+
+        optimizer.zero_grad(set_to_none=True)
+        step_sums: LossSums | None = None
+        for i, (ids, lm, noise) in enumerate(micros):
+            with sync_grads(i == len(micros) - 1):
+                with autocast():
+                    sums = model(ids, lm, noise)
+                # DDP and FSDP average gradients over ranks; the loss is a global sum, hence x world.
+                (global_loss(sums, alpha, ar_count, diff_count) * procs.world).backward()
+            step_sums = sums.detach() if step_sums is None else step_sums + sums.detach()
+        grad_norm = torch.nn.utils.clip_grad_norm_(
+            objective.parameters(), recipe.optim.grad_clip if recipe.optim.grad_clip > 0 else float("inf"))
+        if hasattr(grad_norm, "full_tensor"):
+            grad_norm = grad_norm.full_tensor()
+        optimizer.step()
+        step += 1
+        tokens_seen += ids_global.numel()
+        tick_tokens += ids_global.numel()
+        reduced = LossSums.from_tensor(procs.all_reduce(step_sums.as_tensor()))
+        window = reduced if window is None else window + reduced
+
+        if step % recipe.train.log_every == 0 or step == stop:
+            now = time.perf_counter()
+            record = {"step": step, **losses(window, alpha), "lr": lr, "grad_norm": float(grad_norm),
+                      "tokens": tokens_seen, "tokens_per_s": tick_tokens / max(now - tick, 1e-9)}
+            log.write(record)
+            bar.set_postfix(loss=f"{record['loss']:.4f}", ar=f"{record['ar_loss']:.4f}",
+                            diff=f"{record['diff_loss']:.4f}")
+            tick, tick_tokens, window = now, 0, None
+        bar.update(1)
+
+        if recipe.eval.every and (step % recipe.eval.every == 0 or step == total):
+            record = {"step": step, **evaluate(objective, eval_data, recipe, micro, procs, autocast)}
+            tasks = run_eval_tasks(objective, sharded, tokenizer, recipe, procs)
+            if tasks is not None:
+                record["eval_tasks"] = tasks
+            log.write(record)
+        if (recipe.train.save_every and step % recipe.train.save_every == 0) or step == stop < total:
+            state = {"step": step, "tokens_seen": tokens_seen, "data_position": stream.position,
+                     "data_fingerprint": fingerprint, "world_size": procs.world}
+            where = save_training_checkpoint(out, step, objective, optimizer, sharded, tokenizer, state, recipe,
+                                             procs)
+    bar.close()
+
+    if step >= total:
+        net_full = full_network(objective, sharded, procs)
+        if procs.main:
+            write_final(out, net_full, tokenizer, recipe)
+            print(f"trimode train: done, {step} steps; the model is in {out}", flush=True)
+        procs.barrier()
+        return out
+    if procs.main:
+        print(f"trimode train: stopped after step {step}; continue with --resume (checkpoint {where})", flush=True)
+    return where
+
+
+def load_recipe(path: str | Path, output_dir: str | None = None) -> Recipe:
+    recipe = Recipe.load(path)
+    if output_dir is not None:
+        recipe.output_dir = output_dir
+    return recipe
+

@@ -18,7 +18,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from trimode.model.config import CheckpointError, NLDConfig
-from trimode.model.transformer import NLDTransformer, yarn_inv_freq
+from trimode.model.transformer import NLDTransformer
 
 WEIGHTS = "model.safetensors"
 INDEX = "model.safetensors.index.json"
@@ -107,7 +107,6 @@ def load_model(ckpt: Path, dtype: torch.dtype = torch.float32, device: str | tor
     with torch.device("meta"):
         model = NLDTransformer(cfg)
     model = model.to_empty(device=device).to(dtype)
-    model.inv_freq = yarn_inv_freq(cfg)[0].to(device)  # not in the checkpoint; float32 whatever the weights
     load_state(model, read_tensors(files), str(ckpt))
     return model.eval()
 

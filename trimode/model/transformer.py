@@ -175,6 +175,13 @@ class NLDTransformer(nn.Module):
         inv_freq, self.rope_scale = yarn_inv_freq(cfg)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
 
+    def _apply(self, fn, recurse=True):
+        # Every .to()/.cuda()/.half()/to_empty() lands here. RoPE frequencies are derived from the config and
+        # must stay float32 whatever the weights become: a bf16 inv_freq shifts bf16 logits visibly.
+        super()._apply(fn, recurse)
+        self.inv_freq = yarn_inv_freq(self.config)[0].to(self.diffusion_head.weight.device)
+        return self
+
     @property
     def device(self) -> torch.device:
         return self.diffusion_head.weight.device

@@ -21,7 +21,7 @@ import torch
 from trimode.model.config import NLD_MODEL_TYPE, CheckpointError, NLDConfig
 from trimode.model.loading import _weight_files, load_state, read_tensors, save_checkpoint
 from trimode.model.tokenizer import NLDTokenizer
-from trimode.model.transformer import NLDTransformer, yarn_inv_freq
+from trimode.model.transformer import NLDTransformer
 
 TEXT_MODELS = ("llama", "mistral", "ministral3", "qwen2")
 VLM_WRAPPERS = ("mistral3",)
@@ -185,7 +185,6 @@ def load_hf_causal_lm(ckpt: Path, mask_token_id: int, block_size: int = 32, dtyp
     with torch.device("meta"):
         net = NLDTransformer(cfg)
     net = net.to_empty(device=device).to(dtype)
-    net.inv_freq = yarn_inv_freq(cfg)[0].to(device)  # not in the checkpoint; float32 whatever the weights
     load_state(net, tensors, str(ckpt))
     return net.eval()
 

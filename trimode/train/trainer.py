@@ -34,7 +34,7 @@ from safetensors.torch import save_file
 from trimode.model.config import NLD_MODEL_TYPE, NLDConfig
 from trimode.model.loading import INDEX, WEIGHTS, load_model, resolve_checkpoint, save_checkpoint
 from trimode.model.tokenizer import NLDTokenizer
-from trimode.model.transformer import NLDTransformer, yarn_inv_freq
+from trimode.model.transformer import NLDTransformer
 from trimode.train import convert
 from trimode.train.data import BatchStream, Document, PackedData, pack_documents, read_jsonl
 from trimode.train.objective import JointObjective, LossSums, corrupt, global_loss, losses, noise_key
@@ -212,7 +212,6 @@ def build_model(recipe: Recipe, tokenizer: NLDTokenizer, resume_dir: Path | None
     if not 0 <= cfg.eos_token_id < cfg.vocab_size:
         raise RecipeError(f"eos_token_id {cfg.eos_token_id} is outside the vocabulary [0, {cfg.vocab_size})")
     net = net.to(dtype)
-    net.inv_freq = yarn_inv_freq(cfg)[0]  # RoPE frequencies stay float32 whatever the weights
     return net.train()
 
 
@@ -281,7 +280,6 @@ def full_network(objective: JointObjective, sharded: bool, procs: Processes) -> 
     with torch.device("meta"):
         net = NLDTransformer(cfg)
     net.load_state_dict({k.removeprefix("net."): v for k, v in state.items()}, assign=True)
-    net.inv_freq = yarn_inv_freq(cfg)[0]  # a non-persistent buffer: not in the state dict
     return net.eval()
 
 

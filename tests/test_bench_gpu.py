@@ -1,0 +1,115 @@
+"""The fast path (`trimode.model.static`) gives the eager path's tokens in every mode, and `trimode bench gpu`
+runs end to end at the tiny shape on a CPU. On a CUDA machine the CUDA-graph replay is checked too."""
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from tests.conftest import TINY_A, random_model
+from trimode.cli import app
+from trimode.decode.ar import ar_decode
+from trimode.decode.diffusion import diffusion_decode
+from trimode.decode.linear_spec import linear_spec_decode
+from trimode.decode.quadratic_spec import quadratic_spec_decode
+from trimode.decode.sampling import SamplingParams
+from trimode.decode.stats import drive
+from trimode.decode.stopping import StopRule
+from trimode.model.static import StaticKVCache, StaticModel
+
+STOP = StopRule(12, frozenset([3]))
+PROMPT = torch.tensor([[1, 7, 9, 22, 13]])
+DECODERS = {
+    "ar": lambda m, s: ar_decode(m, PROMPT, STOP, s),
+    "diffusion": lambda m, s: diffusion_decode(m, PROMPT, STOP, s, 4, 0.5),
+    "linear_spec": lambda m, s: linear_spec_decode(m, PROMPT, STOP, s, 4, 0.0, True),
+    "quadratic_spec": lambda m, s: quadratic_spec_decode(m, PROMPT, STOP, s, 4),
+}
+
+
+@pytest.fixture(scope="module")
+def net():
+    return random_model(seed=1, lora=True)
+
+
+@pytest.mark.parametrize("mode", list(DECODERS))
+@pytest.mark.parametrize("sampling", [SamplingParams(), SamplingParams(0.8, seed=5)], ids=["greedy", "sampled"])
+def test_static_path_gives_eager_tokens(net, mode, sampling):
+    # A small min_window makes the decode cross several attention windows (16 -> 32 -> 64).
+    fast = StaticModel(net, max_seq_len=256, min_window=16)
+    eager = drive(DECODERS[mode](net, sampling))
+    static = drive(DECODERS[mode](fast, sampling))
+    assert static.tokens == eager.tokens
+    assert static.stats.forward_passes == eager.stats.forward_passes
+    assert len(static.tokens[0]) > 1
+
+
+def test_static_logits_match_eager_pass_by_pass(net):
+    fast = StaticModel(net, max_seq_len=64, min_window=8)
+    cache_e, cache_s = net.new_cache(1, 64), fast.new_cache(1, 64)
+    assert isinstance(cache_s, StaticKVCache)
+    ids = torch.tensor([[4, 8, 15, 16, 23, 42, 6, 7, 9]])
+    for mask, tokens in [("causal", ids), ("bidirectional", ids[:, :4]), ("causal", ids[:, :1])]:
+        a = net(tokens, mask=mask, cache=cache_e)
+        b = fast(tokens, mask=mask, cache=cache_s)
+        assert torch.allclose(a, b, atol=1e-10, rtol=0)
+        cache_e.commit(tokens.shape[1])
+        cache_s.commit(tokens.shape[1])
+    # beyond original_max_position_embeddings the Llama-4 query scale is active
+    pos = torch.arange(20_000, 20_003)
+    assert torch.allclose(net(ids[:, :3], cache=cache_e, positions=pos), fast(ids[:, :3], cache=cache_s, positions=pos),
+                          atol=1e-10, rtol=0)
+
+
+def test_static_cache_is_bounded_and_reused(net):
+    fast = StaticModel(net, max_seq_len=16, min_window=8)
+    with pytest.raises(ValueError, match="static cache holds 16"):
+        fast.new_cache(1, 17)
+    a, b = fast.new_cache(1, 16), fast.new_cache(1, 16)
+    assert a.k.data_ptr() == b.k.data_ptr()  # one buffer: graphs captured on it stay valid
+    with pytest.raises(ValueError, match="raise max_seq_len"):
+        fast(torch.zeros(1, 17, dtype=torch.long), cache=a)
+
+
+def test_static_model_drops_into_the_api():
+    import trimode
+
+    tm = trimode.load(TINY_A)
+    expected = {m: tm.generate([1, 5, 9, 200], mode=m, max_new_tokens=12).token_ids for m in trimode.MODES}
+    tm.net = StaticModel(tm.net, max_seq_len=256)
+    for mode, tokens in expected.items():
+        assert tm.generate([1, 5, 9, 200], mode=mode, max_new_tokens=12).token_ids == tokens
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_cuda_graphs_give_eager_tokens():
+    net = random_model(seed=2, dtype=torch.float32, lora=True).cuda()
+    fast = StaticModel(net, max_seq_len=256, min_window=16, graph_tokens=(1, 4, 20))
+    ids = PROMPT.cuda()
+    stop = StopRule(40, frozenset([3]))
+    for decode in (lambda m: ar_decode(m, ids, stop), lambda m: linear_spec_decode(m, ids, stop, block_length=4,
+                                                                                     use_drafter=True),
+                   lambda m: quadratic_spec_decode(m, ids, stop, block_length=4)):
+        assert drive(decode(fast)).tokens == drive(decode(net)).tokens
+    assert fast.num_graphs > 0
+
+
+def test_bench_gpu_tiny_on_cpu(tmp_path):
+    out = tmp_path / "gpu.md"
+    r = CliRunner().invoke(app, ["bench", "gpu", "--shapes", "tiny", "--device", "cpu", "--context", "16",
+                                 "--block", "4", "--lora-rank", "4", "--iters", "1", "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    text = out.read_text()
+    assert text.startswith("Command: `")
+    for kind in ("ar_step", "block_step", "draft_step", "verify", "quadratic"):
+        assert "| tiny (" in text and f"| {kind} |" in text
+    assert "| quadratic | 20 |" in text  # B(B+1) tokens
+    for mode in ("ar", "diffusion", "linear_spec", "quadratic_spec"):
+        assert f"| tiny | {mode} |" in text
+    assert "targets do not apply" in text
+
+
+def test_bench_gpu_refuses_big_shapes_without_cuda():
+    r = CliRunner().invoke(app, ["bench", "gpu", "--shapes", "8b", "--device", "cpu"])
+    assert r.exit_code == 2 and "need a CUDA GPU" in r.output and "Traceback" not in r.output
+    r = CliRunner().invoke(app, ["bench", "gpu", "--shapes", "70b", "--device", "cpu"])
+    assert r.exit_code == 2 and "unknown shape" in r.output

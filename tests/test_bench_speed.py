@@ -1,0 +1,42 @@
+"""`trimode bench speed` end to end on the tiny checkpoint: every table, and transformers' greedy tokens equal to
+this engine's on the exported weights, in the same run (the timings themselves are not asserted)."""
+
+from typer.testing import CliRunner
+
+from tests.conftest import TINY_A
+from trimode.cli import app
+
+
+def test_bench_speed_report(tmp_path):
+    out = tmp_path / "speed.md"
+    r = CliRunner().invoke(app, ["bench", "speed", "--model", str(TINY_A), "-n", "12", "--repeats", "1", "--iters",
+                                 "1", "--token-counts", "1,8,72", "--context", "16", "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    text = out.read_text()
+    assert text.startswith("Command: `trimode bench speed --model ")
+    for mode in ("ar", "diffusion", "linear_spec", "quadratic_spec"):
+        row = next(line for line in text.splitlines() if line.startswith(f"| {mode} |"))
+        assert row.split("|")[3].strip() == "12"  # EOS ignored: every mode generates exactly -n tokens
+    assert "| ar | - | 12 | 12 | 1.00 |" in text
+    for t in (1, 8, 72):
+        assert any(line.startswith(f"| {t} | ") for line in text.splitlines())
+    assert "Greedy tokens: identical." in text
+    assert "Speed ratio trimode / transformers:" in text
+    assert "| trimode ar | 12 |" in text and "| transformers generate | 12 |" in text
+
+
+def test_bench_speed_static_path_on_cpu(tmp_path):
+    r = CliRunner().invoke(app, ["bench", "speed", "--model", str(TINY_A), "-n", "6", "--repeats", "1", "--iters",
+                                 "1", "--token-counts", "1,8", "--modes", "ar,linear_spec", "--static", "--no-hf"])
+    assert r.exit_code == 0, r.output
+    assert "static cache (eager)" in r.output and "transformers" not in r.output
+
+
+def test_bench_speed_errors():
+    runner = CliRunner()
+    r = runner.invoke(app, ["bench", "speed", "--model", str(TINY_A), "--prompt", "hello"])
+    assert r.exit_code == 2 and "no tokenizer.json" in r.output
+    r = runner.invoke(app, ["bench", "speed", "--model", str(TINY_A), "--modes", "warp"])
+    assert r.exit_code == 2 and "unknown mode" in r.output
+    r = runner.invoke(app, ["bench", "speed", "--model", str(TINY_A), "--token-counts", "1,a"])
+    assert r.exit_code == 2 and "--token-counts" in r.output

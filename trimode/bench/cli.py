@@ -1,0 +1,208 @@
+"""`trimode bench {quality,speed,gpu}` and `trimode export`. Heavy imports happen inside the commands.
+
+`bench_app` is the typer group; other layers may attach commands to it (`bench serve`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+bench_app = typer.Typer(
+    help="Benchmarks: accuracy against speed per mode, decode and pass speed, the GPU fast path.",
+    no_args_is_help=True,
+)
+
+
+def _fail(message: str) -> None:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(code=2)
+
+
+def _split(text: str | None, kind=str, name: str = "list") -> list | None:
+    if text is None:
+        return None
+    try:
+        return [kind(x.strip()) for x in text.split(",") if x.strip()]
+    except ValueError:
+        _fail(f"--{name}: cannot read {text!r} as a comma-separated list of {kind.__name__}")
+
+
+def _command_line(ctx: typer.Context) -> str:
+    """The command as typed (options that differ from their defaults), for the report header."""
+    parts = ["trimode", *ctx.command_path.split()[1:]]  # the root's name is the console script's
+    for param in ctx.command.params:
+        value = ctx.params.get(param.name)
+        if value is None or value == param.default or not param.opts:
+            continue
+        opt = max(param.opts, key=len)
+        if isinstance(value, bool):
+            flags = param.opts if value else param.secondary_opts
+            if flags:
+                parts.append(max(flags, key=len))
+            continue
+        parts.append(f"{opt} {value}")
+    return " ".join(parts)
+
+
+def _set_threads(threads: int | None) -> None:
+    if threads is not None:
+        if threads < 1:
+            _fail(f"--threads must be >= 1, got {threads}")
+        import torch
+
+        torch.set_num_threads(threads)  # on a busy shared CPU one thread is often faster and steadier
+
+
+def _emit(report: str, out: Path | None, ctx: typer.Context) -> None:
+    typer.echo(report, nl=False)
+    if out is not None:
+        try:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text(f"Command: `{_command_line(ctx)}`\n\n{report}")
+        except OSError as e:
+            _fail(f"cannot write {out}: {e}")
+        typer.echo(f"wrote {out}", err=True)
+
+
+# typer.Exit is a RuntimeError: parse options before the try blocks that turn these into one-line errors.
+ERRORS = (ValueError, OSError, RuntimeError)
+
+
+@bench_app.command()
+def quality(
+    ctx: typer.Context,
+    model: str | None = typer.Option(None, "--model", "-m", help="Checkpoint directory or Hub id (default: bundled)."),
+    tasks: str | None = typer.Option(None, help="Comma-separated tasks: humaneval and the trimode.tasks names "
+                                                "(default: all)."),
+    n: int = typer.Option(20, "--n", help="Held-out items per task."),
+    modes: str | None = typer.Option(None, help="Comma-separated modes (default: all four)."),
+    block_lengths: str | None = typer.Option(None, "--block-lengths", help="Comma-separated block lengths "
+                                                                           "(default: the model's)."),
+    thresholds: str = typer.Option("0.5,0.7,0.9", help="Diffusion commit thresholds to sweep ('' for none)."),
+    steps: str | None = typer.Option(None, help="Diffusion fixed-step schedules to sweep: steps per block, e.g. "
+                                                "'8,16,32' (default: none)."),
+    max_new_tokens: int | None = typer.Option(None, "--max-new-tokens", help="Token budget (default: per task)."),
+    seed: int = typer.Option(0, help="Seed choosing the generated tasks' held-out items."),
+    out: Path | None = typer.Option(None, help="Also write the markdown report here."),
+    plot: Path | None = typer.Option(None, help="PNG of accuracy against TPF (default: next to --out)."),
+    device: str | None = typer.Option(None, help="cpu / cuda (default: cuda when available)."),
+    dtype: str | None = typer.Option(None, help="float32 / bfloat16 (default: float32 on CPU, bfloat16 on CUDA)."),
+    threads: int | None = typer.Option(None, help="CPU threads for torch (default: torch's choice)."),
+) -> None:
+    """Held-out accuracy, TPF (prefill counted and not), acceptance and tok/s for each mode and knob setting."""
+    from trimode.bench import quality as q
+
+    _set_threads(threads)
+    if plot is None and out is not None:
+        plot = out.with_suffix(".png")
+
+    def progress(o) -> None:
+        typer.echo(f"  {o.task:>16} {o.config.label:<28} acc {o.accuracy:.3f}  TPF {o.tpf:.2f}", err=True)
+
+    lists = (_split(tasks, name="tasks"), _split(modes, name="modes"), _split(block_lengths, int, "block-lengths"),
+             _split(thresholds, float, "thresholds"), _split(steps, int, "steps"))
+    try:
+        report, _ = q.run(model, lists[0], n, lists[1], lists[2], lists[3], max_new_tokens, seed, plot, device, dtype,
+                          progress, lists[4])
+    except ERRORS as e:
+        _fail(str(e))
+    _emit(report, out, ctx)
+
+
+@bench_app.command()
+def speed(
+    ctx: typer.Context,
+    model: str | None = typer.Option(None, "--model", "-m", help="Checkpoint directory or Hub id (default: bundled)."),
+    prompt: str | None = typer.Option(None, help="Prompt text (default: a short code prompt)."),
+    prompt_ids: str | None = typer.Option(None, "--prompt-ids", help="Prompt as comma-separated token ids."),
+    modes: str | None = typer.Option(None, help="Comma-separated modes (default: all four)."),
+    max_new_tokens: int = typer.Option(64, "--max-new-tokens", "-n", help="Tokens to generate per run."),
+    token_counts: str = typer.Option("1,8,32,64,72", "--token-counts", help="Pass sizes to time."),
+    context: int = typer.Option(64, help="KV prefix length for the pass timings."),
+    repeats: int = typer.Option(3, help="Timed runs per mode (median reported)."),
+    iters: int = typer.Option(5, help="Passes per timing sample."),
+    hf: bool = typer.Option(True, "--hf/--no-hf", help="Compare with transformers on the exported weights."),
+    static: bool | None = typer.Option(None, "--static/--eager", help="Static cache + CUDA graphs (default: on CUDA)."),
+    respect_eos: bool = typer.Option(False, "--respect-eos", help="Stop at EOS (default: always max_new_tokens)."),
+    out: Path | None = typer.Option(None, help="Also write the markdown report here."),
+    device: str | None = typer.Option(None, help="cpu / cuda (default: cuda when available)."),
+    dtype: str | None = typer.Option(None, help="float32 / bfloat16 (default: float32 on CPU, bfloat16 on CUDA)."),
+    threads: int | None = typer.Option(None, help="CPU threads for torch (default: torch's choice)."),
+) -> None:
+    """Decode speed per mode at batch 1, pass cost against token count, and transformers side by side."""
+    from trimode.bench import speed as s
+
+    _set_threads(threads)
+    ids, mode_list, counts = (_split(prompt_ids, int, "prompt-ids"), _split(modes, name="modes"),
+                              _split(token_counts, int, "token-counts"))
+    try:
+        report = s.run(model, prompt, ids, mode_list, max_new_tokens, counts, context, repeats, iters, hf, static,
+                       device, dtype, ignore_eos=not respect_eos)
+    except ERRORS as e:
+        _fail(str(e))
+    _emit(report, out, ctx)
+
+
+@bench_app.command()
+def gpu(
+    ctx: typer.Context,
+    shapes: str = typer.Option("8b", help="Comma-separated model shapes: 3b, 8b, 14b (CUDA), tiny (any device)."),
+    context: int = typer.Option(512, help="Tokens already in the KV cache."),
+    block: int = typer.Option(32, help="Block length (block step / verify size; quadratic pass = B(B+1))."),
+    lora_rank: int = typer.Option(128, "--lora-rank", help="Drafter adapter rank for the draft step (0: none)."),
+    iters: int = typer.Option(20, help="Passes per timing sample."),
+    tpf: str | None = typer.Option(None, help="TPF per mode for the projection, e.g. 'linear_spec=4.5' "
+                                              "(default: the paper's)."),
+    device: str | None = typer.Option(None, help="cuda / cpu (default: cuda when available)."),
+    out: Path | None = typer.Option(None, help="Also write the markdown report here."),
+    threads: int | None = typer.Option(None, help="CPU threads for torch (default: torch's choice)."),
+) -> None:
+    """Time per pass kind at the released 3B/8B/14B shapes (random weights) against the bandwidth floor."""
+    from trimode.bench import gpu as g
+
+    _set_threads(threads)
+    given = {}
+    for item in _split(tpf, name="tpf") or []:
+        mode, _, value = item.partition("=")
+        try:
+            given[mode.strip()] = float(value)
+        except ValueError:
+            _fail(f"--tpf: expected mode=value pairs, got {item!r}")
+    shape_list = _split(shapes, name="shapes") or []
+    try:
+        report = g.run(shape_list, device, context, block, lora_rank, iters, given)
+    except ERRORS as e:
+        _fail(str(e))
+    _emit(report, out, ctx)
+
+
+def export(
+    output: Path = typer.Option(..., "--output", "-o", help="Directory to write."),
+    format: str = typer.Option("hf-causal-lm", "--format", help="Export format: hf-causal-lm."),
+    model: str | None = typer.Option(None, "--model", "-m", help="Checkpoint directory or Hub id (default: bundled)."),
+    dtype: str | None = typer.Option(None, help="float32 / bfloat16 / float16 (default: the checkpoint's)."),
+    max_shard_gb: float | None = typer.Option(None, "--max-shard-gb", help="Split the weights into shards."),
+    overwrite: bool = typer.Option(False, help="Write into a non-empty output directory."),
+) -> None:
+    """Export the checkpoint as a transformers causal LM (Ministral3ForCausalLM / MistralForCausalLM)."""
+    from trimode.api import default_model_path
+    from trimode.export import FORMATS, export_hf_causal_lm
+
+    if format not in FORMATS:
+        _fail(f"unknown format {format!r}; choose from {', '.join(FORMATS)}")
+    source = model if model is not None else default_model_path()
+    if model is None and not (Path(source) / "config.json").is_file():
+        _fail(f"the bundled default model is missing from {source}; name a model with --model")
+    shard = int(max_shard_gb * 2**30) if max_shard_gb else None
+    try:
+        path = export_hf_causal_lm(source, output, dtype, shard, overwrite)
+    except ERRORS as e:
+        _fail(str(e))
+    typer.echo(f"wrote {path} (load with transformers.AutoModelForCausalLM.from_pretrained)")
+
+
+def register(app: typer.Typer) -> None:
+    app.add_typer(bench_app, name="bench")
+    app.command("export")(export)

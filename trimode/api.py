@@ -25,7 +25,7 @@ from trimode.decode.diffusion import diffusion_decode
 from trimode.decode.linear_spec import linear_spec_decode
 from trimode.decode.quadratic_spec import quadratic_spec_decode
 from trimode.decode.sampling import SamplingParams
-from trimode.decode.stats import Committed, DecodeStats, DecodeStream, Provisional
+from trimode.decode.stats import DecodeStats, DecodeStream, Provisional
 from trimode.decode.stopping import StopRule, ThinkingBudget
 from trimode.model.config import CheckpointError
 from trimode.model.loading import LORA_DIR, load_lora, load_model, resolve_checkpoint

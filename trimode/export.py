@@ -15,10 +15,9 @@ import shutil
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
 from trimode.model.config import CheckpointError, NLDConfig
-from trimode.model.loading import INDEX, WEIGHTS, load_model, resolve_checkpoint
+from trimode.model.loading import load_model, resolve_checkpoint, write_weights
 
 FORMATS = ("hf-causal-lm",)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
@@ -116,30 +115,10 @@ def export_hf_causal_lm(source: str | Path, output: str | Path, dtype: str | Non
     if cfg.pad_token_id is not None:
         generation["pad_token_id"] = cfg.pad_token_id
     (out / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
-    _save_weights(state, out, max_shard_bytes)
+    write_weights(state, out, max_shard_bytes)
     for name in TOKENIZER_FILES:
         if (ckpt / name).is_file():
             shutil.copyfile(ckpt / name, out / name)
     return out
 
 
-def _save_weights(state: dict[str, torch.Tensor], out: Path, max_shard_bytes: int | None) -> None:
-    total = sum(v.numel() * v.element_size() for v in state.values())
-    if max_shard_bytes is None or total <= max_shard_bytes:
-        save_file(state, str(out / WEIGHTS), metadata={"format": "pt"})
-        return
-    shards: list[dict[str, torch.Tensor]] = [{}]
-    size = 0
-    for k, v in state.items():
-        n = v.numel() * v.element_size()
-        if shards[-1] and size + n > max_shard_bytes:
-            shards.append({})
-            size = 0
-        shards[-1][k] = v
-        size += n
-    weight_map = {}
-    for i, shard in enumerate(shards):
-        name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, str(out / name), metadata={"format": "pt"})
-        weight_map.update({k: name for k in shard})
-    (out / INDEX).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))

@@ -156,7 +156,13 @@ def save_checkpoint(model: NLDTransformer, out: Path, max_shard_bytes: int | Non
     out.mkdir(parents=True, exist_ok=True)
     model.config.save(out / "config.json")
     state = {k: v.detach().to(dtype).contiguous().cpu() for k, v in model.state_dict().items() if ".lora_" not in k}
-    if max_shard_bytes is None:
+    write_weights(state, out, max_shard_bytes)
+
+
+def write_weights(state: dict[str, torch.Tensor], out: Path, max_shard_bytes: int | None = None) -> None:
+    """`model.safetensors`, or shards plus `model.safetensors.index.json` when over `max_shard_bytes`."""
+    total = sum(v.numel() * v.element_size() for v in state.values())
+    if max_shard_bytes is None or total <= max_shard_bytes:
         save_file(state, str(out / WEIGHTS), metadata={"format": "pt"})
         return
     shards: list[dict[str, torch.Tensor]] = [{}]
@@ -173,7 +179,6 @@ def save_checkpoint(model: NLDTransformer, out: Path, max_shard_bytes: int | Non
         name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
         save_file(shard, str(out / name), metadata={"format": "pt"})
         weight_map.update({k: name for k in shard})
-    total = sum(v.numel() * v.element_size() for v in state.values())
     (out / INDEX).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
 
 

@@ -1,0 +1,206 @@
+"""Task accuracy and speed of one model in every decoding mode (the model card's table).
+
+    python -m trimode.train.evaluate --model DIR --n 100
+
+For each mode configuration (AR; diffusion at thresholds 0.5 / 0.7 / 0.9; linear self-speculation without and
+with the LoRA drafter; quadratic self-speculation) every held-out task item is generated greedily and checked;
+a row reports accuracy per task and overall, tokens per forward pass (all generated tokens / all forward passes,
+prefill included, from `result.stats`) and tokens per second. A first row gives a baseline a model gets without
+reading the question: always answering the most frequent answer of the task's training split.
+
+Chat items are wrapped in the model's chat template (when it has one); raw-completion items are fed as is.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import sys
+import time
+from collections import Counter
+
+import torch
+
+from trimode.api import TriMode
+from trimode.tasks import TASKS, Task, load_tasks
+
+DEFAULT_TASKS = ("arithmetic", "copy", "reverse", "sort", "python_next_line")
+DEFAULT_MODES: list[dict] = [
+    {"mode": "ar"},
+    {"mode": "diffusion", "threshold": 0.5},
+    {"mode": "diffusion", "threshold": 0.7},
+    {"mode": "diffusion", "threshold": 0.9},
+    {"mode": "linear_spec", "use_drafter": False},
+    {"mode": "linear_spec", "use_drafter": True},
+    {"mode": "quadratic_spec"},
+]
+
+
+def mode_label(mode: dict) -> str:
+    """A short name for a mode configuration: `diffusion@0.9`, `linear_spec+drafter`, ..."""
+    name = mode["mode"]
+    if name == "diffusion" and mode.get("threshold") is not None:
+        name += f"@{mode['threshold']}"
+    if name == "linear_spec" and mode.get("use_drafter"):
+        name += "+drafter"
+    extra = {k: v for k, v in mode.items() if k not in ("mode", "threshold", "use_drafter")}
+    if extra:
+        name += "(" + ",".join(f"{k}={v}" for k, v in sorted(extra.items())) + ")"
+    return name
+
+
+def resolve_tasks(tasks: list[Task] | dict[str, int] | list[str] | None, n: int = 20, seed: int = 0,
+                  split: str = "heldout") -> list[Task]:
+    """Task items from items, a {name: count} mapping, or names (n items each) loaded from `split`."""
+    if tasks is None:
+        tasks = list(DEFAULT_TASKS)
+    if isinstance(tasks, dict):
+        return [t for name, count in tasks.items() for t in load_tasks(name, count, seed, split)]
+    if all(isinstance(t, str) for t in tasks):
+        return [t for name in tasks for t in load_tasks(name, n, seed, split)]
+    if not all(isinstance(t, Task) for t in tasks):
+        raise ValueError("tasks must be Task items, task names, or a {name: count} mapping")
+    return list(tasks)
+
+
+def prompt_text(tm: TriMode, task: Task) -> str:
+    if task.chat and tm.tokenizer.chat_template:
+        return tm.tokenizer.apply_chat_template([{"role": "user", "content": task.prompt}])
+    return task.prompt
+
+
+def evaluate_modes(tm: TriMode, tasks: list[Task] | dict[str, int] | list[str] | None = None,
+                   modes: list[dict] | None = None, n: int = 20, seed: int = 0, split: str = "heldout",
+                   progress: bool = False) -> list[dict]:
+    """One row per mode configuration: accuracy per task and overall, tokens per forward, tokens per second.
+
+    `tasks`: Task items, or names / a {name: count} mapping loaded with `load_tasks(name, count, seed, split)`.
+    `modes`: dicts of `TriMode.generate` keywords with a `mode` key (default: `DEFAULT_MODES`; the drafter row
+    is left out when the model has no adapter). Generation is greedy, so rows are reproducible.
+    """
+    if tm.tokenizer is None:
+        raise ValueError("task evaluation needs a model with a tokenizer (tokenizer.json)")
+    items = resolve_tasks(tasks, n, seed, split)
+    if not items:
+        raise ValueError("no task items to evaluate")
+    if modes is None:
+        modes = [m for m in DEFAULT_MODES if not m.get("use_drafter") or tm.has_drafter]
+    prompts = [prompt_text(tm, t) for t in items]
+    names = list(dict.fromkeys(t.name for t in items))
+    rows = []
+    for mode in modes:
+        if "mode" not in mode:
+            raise ValueError(f"a mode configuration needs a 'mode' key: {mode}")
+        knobs = {k: v for k, v in mode.items() if k != "mode"}
+        correct: Counter[str] = Counter()
+        generated = forwards = 0
+        seconds = 0.0
+        acceptance: list[int] = []
+        start = time.perf_counter()
+        for i, (task, prompt) in enumerate(zip(items, prompts, strict=True)):
+            r = tm.generate(prompt, mode=mode["mode"], max_new_tokens=task.max_new_tokens, temperature=0.0, **knobs)
+            correct[task.name] += task.check(r.text or "")
+            generated += r.stats.generated_tokens
+            forwards += r.stats.forward_passes
+            seconds += r.stats.seconds
+            acceptance += r.stats.acceptance
+            if progress:
+                print(f"\r{mode_label(mode)}: {i + 1}/{len(items)}", end="", file=sys.stderr, flush=True)
+        if progress:
+            print(f" ({time.perf_counter() - start:.0f}s)", file=sys.stderr)
+        counts = Counter(t.name for t in items)
+        rows.append({
+            "mode": mode_label(mode),
+            "config": dict(mode),
+            "items": len(items),
+            "accuracy": sum(correct.values()) / len(items),
+            "accuracy_by_task": {name: correct[name] / counts[name] for name in names},
+            "generated_tokens": generated,
+            "forward_passes": forwards,
+            "tokens_per_forward": generated / forwards if forwards else 0.0,
+            "tokens_per_second": generated / seconds if seconds > 0 else 0.0,
+            "mean_acceptance": sum(acceptance) / len(acceptance) if acceptance else None,
+        })
+    return rows
+
+
+def majority_baseline(items: list[Task], seed: int = 0, n_train: int = 500) -> dict:
+    """Accuracy of always giving the most frequent answer among `n_train` items of each task's training split."""
+    names = list(dict.fromkeys(t.name for t in items))
+    by_task = {}
+    for name in names:
+        train = load_tasks(name, n_train, seed, "train")
+        answer = Counter(t.answer for t in train).most_common(1)[0][0]
+        mine = [t for t in items if t.name == name]
+        by_task[name] = sum(t.check(answer) for t in mine) / len(mine)
+    total = sum(by_task[t.name] for t in items) / len(items)  # weights tasks by their item counts
+    return {"mode": "baseline: most frequent answer", "accuracy": total, "accuracy_by_task": by_task}
+
+
+def markdown_table(rows: list[dict], baseline: dict | None = None) -> str:
+    names = list(rows[0]["accuracy_by_task"])
+    head = ["mode", *names, "all", "tokens/forward", "tokens/s"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    if baseline is not None:
+        cells = [baseline["mode"], *(f"{100 * baseline['accuracy_by_task'][n]:.0f}%" for n in names),
+                 f"{100 * baseline['accuracy']:.1f}%", "", ""]
+        lines.append("| " + " | ".join(cells) + " |")
+    for r in rows:
+        cells = [r["mode"], *(f"{100 * r['accuracy_by_task'][n]:.0f}%" for n in names), f"{100 * r['accuracy']:.1f}%",
+                 f"{r['tokens_per_forward']:.2f}", f"{r['tokens_per_second']:.0f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m trimode.train.evaluate", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default=None, help="checkpoint directory (default: the bundled model)")
+    ap.add_argument("--n", type=int, default=100, help="held-out items per task (default 100)")
+    ap.add_argument("--tasks", default=",".join(DEFAULT_TASKS), help=f"comma-separated, from {', '.join(TASKS)}")
+    ap.add_argument("--modes", default=None,
+                    help="comma-separated labels to keep, e.g. ar,diffusion@0.9,linear_spec+drafter (default: all)")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the held-out items (default 0)")
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    ap.add_argument("--device", default=None, help="cpu / cuda (default: cuda when available)")
+    ap.add_argument("--no-baseline", action="store_true", help="leave out the most-frequent-answer row")
+    ap.add_argument("--progress", action="store_true", help="print progress to stderr")
+    args = ap.parse_args(argv)
+
+    import trimode
+
+    try:
+        if args.n < 1:
+            raise ValueError("--n must be >= 1")
+        if args.threads is not None:
+            torch.set_num_threads(args.threads)
+        tm = trimode.load(args.model, device=args.device)
+        names = [t for t in args.tasks.split(",") if t]
+        unknown = [t for t in names if t not in TASKS]
+        if unknown:
+            raise ValueError(f"unknown task(s) {', '.join(unknown)}; known: {', '.join(TASKS)}")
+        modes = [m for m in DEFAULT_MODES if not m.get("use_drafter") or tm.has_drafter]
+        if args.modes:
+            wanted = args.modes.split(",")
+            labels = {mode_label(m): m for m in DEFAULT_MODES}
+            bad = [w for w in wanted if w not in labels]
+            if bad:
+                raise ValueError(f"unknown mode label(s) {', '.join(bad)}; known: {', '.join(labels)}")
+            modes = [labels[w] for w in wanted]
+        items = resolve_tasks(names, args.n, args.seed)
+        rows = evaluate_modes(tm, items, modes, progress=args.progress)
+    except (ValueError, OSError, RuntimeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    where = tm.path if tm.path is not None else "(in memory)"
+    print(f"model {where}: {sum(p.numel() for p in tm.net.parameters()) / 1e6:.2f}M parameters, "
+          f"block_size {tm.config.block_size}, drafter {'yes' if tm.has_drafter else 'no'}; "
+          f"{args.n} held-out items per task (seed {args.seed}), greedy; "
+          f"{tm.net.device.type}, {torch.get_num_threads()} torch thread(s), "
+          f"{platform.processor() or platform.machine()}")
+    print()
+    print(markdown_table(rows, None if args.no_baseline else majority_baseline(items, args.seed)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

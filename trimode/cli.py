@@ -111,7 +111,7 @@ def _register_subcommands() -> None:
     """Each layer above the engine adds its own commands (`register(app)`), importing heavy modules lazily."""
     import importlib
 
-    for name in ("trimode.train.cli", "trimode.serve.cli", "trimode.bench.cli"):
+    for name in ("trimode.train.cli", "trimode.serve.cli", "trimode.bench.cli", "trimode.engine.cli"):
         try:
             module = importlib.import_module(name)
         except ModuleNotFoundError as e:

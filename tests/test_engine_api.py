@@ -1,0 +1,156 @@
+"""The engine's contract: validation, queue limits, admission under the KV budget, cancel, stop, streaming."""
+
+import asyncio
+import threading
+
+import pytest
+import torch
+
+from tests.conftest import random_model
+from trimode.api import Delta, GenerationResult, TriMode
+from trimode.engine import Engine, EngineRequest, EngineStopped, QueueFull
+from trimode.engine.invariance import alone, flat_cost
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny GEMMs on a shared 2-core machine
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def tm():
+    return TriMode(random_model(0, lora=True))
+
+
+def req(prompt=(9, 12, 30), **kw) -> EngineRequest:
+    kw.setdefault("knobs", {"eos_token_id": 0})  # token 0 is never produced by these prompts: full length
+    return EngineRequest(prompt_ids=list(prompt), **kw)
+
+
+@pytest.mark.parametrize("bad, message", [
+    (dict(mode="fast"), "unknown mode"),
+    (dict(prompt=()), "prompt is empty"),
+    (dict(prompt=(9, 640)), "prompt token ids must be in"),
+    (dict(max_new_tokens=0), "max_new_tokens must be >= 1"),
+    (dict(temperature=-1.0), "temperature must be >= 0"),
+    (dict(knobs={"block_size": 4}), "unknown knob"),
+    (dict(mode="diffusion", knobs={"threshold": 1.5}), "threshold must be in"),
+    (dict(mode="auto", knobs={"threshold": 0.5}), "mode auto does not take threshold"),
+    (dict(mode="linear_spec", knobs={"block_length": 1}), "too small"),
+])
+def test_bad_requests_raise_value_error_before_queueing(tm, bad, message):
+    engine = Engine(tm, cost=flat_cost())
+    with pytest.raises(ValueError, match=message):
+        engine.submit(req(**bad))
+    assert engine.stats()["queue_depth"] == 0
+
+
+def test_a_request_larger_than_the_kv_budget_is_rejected(tm):
+    engine = Engine(tm, kv_budget_tokens=64, page_size=8, cost=flat_cost())
+    with pytest.raises(ValueError, match="KV cache slots"):
+        engine.submit(req(max_new_tokens=100))
+
+
+def test_queue_full(tm):
+    engine = Engine(tm, max_queue=2, cost=flat_cost())
+    engine.submit(req())
+    engine.submit(req())
+    with pytest.raises(QueueFull):
+        engine.submit(req())
+    assert engine.stats()["counters"]["rejected"] == 1
+
+
+def test_concurrent_clients_on_the_background_loop(tm):
+    prompts = [[7 + i, 20 + 2 * i, 40 - i] for i in range(10)]
+    modes = ["ar", "diffusion", "linear_spec", "quadratic_spec", "auto"]
+    requests = [req(p, mode=modes[i % 5], max_new_tokens=10, temperature=0.7 * (i % 2), seed=i)
+                for i, p in enumerate(prompts)]
+    results: dict[int, GenerationResult] = {}
+
+    def client(i):
+        handle = engine.submit(requests[i])
+        events = list(handle)
+        assert isinstance(events[-1], GenerationResult)
+        assert [t for e in events if isinstance(e, Delta) for t in e.token_ids] == events[-1].token_ids
+        results[i] = events[-1]
+
+    with Engine(tm, cost=flat_cost()) as engine:
+        threads = [threading.Thread(target=client, args=(i,)) for i in range(len(requests))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        stats = engine.stats()
+    assert len(results) == len(requests)
+    for i, r in enumerate(requests):
+        assert results[i].token_ids == alone(tm, r).token_ids
+        assert results[i].mode == r.mode
+    assert stats["counters"]["finished"] == len(requests)
+    assert stats["kv_free_tokens"] == stats["kv_budget_tokens"]
+
+
+def test_admission_waits_for_kv_pages(tm):
+    # Room for one 3 + 20 token AR request at a time: the others wait in the queue, none fails.
+    engine = Engine(tm, kv_budget_tokens=24, page_size=8, cost=flat_cost())
+    handles = [engine.submit(req(max_new_tokens=20)) for _ in range(3)]
+    most_running = 0
+    while not all(h.done for h in handles):
+        engine.step()
+        most_running = max(most_running, engine.stats()["running_rows"])
+    assert most_running == 1
+    assert [h.result().token_ids for h in handles] == [alone(tm, req(max_new_tokens=20)).token_ids] * 3
+
+
+def test_cancel_frees_the_cache_and_spares_the_others(tm):
+    with Engine(tm, cost=flat_cost()) as engine:
+        long = engine.submit(req(max_new_tokens=400))
+        other = engine.submit(req((11, 13), max_new_tokens=12))
+        first = next(iter(long))
+        assert isinstance(first, Delta)
+        long.cancel()
+        rest = list(long)
+        assert rest[-1].finish_reason == "cancelled"
+        assert len(rest[-1].token_ids) < 400
+        assert other.result().token_ids == alone(tm, req((11, 13), max_new_tokens=12)).token_ids
+        while engine.stats()["running_rows"]:
+            pass
+        stats = engine.stats()
+    assert stats["kv_free_tokens"] == stats["kv_budget_tokens"]
+    assert stats["counters"]["cancelled"] == 1
+
+
+def test_cancel_while_queued(tm):
+    engine = Engine(tm, cost=flat_cost())
+    handle = engine.submit(req())
+    handle.cancel()
+    engine.step()
+    assert handle.result().finish_reason == "cancelled"
+
+
+def test_stop_ends_unfinished_requests(tm):
+    engine = Engine(tm, cost=flat_cost()).start()
+    running = engine.submit(req(max_new_tokens=400))
+    next(iter(running))
+    engine.stop()
+    with pytest.raises(EngineStopped):
+        running.result()
+    with pytest.raises(EngineStopped):
+        engine.submit(req())
+
+
+def test_asyncio_clients(tm):
+    async def main():
+        handles = [engine.submit(req((9, k), max_new_tokens=8, mode="quadratic_spec")) for k in range(20, 26)]
+
+        async def consume(h):
+            return [ev async for ev in h.aiter()][-1]
+
+        return await asyncio.gather(*(consume(h) for h in handles))
+
+    with Engine(tm, cost=flat_cost()) as engine:
+        results = asyncio.run(main())
+    for k, r in zip(range(20, 26), results, strict=True):
+        assert r.token_ids == alone(tm, req((9, k), max_new_tokens=8, mode="quadratic_spec")).token_ids

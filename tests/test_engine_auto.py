@@ -1,0 +1,142 @@
+"""`mode: auto`: lossless whatever it picks, and its rule follows the cost curve and the observed acceptance."""
+
+import random
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from tests.conftest import random_model
+from trimode.api import TriMode
+from trimode.decode.ar import ar_decode
+from trimode.decode.sampling import SamplingParams
+from trimode.decode.stats import drive
+from trimode.decode.stopping import StopRule, ThinkingBudget
+from trimode.engine import AutoConfig, CostModel, Engine, EngineRequest
+from trimode.engine.auto import AutoPolicy, AutoSteer, auto_decode
+from trimode.engine.invariance import flat_cost, run_mix
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny GEMMs on a shared 2-core machine
+    yield
+    torch.set_num_threads(before)
+
+
+class ScriptedPolicy:
+    """Picks modes from a random script, to show that any sequence of picks gives AR's output."""
+
+    def __init__(self, seed: int) -> None:
+        self.rng = random.Random(seed)
+        self.seen: set[str] = set()
+
+    def pick(self, block):
+        mode = self.rng.choice(["ar", "linear_spec", "quadratic_spec"])
+        self.seen.add(mode)
+        return mode
+
+    def observe(self, mode, block, tokens):
+        assert 1 <= tokens <= block
+
+
+@settings(max_examples=10, deadline=None)
+@given(seed=st.integers(0, 10_000), prompt=st.lists(st.integers(6, 63), min_size=1, max_size=10),
+       block=st.integers(2, 6), sampled=st.booleans(), drafter=st.booleans(),
+       budget=st.one_of(st.none(), st.integers(0, 12)))
+def test_any_sequence_of_picks_emits_ar_output(seed, prompt, block, sampled, drafter, budget):
+    net = random_model(seed, lora=True)
+    ids = torch.tensor([prompt])
+    stop = StopRule(24)
+    sp = SamplingParams(1.0, 0.9, 0, seed) if sampled else SamplingParams()
+    thinking = ThinkingBudget(budget, 17) if budget is not None else None
+    policy = ScriptedPolicy(seed)
+    got = drive(auto_decode(net, ids, stop, sp, AutoSteer(policy, block, drafter), thinking))
+    ar = drive(ar_decode(net, ids, stop, sp, thinking))
+    assert got.tokens == ar.tokens
+    assert len(got.tokens[0]) == 24
+    assert len(policy.seen) >= 2
+
+
+def kneed_cost(knee: int) -> CostModel:
+    """1 ms up to `knee` tokens, then linear in the token count (a GPU-like curve)."""
+    return CostModel([(1, 1e-3), (knee, 1e-3), (64 * knee, 64e-3)])
+
+
+def test_cost_model_interpolates_and_finds_the_knee():
+    cost = kneed_cost(128)
+    assert cost(1) == cost(100) == pytest.approx(1e-3)
+    assert cost(256) == pytest.approx(2e-3, rel=0.02)
+    assert cost(64 * 128 * 2) == pytest.approx(128e-3, rel=0.01)  # extrapolated
+    assert cost.knee() == 128
+
+
+def test_policy_speculates_below_the_knee_and_decodes_ar_above_it():
+    rows = {"n": 1}
+    policy = AutoPolicy(AutoConfig(explore_every=0, prior_tokens_per_cycle=2.0), kneed_cost(128), lambda: rows["n"])
+    for _ in range(50):
+        policy.observe("quadratic_spec", 4, 3)
+        policy.observe("linear_spec", 4, 3.5)
+    assert policy.pick(4) == "quadratic_spec"  # 20 tokens per row, below the knee: 3 tokens for one forward
+    rows["n"] = 16  # 320 tokens: quadratic costs 2.5x, linear (64 tokens, 2 forwards) wins
+    assert policy.pick(4) == "quadratic_spec"  # decided once per step: the next step sees the new load
+    policy.observe_step(0.0, [], rows=16)
+    assert policy.pick(4) == "linear_spec"
+    rows["n"] = 512  # far above the knee: every extra token costs, AR's 1 token per row wins
+    policy.observe_step(0.0, [], rows=512)
+    assert policy.pick(4) == "ar"
+    scores = policy.scores(4, rows=512)
+    assert scores["ar"] == max(scores.values())
+
+
+def test_policy_drops_speculation_that_is_not_accepted():
+    # Wider passes cost a little more; speculation pays only while its drafts are accepted.
+    policy = AutoPolicy(AutoConfig(explore_every=0), CostModel([(1, 1e-3), (100, 2e-3)]), lambda: 1)
+    assert policy.pick(4) == "quadratic_spec"  # the optimistic prior: a whole block per cycle
+    for _ in range(200):
+        policy.observe("quadratic_spec", 4, 1)
+        policy.observe("linear_spec", 4, 1)
+    policy.observe_step(0.0, [], rows=1)
+    assert policy.pick(4) == "ar"
+
+
+def test_policy_keeps_its_mode_between_near_equal_scores():
+    config = AutoConfig(modes=("ar", "linear_spec"), explore_every=0, prior_weight=0)
+    policy = AutoPolicy(config, flat_cost(), lambda: 1)  # AR scores 1 / 1 ms; linear a / 2 ms
+    policy.observe("linear_spec", 4, 1.9)  # with prior_weight 0 the estimates are plain means: 1.9
+    assert policy.pick(4) == "ar"
+    policy.observe("linear_spec", 4, 2.22)  # mean 2.06: linear is 3% better, within the 5% hysteresis
+    policy.observe_step(0.0, [], rows=1)
+    assert policy.pick(4) == "ar"
+    policy.observe("linear_spec", 4, 2.78)  # mean 2.3: 15% better
+    policy.observe_step(0.0, [], rows=1)
+    assert policy.pick(4) == "linear_spec"
+
+
+def test_policy_explores_the_runner_up_with_one_row_one_step_in_n():
+    policy = AutoPolicy(AutoConfig(explore_every=4), flat_cost(), lambda: 3)
+    steps = []
+    for _ in range(8):
+        steps.append([policy.pick(4) for _ in range(3)])  # three rows start a cycle in this step
+        policy.observe_step(0.01, [(60, 0.004)], rows=3)
+    explored = [i for i, picks in enumerate(steps) if len(set(picks)) > 1]
+    assert explored == [3, 7]
+    assert all(sorted(steps[i]).count("quadratic_spec") == 2 for i in explored)
+    assert policy.overhead_per_row == pytest.approx(0.002)
+
+
+def test_auto_in_the_engine_learns_acceptance_and_matches_ar():
+    tm = TriMode(random_model(4, lora=True))
+    requests = [(0, EngineRequest(prompt_ids=[9, k, 30], mode="auto", max_new_tokens=16,
+                                  knobs={"eos_token_id": 0, "block_length": 4})) for k in range(10, 14)]
+    engine = Engine(tm, cost=flat_cost())
+    results = run_mix(engine, requests)
+    for (_, r), res in zip(requests, results, strict=True):
+        assert res.token_ids == tm.generate(r.prompt_ids, max_new_tokens=16, eos_token_id=0).token_ids
+        assert res.mode == "auto" and res.stats.generated_tokens == 16
+    auto = engine.stats()["auto"]
+    assert sum(auto["picks"].values()) >= 4 * 8
+    # Random weights: drafts are rarely accepted, and the estimates fell from the optimistic prior of 4.
+    assert auto["tokens_per_cycle"] and max(auto["tokens_per_cycle"].values()) < 2.5

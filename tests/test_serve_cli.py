@@ -1,0 +1,142 @@
+"""`trimode serve` as a user starts it: a subprocess, a port, the real `openai` client."""
+
+from __future__ import annotations
+
+import json
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+from typer.testing import CliRunner
+
+from tests.test_serve_api import MODES, POLICY, build_checkpoint
+from trimode.api import default_model_path
+from trimode.cli import app
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def trimode_cmd(*args: str) -> list[str]:
+    return [sys.executable, "-m", "trimode.cli", *args]
+
+
+class Served:
+    """`trimode serve ...` in a subprocess, stopped with Ctrl-C (SIGINT) like a terminal user would."""
+
+    def __init__(self, args: list[str], cwd: Path) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc = subprocess.Popen(trimode_cmd("serve", "--port", str(self.port), *args), cwd=cwd,
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    def wait_ready(self, timeout: float = 120) -> bool:
+        """True once /health answers; False if the process exited first."""
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                return False
+            try:
+                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
+                    return True
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        raise AssertionError("the server did not start in time")
+
+    def stop(self) -> tuple[int, str]:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+        try:
+            _, err = self.proc.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            _, err = self.proc.communicate()
+        return self.proc.returncode, err
+
+
+def chat_in_every_mode(url: str, model: str, api_key: str = "none") -> None:
+    client = openai.OpenAI(base_url=url + "/v1", api_key=api_key, max_retries=0, timeout=120)
+    assert [m.id for m in client.models.list().data] == [model]
+    for mode in MODES:
+        r = client.chat.completions.create(model=model, messages=[{"role": "user", "content": "Hello!"}],
+                                           max_tokens=8, extra_body={"mode": mode})
+        assert r.model_extra["trimode"]["mode"] == mode
+        assert r.usage.completion_tokens > 0 and r.choices[0].finish_reason in ("stop", "length")
+
+
+def test_serve_command_end_to_end(tmp_path):
+    ckpt = build_checkpoint(tmp_path / "tiny-ckpt")
+    (tmp_path / "policy.yaml").write_text(POLICY)
+    srv = Served(["--model", str(ckpt), "--api-key", "sekrit", "--policy", "policy.yaml", "--audit-log",
+                  "logs/audit.jsonl", "--max-tokens", "8", "--log-level", "warning"], cwd=tmp_path)
+    try:
+        assert srv.wait_ready(), srv.stop()[1]
+        chat_in_every_mode(srv.url, "tiny-ckpt", api_key="sekrit")
+        r = httpx.post(srv.url + "/v1/completions", json={"model": "tiny-ckpt", "prompt": "x"},
+                       headers={"Authorization": "Bearer sekrit", "X-Trimode-Route": "legal_contract_clause"})
+        assert r.status_code == 200 and r.json()["trimode"]["mode"] == "ar"
+        assert r.json()["usage"]["completion_tokens"] == 8  # --max-tokens is the default budget
+        entry = json.loads((tmp_path / "logs" / "audit.jsonl").read_text().splitlines()[-1])
+        assert entry["request_id"] == r.json()["id"] and entry["human_review"] == "required"
+        assert httpx.post(srv.url + "/v1/completions", json={"model": "tiny-ckpt", "prompt": "x"}).status_code == 401
+    finally:
+        code, err = srv.stop()
+    assert "Traceback" not in err, err
+    assert "serving 'tiny-ckpt' on http://127.0.0.1" in err
+
+
+def serve_cli(*args: str):
+    """`trimode serve ARGS` in this process (for the errors raised before anything is served)."""
+    return CliRunner().invoke(app, ["serve", *args], env={"COLUMNS": "200"})
+
+
+def test_bad_policy_stops_start_up_with_the_line(tmp_path):
+    policy = tmp_path / "policy.yaml"
+    policy.write_text("ai_generation_policy:\n  a: {mode: ar}\n  b: {mode: sideways}\n")
+    result = serve_cli("--model", str(tmp_path / "not-loaded-first"), "--policy", str(policy))
+    assert result.exit_code == 2
+    assert result.stderr == f"error: {policy}:3: route 'b': unknown mode 'sideways' (choose from ar, " \
+                            "autoregressive, autoregressive_verified, diffusion, linear_spec, self_speculative, " \
+                            "quadratic_spec, auto)\n"
+
+
+def test_bad_model_and_options_are_one_line_errors(tmp_path):
+    for args, needle in ((["--model", str(tmp_path / "nowhere")], "no checkpoint directory"),
+                         (["--model", str(tmp_path)], "missing config.json"),
+                         (["--mode", "fast"], "unknown --mode 'fast'"),
+                         (["--threshold", "2"], "--threshold must be in [0, 1]"),
+                         (["--block-length", "0"], "--block-length must be >= 1")):
+        result = serve_cli(*args)
+        assert result.exit_code == 2 and needle in result.stderr, result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_new_user_serve_with_no_model_named(tmp_path):
+    """`trimode serve` with no --model serves the bundled model and answers chat in every mode."""
+    srv = Served(["--log-level", "warning"], cwd=tmp_path)
+    ready = srv.wait_ready()
+    try:
+        if not ready:
+            code, err = srv.stop()
+            assert code == 2 and "bundled default model is missing" in err and "Traceback" not in err, err
+            assert not (default_model_path() / "config.json").is_file()
+            pytest.skip("the bundled default model is not in the package yet (trimode/data/default_model/)")
+        chat_in_every_mode(srv.url, "trimode-default")
+    finally:
+        srv.stop()
+
+
+def test_help_lists_serve():
+    result = serve_cli("--help")
+    assert result.exit_code == 0
+    for option in ("--model", "--host", "--port", "--api-key", "--policy", "--audit-log", "--mode", "--max-queue"):
+        assert option in result.stdout

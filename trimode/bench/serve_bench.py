@@ -1,0 +1,268 @@
+"""`trimode bench serve`: concurrent streaming clients against the OpenAI-compatible server, per mode.
+
+For each mode and each concurrency N, N clients (the `openai` client, streaming completions) each send
+ceil(requests / N) requests back to back; with `rounds` > 1 this repeats (modes in rotated order) and the
+median round's throughput is reported. Per cell it reports requests/s, output tokens/s, time to first
+token (TTFT), inter-token latency (ITL: the gap between successive streamed text chunks), tokens per forward
+pass (from the server's `trimode` statistics) and errors / lost requests; then, per concurrency, whether
+`auto` reached the best fixed mode's output tokens/s; and it plots throughput against concurrency.
+
+Without `--url` it starts `trimode serve` on the model in a child process (so the clients do not share the
+server's interpreter) and stops it at the end.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+FIXED_MODES = ("ar", "diffusion", "linear_spec", "quadratic_spec")
+
+
+@dataclass
+class Cell:
+    mode: str
+    concurrency: int
+    wall: float = 0.0
+    sent: int = 0
+    done: int = 0
+    errors: list[str] = field(default_factory=list)
+    tokens: int = 0
+    forwards: int = 0
+    ttft: list[float] = field(default_factory=list)
+    itl: list[float] = field(default_factory=list)
+    rounds_ok: int | None = None  # requests completed over all rounds (merged cells)
+    round_tokens_per_s: list[float] = field(default_factory=list)  # each round's output tokens/s (merged cells)
+
+    @property
+    def ok(self) -> int:
+        return self.done if self.rounds_ok is None else self.rounds_ok
+
+    @property
+    def requests_per_s(self) -> float:
+        return self.done / self.wall if self.wall else 0.0
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.wall if self.wall else 0.0
+
+    @property
+    def tokens_per_forward(self) -> float:
+        return self.tokens / self.forwards if self.forwards else 0.0
+
+
+def percentile(xs: list[float], q: float) -> float:
+    if not xs:
+        return float("nan")
+    s = sorted(xs)
+    return s[min(len(s) - 1, max(0, round(q / 100 * (len(s) - 1))))]
+
+
+def bench_prompts(n: int = 40, seed: int = 0) -> list[str]:
+    """Held-out prompts of the bundled tasks, interleaved (arithmetic, code, copy, reverse, sort)."""
+    from trimode.tasks import TASKS, load_tasks
+
+    per_task = [load_tasks(name, n=n, seed=seed, split="heldout") for name in TASKS]
+    return [items[i].prompt for i in range(n) for items in per_task if i < len(items)]
+
+
+async def run_cell(base_url: str, model: str, mode: str, concurrency: int, per_client: int, prompts: list[str],
+                   max_tokens: int, api_key: str) -> Cell:
+    import httpx
+    from openai import AsyncOpenAI
+
+    cell = Cell(mode, concurrency)
+    limits = httpx.Limits(max_connections=concurrency + 8, max_keepalive_connections=concurrency + 8)
+    client = AsyncOpenAI(base_url=base_url, api_key=api_key, max_retries=0, timeout=3600,
+                         http_client=httpx.AsyncClient(limits=limits, timeout=3600))
+
+    async def one_client(i: int) -> None:
+        for k in range(per_client):
+            prompt = prompts[(i * per_client + k) % len(prompts)]
+            cell.sent += 1
+            t0 = time.perf_counter()
+            first = last = None
+            usage = None
+            try:
+                stream = await client.completions.create(
+                    model=model, prompt=prompt, max_tokens=max_tokens, temperature=0.0, stream=True,
+                    stream_options={"include_usage": True}, extra_body={"mode": mode})
+                async for chunk in stream:
+                    if chunk.choices and chunk.choices[0].text:
+                        now = time.perf_counter()
+                        if first is None:
+                            first = now
+                            cell.ttft.append(now - t0)
+                        else:
+                            cell.itl.append(now - last)
+                        last = now
+                    if chunk.usage is not None:
+                        usage = chunk
+            except Exception as e:  # counted and reported; the other clients go on
+                cell.errors.append(f"{type(e).__name__}: {e}"[:200])
+                continue
+            if usage is None:
+                cell.errors.append("the stream ended without its usage chunk")
+                continue
+            stats = (usage.model_extra or {}).get("trimode") or {}
+            cell.done += 1
+            cell.tokens += usage.usage.completion_tokens
+            cell.forwards += int(stats.get("forward_passes", 0))
+
+    t0 = time.perf_counter()
+    try:
+        await asyncio.gather(*(one_client(i) for i in range(concurrency)))
+    finally:
+        cell.wall = time.perf_counter() - t0
+        await client.close()
+    return cell
+
+
+def merge(rounds: list[Cell]) -> Cell:
+    """One cell from repeated rounds: the throughput of the median round (by output tokens/s), latencies and
+    request counts of all rounds."""
+    ranked = sorted(rounds, key=lambda c: c.tokens_per_s)
+    mid = ranked[(len(ranked) - 1) // 2]
+    out = Cell(mid.mode, mid.concurrency, wall=mid.wall, done=mid.done, tokens=mid.tokens, forwards=mid.forwards)
+    out.sent = sum(c.sent for c in rounds)
+    out.errors = [e for c in rounds for e in c.errors]
+    out.ttft = [x for c in rounds for x in c.ttft]
+    out.itl = [x for c in rounds for x in c.itl]
+    out.rounds_ok = sum(c.done for c in rounds)
+    out.round_tokens_per_s = [c.tokens_per_s for c in rounds]
+    return out
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(model: str | None, port: int, block_length: int | None, dtype: str | None, device: str | None,
+                 max_queue: int, threads: int | None = None, timeout: float = 300) -> subprocess.Popen:
+    import httpx
+
+    cmd = [sys.executable, "-m", "trimode.cli", "serve", "--port", str(port), "--log-level", "warning",
+           "--max-queue", str(max_queue), "--served-model-name", "bench"]
+    for flag, value in (("--model", model), ("--block-length", block_length), ("--dtype", dtype),
+                        ("--device", device)):
+        if value is not None:
+            cmd += [flag, str(value)]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    if threads is not None:
+        env["OMP_NUM_THREADS"] = str(threads)  # torch's intra-op threads in the server
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"the server exited: {proc.stderr.read().strip()[-500:]}")
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
+                return proc
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    proc.terminate()
+    raise RuntimeError(f"the server did not answer /health within {timeout:.0f} s")
+
+
+def report(cells: list[Cell], header: str) -> str:
+    lines = [header, "",
+             "| mode | clients | requests ok/sent | errors | req/s | output tok/s | TTFT p50 / p90 ms "
+             "| ITL p50 / p90 / p99 ms | tokens/forward | tok/s per round |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for c in cells:
+        lines.append(
+            f"| {c.mode} | {c.concurrency} | {c.ok}/{c.sent} | {len(c.errors)} | {c.requests_per_s:.2f} "
+            f"| {c.tokens_per_s:.1f} | {1e3 * percentile(c.ttft, 50):.0f} / {1e3 * percentile(c.ttft, 90):.0f} "
+            f"| {1e3 * percentile(c.itl, 50):.1f} / {1e3 * percentile(c.itl, 90):.1f} / "
+            f"{1e3 * percentile(c.itl, 99):.1f} | {c.tokens_per_forward:.2f} "
+            f"| {', '.join(f'{x:.0f}' for x in c.round_tokens_per_s) or '-'} |")
+    verdicts = auto_verdicts(cells)
+    if verdicts:
+        lines += ["", "auto against the best fixed mode (output tokens/s):", ""]
+        lines += [f"- {v}" for v in verdicts]
+    errors = [(c, e) for c in cells for e in c.errors[:3]]
+    if errors:
+        lines += ["", "first errors:"] + [f"- {c.mode} x{c.concurrency}: {e}" for c, e in errors]
+    return "\n".join(lines) + "\n"
+
+
+def auto_verdicts(cells: list[Cell]) -> list[str]:
+    out = []
+    for n in sorted({c.concurrency for c in cells}):
+        auto = [c for c in cells if c.mode == "auto" and c.concurrency == n]
+        fixed = [c for c in cells if c.mode in FIXED_MODES and c.concurrency == n]
+        if not auto or not fixed:
+            continue
+        best = max(fixed, key=lambda c: c.tokens_per_s)
+        a = auto[0]
+        ratio = a.tokens_per_s / best.tokens_per_s if best.tokens_per_s else float("inf")
+        verdict = "at or above" if ratio >= 1 else "BELOW"
+        out.append(f"{n} clients: auto {a.tokens_per_s:.1f} vs best fixed {best.mode} {best.tokens_per_s:.1f} "
+                   f"({ratio:.2f}x) - {verdict}")
+    return out
+
+
+def plot(cells: list[Cell], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for mode in dict.fromkeys(c.mode for c in cells):
+        pts = sorted((c.concurrency, c.tokens_per_s) for c in cells if c.mode == mode)
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=mode,
+                linewidth=2.5 if mode == "auto" else 1.5, linestyle="-" if mode == "auto" else "--")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("concurrent streaming clients")
+    ax.set_ylabel("output tokens / s")
+    ax.set_title(title, fontsize=9)
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def run(model: str | None, url: str | None, modes: list[str], concurrency: list[int], requests: int,
+        max_tokens: int, block_length: int | None, dtype: str | None, device: str | None, api_key: str,
+        threads: int | None = None, rounds: int = 1, warmup: int = 4, echo=print) -> list[Cell]:
+    prompts = bench_prompts()
+    proc = None
+    if url is None:
+        port = free_port()
+        echo(f"starting `trimode serve` on port {port} ...")
+        proc = start_server(model, port, block_length, dtype, device, max(64, 2 * max(concurrency)), threads)
+        url = f"http://127.0.0.1:{port}/v1"
+    cells = []
+    try:
+        for mode in modes:  # warm every mode's code path before anything is timed
+            asyncio.run(run_cell(url, "bench", mode, 1, warmup, prompts, max_tokens, api_key))
+        for n in concurrency:
+            per_client = -(-requests // n)
+            runs: dict[str, list[Cell]] = {m: [] for m in modes}
+            for r in range(rounds):
+                for mode in modes[r % len(modes) :] + modes[: r % len(modes)]:  # rotated: no mode always first
+                    cell = asyncio.run(run_cell(url, "bench", mode, n, per_client, prompts, max_tokens, api_key))
+                    echo(f"{mode:>15} x{n:<3} round {r + 1}: {cell.done}/{cell.sent} ok, {cell.tokens_per_s:8.1f} "
+                         f"tok/s, TTFT p50 {1e3 * percentile(cell.ttft, 50):.0f} ms, TPF {cell.tokens_per_forward:.2f}")
+                    runs[mode].append(cell)
+            cells += [merge(runs[m]) for m in modes]
+    finally:
+        if proc is not None:
+            proc.terminate()
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+    return cells

@@ -1,0 +1,354 @@
+"""`mode: auto`: per step, AR or self-speculation (linear or quadratic), whichever the current load favours.
+
+All three are lossless: a token is only emitted when it is the token AR would choose at that position (greedy,
+or sampled with the same keyed noise), so switching between them from one cycle to the next never changes the
+output. `auto` therefore emits exactly what `ar` emits, at any load: that keeps the engine batch-invariant.
+Diffusion is not a candidate because its output differs from AR's (it would make the output load-dependent).
+
+The state all three share between cycles: the cache holds every token but the last emitted one (`pending`),
+plus optional draft guesses `tail` for the tokens after it (left by a quadratic pass). One cycle is
+- ar:             1 forward of 1 token: the causal next token;
+- linear_spec:    2 forwards of B tokens: draft [pending, MASK x B-1] (adapter on), verify causally, accept;
+- quadratic_spec: 1 forward of B(B+1) tokens: B groups [leader_j, MASK x B], leaders = pending + tail (drafted
+                  by a linear_spec draft pass first when switching in without a tail); accept the leaders that
+                  match the causal predictions, and the masks of the last accepted group become the next tail.
+
+The rule (`AutoPolicy.pick`): with R running rows, a mode that emits `a` tokens per cycle in `f` forwards of
+`n` tokens per row scores  a / (f * (cost(R * n) + R * overhead)),  where cost(tokens) is the forward-time
+curve measured at start-up (`CostModel.measure`) and refined by every timed forward, overhead the time per row
+a step spends outside its forwards (measured online) and `a` the tokens per cycle observed so far for that
+mode (AR: 1). The best score wins. While R * n is below the knee of the cost curve a wider pass is nearly free,
+so speculation wins; above it, AR does.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from trimode.decode.quadratic_spec import DRAFT_STEP_KEY
+from trimode.decode.sampling import SamplingParams, choose
+from trimode.decode.stats import Committed, DecodeOutput, DecodeStats, DecodeStream
+from trimode.decode.stopping import StopRule, ThinkingBudget
+from trimode.model.masks import quadratic_init_mask, quadratic_step_mask
+from trimode.model.transformer import NLDTransformer
+
+CANDIDATES = ("ar", "linear_spec", "quadratic_spec")
+FORWARDS_PER_CYCLE = {"ar": 1, "linear_spec": 2, "quadratic_spec": 1}
+
+
+def tokens_per_row(mode: str, block: int) -> int:
+    return {"ar": 1, "linear_spec": block, "quadratic_spec": block * (block + 1)}[mode]
+
+
+@dataclass
+class AutoConfig:
+    modes: tuple[str, ...] = CANDIDATES  # candidates; a subset of CANDIDATES
+    prior_tokens_per_cycle: float | None = None  # before any cycle was seen; None: the block length (optimistic,
+    #                                              so each speculative mode gets tried and measured early)
+    prior_weight: int = 2  # how many cycles the prior counts for
+    ema: float = 0.02  # weight of a new cycle once the estimate has settled
+    explore_every: int = 32  # every N-th engine step, one row tries the runner-up, to re-measure it (0 = never)
+    hysteresis: float = 0.05  # switch modes only when another one scores this much better
+    cost_sizes: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
+
+    def __post_init__(self) -> None:
+        bad = set(self.modes) - set(CANDIDATES)
+        if bad or not self.modes:
+            raise ValueError(f"auto modes must be a non-empty subset of {CANDIDATES}, got {self.modes}")
+
+
+class CostModel:
+    """Seconds of one forward pass as a function of its token count, interpolated between measured points."""
+
+    def __init__(self, points: list[tuple[int, float]]) -> None:
+        self.points = sorted(points)
+
+    @classmethod
+    @torch.no_grad()
+    def measure(cls, net: NLDTransformer, sizes=AutoConfig.cost_sizes, repeats: int = 3,
+                slowest: float = 0.25) -> CostModel:
+        """Time causal forwards of n rows x 1 token (AR-like) for each size n.
+
+        Rounds go over all sizes, so a burst of load from other processes hits every size alike; each size
+        keeps its fastest run, and a time is never more than that of a larger size (costs grow with n).
+        Sizes after the first whose warm-up forward takes over `slowest` seconds are not measured (the curve is
+        extended linearly)."""
+        sync = torch.cuda.synchronize if net.device.type == "cuda" else (lambda: None)
+
+        def timed(n: int) -> float:
+            ids = torch.randint(0, net.config.vocab_size, (n, 1), device=net.device)
+            sync()
+            t0 = time.perf_counter()
+            net(ids, mask="causal")
+            sync()
+            return time.perf_counter() - t0
+
+        kept = []
+        for n in sorted(sizes):  # warm-up round (twice per size), which also picks the sizes worth timing
+            kept.append(n)
+            if min(timed(n), timed(n)) > slowest:
+                break
+        best = dict.fromkeys(kept, float("inf"))
+        for _ in range(repeats):
+            for n in kept:
+                best[n] = min(best[n], timed(n))
+        points, floor = [], float("inf")
+        for n in reversed(kept):
+            floor = min(floor, best[n])
+            points.append((n, floor))
+        if len(points) == 1:
+            points.append((2 * points[0][0], 2 * points[0][1]))
+        return cls(points)
+
+    def observe(self, tokens: int, seconds: float, weight: float = 0.25) -> None:
+        """Move the curve toward a forward timed in service (the nearest point within a factor sqrt 2, or a new
+        point): the engine's real shapes, context lengths and machine load then shape the decisions."""
+        i = min(range(len(self.points)), key=lambda j: abs(math.log(self.points[j][0] / tokens)))
+        n, t = self.points[i]
+        if abs(math.log(n / tokens)) > math.log(2) / 2:
+            self.points = sorted([*self.points, (tokens, seconds)])
+        else:
+            self.points[i] = (n, t + weight * (seconds - t))
+
+    def __call__(self, tokens: float) -> float:
+        pts = self.points
+        if tokens <= pts[0][0]:
+            return pts[0][1]
+        for (n0, t0), (n1, t1) in zip(pts, pts[1:], strict=False):
+            if tokens <= n1:
+                return t0 + (t1 - t0) * (tokens - n0) / (n1 - n0)
+        (n0, t0), (n1, t1) = pts[-2], pts[-1]
+        return t1 + max(t1 - t0, 0.0) / (n1 - n0) * (tokens - n1)  # linear beyond the last point
+
+    def knee(self, factor: float = 1.5) -> int:
+        """The largest measured token count whose forward costs at most `factor` x the 1-token forward."""
+        base = self.points[0][1]
+        return max(n for n, t in self.points if t <= factor * base)
+
+    def as_dict(self) -> dict:
+        return {"points": [[n, round(t, 6)] for n, t in self.points], "knee_tokens": self.knee()}
+
+
+class AutoPolicy:
+    """Engine-wide: observed tokens per cycle per mode, the cost curve, the per-row step overhead."""
+
+    def __init__(self, config: AutoConfig, cost: CostModel, load: Callable[[], int]) -> None:
+        self.config = config
+        self.cost = cost
+        self.load = load
+        self._lock = threading.Lock()
+        self._tokens_per_cycle: dict[tuple[str, int], float] = {}
+        self._cycles: dict[tuple[str, int], int] = {}
+        self.overhead_per_row = 0.0  # seconds a step spends outside its forwards, per running row
+        self._steps = 0
+        self._explored = -1  # the last step in which a row tried the runner-up
+        self._decided: dict[int, tuple[int, str, str | None]] = {}  # block -> (step, mode, runner-up)
+        self.picks: dict[str, int] = dict.fromkeys(config.modes, 0)
+
+    def _prior(self, block: int) -> float:
+        p = self.config.prior_tokens_per_cycle
+        return float(block) if p is None else p
+
+    def tokens_per_cycle(self, mode: str, block: int) -> float:
+        if mode == "ar":
+            return 1.0
+        return self._tokens_per_cycle.get((mode, block), self._prior(block))
+
+    def scores(self, block: int, rows: int | None = None) -> dict[str, float]:
+        """Expected tokens per second of one row in each mode, if all `rows` rows ran it."""
+        rows = max(1, self.load() if rows is None else rows)
+        overhead = self.overhead_per_row * rows
+        return {
+            m: self.tokens_per_cycle(m, block)
+            / (FORWARDS_PER_CYCLE[m] * (self.cost(rows * tokens_per_row(m, block)) + overhead))
+            for m in self.config.modes
+        }
+
+    def pick(self, block: int) -> str:
+        """The mode for a cycle starting now. Decided once per engine step (every row starting a cycle in a step
+        gets the same mode, so they share one forward) and kept unless another mode scores `hysteresis`
+        better (no flapping between near-equal modes)."""
+        with self._lock:
+            if self._decided.get(block, (None,))[0] != self._steps:
+                scores = self.scores(block)
+                ranked = sorted(scores, key=scores.get, reverse=True)
+                current = self._decided.get(block, (None, None, None))[1]
+                if current in scores and scores[ranked[0]] <= (1 + self.config.hysteresis) * scores[current]:
+                    ranked.remove(current)
+                    ranked.insert(0, current)
+                self._decided[block] = (self._steps, ranked[0], ranked[1] if len(ranked) > 1 else None)
+            _, mode, runner_up = self._decided[block]
+            every = self.config.explore_every
+            # One row of every N-th step tries the runner-up, so its estimate stays current; one row only, as the
+            # runner-up may be expensive at this load (a quadratic pass of 64 rows).
+            if every and runner_up and self._steps % every == every - 1 and self._explored != self._steps:
+                self._explored = self._steps
+                mode = runner_up
+            self.picks[mode] += 1
+            return mode
+
+    def observe(self, mode: str, block: int, tokens: int) -> None:
+        """One finished cycle of `mode` emitted `tokens` tokens."""
+        if mode == "ar":
+            return
+        with self._lock:
+            key = (mode, block)
+            n = self._cycles.get(key, 0)
+            est = self._tokens_per_cycle.get(key, self._prior(block))
+            weight = max(self.config.ema, 1.0 / (n + 1 + self.config.prior_weight))
+            self._tokens_per_cycle[key] = est + weight * (tokens - est)
+            self._cycles[key] = n + 1
+
+    def observe_step(self, seconds: float, forwards: list[tuple[int, float]], rows: int) -> None:
+        """A whole engine step (waiting for the rows' threads included) took `seconds` with forwards of
+        (tokens, seconds): refine the cost curve and learn the overhead per row (Python work of the decoders,
+        batching, streaming), which every mode pays once per step."""
+        with self._lock:
+            for tokens, spent in forwards:
+                self.cost.observe(tokens, spent)
+            extra = max(0.0, seconds - sum(spent for _, spent in forwards)) / max(1, rows)
+            self._steps += 1
+            self.overhead_per_row += max(0.05, 1.0 / self._steps) * (extra - self.overhead_per_row)
+
+    def as_dict(self) -> dict:
+        with self._lock:
+            return {
+                "modes": list(self.config.modes),
+                "tokens_per_cycle": {f"{m}@{b}": round(v, 3) for (m, b), v in self._tokens_per_cycle.items()},
+                "step_overhead_per_row_s": round(self.overhead_per_row, 6),
+                "picks": dict(self.picks),
+                "cost": self.cost.as_dict(),
+            }
+
+
+@dataclass
+class AutoSteer:
+    """One auto request's link to the policy: its block length and drafter flag."""
+
+    policy: AutoPolicy
+    block_length: int
+    use_drafter: bool
+
+    def pick(self) -> str:
+        return self.policy.pick(self.block_length)
+
+    def observe(self, mode: str, tokens: int) -> None:
+        self.policy.observe(mode, self.block_length, tokens)
+
+
+def auto_cache_tokens(prompt_len: int, max_new_tokens: int, block: int) -> int:
+    return prompt_len + max_new_tokens + block * (block + 1) + block
+
+
+@torch.no_grad()
+def auto_decode(
+    model: NLDTransformer,
+    prompt_ids: torch.Tensor,
+    stop: StopRule,
+    sampling: SamplingParams,
+    steer: AutoSteer,
+    thinking: ThinkingBudget | None = None,
+) -> DecodeStream:
+    if prompt_ids.shape[0] != 1:
+        raise ValueError("auto decodes one sequence at a time (batch size 1)")
+    mask_id, dev, B = model.config.mask_token_id, prompt_ids.device, steer.block_length
+    prompt_len = prompt_ids.shape[1]
+    stats = DecodeStats("auto", prompt_tokens=prompt_len)
+    cache = model.new_cache(1, auto_cache_tokens(prompt_len, stop.max_new_tokens, B))
+
+    tail: list[int] = []
+    if steer.pick() == "quadratic_spec":  # the prefill also drafts, as quadratic_spec's first pass does
+        masks = torch.full((1, B), mask_id, dtype=torch.long, device=dev)
+        logits = model(torch.cat([prompt_ids, masks], 1), mask=quadratic_init_mask(prompt_len, B, dev), cache=cache)[0]
+        tail = choose(logits[prompt_len + 1 :], torch.arange(prompt_len + 1, prompt_len + B), sampling,
+                      step=DRAFT_STEP_KEY).tolist()
+    else:
+        logits = model(prompt_ids, mask="causal", cache=cache)[0]
+    cache.commit(prompt_len)
+    stats.forward_passes += 1
+    pending = int(choose(logits[prompt_len - 1 : prompt_len], torch.tensor([prompt_len]), sampling))
+    if thinking is not None and thinking.max_thinking_tokens == 0:
+        pending = thinking.end_think_token_id
+    out, over = stop.finish([pending])
+    yield Committed([out], stats)
+
+    while not over:
+        mode = steer.pick()
+        budget_near = (thinking is not None and thinking.end_think_token_id not in out
+                       and len(out) + B >= thinking.max_thinking_tokens)
+        if budget_near:
+            mode = "ar"  # AR steps place the forced end-think token exactly where AR would
+        clean = cache.length  # the position of `pending`
+        if mode == "ar":
+            logits = model(torch.tensor([[pending]], device=dev), mask="causal", cache=cache)[0]
+            cache.commit(1)
+            emitted = [int(choose(logits, torch.tensor([clean + 1]), sampling))]
+            if budget_near and len(out) >= thinking.max_thinking_tokens:
+                emitted = [thinking.end_think_token_id]
+            tail = []
+        elif mode == "linear_spec":
+            block = torch.tensor([[pending] + _draft(model, cache, pending, steer, sampling)], device=dev)
+            positions = clean + torch.arange(B)
+            logits = model(block, mask="causal", cache=cache)
+            cache.commit(B)
+            verified = choose(logits[0], positions + 1, sampling).tolist()
+            accepted = _accepted(verified, block[0].tolist(), B)
+            cache.crop(clean + accepted)
+            emitted = verified[:accepted]
+            tail = []
+        else:
+            if not tail:  # coming from another mode: draft the leaders first, as linear_spec does
+                tail = _draft(model, cache, pending, steer, sampling)
+                stats.forward_passes += 1
+            leaders = [pending] + tail[: B - 1]
+            ids = torch.full((B, B + 1), mask_id, dtype=torch.long, device=dev)
+            ids[:, 0] = torch.tensor(leaders, device=dev)
+            group = torch.arange(B + 1, device=dev)
+            positions = (clean + torch.arange(B, device=dev)[:, None] + group[None, :]).flatten()
+            logits = model(ids.view(1, -1), mask=quadratic_step_mask(B, clean, dev), cache=cache, positions=positions)
+            logits = logits.view(B, B + 1, -1)
+            # Slot k of group j predicts the token at position clean + j + k (slot 0: the causal next token).
+            pred_pos = positions.view(B, B + 1) + (group == 0).long()
+            verified = choose(logits[:, 0], pred_pos[:, 0], sampling).tolist()
+            accepted = _accepted(verified, leaders, B)
+            cache.commit_slots([j * (B + 1) for j in range(accepted)])
+            j = accepted - 1
+            tail = choose(logits[j, 2:], pred_pos[j, 2:], sampling, step=DRAFT_STEP_KEY).tolist()
+            emitted = verified[:accepted]
+        stats.forward_passes += FORWARDS_PER_CYCLE[mode]
+        if mode != "ar":
+            stats.acceptance.append(len(emitted))
+        steer.observe(mode, len(emitted))
+        pending = emitted[-1]
+        before = len(out)
+        out, over = stop.finish(out + emitted)
+        stats.generated_tokens = len(out)
+        yield Committed([out[before:]], stats)
+
+    stats.generated_tokens = len(out)
+    return DecodeOutput([out], stats)
+
+
+def _draft(model: NLDTransformer, cache, pending: int, steer: AutoSteer, sampling: SamplingParams) -> list[int]:
+    """Guesses for the B - 1 tokens after `pending`: one bidirectional pass over [pending, MASK x B-1] on the
+    read-only cache, drafter adapter on when asked for."""
+    B, clean = steer.block_length, cache.length
+    block = torch.full((1, B), model.config.mask_token_id, dtype=torch.long, device=model.device)
+    block[0, 0] = pending
+    logits = model(block, mask="bidirectional", cache=cache, lora=steer.use_drafter)
+    return choose(logits[0, 1:], clean + torch.arange(1, B), sampling, step=DRAFT_STEP_KEY).tolist()
+
+
+def _accepted(verified: list[int], drafts: list[int], block: int) -> int:
+    """1 + the number of leading drafts (drafts[1:]) that equal the verified tokens before them."""
+    accepted = 1
+    while accepted < block and verified[accepted - 1] == drafts[accepted]:
+        accepted += 1
+    return accepted
+

@@ -1,0 +1,122 @@
+"""`trimode bench serve`: the engine's load benchmark, attached to the `bench` group (heavy imports stay inside)."""
+
+from __future__ import annotations
+
+import platform
+from pathlib import Path
+
+import typer
+
+MODES = ("ar", "diffusion", "linear_spec", "quadratic_spec", "auto")
+
+
+def register(app: typer.Typer) -> None:
+    try:
+        from trimode.bench.cli import bench_app
+    except ModuleNotFoundError:  # no bench layer: a group of our own
+        bench_app = typer.Typer(help="Benchmarks.", no_args_is_help=True)
+        app.add_typer(bench_app, name="bench")
+    bench_app.command(name="serve")(serve)
+
+
+def _fail(message: str) -> None:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(code=2)
+
+
+def _ints(text: str, name: str) -> list[int]:
+    try:
+        values = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        _fail(f"--{name}: cannot read {text!r} as comma-separated integers")
+    if not values or min(values) < 1:
+        _fail(f"--{name}: give positive integers")
+    return values
+
+
+def serve(
+    model: str | None = typer.Option(None, "--model", "-m", help="Checkpoint directory (default: the bundled "
+                                     "model); a `trimode serve` is started on it in a child process."),
+    url: str | None = typer.Option(None, help="Bench a running server instead, e.g. http://127.0.0.1:8000/v1 "
+                                   "(its model must be served as 'bench': --served-model-name bench)."),
+    modes: str = typer.Option(",".join(MODES), help="Comma-separated modes to run."),
+    concurrency: str = typer.Option("1,4,16,64", help="Comma-separated numbers of concurrent clients."),
+    requests: int = typer.Option(32, "--requests", help="Requests per mode and concurrency N, at least: each client "
+                                 "sends ceil(requests / N) in turn."),
+    max_tokens: int = typer.Option(32, "--max-tokens", help="max_tokens of every request."),
+    rounds: int = typer.Option(1, help="Repeat each concurrency level this often (modes rotated); report the "
+                               "median round's throughput."),
+    block_length: int | None = typer.Option(None, "--block-length", help="Server default block length "
+                                            "(diffusion / speculation / auto; default: the model's)."),
+    dtype: str | None = typer.Option(None, help="float32 / bfloat16 for the started server."),
+    device: str | None = typer.Option(None, help="cpu / cuda for the started server."),
+    threads: int | None = typer.Option(None, help="torch intra-op threads of the started server (OMP_NUM_THREADS; "
+                                       "1 is much faster for small models on a busy CPU)."),
+    api_key: str = typer.Option("none", "--api-key", envvar="TRIMODE_API_KEY", help="Bearer key, if the server "
+                                "needs one."),
+    out: Path | None = typer.Option(None, help="Also write the markdown report here."),
+    plot: Path | None = typer.Option(None, help="PNG of output tokens/s against concurrency (default: next to "
+                                     "--out)."),
+) -> None:
+    """Drive the server with N concurrent streaming clients per mode: req/s, tok/s, TTFT, ITL, tokens/forward."""
+    mode_list = [m.strip() for m in modes.split(",") if m.strip()]
+    bad = [m for m in mode_list if m not in MODES]
+    if bad or not mode_list:
+        _fail(f"--modes: unknown {', '.join(bad) or '(none given)'}; choose from {', '.join(MODES)}")
+    levels = _ints(concurrency, "concurrency")
+    if requests < 1 or max_tokens < 1 or rounds < 1:
+        _fail("--requests, --max-tokens and --rounds must be >= 1")
+    if model is not None and url is not None:
+        _fail("give --model or --url, not both")
+    if model is not None and not Path(model).is_dir():
+        _fail(f"no checkpoint directory {model}")
+    if plot is None and out is not None:
+        plot = out.with_suffix(".png")
+
+    from trimode.bench import serve_bench as sb
+
+    def echo(line: str) -> None:
+        typer.echo(line, err=True)
+
+    try:
+        cells = sb.run(model, url, mode_list, levels, requests, max_tokens, block_length, dtype, device,
+                       api_key, threads, rounds, echo=echo)
+    except ImportError as e:
+        _fail(f"bench serve needs the `openai` client ({e.name} is missing): pip install openai")
+    except (RuntimeError, OSError, ValueError) as e:
+        _fail(str(e))
+    given = [("--model", model), ("--url", url), ("--modes", None if modes == ",".join(MODES) else modes),
+             ("--concurrency", None if concurrency == "1,4,16,64" else concurrency),
+             ("--requests", None if requests == 32 else requests), ("--max-tokens", None if max_tokens == 32 else
+                                                                      max_tokens),
+             ("--rounds", None if rounds == 1 else rounds), ("--block-length", block_length), ("--dtype", dtype),
+             ("--device", device), ("--threads", threads)]
+    command = " ".join(["trimode bench serve"] + [f"{k} {v}" for k, v in given if v is not None])
+    header = (f"Command: `{command}`  \nMachine: {platform.machine()}, {_cores()} CPU cores, torch "
+              f"{_torch_version()}; {'a running server' if url else 'a `trimode serve` child process'}; at least "
+              f"{requests} requests per cell, {rounds} round(s) (median round shown), max_tokens {max_tokens}, "
+              "temperature 0, streaming.")
+    text = sb.report(cells, header)
+    typer.echo(text, nl=False)
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(text)
+        echo(f"wrote {out}")
+    if plot is not None:
+        sb.plot(cells, plot, f"trimode bench serve ({model or url or 'bundled model'}, max_tokens {max_tokens})")
+        echo(f"wrote {plot}")
+    lost = sum(c.sent - c.ok for c in cells)
+    if lost:
+        _fail(f"{lost} request(s) failed or were lost (see the report)")
+
+
+def _torch_version() -> str:
+    import torch
+
+    return torch.__version__
+
+
+def _cores() -> int:
+    import os
+
+    return os.cpu_count() or 1

@@ -1,0 +1,148 @@
+"""What a client hands the engine (`EngineRequest`) and what it gets back (`RequestHandle`).
+
+A handle is a thread-safe stream of events: `trimode.api.Delta` / `BlockState` while the request runs, then
+exactly one `trimode.api.GenerationResult` (finish_reason "stop", "length" or "cancelled"), after which the
+iteration ends. If the request fails inside the engine, iterating raises that error instead.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import threading
+from collections import deque
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
+
+MODES = ("ar", "diffusion", "linear_spec", "quadratic_spec", "auto")
+
+_ids = itertools.count(1)
+
+
+class QueueFull(Exception):
+    """The engine's waiting queue is full; retry later (a server answers 429/503)."""
+
+
+class EngineStopped(RuntimeError):
+    """The engine was stopped before this request finished."""
+
+
+@dataclass
+class EngineRequest:
+    prompt_ids: list[int]
+    mode: str = "ar"
+    max_new_tokens: int = 128
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+    stop: list[str] | None = None
+    provisional: bool = False
+    # Mode knobs passed through to `TriMode.stream`: block_length, threshold, causal_context, use_drafter,
+    # ar_mix_weight, eos_token_id, max_thinking_tokens, end_think_token_id.
+    knobs: dict = field(default_factory=dict)
+    request_id: int = field(default_factory=lambda: next(_ids))
+
+
+_END = object()
+
+
+class _Failure:
+    def __init__(self, error: BaseException) -> None:
+        self.error = error
+
+
+class RequestHandle:
+    """The client's side of a running request: iterate (blocking) or `aiter()` (asyncio); `cancel()` any time."""
+
+    def __init__(self, request: EngineRequest) -> None:
+        self.request = request
+        self._cond = threading.Condition()
+        self._items: deque = deque()
+        self._wakers: list[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = []
+        self._cancelled = threading.Event()
+        self._closed = False
+
+    @property
+    def request_id(self) -> int:
+        return self.request.request_id
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancelled.is_set()
+
+    @property
+    def done(self) -> bool:
+        return self._closed
+
+    def cancel(self) -> None:
+        """Ask the engine to drop this request; it leaves at the next step and its cache is freed."""
+        self._cancelled.set()
+
+    # -- engine side -------------------------------------------------------------------------------------
+    def _put(self, item) -> None:
+        with self._cond:
+            if self._closed:
+                return
+            self._items.append(item)
+            if item is _END or isinstance(item, _Failure):
+                self._closed = True
+            self._cond.notify_all()
+            wakers = list(self._wakers)
+        for loop, event in wakers:
+            try:
+                loop.call_soon_threadsafe(event.set)
+            except RuntimeError:  # the client's event loop is closed: nobody is listening any more
+                pass
+
+    def _finish(self, result) -> None:
+        self._put(result)
+        self._put(_END)
+
+    def _fail(self, error: BaseException) -> None:
+        self._put(_Failure(error))
+
+    # -- client side -------------------------------------------------------------------------------------
+    def _pop(self):
+        item = self._items.popleft()
+        if isinstance(item, _Failure):
+            raise item.error
+        return item
+
+    def __iter__(self) -> Iterator:
+        while True:
+            with self._cond:
+                while not self._items:
+                    self._cond.wait()
+                item = self._pop()
+            if item is _END:
+                return
+            yield item
+
+    def result(self):
+        """Wait for the end and return the GenerationResult (the events not read yet are consumed)."""
+        last = None
+        for item in self:
+            last = item
+        return last
+
+    async def aiter(self) -> AsyncIterator:
+        loop = asyncio.get_running_loop()
+        event = asyncio.Event()
+        with self._cond:
+            self._wakers.append((loop, event))
+        try:
+            while True:
+                with self._cond:
+                    item = self._pop() if self._items else None
+                    if item is None:
+                        event.clear()  # cleared under the lock: a later _put schedules set() after this
+                if item is None:
+                    await event.wait()
+                    continue
+                if item is _END:
+                    return
+                yield item
+        finally:
+            with self._cond:
+                self._wakers.remove((loop, event))

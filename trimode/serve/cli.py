@@ -1,0 +1,96 @@
+"""`trimode serve`: the OpenAI-compatible server (heavy imports stay inside the command)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+SERVE_MODES = ("ar", "diffusion", "linear_spec", "quadratic_spec", "auto")
+
+
+def register(app: typer.Typer) -> None:
+    app.command(name="serve")(serve)
+
+
+def serve(
+    model: str | None = typer.Option(None, "--model", "-m", help="Checkpoint directory or Hub repo id (default: "
+                                     "the bundled model)."),
+    host: str = typer.Option("127.0.0.1", help="Address to bind. The default serves this machine only."),
+    port: int = typer.Option(8000, help="TCP port."),
+    api_key: str | None = typer.Option(None, "--api-key", envvar="TRIMODE_API_KEY",
+                                       help="Require 'Authorization: Bearer KEY' on /v1 (also $TRIMODE_API_KEY)."),
+    policy: Path | None = typer.Option(None, "--policy", help="Routing policy YAML: route -> mode, knobs, "
+                                       "human_review (see docs/serving.md)."),
+    audit_log: Path = typer.Option(Path("trimode-audit.jsonl"), "--audit-log",
+                                   help="JSON-lines audit log of routed requests whose review is not optional."),
+    served_model_name: str | None = typer.Option(None, "--served-model-name",
+                                                 help="The model id clients send (default: the checkpoint's name)."),
+    mode: str = typer.Option("ar", "--mode", help=f"Default mode: {', '.join(SERVE_MODES)}."),
+    block_length: int | None = typer.Option(None, "--block-length", help="Default block length (diffusion / "
+                                            "speculation; default: the model's)."),
+    threshold: float | None = typer.Option(None, help="Default commit threshold (diffusion 0.9, linear_spec 0)."),
+    max_tokens: int = typer.Option(256, "--max-tokens", help="Tokens generated when a request gives no max_tokens."),
+    temperature: float = typer.Option(0.0, help="Temperature when a request gives none (0 = greedy)."),
+    max_queue: int = typer.Option(64, "--max-queue", help="Waiting requests before new ones get 429."),
+    dtype: str | None = typer.Option(None, help="float32 / bfloat16 (default: float32 on CPU, bfloat16 on CUDA)."),
+    device: str | None = typer.Option(None, help="cpu / cuda (default: cuda when available)."),
+    log_level: str = typer.Option("info", "--log-level", help="uvicorn log level."),
+) -> None:
+    """Serve a model over an OpenAI-compatible HTTP API (completions, chat, models, health, metrics)."""
+    from trimode.cli import fail, load_or_fail
+
+    if mode not in SERVE_MODES:
+        fail(f"unknown --mode {mode!r}; choose one of {', '.join(SERVE_MODES)}")
+    if threshold is not None and not 0 <= threshold <= 1:
+        fail(f"--threshold must be in [0, 1], got {threshold}")
+    if block_length is not None and block_length < 1:
+        fail(f"--block-length must be >= 1, got {block_length}")
+    if max_tokens < 1 or max_queue < 0 or not 0 < port < 65536:
+        fail("--max-tokens must be >= 1, --max-queue >= 0 and --port in 1..65535")
+
+    from trimode.serve.policy import AuditLog, PolicyError, load_policy
+
+    routing = audit = None
+    if policy is not None:
+        try:
+            routing = load_policy(policy)  # before the model: a bad policy fails in a second, with its line
+        except PolicyError as e:
+            fail(str(e))
+        if any(r.human_review != "optional" for r in routing.routes.values()):
+            try:
+                audit = AuditLog(audit_log)
+            except OSError as e:
+                fail(f"cannot open the audit log {audit_log}: {e.strerror}")
+
+    tm = load_or_fail(model, dtype, device)
+    import uvicorn
+
+    from trimode.engine import Engine
+    from trimode.serve.app import ServerConfig, create_app
+
+    name = served_model_name or _model_name(model)
+    knobs = {k: v for k, v in (("block_length", block_length), ("threshold", threshold)) if v is not None}
+    try:
+        config = ServerConfig(name, mode, knobs, max_tokens, temperature, api_key, routing, audit)
+        if mode != "auto":
+            tm.knobs_for(mode, **knobs)  # reject bad defaults now rather than on every request
+    except ValueError as e:
+        fail(str(e))
+    app = create_app(Engine(tm, max_queue=max_queue), config)
+    if host not in ("127.0.0.1", "localhost", "::1") and api_key is None:
+        typer.echo(f"warning: serving on {host} without --api-key: anyone who can reach it can use it", err=True)
+    extra = f", policy {policy} ({len(routing.routes)} routes), audit log {audit_log}" if routing else ""
+    typer.echo(f"trimode: serving {name!r} on http://{host}:{port}/v1 (default mode {mode}{extra})", err=True)
+    try:
+        uvicorn.run(app, host=host, port=port, log_level=log_level)
+    except OSError as e:
+        fail(f"cannot serve on {host}:{port}: {e.strerror or e}")
+
+
+def _model_name(model: str | None) -> str:
+    """The model id clients send: a directory's name, a Hub repo id as given, or 'trimode-default'."""
+    if model is None:
+        return "trimode-default"
+    path = Path(model).expanduser()
+    return path.resolve().name if path.is_dir() else model

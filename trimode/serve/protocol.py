@@ -1,0 +1,197 @@
+"""The wire format: OpenAI request bodies (strict pydantic models, trimode's extra fields included) and the
+OpenAI-style error body. Responses are plain dicts built in `app.py`.
+
+Extra body fields (sent with the `openai` client as `extra_body={...}`): `mode`, `route`, the knobs
+`block_length`, `threshold`, `causal_context`, `steps`, `use_drafter`, and `provisional` (stream the
+diffusion block before it is committed). Unknown fields are rejected with a 400 that names them.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError, field_validator, model_validator
+
+RequestMode = Literal["ar", "diffusion", "linear_spec", "quadratic_spec", "auto"]
+MAX_N = 16
+MAX_STOPS = 8
+
+
+class APIError(Exception):
+    """An error answered as `{"error": {"message", "type", "param", "code"}}` with an HTTP status."""
+
+    def __init__(self, status: int, message: str, type: str = "invalid_request_error", param: str | None = None,
+                 code: str | None = None, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+        self.headers = headers
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+def validation_error(e: ValidationError) -> APIError:
+    """The first pydantic error as a 400 naming the field (OpenAI answers invalid parameters with 400)."""
+    err = e.errors(include_url=False)[0]
+    loc = ".".join(str(p) for p in err["loc"] if not (isinstance(p, str) and p.startswith(("function-", "list["))))
+    if err["type"] == "extra_forbidden":
+        message = f"unknown field {loc!r}"
+    elif err["type"] == "missing":
+        message = f"missing required field {loc!r}"
+    else:
+        msg = err["msg"].removeprefix("Value error, ")
+        message = f"{loc}: {msg}" if loc else msg
+    return APIError(400, message, param=loc or None, code="invalid_value")
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    include_usage: StrictBool = False
+
+
+class GenerationFields(BaseModel):
+    """Fields shared by /v1/completions and /v1/chat/completions."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str
+    max_tokens: int | None = Field(None, ge=1)
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, gt=0, le=1)
+    top_k: int | None = Field(None, ge=0)
+    seed: int | None = Field(None, ge=-(2**63), lt=2**63)
+    stop: Any = None  # a string or a list of strings; checked below for a clear message
+    n: int = Field(1, ge=1, le=MAX_N)
+    stream: StrictBool = False
+    stream_options: StreamOptions | None = None
+    user: str | None = None
+    # Accepted for compatibility at their neutral values only: a request relying on them gets a clear 400.
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    logit_bias: dict[str, float] | None = None
+    # trimode's extra fields.
+    mode: RequestMode | None = None
+    route: str | None = None
+    block_length: int | None = Field(None, ge=1)
+    threshold: float | None = Field(None, ge=0, le=1)
+    causal_context: StrictBool | None = None
+    steps: int | None = Field(None, ge=1)
+    use_drafter: StrictBool | None = None
+    provisional: StrictBool = False
+
+    @field_validator("stop")
+    @classmethod
+    def _stops(cls, v):
+        if v is None:
+            return None
+        stops = [v] if isinstance(v, str) else v
+        if not isinstance(stops, list) or not all(isinstance(s, str) for s in stops):
+            raise ValueError("stop must be a string or a list of strings")
+        if len(stops) > MAX_STOPS:
+            raise ValueError(f"at most {MAX_STOPS} stop sequences")
+        if any(not s for s in stops):
+            raise ValueError("stop sequences must be non-empty")
+        return stops
+
+    @model_validator(mode="after")
+    def _unsupported(self):
+        if self.frequency_penalty != 0 or self.presence_penalty != 0:
+            raise ValueError("frequency_penalty and presence_penalty are not supported (must be 0)")
+        if self.logit_bias:
+            raise ValueError("logit_bias is not supported")
+        if self.stream_options is not None and not self.stream:
+            raise ValueError("stream_options needs stream=true")
+        if self.provisional and not self.stream:
+            raise ValueError("provisional events need stream=true")
+        return self
+
+    @property
+    def stop_list(self) -> list[str] | None:
+        return self.stop  # normalised to a list by the validator
+
+    @property
+    def knobs(self) -> dict:
+        names = ("block_length", "threshold", "causal_context", "steps", "use_drafter")
+        return {k: getattr(self, k) for k in names if getattr(self, k) is not None}
+
+
+def _is_ids(x) -> bool:
+    return isinstance(x, list) and bool(x) and all(isinstance(t, int) and not isinstance(t, bool) for t in x)
+
+
+class CompletionRequest(GenerationFields):
+    prompt: Any  # a string, a token-id list, or a list of those; normalised to a list of prompts below
+    logprobs: int | None = Field(None, ge=0, le=20)
+    echo: StrictBool = False
+    suffix: None = None
+    best_of: int | None = None
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompts(cls, p):
+        if isinstance(p, str) or _is_ids(p):
+            return [p]
+        if isinstance(p, list) and p and all(isinstance(x, str) or _is_ids(x) for x in p):
+            return p
+        raise ValueError("prompt must be a string, a list of token ids, or a non-empty list of those")
+
+    @model_validator(mode="after")
+    def _completion(self):
+        if self.best_of is not None and self.best_of != self.n:
+            raise ValueError("best_of other than n is not supported")
+        return self
+
+    @property
+    def prompts(self) -> list[str | list[int]]:
+        """The prompt(s) as a list: one text or token-id list per entry."""
+        return self.prompt
+
+
+class TextPart(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: Any = None  # a string, or a list of {"type": "text", "text": ...} parts
+    name: str | None = None
+
+    @field_validator("content")
+    @classmethod
+    def _content(cls, v):
+        if v is None or isinstance(v, str):
+            return v
+        if isinstance(v, list):
+            return [TextPart.model_validate(part) for part in v]
+        raise ValueError("content must be a string or a list of text parts")
+
+    def as_template_input(self) -> dict:
+        content = self.content
+        if isinstance(content, list):
+            content = "".join(part.text for part in content)
+        message = {"role": self.role, "content": content or ""}
+        if self.name is not None:
+            message["name"] = self.name
+        return message
+
+
+class ChatCompletionRequest(GenerationFields):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: StrictBool = False
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+
+    @model_validator(mode="after")
+    def _chat(self):
+        if self.max_tokens is not None and self.max_completion_tokens is not None:
+            raise ValueError("give max_tokens or max_completion_tokens, not both")
+        if self.top_logprobs is not None and not self.logprobs:
+            raise ValueError("top_logprobs needs logprobs=true")
+        return self
+
+    @property
+    def token_budget(self) -> int | None:
+        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens

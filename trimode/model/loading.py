@@ -86,7 +86,8 @@ def load_state(model: NLDTransformer, tensors: dict[str, torch.Tensor], source: 
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))
     if missing:
-        raise CheckpointError(f"{source}: missing tensors: {', '.join(missing[:8])}" + (" ..." if len(missing) > 8 else ""))
+        more = " ..." if len(missing) > 8 else ""
+        raise CheckpointError(f"{source}: missing tensors: {', '.join(missing[:8])}{more}")
     if unexpected:
         raise CheckpointError(
             f"{source}: unexpected tensors: {', '.join(unexpected[:8])}" + (" ..." if len(unexpected) > 8 else "")

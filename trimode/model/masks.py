@@ -8,11 +8,11 @@ Every forward pass names its mask explicitly (no flag flipped on the layers):
 
 from __future__ import annotations
 
-from typing import Literal, Union
+from typing import Literal
 
 import torch
 
-MaskSpec = Union[Literal["causal", "bidirectional"], torch.Tensor]
+MaskSpec = Literal["causal", "bidirectional"] | torch.Tensor
 
 
 def causal_mask(q_len: int, past_len: int, device: torch.device | str = "cpu") -> torch.Tensor:

@@ -32,6 +32,15 @@ def random_model(seed: int = 0, dtype=torch.float64, vocab: int = 64, layers: in
     return net.eval()
 
 
+@pytest.fixture(autouse=True, scope="session")
+def one_thread():
+    """Tiny models gain nothing from intra-op threads; on a shared 2-core CPU every op would wait for them."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def tiny_a_dir() -> Path:
     return TINY_A

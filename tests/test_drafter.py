@@ -29,14 +29,6 @@ from trimode.train.drafter_cli import register
 BLOCK = 4
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from threads, and on a busy shared CPU every op waits for them."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 def stream(seed: int = 0, n: int = 3000):
     """A token stream with structure a drafter can pick up (repeated phrases), avoiding the special ids 0-5."""

@@ -4,20 +4,11 @@ import asyncio
 import threading
 
 import pytest
-import torch
 
 from tests.conftest import random_model
 from trimode.api import Delta, GenerationResult, TriMode
 from trimode.engine import Engine, EngineRequest, EngineStopped, QueueFull
 from trimode.engine.invariance import alone, flat_cost
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny GEMMs on a shared 2-core machine
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -18,14 +18,6 @@ from trimode.engine.auto import AutoPolicy, AutoSteer, auto_decode
 from trimode.engine.invariance import flat_cost, run_mix
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny GEMMs on a shared 2-core machine
-    yield
-    torch.set_num_threads(before)
-
-
 class ScriptedPolicy:
     """Picks modes from a random script, to show that any sequence of picks gives AR's output."""
 

@@ -10,7 +10,6 @@ gap. `python -m trimode.engine.invariance --model tests/data/tiny-a --dtype floa
 
 import random
 
-import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -20,15 +19,6 @@ from trimode.api import TriMode
 from trimode.engine import Engine, EngineRequest
 from trimode.engine.invariance import alone, check, flat_cost, random_request, run_mix
 from trimode.model.loading import load_lora, load_model
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny GEMMs on a shared 2-core machine run ~50x faster on one intra-op thread.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @settings(max_examples=4, deadline=None)

@@ -17,14 +17,6 @@ from trimode.train.tokenizer_train import config_fields, train_tokenizer
 GENERATED = ["arithmetic", "copy", "reverse", "sort"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from threads, and on a busy shared CPU every op waits for them."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 @pytest.mark.parametrize("name", GENERATED)
 def test_generated_items_are_reproducible_distinct_and_split_disjoint(name):

@@ -17,13 +17,6 @@ from trimode.train.trainer import train
 STEPS = {"steps": 4, "batch_size": 4, "micro_batch_size": 2}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 def log(out):
     return [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]

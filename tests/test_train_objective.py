@@ -19,14 +19,6 @@ from trimode.train.objective import (
 MASK_ID = 5  # random_model's mask_token_id
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The machine is shared; tiny models run fastest without thread contention."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 def brute_force_mask(n: int, block: int) -> torch.Tensor:
     """The four rules of spec 3.2, one (query, key) pair at a time."""

@@ -95,7 +95,7 @@ def test_policy_drops_speculation_that_is_not_accepted():
 
 
 def test_policy_keeps_its_mode_between_near_equal_scores():
-    config = AutoConfig(modes=("ar", "linear_spec"), explore_every=0, prior_weight=0)
+    config = AutoConfig(modes=("ar", "linear_spec"), explore_every=0, prior_weight=0, spec_margin=0.0)
     policy = AutoPolicy(config, flat_cost(), lambda: 1)  # AR scores 1 / 1 ms; linear a / 2 ms
     policy.observe("linear_spec", 4, 1.9)  # with prior_weight 0 the estimates are plain means: 1.9
     assert policy.pick(4) == "ar"
@@ -107,16 +107,43 @@ def test_policy_keeps_its_mode_between_near_equal_scores():
     assert policy.pick(4) == "linear_spec"
 
 
-def test_policy_explores_the_runner_up_with_one_row_one_step_in_n():
+def test_policy_speculates_only_when_it_beats_ar_by_the_margin():
+    config = AutoConfig(modes=("ar", "linear_spec"), explore_every=0, prior_weight=0, hysteresis=0.0)
+    policy = AutoPolicy(config, flat_cost(), lambda: 1)  # AR scores 1 / 1 ms; linear a / 2 ms
+    policy.observe("linear_spec", 4, 2.16)  # 8% better than AR: inside the default 10% margin
+    assert policy.pick(4) == "ar"
+    policy.observe("linear_spec", 4, 2.36)  # mean 2.26: 13% better
+    policy.observe_step(0.0, [], rows=1)
+    assert policy.pick(4) == "linear_spec"
+
+
+def test_policy_explores_the_runner_up_with_one_row_and_backs_off():
     policy = AutoPolicy(AutoConfig(explore_every=4), flat_cost(), lambda: 3)
     steps = []
-    for _ in range(8):
+    for _ in range(32):
         steps.append([policy.pick(4) for _ in range(3)])  # three rows start a cycle in this step
         policy.observe_step(0.01, [(60, 0.004)], rows=3)
     explored = [i for i, picks in enumerate(steps) if len(set(picks)) > 1]
-    assert explored == [3, 7]
+    assert explored == [3, 7, 15, 31]  # the wait doubles while the decision stands
     assert all(sorted(steps[i]).count("quadratic_spec") == 2 for i in explored)
     assert policy.overhead_per_row == pytest.approx(0.002)
+
+
+def test_policy_explores_soon_again_after_a_switch():
+    rows = {"n": 1}
+    config = AutoConfig(modes=("ar", "linear_spec"), explore_every=4, prior_tokens_per_cycle=3.0, ema=1.0)
+    policy = AutoPolicy(config, kneed_cost(64), lambda: rows["n"])
+
+    def step() -> list[str]:
+        picks = [policy.pick(4) for _ in range(2)]
+        policy.observe_step(0.0, [], rows=rows["n"])
+        return picks
+    for _ in range(20):  # explored at steps 3, 7, 15: the wait is 16 now
+        assert "linear_spec" in step()
+    rows["n"] = 256  # 1024 tokens per linear forward: AR wins from the next step on
+    assert step() == ["ar", "ar"]
+    picks = [step() for _ in range(4)]
+    assert [sorted(p) for p in picks] == [["ar", "ar"]] * 3 + [["ar", "linear_spec"]]  # 4 steps on, not 16
 
 
 def test_auto_in_the_engine_learns_acceptance_and_matches_ar():

@@ -28,15 +28,19 @@ def served(tmp_path_factory):
     torch.set_num_threads(before)
 
 
-@pytest.mark.parametrize("mode", ["auto", "diffusion"])
-def test_64_streaming_clients_none_lost(served, mode):
+@pytest.mark.parametrize(("mode", "api"), [("auto", "chat"), ("diffusion", "completions")])
+def test_64_streaming_clients_none_lost(served, mode, api):
     tm, url = served
-    cell = asyncio.run(sb.run_cell(url, "bench", mode, 64, 1, PROMPTS, 8, "none"))
+    cell = asyncio.run(sb.run_cell(url, "bench", mode, 64, 1, PROMPTS, 8, "none", api))
     assert cell.errors == []
     assert (cell.sent, cell.done) == (64, 64)
     assert cell.tokens > 0 and cell.forwards > 0 and len(cell.ttft) > 0
     # Batch invariance through the whole stack: the answer under load is the answer alone.
-    alone = [tm.generate(p, mode="ar" if mode == "auto" else mode, max_new_tokens=8).token_ids for p in PROMPTS]
+    if api == "chat":
+        inputs = [tm.tokenizer.apply_chat_template([{"role": "user", "content": p}]) for p in PROMPTS]
+    else:
+        inputs = PROMPTS
+    alone = [tm.generate(p, mode="ar" if mode == "auto" else mode, max_new_tokens=8).token_ids for p in inputs]
     assert cell.tokens == 16 * sum(len(t) for t in alone)
 
 

@@ -72,8 +72,13 @@ def bench_prompts(n: int = 40, seed: int = 0) -> list[str]:
     return [items[i].prompt for i in range(n) for items in per_task if i < len(items)]
 
 
+APIS = ("chat", "completions")
+
+
 async def run_cell(base_url: str, model: str, mode: str, concurrency: int, per_client: int, prompts: list[str],
-                   max_tokens: int, api_key: str) -> Cell:
+                   max_tokens: int, api_key: str, api: str = "chat") -> Cell:
+    """`api` "chat": each prompt is one user message (the chat template applies, as for a chat client);
+    "completions": the prompt is sent as raw text."""
     import httpx
     from openai import AsyncOpenAI
 
@@ -90,11 +95,15 @@ async def run_cell(base_url: str, model: str, mode: str, concurrency: int, per_c
             first = last = None
             usage = None
             try:
-                stream = await client.completions.create(
-                    model=model, prompt=prompt, max_tokens=max_tokens, temperature=0.0, stream=True,
-                    stream_options={"include_usage": True}, extra_body={"mode": mode})
+                common = dict(model=model, max_tokens=max_tokens, temperature=0.0, stream=True,
+                              stream_options={"include_usage": True}, extra_body={"mode": mode})
+                if api == "chat":
+                    stream = await client.chat.completions.create(
+                        messages=[{"role": "user", "content": prompt}], **common)
+                else:
+                    stream = await client.completions.create(prompt=prompt, **common)
                 async for chunk in stream:
-                    if chunk.choices and chunk.choices[0].text:
+                    if chunk.choices and (chunk.choices[0].delta.content if api == "chat" else chunk.choices[0].text):
                         now = time.perf_counter()
                         if first is None:
                             first = now
@@ -236,7 +245,9 @@ def plot(cells: list[Cell], path: Path, title: str) -> None:
 
 def run(model: str | None, url: str | None, modes: list[str], concurrency: list[int], requests: int,
         max_tokens: int, block_length: int | None, dtype: str | None, device: str | None, api_key: str,
-        threads: int | None = None, rounds: int = 1, warmup: int = 4, echo=print) -> list[Cell]:
+        threads: int | None = None, rounds: int = 1, warmup: int = 4, echo=print, api: str = "chat") -> list[Cell]:
+    if api not in APIS:
+        raise ValueError(f"api must be one of {', '.join(APIS)}, got {api!r}")
     prompts = bench_prompts()
     proc = None
     if url is None:
@@ -247,13 +258,14 @@ def run(model: str | None, url: str | None, modes: list[str], concurrency: list[
     cells = []
     try:
         for mode in modes:  # warm every mode's code path before anything is timed
-            asyncio.run(run_cell(url, "bench", mode, 1, warmup, prompts, max_tokens, api_key))
+            asyncio.run(run_cell(url, "bench", mode, 1, warmup, prompts, max_tokens, api_key, api))
         for n in concurrency:
             per_client = -(-requests // n)
             runs: dict[str, list[Cell]] = {m: [] for m in modes}
             for r in range(rounds):
                 for mode in modes[r % len(modes) :] + modes[: r % len(modes)]:  # rotated: no mode always first
-                    cell = asyncio.run(run_cell(url, "bench", mode, n, per_client, prompts, max_tokens, api_key))
+                    cell = asyncio.run(run_cell(url, "bench", mode, n, per_client, prompts, max_tokens, api_key,
+                                                api))
                     echo(f"{mode:>15} x{n:<3} round {r + 1}: {cell.done}/{cell.sent} ok, {cell.tokens_per_s:8.1f} "
                          f"tok/s, TTFT p50 {1e3 * percentile(cell.ttft, 50):.0f} ms, TPF {cell.tokens_per_forward:.2f}")
                     runs[mode].append(cell)

@@ -17,8 +17,9 @@ The rule (`AutoPolicy.pick`): with R running rows, a mode that emits `a` tokens 
 `n` tokens per row scores  a / (f * (cost(R * n) + R * overhead)),  where cost(tokens) is the forward-time
 curve measured at start-up (`CostModel.measure`) and refined by every timed forward, overhead the time per row
 a step spends outside its forwards (measured online) and `a` the tokens per cycle observed so far for that
-mode (AR: 1). The best score wins. While R * n is below the knee of the cost curve a wider pass is nearly free,
-so speculation wins; above it, AR does.
+mode (AR: 1). The best score wins, a speculative mode only when it beats AR by `spec_margin`. While R * n is
+below the knee of the cost curve a wider pass is nearly free, so speculation wins; above it, or when its drafts
+are not accepted, AR does.
 """
 
 from __future__ import annotations
@@ -53,14 +54,19 @@ class AutoConfig:
     #                                              so each speculative mode gets tried and measured early)
     prior_weight: int = 2  # how many cycles the prior counts for
     ema: float = 0.02  # weight of a new cycle once the estimate has settled
-    explore_every: int = 32  # every N-th engine step, one row tries the runner-up, to re-measure it (0 = never)
+    explore_every: int = 32  # after N engine steps, one row tries the runner-up, to re-measure it (0 = never);
+    explore_max: int = 1024  # the wait doubles after every try (up to this), back to explore_every on a switch
     hysteresis: float = 0.05  # switch modes only when another one scores this much better
+    spec_margin: float = 0.1  # a speculative mode replaces AR only when it scores this much better than AR
     cost_sizes: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
 
     def __post_init__(self) -> None:
         bad = set(self.modes) - set(CANDIDATES)
         if bad or not self.modes:
             raise ValueError(f"auto modes must be a non-empty subset of {CANDIDATES}, got {self.modes}")
+        if min(self.explore_every, self.hysteresis, self.spec_margin) < 0 or self.explore_max < self.explore_every:
+            raise ValueError("auto needs explore_every >= 0, explore_max >= explore_every, hysteresis >= 0 and "
+                             "spec_margin >= 0")
 
 
 class CostModel:
@@ -148,6 +154,8 @@ class AutoPolicy:
         self.overhead_per_row = 0.0  # seconds a step spends outside its forwards, per running row
         self._steps = 0
         self._explored = -1  # the last step in which a row tried the runner-up
+        self._explore_wait: dict[int, int] = {}  # block -> steps from one try of the runner-up to the next
+        self._explore_next: dict[int, int] = {}  # block -> the step of the next try
         self._decided: dict[int, tuple[int, str, str | None]] = {}  # block -> (step, mode, runner-up)
         self.picks: dict[str, int] = dict.fromkeys(config.modes, 0)
 
@@ -174,21 +182,33 @@ class AutoPolicy:
         """The mode for a cycle starting now. Decided once per engine step (every row starting a cycle in a step
         gets the same mode, so they share one forward) and kept unless another mode scores `hysteresis`
         better (no flapping between near-equal modes)."""
+        cfg = self.config
         with self._lock:
             if self._decided.get(block, (None,))[0] != self._steps:
                 scores = self.scores(block)
+                if "ar" in scores:
+                    # A speculative cycle does Python work (drafts, acceptance, cache crops) the cost curve does
+                    # not see, and guessing wrong costs throughput: AR keeps the lead unless clearly beaten.
+                    scores = {m: s if m == "ar" else s / (1 + cfg.spec_margin) for m, s in scores.items()}
                 ranked = sorted(scores, key=scores.get, reverse=True)
                 current = self._decided.get(block, (None, None, None))[1]
-                if current in scores and scores[ranked[0]] <= (1 + self.config.hysteresis) * scores[current]:
+                if current in scores and scores[ranked[0]] <= (1 + cfg.hysteresis) * scores[current]:
                     ranked.remove(current)
                     ranked.insert(0, current)
+                if current is not None and ranked[0] != current:  # the load changed: re-measure soon again
+                    self._explore_wait[block] = cfg.explore_every
+                    self._explore_next[block] = self._steps + cfg.explore_every
                 self._decided[block] = (self._steps, ranked[0], ranked[1] if len(ranked) > 1 else None)
             _, mode, runner_up = self._decided[block]
-            every = self.config.explore_every
-            # One row of every N-th step tries the runner-up, so its estimate stays current; one row only, as the
-            # runner-up may be expensive at this load (a quadratic pass of 64 rows).
-            if every and runner_up and self._steps % every == every - 1 and self._explored != self._steps:
+            # Now and then one row tries the runner-up, so its estimate stays current; one row only, as the
+            # runner-up may be expensive at this load (a quadratic pass of 64 rows). Each try that leaves the
+            # decision unchanged doubles the wait, so a mode that does not pay costs ever less to re-check.
+            if (cfg.explore_every and runner_up and self._explored != self._steps
+                    and self._steps >= self._explore_next.setdefault(block, cfg.explore_every - 1)):
                 self._explored = self._steps
+                wait = self._explore_wait.get(block, cfg.explore_every)
+                self._explore_next[block] = self._steps + wait
+                self._explore_wait[block] = min(2 * wait, cfg.explore_max)
                 mode = runner_up
             self.picks[mode] += 1
             return mode

@@ -44,6 +44,8 @@ def serve(
     requests: int = typer.Option(32, "--requests", help="Requests per mode and concurrency N, at least: each client "
                                  "sends ceil(requests / N) in turn."),
     max_tokens: int = typer.Option(32, "--max-tokens", help="max_tokens of every request."),
+    api: str = typer.Option("chat", help="chat: each prompt is a user message of /v1/chat/completions (the chat "
+                            "template applies); completions: raw text to /v1/completions."),
     rounds: int = typer.Option(1, help="Repeat each concurrency level this often (modes rotated); report the "
                                "median round's throughput."),
     block_length: int | None = typer.Option(None, "--block-length", help="Server default block length "
@@ -66,6 +68,8 @@ def serve(
     levels = _ints(concurrency, "concurrency")
     if requests < 1 or max_tokens < 1 or rounds < 1:
         _fail("--requests, --max-tokens and --rounds must be >= 1")
+    if api not in ("chat", "completions"):
+        _fail(f"--api: choose chat or completions, got {api!r}")
     if model is not None and url is not None:
         _fail("give --model or --url, not both")
     if model is not None and not Path(model).is_dir():
@@ -80,7 +84,7 @@ def serve(
 
     try:
         cells = sb.run(model, url, mode_list, levels, requests, max_tokens, block_length, dtype, device,
-                       api_key, threads, rounds, echo=echo)
+                       api_key, threads, rounds, echo=echo, api=api)
     except ImportError as e:
         _fail(f"bench serve needs the `openai` client ({e.name} is missing): pip install openai")
     except (RuntimeError, OSError, ValueError) as e:
@@ -89,13 +93,14 @@ def serve(
              ("--concurrency", None if concurrency == "1,4,16,64" else concurrency),
              ("--requests", None if requests == 32 else requests), ("--max-tokens", None if max_tokens == 32 else
                                                                       max_tokens),
-             ("--rounds", None if rounds == 1 else rounds), ("--block-length", block_length), ("--dtype", dtype),
+             ("--rounds", None if rounds == 1 else rounds), ("--api", None if api == "chat" else api),
+             ("--block-length", block_length), ("--dtype", dtype),
              ("--device", device), ("--threads", threads)]
     command = " ".join(["trimode bench serve"] + [f"{k} {v}" for k, v in given if v is not None])
     header = (f"Command: `{command}`  \nMachine: {platform.machine()}, {_cores()} CPU cores, torch "
               f"{_torch_version()}; {'a running server' if url else 'a `trimode serve` child process'}; at least "
               f"{requests} requests per cell, {rounds} round(s) (median round shown), max_tokens {max_tokens}, "
-              "temperature 0, streaming.")
+              f"temperature 0, streaming, {'chat messages' if api == 'chat' else 'raw completions'}.")
     text = sb.report(cells, header)
     typer.echo(text, nl=False)
     if out is not None:

@@ -120,6 +120,8 @@ def test_evaluate_modes_scores_lossless_modes_like_ar(tiny_tm):
     assert by_mode["ar"]["tokens_per_forward"] == pytest.approx(
         by_mode["ar"]["generated_tokens"] / by_mode["ar"]["forward_passes"])
     assert by_mode["ar"]["forward_passes"] == by_mode["ar"]["generated_tokens"]  # AR: one token per forward
+    assert by_mode["ar"]["tokens_per_decode_forward"] == pytest.approx(
+        by_mode["ar"]["generated_tokens"] / (by_mode["ar"]["forward_passes"] - len(items)))
     assert by_mode["linear_spec"]["mean_acceptance"] >= 1.0
     assert all(r["tokens_per_second"] > 0 for r in rows)
     table = markdown_table(rows, majority_baseline(items, n_train=50))
@@ -153,7 +155,7 @@ def test_evaluate_command(tiny_tm, tmp_path, capsys):
     (tmp_path / "tokenizer_config.json").write_text(__import__("json").dumps(tiny_tm.tokenizer.config))
     assert main(["--model", str(tmp_path), "--n", "2", "--tasks", "copy,sort", "--modes", "ar,linear_spec"]) == 0
     out = capsys.readouterr().out
-    assert "| mode | copy | sort | all | tokens/forward | tokens/s |" in out
+    assert "| mode | copy | sort | all | tokens/forward | excl. prefill | tokens/s |" in out
     assert "| baseline: most frequent answer |" in out and "| linear_spec |" in out
     assert main(["--model", str(tmp_path), "--tasks", "nope"]) == 2
     assert "error: unknown task(s) nope" in capsys.readouterr().err

@@ -5,7 +5,8 @@
 For each mode configuration (AR; diffusion at thresholds 0.5 / 0.7 / 0.9; linear self-speculation without and
 with the LoRA drafter; quadratic self-speculation) every held-out task item is generated greedily and checked;
 a row reports accuracy per task and overall, tokens per forward pass (all generated tokens / all forward passes,
-prefill included, from `result.stats`) and tokens per second. A first row gives a baseline a model gets without
+prefill included, from `result.stats`; and excluding the prefill: generated / (forward passes - 1 per item), as
+`trimode bench quality` reports it) and tokens per second. A first row gives a baseline a model gets without
 reading the question: always answering the most frequent answer of the task's training split.
 
 Chat items are wrapped in the model's chat template (when it has one); raw-completion items are fed as is.
@@ -93,7 +94,7 @@ def evaluate_modes(tm: TriMode, tasks: list[Task] | dict[str, int] | list[str] |
             raise ValueError(f"a mode configuration needs a 'mode' key: {mode}")
         knobs = {k: v for k, v in mode.items() if k != "mode"}
         correct: Counter[str] = Counter()
-        generated = forwards = 0
+        generated = forwards = prefills = 0
         seconds = 0.0
         acceptance: list[int] = []
         start = time.perf_counter()
@@ -102,6 +103,7 @@ def evaluate_modes(tm: TriMode, tasks: list[Task] | dict[str, int] | list[str] |
             correct[task.name] += task.check(r.text or "")
             generated += r.stats.generated_tokens
             forwards += r.stats.forward_passes
+            prefills += 1  # the prompt pass, as `trimode bench quality` counts it
             seconds += r.stats.seconds
             acceptance += r.stats.acceptance
             if progress:
@@ -118,6 +120,7 @@ def evaluate_modes(tm: TriMode, tasks: list[Task] | dict[str, int] | list[str] |
             "generated_tokens": generated,
             "forward_passes": forwards,
             "tokens_per_forward": generated / forwards if forwards else 0.0,
+            "tokens_per_decode_forward": generated / (forwards - prefills) if forwards > prefills else 0.0,
             "tokens_per_second": generated / seconds if seconds > 0 else 0.0,
             "mean_acceptance": sum(acceptance) / len(acceptance) if acceptance else None,
         })
@@ -139,15 +142,16 @@ def majority_baseline(items: list[Task], seed: int = 0, n_train: int = 500) -> d
 
 def markdown_table(rows: list[dict], baseline: dict | None = None) -> str:
     names = list(rows[0]["accuracy_by_task"])
-    head = ["mode", *names, "all", "tokens/forward", "tokens/s"]
+    head = ["mode", *names, "all", "tokens/forward", "excl. prefill", "tokens/s"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     if baseline is not None:
         cells = [baseline["mode"], *(f"{100 * baseline['accuracy_by_task'][n]:.0f}%" for n in names),
-                 f"{100 * baseline['accuracy']:.1f}%", "", ""]
+                 f"{100 * baseline['accuracy']:.1f}%", "", "", ""]
         lines.append("| " + " | ".join(cells) + " |")
     for r in rows:
         cells = [r["mode"], *(f"{100 * r['accuracy_by_task'][n]:.0f}%" for n in names), f"{100 * r['accuracy']:.1f}%",
-                 f"{r['tokens_per_forward']:.2f}", f"{r['tokens_per_second']:.0f}"]
+                 f"{r['tokens_per_forward']:.2f}", f"{r['tokens_per_decode_forward']:.2f}",
+                 f"{r['tokens_per_second']:.0f}"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

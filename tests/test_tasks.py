@@ -11,7 +11,7 @@ from trimode.tasks import TASKS, Task, load_tasks, split_of
 from trimode.tasks.arithmetic import first_integer
 from trimode.tasks.base import exact_line
 from trimode.tasks.code import function_items, stdlib_files
-from trimode.train.evaluate import evaluate_modes, majority_baseline, markdown_table, mode_label
+from trimode.train.evaluate import evaluate_modes, majority_baseline, markdown_table, markdown_tpf_table, mode_label
 from trimode.train.tokenizer_train import config_fields, train_tokenizer
 
 GENERATED = ["arithmetic", "copy", "reverse", "sort"]
@@ -126,6 +126,10 @@ def test_evaluate_modes_scores_lossless_modes_like_ar(tiny_tm):
     assert all(r["tokens_per_second"] > 0 for r in rows)
     table = markdown_table(rows, majority_baseline(items, n_train=50))
     assert table.count("\n") == 2 + 1 + len(rows) - 1 and "| quadratic_spec |" in table
+    ar = by_mode["ar"]
+    assert ar["tokens_per_forward_by_task"] == {"copy": 1.0, "arithmetic": 1.0}
+    tpf = markdown_tpf_table(rows)
+    assert tpf.splitlines()[0] == "| mode | copy | arithmetic |" and "| ar | 1.00 | 1.00 |" in tpf
 
 
 def test_evaluate_modes_counts_wrong_answers(tiny_tm):

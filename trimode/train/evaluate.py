@@ -94,6 +94,8 @@ def evaluate_modes(tm: TriMode, tasks: list[Task] | dict[str, int] | list[str] |
             raise ValueError(f"a mode configuration needs a 'mode' key: {mode}")
         knobs = {k: v for k, v in mode.items() if k != "mode"}
         correct: Counter[str] = Counter()
+        task_tokens: Counter[str] = Counter()
+        task_forwards: Counter[str] = Counter()
         generated = forwards = prefills = 0
         seconds = 0.0
         acceptance: list[int] = []
@@ -102,6 +104,8 @@ def evaluate_modes(tm: TriMode, tasks: list[Task] | dict[str, int] | list[str] |
             r = tm.generate(prompt, mode=mode["mode"], max_new_tokens=task.max_new_tokens, temperature=0.0, **knobs)
             correct[task.name] += task.check(r.text or "")
             generated += r.stats.generated_tokens
+            task_tokens[task.name] += r.stats.generated_tokens
+            task_forwards[task.name] += r.stats.forward_passes
             forwards += r.stats.forward_passes
             prefills += 1  # the prompt pass, as `trimode bench quality` counts it
             seconds += r.stats.seconds
@@ -121,6 +125,7 @@ def evaluate_modes(tm: TriMode, tasks: list[Task] | dict[str, int] | list[str] |
             "forward_passes": forwards,
             "tokens_per_forward": generated / forwards if forwards else 0.0,
             "tokens_per_decode_forward": generated / (forwards - prefills) if forwards > prefills else 0.0,
+            "tokens_per_forward_by_task": {name: task_tokens[name] / max(1, task_forwards[name]) for name in names},
             "tokens_per_second": generated / seconds if seconds > 0 else 0.0,
             "mean_acceptance": sum(acceptance) / len(acceptance) if acceptance else None,
         })
@@ -153,6 +158,17 @@ def markdown_table(rows: list[dict], baseline: dict | None = None) -> str:
                  f"{r['tokens_per_forward']:.2f}", f"{r['tokens_per_decode_forward']:.2f}",
                  f"{r['tokens_per_second']:.0f}"]
         lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def markdown_tpf_table(rows: list[dict]) -> str:
+    """Tokens per forward (prefill counted) per task: long answers leave room for parallel decoding, answers of
+    two or three tokens do not (the prompt pass and one draft + verify cycle already produce them)."""
+    names = list(rows[0]["tokens_per_forward_by_task"])
+    lines = ["| mode | " + " | ".join(names) + " |", "|" + "---|" * (len(names) + 1)]
+    for r in rows:
+        lines.append(f"| {r['mode']} | " + " | ".join(f"{r['tokens_per_forward_by_task'][n]:.2f}" for n in names)
+                     + " |")
     return "\n".join(lines)
 
 
@@ -203,6 +219,10 @@ def main(argv: list[str] | None = None) -> int:
           f"{platform.processor() or platform.machine()}")
     print()
     print(markdown_table(rows, None if args.no_baseline else majority_baseline(items, args.seed)))
+    print()
+    print("Tokens per forward by task (prefill counted):")
+    print()
+    print(markdown_tpf_table(rows))
     return 0
 
 

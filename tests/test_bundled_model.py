@@ -1,0 +1,43 @@
+"""The model that ships in the package: loads with no argument, has learned its tasks, and shows the tri-mode
+shape (parallel modes commit several tokens per forward; greedy self-speculation is exactly AR)."""
+
+import subprocess
+import sys
+
+import pytest
+
+import trimode
+from trimode.train.evaluate import prompt_text
+from trimode.tasks import load_tasks
+
+
+@pytest.fixture(scope="module")
+def bundled():
+    return trimode.load()
+
+
+def test_readme_command_sorts_in_few_forwards():
+    r = subprocess.run([sys.executable, "-m", "trimode.cli", "generate", "--chat", "--mode", "linear_spec",
+                        "Sort: 7 3 9 1 4 2"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "1 2 3 4 7 9"
+    assert "[linear_spec] 12 tokens, 3 forward passes" in r.stderr
+
+
+def test_speculation_is_ar_and_parallel_modes_commit_more_than_one_token_per_forward(bundled):
+    items = [t for name in ("copy", "reverse", "sort") for t in load_tasks(name, 4, seed=1)]
+    tokens = {m: 0 for m in ("ar", "linear_spec", "quadratic_spec", "diffusion")}
+    forwards = dict.fromkeys(tokens, 0)
+    for task in items:
+        prompt = prompt_text(bundled, task)
+        ar = bundled.generate(prompt, mode="ar", max_new_tokens=task.max_new_tokens)
+        assert task.check(ar.text)
+        for mode in tokens:
+            r = bundled.generate(prompt, mode=mode, max_new_tokens=task.max_new_tokens)
+            if mode != "diffusion":
+                assert r.token_ids == ar.token_ids, (mode, task.prompt)
+            tokens[mode] += r.stats.generated_tokens
+            forwards[mode] += r.stats.forward_passes
+    tpf = {m: tokens[m] / forwards[m] for m in tokens}
+    assert tpf["ar"] == 1.0
+    assert tpf["linear_spec"] > 1.5 and tpf["quadratic_spec"] > 2.0 and tpf["diffusion"] > 2.0, tpf

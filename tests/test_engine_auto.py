@@ -30,7 +30,7 @@ class ScriptedPolicy:
         self.seen.add(mode)
         return mode
 
-    def observe(self, mode, block, tokens):
+    def observe(self, mode, block, tokens, seconds=None):
         assert 1 <= tokens <= block
 
 

@@ -152,6 +152,8 @@ class AutoPolicy:
         self._tokens_per_cycle: dict[tuple[str, int], float] = {}
         self._cycles: dict[tuple[str, int], int] = {}
         self.overhead_per_row = 0.0  # seconds a step spends outside its forwards, per running row
+        self._slowdown: dict[str, float] = {}  # mode -> measured / predicted seconds per cycle
+        self._timed: dict[str, int] = {}  # mode -> cycles timed
         self._steps = 0
         self._explored = -1  # the last step in which a row tried the runner-up
         self._explore_wait: dict[int, int] = {}  # block -> steps from one try of the runner-up to the next
@@ -168,15 +170,19 @@ class AutoPolicy:
             return 1.0
         return self._tokens_per_cycle.get((mode, block), self._prior(block))
 
+    def cycle_seconds(self, mode: str, block: int, rows: int | None = None) -> float:
+        """Predicted seconds of one cycle of `mode` when all `rows` rows run it: the cost curve and overhead."""
+        rows = max(1, self.load() if rows is None else rows)
+        return FORWARDS_PER_CYCLE[mode] * (self.cost(rows * tokens_per_row(mode, block)) + self.overhead_per_row * rows)
+
+    def slowdown(self, mode: str) -> float:
+        """How much longer than predicted a cycle of `mode` took, as measured by the requests (1 until timed)."""
+        return self._slowdown.get(mode, 1.0)
+
     def scores(self, block: int, rows: int | None = None) -> dict[str, float]:
         """Expected tokens per second of one row in each mode, if all `rows` rows ran it."""
-        rows = max(1, self.load() if rows is None else rows)
-        overhead = self.overhead_per_row * rows
-        return {
-            m: self.tokens_per_cycle(m, block)
-            / (FORWARDS_PER_CYCLE[m] * (self.cost(rows * tokens_per_row(m, block)) + overhead))
-            for m in self.config.modes
-        }
+        return {m: self.tokens_per_cycle(m, block) / (self.slowdown(m) * self.cycle_seconds(m, block, rows))
+                for m in self.config.modes}
 
     def pick(self, block: int) -> str:
         """The mode for a cycle starting now. Decided once per engine step (every row starting a cycle in a step
@@ -213,11 +219,21 @@ class AutoPolicy:
             self.picks[mode] += 1
             return mode
 
-    def observe(self, mode: str, block: int, tokens: int) -> None:
-        """One finished cycle of `mode` emitted `tokens` tokens."""
-        if mode == "ar":
-            return
+    def observe(self, mode: str, block: int, tokens: int, seconds: float | None = None) -> None:
+        """One finished cycle of `mode` emitted `tokens` tokens and took `seconds` of the request's wall time.
+
+        The time corrects the cost model per mode: the curve is one function of the token count, but passes of
+        the same width differ (a draft pass runs the adapter and a bidirectional mask, a speculative cycle does
+        more Python work between its forwards), and only the requests see what a cycle really costs."""
         with self._lock:
+            if seconds is not None and seconds > 0:
+                ratio = seconds / self.cycle_seconds(mode, block)
+                n = self._timed.get(mode, 0)
+                weight = max(0.05, 1.0 / (n + 1))
+                self._slowdown[mode] = math.exp((1 - weight) * math.log(self.slowdown(mode)) + weight * math.log(ratio))
+                self._timed[mode] = n + 1
+            if mode == "ar":
+                return
             key = (mode, block)
             n = self._cycles.get(key, 0)
             est = self._tokens_per_cycle.get(key, self._prior(block))
@@ -242,6 +258,7 @@ class AutoPolicy:
                 "modes": list(self.config.modes),
                 "tokens_per_cycle": {f"{m}@{b}": round(v, 3) for (m, b), v in self._tokens_per_cycle.items()},
                 "step_overhead_per_row_s": round(self.overhead_per_row, 6),
+                "slowdown": {m: round(v, 3) for m, v in self._slowdown.items()},
                 "picks": dict(self.picks),
                 "cost": self.cost.as_dict(),
             }
@@ -254,12 +271,21 @@ class AutoSteer:
     policy: AutoPolicy
     block_length: int
     use_drafter: bool
+    clock: float | None = None  # when the last cycle ended (None: before the first cycle)
 
     def pick(self) -> str:
         return self.policy.pick(self.block_length)
 
+    def start_clock(self) -> None:
+        self.clock = time.perf_counter()
+
     def observe(self, mode: str, tokens: int) -> None:
-        self.policy.observe(mode, self.block_length, tokens)
+        """A cycle ended: its time runs from the end of the one before (so the Python work between cycles,
+        streaming included, is part of it)."""
+        now = time.perf_counter()
+        seconds = None if self.clock is None else now - self.clock
+        self.clock = now
+        self.policy.observe(mode, self.block_length, tokens, seconds)
 
 
 def auto_cache_tokens(prompt_len: int, max_new_tokens: int, block: int) -> int:
@@ -298,6 +324,7 @@ def auto_decode(
     out, over = stop.finish([pending])
     yield Committed([out], stats)
 
+    steer.start_clock()
     while not over:
         mode = steer.pick()
         budget_near = (thinking is not None and thinking.end_think_token_id not in out
@@ -344,10 +371,12 @@ def auto_decode(
         stats.forward_passes += FORWARDS_PER_CYCLE[mode]
         if mode != "ar":
             stats.acceptance.append(len(emitted))
-        steer.observe(mode, len(emitted))
         pending = emitted[-1]
         before = len(out)
         out, over = stop.finish(out + emitted)
+        # The policy learns what a cycle delivers: accepted tokens past EOS or max_new_tokens are not output (a
+        # model that predicts EOS again and again would otherwise look like a perfect drafter).
+        steer.observe(mode, len(out) - before)
         stats.generated_tokens = len(out)
         yield Committed([out[before:]], stats)
 

@@ -7,8 +7,8 @@ import sys
 import pytest
 
 import trimode
-from trimode.train.evaluate import prompt_text
 from trimode.tasks import load_tasks
+from trimode.train.evaluate import prompt_text
 
 
 @pytest.fixture(scope="module")

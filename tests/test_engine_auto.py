@@ -25,7 +25,7 @@ class ScriptedPolicy:
         self.rng = random.Random(seed)
         self.seen: set[str] = set()
 
-    def pick(self, block):
+    def pick(self, block, own=None):
         mode = self.rng.choice(["ar", "linear_spec", "quadratic_spec"])
         self.seen.add(mode)
         return mode

@@ -28,7 +28,7 @@ import math
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -184,10 +184,16 @@ class AutoPolicy:
         return {m: self.tokens_per_cycle(m, block) / (self.slowdown(m) * self.cycle_seconds(m, block, rows))
                 for m in self.config.modes}
 
-    def pick(self, block: int) -> str:
+    def pick(self, block: int, own: dict[str, tuple[int, int]] | None = None) -> str:
         """The mode for a cycle starting now. Decided once per engine step (every row starting a cycle in a step
         gets the same mode, so they share one forward) and kept unless another mode scores `hysteresis`
-        better (no flapping between near-equal modes)."""
+        better (no flapping between near-equal modes).
+
+        `own`: the asking request's history, mode -> (tokens, cycles) (None: engine-wide decision only). How
+        well drafts are accepted depends on the text (a list being copied, against a number being computed),
+        so a request running alone decides with its own tokens per cycle (the engine-wide estimate counting as
+        one cycle); a request yet to run a cycle tries the cheapest speculative mode once when, at this load, a
+        fully accepted block would beat AR."""
         cfg = self.config
         with self._lock:
             if self._decided.get(block, (None,))[0] != self._steps:
@@ -216,8 +222,31 @@ class AutoPolicy:
                 self._explore_next[block] = self._steps + wait
                 self._explore_wait[block] = min(2 * wait, cfg.explore_max)
                 mode = runner_up
+            elif own is not None and self.load() == 1:
+                # Alone, a request's choice costs no one else. With other rows a request that leaves the
+                # engine's mode adds a forward every row waits for, so there the engine-wide decision holds.
+                mode = self._own_pick(block, mode, own)
             self.picks[mode] += 1
             return mode
+
+    def _own_pick(self, block: int, decided: str, own: dict[str, tuple[int, int]]) -> str:
+        cfg = self.config
+        if "ar" not in cfg.modes:
+            return decided
+        spec = [m for m in cfg.modes if m != "ar"]
+        rows = max(1, self.load())
+        cost = {m: self.slowdown(m) * self.cycle_seconds(m, block, rows) for m in cfg.modes}
+        ar = 1.0 / cost["ar"]
+        if not own:  # the request's first cycle: probe with the cheapest speculative cycle, if it can pay at all
+            cheapest = min(spec, key=cost.get) if spec else None
+            if cheapest is not None and block / cost[cheapest] > (1 + cfg.spec_margin) * ar:
+                return cheapest
+            return decided
+        scores = {"ar": ar}
+        for m in spec:
+            tokens, cycles = own.get(m, (0, 0))
+            scores[m] = (self.tokens_per_cycle(m, block) + tokens) / (1 + cycles) / cost[m] / (1 + cfg.spec_margin)
+        return max(scores, key=scores.get)
 
     def observe(self, mode: str, block: int, tokens: int, seconds: float | None = None) -> None:
         """One finished cycle of `mode` emitted `tokens` tokens and took `seconds` of the request's wall time.
@@ -272,9 +301,10 @@ class AutoSteer:
     block_length: int
     use_drafter: bool
     clock: float | None = None  # when the last cycle ended (None: before the first cycle)
+    history: dict[str, tuple[int, int]] = field(default_factory=dict)  # mode -> (tokens, cycles) so far
 
     def pick(self) -> str:
-        return self.policy.pick(self.block_length)
+        return self.policy.pick(self.block_length, self.history)
 
     def start_clock(self) -> None:
         self.clock = time.perf_counter()
@@ -285,6 +315,8 @@ class AutoSteer:
         now = time.perf_counter()
         seconds = None if self.clock is None else now - self.clock
         self.clock = now
+        tokens_so_far, cycles = self.history.get(mode, (0, 0))
+        self.history[mode] = (tokens_so_far + tokens, cycles + 1)
         self.policy.observe(mode, self.block_length, tokens, seconds)
 
 

@@ -159,3 +159,28 @@ def test_auto_in_the_engine_learns_acceptance_and_matches_ar():
     assert sum(auto["picks"].values()) >= 4 * 8
     # Random weights: drafts are rarely accepted, and the estimates fell from the optimistic prior of 4.
     assert auto["tokens_per_cycle"] and max(auto["tokens_per_cycle"].values()) < 2.5
+
+
+def test_policy_corrects_each_mode_by_the_cycle_times_it_measures():
+    config = AutoConfig(modes=("ar", "linear_spec"), explore_every=0, prior_weight=0, hysteresis=0.0)
+    policy = AutoPolicy(config, flat_cost(), lambda: 1)  # predicted: AR 1 ms per cycle, linear 2 ms
+    policy.observe("linear_spec", 4, 3)  # untimed: 3 tokens per 2 ms beats AR's 1 per 1 ms
+    assert policy.pick(4) == "linear_spec"
+    policy.observe("linear_spec", 4, 3, seconds=0.004)  # but its cycles take twice the predicted time
+    policy.observe("ar", 4, 1, seconds=0.001)
+    assert policy.slowdown("linear_spec") == pytest.approx(2.0) and policy.slowdown("ar") == pytest.approx(1.0)
+    policy.observe_step(0.0, [], rows=1)
+    assert policy.pick(4) == "ar"  # 3 tokens per 4 ms
+
+
+def test_policy_lets_a_request_alone_follow_its_own_acceptance():
+    rows = {"n": 1}
+    config = AutoConfig(modes=("ar", "linear_spec"), explore_every=0, prior_tokens_per_cycle=1.5, prior_weight=0)
+    policy = AutoPolicy(config, flat_cost(), lambda: rows["n"])
+    assert policy.pick(4) == "ar"  # engine-wide: 1.5 tokens per 2 ms loses to AR
+    assert policy.pick(4, own={}) == "linear_spec"  # a new request probes: a full block (4 per 2 ms) would pay
+    assert policy.pick(4, own={"linear_spec": (4, 1)}) == "linear_spec"  # (1.5 + 4) / 2 per 2 ms
+    assert policy.pick(4, own={"linear_spec": (1, 1)}) == "ar"  # (1.5 + 1) / 2 per 2 ms
+    rows["n"] = 3  # with other rows, the engine-wide decision holds
+    policy.observe_step(0.0, [], rows=3)
+    assert policy.pick(4, own={}) == "ar" and policy.pick(4, own={"linear_spec": (4, 1)}) == "ar"

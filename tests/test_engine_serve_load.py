@@ -55,3 +55,12 @@ def test_bench_report_and_plot(served, tmp_path):
     assert (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"
     merged = sb.merge([cells[0], cells[0]])
     assert merged.ok == 2 * cells[0].done and merged.tokens_per_s == cells[0].tokens_per_s
+
+
+def test_auto_verdicts_compare_with_the_best_fixed_and_the_best_lossless_mode():
+    cells = [sb.Cell("ar", 4, wall=1.0, tokens=100, round_tokens_per_s=[90.0, 100.0, 104.0]),
+             sb.Cell("diffusion", 4, wall=1.0, tokens=120),
+             sb.Cell("auto", 4, wall=1.0, tokens=110, round_tokens_per_s=[95.0, 110.0, 111.0])]
+    (line,) = sb.auto_verdicts(cells)
+    assert line == ("4 clients: auto 110.0 (rounds 95-111); vs best fixed diffusion 120.0 (rounds 120-120): 0.92x "
+                    "BELOW; vs best lossless ar 100.0 (rounds 90-104): 1.10x at or above")

@@ -14,12 +14,13 @@ plus optional draft guesses `tail` for the tokens after it (left by a quadratic 
                   match the causal predictions, and the masks of the last accepted group become the next tail.
 
 The rule (`AutoPolicy.pick`): with R running rows, a mode that emits `a` tokens per cycle in `f` forwards of
-`n` tokens per row scores  a / (f * (cost(R * n) + R * overhead)),  where cost(tokens) is the forward-time
+`n` tokens per row scores  a / (s * f * (cost(R * n) + R * overhead)),  where cost(tokens) is the forward-time
 curve measured at start-up (`CostModel.measure`) and refined by every timed forward, overhead the time per row
-a step spends outside its forwards (measured online) and `a` the tokens per cycle observed so far for that
-mode (AR: 1). The best score wins, a speculative mode only when it beats AR by `spec_margin`. While R * n is
-below the knee of the cost curve a wider pass is nearly free, so speculation wins; above it, or when its drafts
-are not accepted, AR does.
+a step spends outside its forwards (measured online), s the mode's slowdown (its cycles' measured time over
+that prediction) and `a` the tokens per cycle it output so far (AR: 1). The best score wins, a speculative mode
+only when it beats AR by `spec_margin`. While R * n is below the knee of the cost curve a wider pass is nearly
+free, so speculation wins; above it, or when its drafts are not accepted, AR does. A request running alone
+decides with its own acceptance (docs/engine.md).
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """`trimode bench serve`: concurrent streaming clients against the OpenAI-compatible server, per mode.
 
 For each mode and each concurrency N, N clients (the `openai` client, streaming completions) each send
-ceil(requests / N) requests back to back; with `rounds` > 1 this repeats (modes in rotated order) and the
+ceil(requests / N) requests back to back; with `rounds` > 1 this repeats (modes in a new order) and the
 median round's throughput is reported. Per cell it reports requests/s, output tokens/s, time to first
 token (TTFT), inter-token latency (ITL: the gap between successive streamed text chunks), tokens per forward
 pass (from the server's `trimode` statistics) and errors / lost requests; then, per concurrency, whether
@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import random
 import socket
 import subprocess
 import sys
@@ -260,6 +261,15 @@ def plot(cells: list[Cell], path: Path, title: str) -> None:
     plt.close(fig)
 
 
+def round_order(modes: list[str], r: int) -> list[str]:
+    """The order of the modes in round r: the given one first, then seeded shuffles, so that no mode always runs
+    first or always follows the same mode (a slow cell can leave the machine warm or its memory fragmented)."""
+    order = list(modes)
+    if r:
+        random.Random(f"bench serve round {r}").shuffle(order)
+    return order
+
+
 def run(model: str | None, url: str | None, modes: list[str], concurrency: list[int], requests: int,
         max_tokens: int, block_length: int | None, dtype: str | None, device: str | None, api_key: str,
         threads: int | None = None, rounds: int = 1, warmup: int = 4, echo=print, api: str = "chat") -> list[Cell]:
@@ -280,7 +290,7 @@ def run(model: str | None, url: str | None, modes: list[str], concurrency: list[
             per_client = -(-requests // n)
             runs: dict[str, list[Cell]] = {m: [] for m in modes}
             for r in range(rounds):
-                for mode in modes[r % len(modes) :] + modes[: r % len(modes)]:  # rotated: no mode always first
+                for mode in round_order(modes, r):
                     cell = asyncio.run(run_cell(url, "bench", mode, n, per_client, prompts, max_tokens, api_key,
                                                 api))
                     echo(f"{mode:>15} x{n:<3} round {r + 1}: {cell.done}/{cell.sent} ok, {cell.tokens_per_s:8.1f} "

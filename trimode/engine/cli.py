@@ -46,7 +46,7 @@ def serve(
     max_tokens: int = typer.Option(32, "--max-tokens", help="max_tokens of every request."),
     api: str = typer.Option("chat", help="chat: each prompt is a user message of /v1/chat/completions (the chat "
                             "template applies); completions: raw text to /v1/completions."),
-    rounds: int = typer.Option(1, help="Repeat each concurrency level this often (modes rotated); report the "
+    rounds: int = typer.Option(1, help="Repeat each concurrency level this often (modes reordered); report the "
                                "median round's throughput."),
     block_length: int | None = typer.Option(None, "--block-length", help="Server default block length "
                                             "(diffusion / speculation / auto; default: the model's)."),

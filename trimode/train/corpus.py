@@ -27,7 +27,6 @@ masks the prompt. Items that are raw completions (`chat=False`, e.g. python_next
 from __future__ import annotations
 
 import glob as globlib
-import json
 import random
 import warnings
 from pathlib import Path
@@ -35,7 +34,7 @@ from pathlib import Path
 from trimode.tasks import load_tasks
 from trimode.tasks.base import split_of
 from trimode.tasks.code import stdlib_files
-from trimode.train.data import Document
+from trimode.train.data import Document, read_jsonl
 from trimode.train.tokenizer_train import chat_renderer
 
 SPLIT_NAMES = {"train": "train", "heldout": "heldout", "validation": "heldout"}
@@ -229,26 +228,8 @@ def _jsonl_documents(source: dict, split: str, fraction: float, where: str) -> l
     path = source.get("path")
     if not isinstance(path, str):
         raise CorpusError(f"{where}: needs path: FILE.jsonl")
-    file = Path(path).expanduser()
-    if not file.is_file():
-        raise CorpusError(f"{where}: {file} does not exist")
-    text_field = source.get("text_field", "text")
-    prompt_field = source.get("prompt_field")
-    docs = []
-    for n, line in enumerate(file.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise CorpusError(f"{where}: {file}:{n}: not valid JSON: {e}") from None
-        if not isinstance(obj, dict) or not isinstance(obj.get(text_field), str):
-            raise CorpusError(f"{where}: {file}:{n}: needs a string field {text_field!r}")
-        prompt = ""
-        if prompt_field is not None:
-            prompt = obj.get(prompt_field, "")
-            if not isinstance(prompt, str):
-                raise CorpusError(f"{where}: {file}:{n}: field {prompt_field!r} must be a string")
-        if split_of(f"jsonl:{prompt}\x00{obj[text_field]}", fraction) == split:
-            docs.append(Document(obj[text_field], prompt))
-    return docs
+    try:
+        docs = read_jsonl(path, source.get("text_field", "text"), source.get("prompt_field"), strict=False)
+    except ValueError as e:
+        raise CorpusError(f"{where}: {e}") from None
+    return [d for d in docs if split_of(f"jsonl:{d.prompt}\x00{d.text}", fraction) == split]

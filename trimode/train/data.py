@@ -55,28 +55,31 @@ class PackedData:
         return h.hexdigest()[:16]
 
 
-def read_jsonl(path: str | Path) -> list[Document]:
-    """Documents from a JSONL file, one `{"text": ..., "prompt": ...}` object per line (`prompt` optional)."""
-    path = Path(path)
+def read_jsonl(path: str | Path, text_field: str = "text", prompt_field: str | None = "prompt",
+               strict: bool = True) -> list[Document]:
+    """Documents from a JSONL file, one object per line with a string `text_field` and optionally a string
+    `prompt_field` (None: no prompts). `strict`: other fields are an error (they are likely misspellings)."""
+    path = Path(path).expanduser()
     if not path.is_file():
         raise ValueError(f"data file {path} does not exist")
     docs = []
-    for n, line in enumerate(path.read_text().splitlines(), 1):
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
         if not line.strip():
             continue
         try:
             obj = json.loads(line)
         except json.JSONDecodeError as e:
             raise ValueError(f"{path}:{n}: not valid JSON: {e}") from None
-        if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
-            raise ValueError(f'{path}:{n}: each line must be an object with a string "text"')
-        extra = set(obj) - {"text", "prompt"}
-        if extra:
-            raise ValueError(f"{path}:{n}: unknown field(s) {', '.join(sorted(extra))} (use text and prompt)")
-        prompt = obj.get("prompt", "")
+        if not isinstance(obj, dict) or not isinstance(obj.get(text_field), str):
+            raise ValueError(f"{path}:{n}: needs a string field {text_field!r}")
+        extra = set(obj) - {text_field, prompt_field}
+        if strict and extra:
+            raise ValueError(f"{path}:{n}: unknown field(s) {', '.join(sorted(extra))} (use {text_field} and "
+                             f"{prompt_field})")
+        prompt = obj.get(prompt_field, "") if prompt_field is not None else ""
         if not isinstance(prompt, str):
-            raise ValueError(f'{path}:{n}: "prompt" must be a string')
-        docs.append(Document(obj["text"], prompt))
+            raise ValueError(f"{path}:{n}: field {prompt_field!r} must be a string")
+        docs.append(Document(obj[text_field], prompt))
     return docs
 
 

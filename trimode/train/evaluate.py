@@ -96,7 +96,7 @@ def evaluate_modes(tm: TriMode, tasks: list[Task] | dict[str, int] | list[str] |
         correct: Counter[str] = Counter()
         task_tokens: Counter[str] = Counter()
         task_forwards: Counter[str] = Counter()
-        generated = forwards = prefills = 0
+        generated = forwards = 0
         seconds = 0.0
         acceptance: list[int] = []
         start = time.perf_counter()
@@ -107,7 +107,6 @@ def evaluate_modes(tm: TriMode, tasks: list[Task] | dict[str, int] | list[str] |
             task_tokens[task.name] += r.stats.generated_tokens
             task_forwards[task.name] += r.stats.forward_passes
             forwards += r.stats.forward_passes
-            prefills += 1  # the prompt pass, as `trimode bench quality` counts it
             seconds += r.stats.seconds
             acceptance += r.stats.acceptance
             if progress:
@@ -124,7 +123,8 @@ def evaluate_modes(tm: TriMode, tasks: list[Task] | dict[str, int] | list[str] |
             "generated_tokens": generated,
             "forward_passes": forwards,
             "tokens_per_forward": generated / forwards if forwards else 0.0,
-            "tokens_per_decode_forward": generated / (forwards - prefills) if forwards > prefills else 0.0,
+            # without the prompt pass of each item, as `trimode bench quality` counts it
+            "tokens_per_decode_forward": generated / (forwards - len(items)) if forwards > len(items) else 0.0,
             "tokens_per_forward_by_task": {name: task_tokens[name] / max(1, task_forwards[name]) for name in names},
             "tokens_per_second": generated / seconds if seconds > 0 else 0.0,
             "mean_acceptance": sum(acceptance) / len(acceptance) if acceptance else None,

@@ -235,8 +235,7 @@ class AutoPolicy:
         if "ar" not in cfg.modes:
             return decided
         spec = [m for m in cfg.modes if m != "ar"]
-        rows = max(1, self.load())
-        cost = {m: self.slowdown(m) * self.cycle_seconds(m, block, rows) for m in cfg.modes}
+        cost = {m: self.slowdown(m) * self.cycle_seconds(m, block, rows=1) for m in cfg.modes}  # it runs alone
         ar = 1.0 / cost["ar"]
         if not own:  # the request's first cycle: probe with the cheapest speculative cycle, if it can pay at all
             cheapest = min(spec, key=cost.get) if spec else None

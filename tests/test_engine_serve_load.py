@@ -48,8 +48,11 @@ def test_bench_report_and_plot(served, tmp_path):
     _, url = served
     cells = [asyncio.run(sb.run_cell(url, "bench", m, n, 2, PROMPTS, 6, "none"))
              for n in (1, 4) for m in ("ar", "auto")]
-    text = sb.report(cells, "header")
+    auto = sb.auto_state(url, "none")  # the server's /health shows what auto has learned
+    assert sum(auto["picks"].values()) > 0 and auto["slowdown"] and "tokens_per_cycle" in auto
+    text = sb.report(cells, "header", auto)
     assert text.count("| auto |") == 2 and "auto against the best fixed mode" in text
+    assert "auto's learned state at the end of the run" in text
     assert "1 clients: auto" in text and "4 clients: auto" in text
     sb.plot(cells, tmp_path / "p.png", "title")
     assert (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"

@@ -183,7 +183,19 @@ def start_server(model: str | None, port: int, block_length: int | None, dtype: 
     raise RuntimeError(f"the server did not answer /health within {timeout:.0f} s")
 
 
-def report(cells: list[Cell], header: str) -> str:
+def auto_state(base_url: str, api_key: str) -> dict | None:
+    """What the server's auto policy has learned (its /health `auto` field), or None."""
+    import httpx
+
+    try:
+        health = httpx.get(base_url.removesuffix("/v1") + "/health", timeout=30,
+                           headers={"Authorization": f"Bearer {api_key}"}).json()
+    except (httpx.HTTPError, ValueError):
+        return None
+    return health.get("auto") if isinstance(health, dict) else None
+
+
+def report(cells: list[Cell], header: str, auto: dict | None = None) -> str:
     lines = [header, "",
              "| mode | clients | requests ok/sent | errors | req/s | output tok/s | TTFT p50 / p90 ms "
              "| ITL p50 / p90 / p99 ms | tokens/forward | tok/s per round |",
@@ -199,6 +211,10 @@ def report(cells: list[Cell], header: str) -> str:
     if verdicts:
         lines += ["", "auto against the best fixed mode (output tokens/s):", ""]
         lines += [f"- {v}" for v in verdicts]
+    if auto:
+        lines += ["", "auto's learned state at the end of the run (the server's GET /health): tokens per cycle "
+                  f"{auto.get('tokens_per_cycle')}, slowdown {auto.get('slowdown')}, step overhead per row "
+                  f"{auto.get('step_overhead_per_row_s')} s, picks {auto.get('picks')}"]
     errors = [(c, e) for c in cells for e in c.errors[:3]]
     if errors:
         lines += ["", "first errors:"] + [f"- {c.mode} x{c.concurrency}: {e}" for c, e in errors]
@@ -272,7 +288,9 @@ def round_order(modes: list[str], r: int) -> list[str]:
 
 def run(model: str | None, url: str | None, modes: list[str], concurrency: list[int], requests: int,
         max_tokens: int, block_length: int | None, dtype: str | None, device: str | None, api_key: str,
-        threads: int | None = None, rounds: int = 1, warmup: int = 4, echo=print, api: str = "chat") -> list[Cell]:
+        threads: int | None = None, rounds: int = 1, warmup: int = 4, echo=print, api: str = "chat"
+        ) -> tuple[list[Cell], dict | None]:
+    """The cells, and the server's auto state at the end (None when it has none)."""
     if api not in APIS:
         raise ValueError(f"api must be one of {', '.join(APIS)}, got {api!r}")
     prompts = bench_prompts()
@@ -297,6 +315,7 @@ def run(model: str | None, url: str | None, modes: list[str], concurrency: list[
                          f"tok/s, TTFT p50 {1e3 * percentile(cell.ttft, 50):.0f} ms, TPF {cell.tokens_per_forward:.2f}")
                     runs[mode].append(cell)
             cells += [merge(runs[m]) for m in modes]
+        auto = auto_state(url, api_key) if "auto" in modes else None
     finally:
         if proc is not None:
             proc.terminate()
@@ -304,4 +323,4 @@ def run(model: str | None, url: str | None, modes: list[str], concurrency: list[
                 proc.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 proc.kill()
-    return cells
+    return cells, auto

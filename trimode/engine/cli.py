@@ -68,8 +68,10 @@ def serve(
     levels = _ints(concurrency, "concurrency")
     if requests < 1 or max_tokens < 1 or rounds < 1:
         _fail("--requests, --max-tokens and --rounds must be >= 1")
-    if api not in ("chat", "completions"):
-        _fail(f"--api: choose chat or completions, got {api!r}")
+    from trimode.bench import serve_bench as sb
+
+    if api not in sb.APIS:
+        _fail(f"--api: choose one of {', '.join(sb.APIS)}, got {api!r}")
     if model is not None and url is not None:
         _fail("give --model or --url, not both")
     if model is not None and not Path(model).is_dir():
@@ -77,13 +79,11 @@ def serve(
     if plot is None and out is not None:
         plot = out.with_suffix(".png")
 
-    from trimode.bench import serve_bench as sb
-
     def echo(line: str) -> None:
         typer.echo(line, err=True)
 
     try:
-        cells = sb.run(model, url, mode_list, levels, requests, max_tokens, block_length, dtype, device,
+        cells, auto = sb.run(model, url, mode_list, levels, requests, max_tokens, block_length, dtype, device,
                        api_key, threads, rounds, echo=echo, api=api)
     except ImportError as e:
         _fail(f"bench serve needs the `openai` client ({e.name} is missing): pip install openai")
@@ -101,7 +101,7 @@ def serve(
               f"{_torch_version()}; {'a running server' if url else 'a `trimode serve` child process'}; at least "
               f"{requests} requests per cell, {rounds} round(s) (median round shown), max_tokens {max_tokens}, "
               f"temperature 0, streaming, {'chat messages' if api == 'chat' else 'raw completions'}.")
-    text = sb.report(cells, header)
+    text = sb.report(cells, header, auto)
     typer.echo(text, nl=False)
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)

@@ -603,8 +603,9 @@ def create_app(engine: Engine, config: ServerConfig) -> FastAPI:
 
     @app.get("/health")
     async def health():
+        # `auto`: what the auto policy has learned (estimates, slowdowns, picks, cost curve), when it exists
         return {"status": "ok", "model": config.model_name, **{k: v for k, v in engine.stats().items()
-                                                                 if k in ("queue_depth", "running_requests")}}
+                                                                 if k in ("queue_depth", "running_requests", "auto")}}
 
     @app.get("/metrics")
     async def metrics():

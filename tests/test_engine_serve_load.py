@@ -66,4 +66,8 @@ def test_auto_verdicts_compare_with_the_best_fixed_and_the_best_lossless_mode():
              sb.Cell("auto", 4, wall=1.0, tokens=110, round_tokens_per_s=[95.0, 110.0, 111.0])]
     (line,) = sb.auto_verdicts(cells)
     assert line == ("4 clients: auto 110.0 (rounds 95-111); vs best fixed diffusion 120.0 (rounds 120-120): 0.92x "
-                    "BELOW; vs best lossless ar 100.0 (rounds 90-104): 1.10x at or above")
+                    "BELOW; vs best lossless ar 100.0 (rounds 90-104): 1.10x at or above (per round: 1.06, 1.10, "
+                    "1.07)")
+    cells[1].round_tokens_per_s = [108.0, 120.0, 125.0]
+    (line,) = sb.auto_verdicts(cells)
+    assert "diffusion 120.0 (rounds 108-125): 0.92x BELOW (the rounds overlap) (per round: 0.88, 0.92, 0.89)" in line

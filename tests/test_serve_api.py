@@ -408,7 +408,7 @@ def test_client_gone_before_a_non_streamed_answer_frees_the_work(served):
     cancelled = served.engine.stats()["counters"].get("cancelled", 0)
     with pytest.raises(httpx.ReadTimeout):  # the client gives up and closes the connection
         post(served, "/v1/completions", {"model": MODEL, "prompt": "Hello", "max_tokens": 240},
-             timeout=httpx.Timeout(10, read=0.3))
+             timeout=httpx.Timeout(10, read=0.05))
     wait_until_cancelled(served.engine, cancelled)
 
 

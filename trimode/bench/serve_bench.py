@@ -213,8 +213,8 @@ def report(cells: list[Cell], header: str, auto: dict | None = None) -> str:
         lines += [f"- {v}" for v in verdicts]
     if auto:
         lines += ["", "auto's learned state at the end of the run (the server's GET /health): tokens per cycle "
-                  f"{auto.get('tokens_per_cycle')}, slowdown {auto.get('slowdown')}, step overhead per row "
-                  f"{auto.get('step_overhead_per_row_s')} s, picks {auto.get('picks')}"]
+                  f"{auto.get('tokens_per_cycle')}, slowdown (measured at start-up) {auto.get('slowdown')}, step "
+                  f"overhead per row {auto.get('step_overhead_per_row_s')} s, picks {auto.get('picks')}"]
     errors = [(c, e) for c in cells for e in c.errors[:3]]
     if errors:
         lines += ["", "first errors:"] + [f"- {c.mode} x{c.concurrency}: {e}" for c, e in errors]
@@ -229,9 +229,11 @@ def auto_verdicts(cells: list[Cell]) -> list[str]:
     differs from AR's, so auto, which must give the same output at any load, never picks it), with the spread of
     the rounds so a difference can be told from noise."""
 
+    def spread(c: Cell) -> list[float]:
+        return c.round_tokens_per_s or [c.tokens_per_s]
+
     def rounds(c: Cell) -> str:
-        r = c.round_tokens_per_s or [c.tokens_per_s]
-        return f"{min(r):.0f}-{max(r):.0f}"
+        return f"{min(spread(c)):.0f}-{max(spread(c)):.0f}"
 
     out = []
     for n in sorted({c.concurrency for c in cells}):
@@ -248,8 +250,14 @@ def auto_verdicts(cells: list[Cell]) -> list[str]:
             best = max(group, key=lambda c: c.tokens_per_s)
             ratio = a.tokens_per_s / best.tokens_per_s if best.tokens_per_s else float("inf")
             verdict = "at or above" if ratio >= 1 else "BELOW"
+            if ratio < 1 and max(spread(a)) >= min(spread(best)):  # a round of auto beat a round of the best
+                verdict += " (the rounds overlap)"
             line += (f"; vs {label} {best.mode} {best.tokens_per_s:.1f} (rounds {rounds(best)}): {ratio:.2f}x "
                      f"{verdict}")
+            if len(spread(a)) > 1 and len(spread(a)) == len(spread(best)):
+                # Both ran in every round, minutes apart at most: the ratio within a round is the paired one.
+                paired = ", ".join(f"{x / y:.2f}" for x, y in zip(spread(a), spread(best), strict=True))
+                line += f" (per round: {paired})"
         out.append(line)
     return out
 

@@ -1,14 +1,15 @@
 """`python -m trimode.engine --model DIR`: a model's forward-cost curve and what `mode: auto` picks per load.
 
-The table uses the start-up cost curve only; in service the engine also learns the per-row overhead of a step
-(Python work of the decoders, streaming) and refines the curve with every timed forward (docs/engine.md).
+The table uses what the engine measures at start-up (the cost curve and each mode's slowdown); in service the
+engine also learns the per-row overhead of a step (Python work of the decoders, streaming) and refines the curve
+with every timed forward (docs/engine.md).
 """
 
 from __future__ import annotations
 
 import torch
 
-from trimode.engine.auto import AutoConfig, AutoPolicy, CostModel
+from trimode.engine.auto import AutoConfig, AutoPolicy, CostModel, measure_slowdowns
 
 
 def main() -> None:
@@ -39,6 +40,9 @@ def main() -> None:
     print(f"knee (<= 1.5 x the 1-token forward): {cost.knee()} tokens")
     rows = {"n": 1}
     policy = AutoPolicy(AutoConfig(prior_weight=0), cost, lambda: rows["n"])
+    policy.slowdowns = measure_slowdowns(tm.net, cost, block)
+    print("slowdown (a cycle run alone over the curve's prediction): "
+          + ", ".join(f"{m} {v:.2f}" for m, v in policy.slowdowns.items()))
     policy.overhead_per_row = args.overhead_per_row_ms / 1e3
     policy.observe("linear_spec", block, args.tokens_per_cycle[0])  # with prior_weight 0: the estimate is this
     policy.observe("quadratic_spec", block, args.tokens_per_cycle[1])

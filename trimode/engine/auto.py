@@ -14,13 +14,15 @@ plus optional draft guesses `tail` for the tokens after it (left by a quadratic 
                   match the causal predictions, and the masks of the last accepted group become the next tail.
 
 The rule (`AutoPolicy.pick`): with R running rows, a mode that emits `a` tokens per cycle in `f` forwards of
-`n` tokens per row scores  a / (s * f * (cost(R * n) + R * overhead)),  where cost(tokens) is the forward-time
-curve measured at start-up (`CostModel.measure`) and refined by every timed forward, overhead the time per row
-a step spends outside its forwards (measured online), s the mode's slowdown (its cycles' measured time over
-that prediction) and `a` the tokens per cycle it output so far (AR: 1). The best score wins, a speculative mode
-only when it beats AR by `spec_margin`. While R * n is below the knee of the cost curve a wider pass is nearly
-free, so speculation wins; above it, or when its drafts are not accepted, AR does. A request running alone
-decides with its own acceptance (docs/engine.md).
+`n` tokens per row scores  a / (s * f * (cost(R * n) + R * overhead)),  the tokens per second of one row if all
+R rows ran it. cost(tokens) is the forward-time curve measured at start-up (`CostModel.measure`) and refined by
+every timed forward; overhead the time per row a step spends outside its forwards (measured online); s the
+mode's slowdown, measured at start-up too (`measure_slowdowns`: a cycle of the mode run alone, over the curve's
+prediction for it), which holds what the curve does not see (a draft pass's adapter and bidirectional mask, a
+quadratic pass's mask, the Python work between forwards); `a` the output tokens per cycle observed so far
+(AR: 1). The best score wins, a speculative mode only when it beats AR by `spec_margin`. While R * n is below the
+knee of the cost curve a wider pass is nearly free, so speculation wins; above it, or when its drafts are not
+accepted, AR does. Now and then one row runs the runner-up, so its tokens per cycle stay current.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ import math
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -51,8 +53,7 @@ def tokens_per_row(mode: str, block: int) -> int:
 @dataclass
 class AutoConfig:
     modes: tuple[str, ...] = CANDIDATES  # candidates; a subset of CANDIDATES
-    prior_tokens_per_cycle: float | None = None  # before any cycle was seen; None: the block length (optimistic,
-    #                                              so each speculative mode gets tried and measured early)
+    prior_tokens_per_cycle: float = 2.0  # a speculative mode's tokens per cycle before any cycle was seen
     prior_weight: int = 2  # how many cycles the prior counts for
     ema: float = 0.02  # weight of a new cycle once the estimate has settled
     explore_every: int = 32  # after N engine steps, one row tries the runner-up, to re-measure it (0 = never);
@@ -65,9 +66,10 @@ class AutoConfig:
         bad = set(self.modes) - set(CANDIDATES)
         if bad or not self.modes:
             raise ValueError(f"auto modes must be a non-empty subset of {CANDIDATES}, got {self.modes}")
-        if min(self.explore_every, self.hysteresis, self.spec_margin) < 0 or self.explore_max < self.explore_every:
-            raise ValueError("auto needs explore_every >= 0, explore_max >= explore_every, hysteresis >= 0 and "
-                             "spec_margin >= 0")
+        if (min(self.explore_every, self.hysteresis, self.spec_margin) < 0 or self.explore_max < self.explore_every
+                or self.prior_tokens_per_cycle < 1):
+            raise ValueError("auto needs explore_every >= 0, explore_max >= explore_every, hysteresis >= 0, "
+                             "spec_margin >= 0 and prior_tokens_per_cycle >= 1")
 
 
 class CostModel:
@@ -142,6 +144,46 @@ class CostModel:
         return {"points": [[n, round(t, 6)] for n, t in self.points], "knee_tokens": self.knee()}
 
 
+@torch.no_grad()
+def measure_slowdowns(net: NLDTransformer, cost: CostModel, block: int, modes=CANDIDATES, cycles: int = 16,
+                      prompt_tokens: int = 32) -> dict[str, float]:
+    """Per mode: the median seconds of one cycle run alone (one row, a random prompt), over what the cost curve
+    predicts for that cycle. Only the time is used, so the prompt's content does not matter."""
+    policy = AutoPolicy(AutoConfig(modes=tuple(modes), explore_every=0), cost, lambda: 1)
+    ids = torch.randint(0, net.config.vocab_size, (1, prompt_tokens), device=net.device)
+    out = {}
+    for mode in modes:
+        steer = AutoSteer(_Fixed(mode), block, use_drafter=False)
+        times = []
+        for _ in range(2):  # the first run warms the mode's shapes
+            stream = auto_decode(net, ids, StopRule(cycles * block + 1), SamplingParams(), steer)
+            times = []
+            t = None
+            for _event in stream:
+                now = time.perf_counter()
+                if t is not None:
+                    times.append(now - t)
+                t = now
+                if len(times) == cycles:
+                    break
+        times.sort()
+        out[mode] = times[len(times) // 2] / policy.cycle_seconds(mode, block, rows=1)
+    return out
+
+
+class _Fixed:
+    """A policy stand-in that always picks one mode (for timing it)."""
+
+    def __init__(self, mode: str) -> None:
+        self.mode = mode
+
+    def pick(self, block: int) -> str:
+        return self.mode
+
+    def observe(self, mode: str, block: int, tokens: int) -> None:
+        pass
+
+
 class AutoPolicy:
     """Engine-wide: observed tokens per cycle per mode, the cost curve, the per-row step overhead."""
 
@@ -153,8 +195,7 @@ class AutoPolicy:
         self._tokens_per_cycle: dict[tuple[str, int], float] = {}
         self._cycles: dict[tuple[str, int], int] = {}
         self.overhead_per_row = 0.0  # seconds a step spends outside its forwards, per running row
-        self._slowdown: dict[str, float] = {}  # mode -> measured / predicted seconds per cycle
-        self._timed: dict[str, int] = {}  # mode -> cycles timed
+        self.slowdowns: dict[str, float] = {}  # mode -> measured / predicted seconds per cycle (measure_slowdowns)
         self._steps = 0
         self._explored = -1  # the last step in which a row tried the runner-up
         self._explore_wait: dict[int, int] = {}  # block -> steps from one try of the runner-up to the next
@@ -162,14 +203,10 @@ class AutoPolicy:
         self._decided: dict[int, tuple[int, str, str | None]] = {}  # block -> (step, mode, runner-up)
         self.picks: dict[str, int] = dict.fromkeys(config.modes, 0)
 
-    def _prior(self, block: int) -> float:
-        p = self.config.prior_tokens_per_cycle
-        return float(block) if p is None else p
-
     def tokens_per_cycle(self, mode: str, block: int) -> float:
         if mode == "ar":
             return 1.0
-        return self._tokens_per_cycle.get((mode, block), self._prior(block))
+        return self._tokens_per_cycle.get((mode, block), self.config.prior_tokens_per_cycle)
 
     def cycle_seconds(self, mode: str, block: int, rows: int | None = None) -> float:
         """Predicted seconds of one cycle of `mode` when all `rows` rows run it: the cost curve and overhead."""
@@ -177,31 +214,25 @@ class AutoPolicy:
         return FORWARDS_PER_CYCLE[mode] * (self.cost(rows * tokens_per_row(mode, block)) + self.overhead_per_row * rows)
 
     def slowdown(self, mode: str) -> float:
-        """How much longer than predicted a cycle of `mode` took, as measured by the requests (1 until timed)."""
-        return self._slowdown.get(mode, 1.0)
+        """How much longer than the cost curve predicts a cycle of `mode` takes (1 where not measured)."""
+        return self.slowdowns.get(mode, 1.0)
 
     def scores(self, block: int, rows: int | None = None) -> dict[str, float]:
         """Expected tokens per second of one row in each mode, if all `rows` rows ran it."""
         return {m: self.tokens_per_cycle(m, block) / (self.slowdown(m) * self.cycle_seconds(m, block, rows))
                 for m in self.config.modes}
 
-    def pick(self, block: int, own: dict[str, tuple[int, int]] | None = None) -> str:
+    def pick(self, block: int) -> str:
         """The mode for a cycle starting now. Decided once per engine step (every row starting a cycle in a step
         gets the same mode, so they share one forward) and kept unless another mode scores `hysteresis`
-        better (no flapping between near-equal modes).
-
-        `own`: the asking request's history, mode -> (tokens, cycles) (None: engine-wide decision only). How
-        well drafts are accepted depends on the text (a list being copied, against a number being computed),
-        so a request running alone decides with its own tokens per cycle (the engine-wide estimate counting as
-        one cycle); a request yet to run a cycle tries the cheapest speculative mode once when, at this load, a
-        fully accepted block would beat AR."""
+        better (no flapping between near-equal modes)."""
         cfg = self.config
         with self._lock:
             if self._decided.get(block, (None,))[0] != self._steps:
                 scores = self.scores(block)
                 if "ar" in scores:
-                    # A speculative cycle does Python work (drafts, acceptance, cache crops) the cost curve does
-                    # not see, and guessing wrong costs throughput: AR keeps the lead unless clearly beaten.
+                    # The model is an estimate and guessing wrong costs throughput: AR keeps the lead unless clearly
+                    # beaten.
                     scores = {m: s if m == "ar" else s / (1 + cfg.spec_margin) for m, s in scores.items()}
                 ranked = sorted(scores, key=scores.get, reverse=True)
                 current = self._decided.get(block, (None, None, None))[1]
@@ -223,49 +254,17 @@ class AutoPolicy:
                 self._explore_next[block] = self._steps + wait
                 self._explore_wait[block] = min(2 * wait, cfg.explore_max)
                 mode = runner_up
-            elif own is not None and self.load() == 1:
-                # Alone, a request's choice costs no one else. With other rows a request that leaves the
-                # engine's mode adds a forward every row waits for, so there the engine-wide decision holds.
-                mode = self._own_pick(block, mode, own)
             self.picks[mode] += 1
             return mode
 
-    def _own_pick(self, block: int, decided: str, own: dict[str, tuple[int, int]]) -> str:
-        cfg = self.config
-        if "ar" not in cfg.modes:
-            return decided
-        spec = [m for m in cfg.modes if m != "ar"]
-        cost = {m: self.slowdown(m) * self.cycle_seconds(m, block, rows=1) for m in cfg.modes}  # it runs alone
-        ar = 1.0 / cost["ar"]
-        if not own:  # the request's first cycle: probe with the cheapest speculative cycle, if it can pay at all
-            cheapest = min(spec, key=cost.get) if spec else None
-            if cheapest is not None and block / cost[cheapest] > (1 + cfg.spec_margin) * ar:
-                return cheapest
-            return decided
-        scores = {"ar": ar}
-        for m in spec:
-            tokens, cycles = own.get(m, (0, 0))
-            scores[m] = (self.tokens_per_cycle(m, block) + tokens) / (1 + cycles) / cost[m] / (1 + cfg.spec_margin)
-        return max(scores, key=scores.get)
-
-    def observe(self, mode: str, block: int, tokens: int, seconds: float | None = None) -> None:
-        """One finished cycle of `mode` emitted `tokens` tokens and took `seconds` of the request's wall time.
-
-        The time corrects the cost model per mode: the curve is one function of the token count, but passes of
-        the same width differ (a draft pass runs the adapter and a bidirectional mask, a speculative cycle does
-        more Python work between its forwards), and only the requests see what a cycle really costs."""
+    def observe(self, mode: str, block: int, tokens: int) -> None:
+        """One finished cycle of `mode` output `tokens` tokens."""
+        if mode == "ar":
+            return
         with self._lock:
-            if seconds is not None and seconds > 0:
-                ratio = seconds / self.cycle_seconds(mode, block)
-                n = self._timed.get(mode, 0)
-                weight = max(0.05, 1.0 / (n + 1))
-                self._slowdown[mode] = math.exp((1 - weight) * math.log(self.slowdown(mode)) + weight * math.log(ratio))
-                self._timed[mode] = n + 1
-            if mode == "ar":
-                return
             key = (mode, block)
             n = self._cycles.get(key, 0)
-            est = self._tokens_per_cycle.get(key, self._prior(block))
+            est = self._tokens_per_cycle.get(key, self.config.prior_tokens_per_cycle)
             weight = max(self.config.ema, 1.0 / (n + 1 + self.config.prior_weight))
             self._tokens_per_cycle[key] = est + weight * (tokens - est)
             self._cycles[key] = n + 1
@@ -286,8 +285,9 @@ class AutoPolicy:
             return {
                 "modes": list(self.config.modes),
                 "tokens_per_cycle": {f"{m}@{b}": round(v, 3) for (m, b), v in self._tokens_per_cycle.items()},
+                "cycles": {f"{m}@{b}": n for (m, b), n in self._cycles.items()},
                 "step_overhead_per_row_s": round(self.overhead_per_row, 6),
-                "slowdown": {m: round(v, 3) for m, v in self._slowdown.items()},
+                "slowdown": {m: round(v, 3) for m, v in self.slowdowns.items()},
                 "picks": dict(self.picks),
                 "cost": self.cost.as_dict(),
             }
@@ -300,24 +300,12 @@ class AutoSteer:
     policy: AutoPolicy
     block_length: int
     use_drafter: bool
-    clock: float | None = None  # when the last cycle ended (None: before the first cycle)
-    history: dict[str, tuple[int, int]] = field(default_factory=dict)  # mode -> (tokens, cycles) so far
 
     def pick(self) -> str:
-        return self.policy.pick(self.block_length, self.history)
-
-    def start_clock(self) -> None:
-        self.clock = time.perf_counter()
+        return self.policy.pick(self.block_length)
 
     def observe(self, mode: str, tokens: int) -> None:
-        """A cycle ended: its time runs from the end of the one before (so the Python work between cycles,
-        streaming included, is part of it)."""
-        now = time.perf_counter()
-        seconds = None if self.clock is None else now - self.clock
-        self.clock = now
-        tokens_so_far, cycles = self.history.get(mode, (0, 0))
-        self.history[mode] = (tokens_so_far + tokens, cycles + 1)
-        self.policy.observe(mode, self.block_length, tokens, seconds)
+        self.policy.observe(mode, self.block_length, tokens)
 
 
 def auto_cache_tokens(prompt_len: int, max_new_tokens: int, block: int) -> int:
@@ -356,7 +344,6 @@ def auto_decode(
     out, over = stop.finish([pending])
     yield Committed([out], stats)
 
-    steer.start_clock()
     while not over:
         mode = steer.pick()
         budget_near = (thinking is not None and thinking.end_think_token_id not in out

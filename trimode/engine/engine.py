@@ -26,7 +26,7 @@ import torch
 from trimode.api import Delta, GenerationResult, TriMode
 from trimode.decode.sampling import SamplingParams
 from trimode.decode.stats import DecodeStats
-from trimode.engine.auto import AutoConfig, AutoPolicy, AutoSteer, CostModel, auto_decode
+from trimode.engine.auto import AutoConfig, AutoPolicy, AutoSteer, CostModel, auto_decode, measure_slowdowns
 from trimode.engine.kv_pool import KVPool
 from trimode.engine.request import MODES, EngineRequest, EngineStopped, QueueFull, RequestHandle
 from trimode.engine.runner import ForwardCall, ForwardProxy, RequestCancelled, run_batched
@@ -96,7 +96,8 @@ class Engine:
     max_queue: waiting requests beyond this raise QueueFull. kv_budget_tokens: KV pool size in tokens (None:
     half the free GPU memory, 1 GiB on CPU). max_running: rows decoding at once. max_batch_tokens: most tokens
     in one forward. prefill_chunk: a causal pass longer than this runs in chunks, one per step. auto: the
-    `mode: auto` settings (the cost curve is measured at `start()`; pass `cost` to skip the measurement).
+    `mode: auto` settings (the cost curve and each mode's slowdown are measured at `start()`; pass `cost` to skip
+    both).
     """
 
     def __init__(self, tm: TriMode, max_queue: int = 64, kv_budget_tokens: int | None = None, max_running: int = 64,
@@ -298,6 +299,9 @@ class Engine:
         if self.policy is None:
             cost = self._cost or CostModel.measure(self.tm.net, self.auto_config.cost_sizes)
             self.policy = AutoPolicy(self.auto_config, cost, lambda: len(self.scheduler.running))
+            if self._cost is None:  # tests that pass a cost curve skip the start-up measurements
+                self.policy.slowdowns = measure_slowdowns(self.tm.net, cost, self.tm.config.block_size,
+                                                          self.auto_config.modes)
 
     # -- one request's thread ----------------------------------------------------------------------------
     def _launch(self, seq: Sequence) -> None:

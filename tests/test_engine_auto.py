@@ -14,8 +14,10 @@ from trimode.decode.sampling import SamplingParams
 from trimode.decode.stats import drive
 from trimode.decode.stopping import StopRule, ThinkingBudget
 from trimode.engine import AutoConfig, CostModel, Engine, EngineRequest
-from trimode.engine.auto import AutoPolicy, AutoSteer, auto_decode, measure_slowdowns
+from trimode.engine.auto import AR, AutoPolicy, AutoSteer, auto_decode, label, measure_slowdowns
 from trimode.engine.invariance import flat_cost, run_mix
+
+L4, Q4 = ("linear_spec", 4), ("quadratic_spec", 4)
 
 
 class ScriptedPolicy:
@@ -28,10 +30,10 @@ class ScriptedPolicy:
     def pick(self, block):
         mode = self.rng.choice(["ar", "linear_spec", "quadratic_spec"])
         self.seen.add(mode)
-        return mode
+        return AR if mode == "ar" else (mode, self.rng.randint(2, block))  # any block length up to the request's
 
-    def observe(self, mode, block, tokens):
-        assert 1 <= tokens <= block
+    def observe(self, choice, tokens):
+        assert 1 <= tokens <= choice[1]
 
 
 @settings(max_examples=10, deadline=None)
@@ -67,83 +69,104 @@ def test_cost_model_interpolates_and_finds_the_knee():
 
 def test_policy_speculates_below_the_knee_and_decodes_ar_above_it():
     rows = {"n": 1}
-    policy = AutoPolicy(AutoConfig(explore_every=0, prior_tokens_per_cycle=2.0), kneed_cost(128), lambda: rows["n"])
+    config = AutoConfig(explore_every=0, prior_tokens_per_cycle=2.0, smaller_blocks=False)
+    policy = AutoPolicy(config, kneed_cost(128), lambda: rows["n"])
     for _ in range(50):
-        policy.observe("quadratic_spec", 4, 3)
-        policy.observe("linear_spec", 4, 3.5)
-    assert policy.pick(4) == "quadratic_spec"  # 20 tokens per row, below the knee: 3 tokens for one forward
+        policy.observe(("quadratic_spec", 4), 3)
+        policy.observe(("linear_spec", 4), 3.5)
+    assert policy.pick(4) == Q4  # 20 tokens per row, below the knee: 3 tokens for one forward
     rows["n"] = 16  # 320 tokens: quadratic costs 2.5x, linear (64 tokens, 2 forwards) wins
-    assert policy.pick(4) == "quadratic_spec"  # decided once per step: the next step sees the new load
+    assert policy.pick(4) == Q4  # decided once per step: the next step sees the new load
     policy.observe_step(0.0, [], rows=16)
-    assert policy.pick(4) == "linear_spec"
+    assert policy.pick(4) == L4
     rows["n"] = 512  # far above the knee: every extra token costs, AR's 1 token per row wins
     policy.observe_step(0.0, [], rows=512)
-    assert policy.pick(4) == "ar"
+    assert policy.pick(4) == AR
     scores = policy.scores(4, rows=512)
-    assert scores["ar"] == max(scores.values())
+    assert scores[AR] == max(scores.values())
+
+
+def test_policy_takes_a_smaller_block_when_the_full_one_is_past_the_knee():
+    rows = {"n": 1}
+    policy = AutoPolicy(AutoConfig(explore_every=0, modes=("ar", "quadratic_spec"), prior_weight=0),
+                        kneed_cost(32), lambda: rows["n"])
+    assert policy.candidates(8) == [AR, ("quadratic_spec", 2), ("quadratic_spec", 4), ("quadratic_spec", 8)]
+    policy.observe(("quadratic_spec", 8), 4)  # a pass of 72 tokens (2.25 ms) for 4 tokens
+    policy.observe(("quadratic_spec", 4), 3)  # 20 tokens, below the knee (1 ms) for 3
+    policy.observe(("quadratic_spec", 2), 1.5)  # 6 tokens (1 ms) for 1.5
+    assert policy.pick(8) == ("quadratic_spec", 4)
+    rows["n"] = 4  # 80 tokens per pass of block 4 (2.5 ms for 3 per row), 24 of block 2 (1 ms for 1.5)
+    policy.observe_step(0.0, [], rows=4)
+    assert policy.pick(8) == ("quadratic_spec", 2)
+    assert AutoPolicy(AutoConfig(smaller_blocks=False), kneed_cost(32), lambda: 1).candidates(8) == [
+        AR, ("linear_spec", 8), ("quadratic_spec", 8)]
 
 
 def test_policy_drops_speculation_that_is_not_accepted():
     # Wider passes cost a little more; speculation pays only while its drafts are accepted.
-    policy = AutoPolicy(AutoConfig(explore_every=0), CostModel([(1, 1e-3), (100, 2e-3)]), lambda: 1)
-    assert policy.pick(4) == "quadratic_spec"  # the prior: 2 tokens per cycle
+    config = AutoConfig(explore_every=0, smaller_blocks=False)
+    policy = AutoPolicy(config, CostModel([(1, 1e-3), (100, 2e-3)]), lambda: 1)
+    assert policy.pick(4) == Q4  # the prior: 2 tokens per cycle
     for _ in range(200):
-        policy.observe("quadratic_spec", 4, 1)
-        policy.observe("linear_spec", 4, 1)
+        policy.observe(("quadratic_spec", 4), 1)
+        policy.observe(("linear_spec", 4), 1)
     policy.observe_step(0.0, [], rows=1)
-    assert policy.pick(4) == "ar"
+    assert policy.pick(4) == AR
 
 
 def test_policy_keeps_its_mode_between_near_equal_scores():
-    config = AutoConfig(modes=("ar", "linear_spec"), explore_every=0, prior_weight=0, spec_margin=0.0)
+    config = AutoConfig(modes=("ar", "linear_spec"), explore_every=0, prior_weight=0, spec_margin=0.0,
+                        smaller_blocks=False)
     policy = AutoPolicy(config, flat_cost(), lambda: 1)  # AR scores 1 / 1 ms; linear a / 2 ms
-    policy.observe("linear_spec", 4, 1.9)  # with prior_weight 0 the estimates are plain means: 1.9
-    assert policy.pick(4) == "ar"
-    policy.observe("linear_spec", 4, 2.22)  # mean 2.06: linear is 3% better, within the 5% hysteresis
+    policy.observe(("linear_spec", 4), 1.9)  # with prior_weight 0 the estimates are plain means: 1.9
+    assert policy.pick(4) == AR
+    policy.observe(("linear_spec", 4), 2.22)  # mean 2.06: linear is 3% better, within the 5% hysteresis
     policy.observe_step(0.0, [], rows=1)
-    assert policy.pick(4) == "ar"
-    policy.observe("linear_spec", 4, 2.78)  # mean 2.3: 15% better
+    assert policy.pick(4) == AR
+    policy.observe(("linear_spec", 4), 2.78)  # mean 2.3: 15% better
     policy.observe_step(0.0, [], rows=1)
-    assert policy.pick(4) == "linear_spec"
+    assert policy.pick(4) == L4
 
 
 def test_policy_speculates_only_when_it_beats_ar_by_the_margin():
-    config = AutoConfig(modes=("ar", "linear_spec"), explore_every=0, prior_weight=0, hysteresis=0.0)
+    config = AutoConfig(modes=("ar", "linear_spec"), explore_every=0, prior_weight=0, hysteresis=0.0,
+                        smaller_blocks=False)
     policy = AutoPolicy(config, flat_cost(), lambda: 1)  # AR scores 1 / 1 ms; linear a / 2 ms
-    policy.observe("linear_spec", 4, 2.16)  # 8% better than AR: inside the default 10% margin
-    assert policy.pick(4) == "ar"
-    policy.observe("linear_spec", 4, 2.36)  # mean 2.26: 13% better
+    policy.observe(("linear_spec", 4), 2.16)  # 8% better than AR: inside the default 10% margin
+    assert policy.pick(4) == AR
+    policy.observe(("linear_spec", 4), 2.36)  # mean 2.26: 13% better
     policy.observe_step(0.0, [], rows=1)
-    assert policy.pick(4) == "linear_spec"
+    assert policy.pick(4) == L4
 
 
 def test_policy_explores_the_runner_up_with_one_row_and_backs_off():
-    policy = AutoPolicy(AutoConfig(explore_every=4), flat_cost(), lambda: 3)
+    policy = AutoPolicy(AutoConfig(explore_every=4, smaller_blocks=False), flat_cost(), lambda: 3)
     steps = []
     for _ in range(32):
-        steps.append([policy.pick(4) for _ in range(3)])  # three rows start a cycle in this step
+        steps.append([label(policy.pick(4)) for _ in range(3)])  # three rows start a cycle in this step
         policy.observe_step(0.01, [(60, 0.004)], rows=3)
     explored = [i for i, picks in enumerate(steps) if len(set(picks)) > 1]
     assert explored == [3, 7, 15, 31]  # the wait doubles while the decision stands
-    assert all(sorted(steps[i]).count("quadratic_spec") == 2 for i in explored)
+    assert all(sorted(steps[i]).count("quadratic_spec@4") == 2 for i in explored)
     assert policy.overhead_per_row == pytest.approx(0.002)
 
 
 def test_policy_explores_soon_again_after_a_switch():
     rows = {"n": 1}
-    config = AutoConfig(modes=("ar", "linear_spec"), explore_every=4, prior_tokens_per_cycle=3.0, ema=1.0)
+    config = AutoConfig(modes=("ar", "linear_spec"), explore_every=4, prior_tokens_per_cycle=3.0, ema=1.0,
+                        smaller_blocks=False)
     policy = AutoPolicy(config, kneed_cost(64), lambda: rows["n"])
 
     def step() -> list[str]:
-        picks = [policy.pick(4) for _ in range(2)]
+        picks = [label(policy.pick(4)) for _ in range(2)]
         policy.observe_step(0.0, [], rows=rows["n"])
         return picks
     for _ in range(20):  # explored at steps 3, 7, 15: the wait is 16 now
-        assert "linear_spec" in step()
+        assert "linear_spec@4" in step()
     rows["n"] = 256  # 1024 tokens per linear forward: AR wins from the next step on
     assert step() == ["ar", "ar"]
     picks = [step() for _ in range(4)]
-    assert [sorted(p) for p in picks] == [["ar", "ar"]] * 3 + [["ar", "linear_spec"]]  # 4 steps on, not 16
+    assert [sorted(p) for p in picks] == [["ar", "ar"]] * 3 + [["ar", "linear_spec@4"]]  # 4 steps on, not 16
 
 
 class FixedCost(CostModel):
@@ -171,21 +194,24 @@ def test_auto_in_the_engine_learns_acceptance_and_matches_ar():
 
 
 def test_policy_prices_each_mode_with_its_slowdown():
-    config = AutoConfig(modes=("ar", "linear_spec"), explore_every=0, prior_weight=0, hysteresis=0.0)
+    config = AutoConfig(modes=("ar", "linear_spec"), explore_every=0, prior_weight=0, hysteresis=0.0,
+                        smaller_blocks=False)
     policy = AutoPolicy(config, flat_cost(), lambda: 1)  # predicted: AR 1 ms per cycle, linear 2 ms
-    policy.observe("linear_spec", 4, 3)  # 3 tokens per 2 ms beats AR's 1 per 1 ms
-    assert policy.pick(4) == "linear_spec"
-    policy.slowdowns = {"linear_spec": 2.0, "ar": 1.0}  # but its cycles take twice the predicted time
+    policy.observe(("linear_spec", 4), 3)  # 3 tokens per 2 ms beats AR's 1 per 1 ms
+    assert policy.pick(4) == L4
+    policy.slowdowns = {L4: 2.0, AR: 1.0}  # but its cycles take twice the predicted time
     policy.observe_step(0.0, [], rows=1)
-    assert policy.pick(4) == "ar"  # 3 tokens per 4 ms
-    assert policy.as_dict()["slowdown"] == {"linear_spec": 2.0, "ar": 1.0}
+    assert policy.pick(4) == AR  # 3 tokens per 4 ms
+    assert policy.as_dict()["slowdown"] == {"linear_spec@4": 2.0, "ar": 1.0}
 
 
 def test_slowdowns_are_measured_for_every_mode_at_start_up():
     tm = TriMode(random_model(5, lora=True))
     cost = CostModel.measure(tm.net, sizes=(1, 4, 16, 64))
     slowdowns = measure_slowdowns(tm.net, cost, block=4, cycles=4)
-    assert set(slowdowns) == {"ar", "linear_spec", "quadratic_spec"}
+    assert set(slowdowns) == {AR, ("linear_spec", 2), L4, ("quadratic_spec", 2), Q4}
     assert all(0 < v < float("inf") for v in slowdowns.values())
     with Engine(tm, auto=AutoConfig(modes=("ar", "linear_spec"), cost_sizes=(1, 4, 16))) as engine:
-        assert set(engine.stats()["auto"]["slowdown"]) == {"ar", "linear_spec"}
+        measured = set(engine.stats()["auto"]["slowdown"])
+        assert "ar" in measured and f"linear_spec@{tm.config.block_size}" in measured
+        assert all(c == "ar" or c.startswith("linear_spec@") for c in measured)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from trimode.engine.auto import AutoConfig, AutoPolicy, CostModel, measure_slowdowns
+from trimode.engine.auto import AutoConfig, AutoPolicy, CostModel, label, measure_slowdowns
 
 
 def main() -> None:
@@ -24,8 +24,8 @@ def main() -> None:
     parser.add_argument("--device", default=None)
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
     parser.add_argument("--block-length", type=int, default=None)
-    parser.add_argument("--tokens-per-cycle", type=float, nargs=2, default=(2.0, 2.0), metavar=("LINEAR", "QUAD"),
-                        help="assumed tokens per cycle of linear_spec and quadratic_spec")
+    parser.add_argument("--tokens-per-cycle", nargs="*", default=[], metavar="MODE@BLOCK=TOKENS",
+                        help="assumed tokens per cycle, e.g. linear_spec@16=2.6 (others: the prior, 2 or the block)")
     parser.add_argument("--overhead-per-row-ms", type=float, default=0.0,
                         help="per-row step overhead to assume (the engine learns it in service; see its stats)")
     args = parser.parse_args()
@@ -42,19 +42,25 @@ def main() -> None:
     policy = AutoPolicy(AutoConfig(prior_weight=0), cost, lambda: rows["n"])
     policy.slowdowns = measure_slowdowns(tm.net, cost, block)
     print("slowdown (a cycle run alone over the curve's prediction): "
-          + ", ".join(f"{m} {v:.2f}" for m, v in policy.slowdowns.items()))
+          + ", ".join(f"{label(c)} {v:.2f}" for c, v in policy.slowdowns.items()))
     policy.overhead_per_row = args.overhead_per_row_ms / 1e3
-    policy.observe("linear_spec", block, args.tokens_per_cycle[0])  # with prior_weight 0: the estimate is this
-    policy.observe("quadratic_spec", block, args.tokens_per_cycle[1])
-    print(f"auto at block_length {block}, tokens per cycle linear {args.tokens_per_cycle[0]}, quadratic "
-          f"{args.tokens_per_cycle[1]}, step overhead {args.overhead_per_row_ms} ms per row (scores: expected "
-          "tokens per second per row):")
+    for item in args.tokens_per_cycle:
+        name, _, value = item.partition("=")
+        mode, _, b = name.partition("@")
+        try:
+            choice = (mode, int(b))
+            policy.observe(choice, float(value))  # with prior_weight 0: the estimate is this value
+        except ValueError:
+            parser.error(f"--tokens-per-cycle takes MODE@BLOCK=TOKENS, e.g. linear_spec@16=2.6; got {item!r}")
+    print(f"auto at block_length {block}, step overhead {args.overhead_per_row_ms} ms per row; tokens per cycle "
+          + ", ".join(f"{label(c)} {policy.tokens_per_cycle(c):.2f}" for c in policy.candidates(block)))
+    print("scores (expected tokens per second per row; the best two):")
     for n in (1, 2, 4, 8, 16, 32, 64, 128):
         rows["n"] = n
         scores = policy.scores(block)
-        best = max(scores, key=scores.get)
-        print(f"  {n:>4} rows: {best:<15} " + "  ".join(f"{m} {s:8.1f}" for m, s in scores.items()))
-
+        ranked = sorted(scores, key=scores.get, reverse=True)
+        print(f"  {n:>4} rows: " + "  ".join(f"{label(c):<18} {scores[c]:8.1f}" for c in ranked[:2])
+              + f"  (ar {scores[('ar', 1)]:.1f})")
 
 if __name__ == "__main__":
     main()

@@ -43,6 +43,14 @@ from trimode.model.masks import quadratic_init_mask, quadratic_step_mask
 from trimode.model.transformer import NLDTransformer
 
 CANDIDATES = ("ar", "linear_spec", "quadratic_spec")
+SMALLER_BLOCKS = (2, 4, 8, 16, 32, 64)
+Choice = tuple[str, int]  # (mode, block length of its cycle); AR's block is 1
+AR: Choice = ("ar", 1)
+
+
+def label(choice: Choice) -> str:
+    mode, block = choice
+    return mode if mode == "ar" else f"{mode}@{block}"
 FORWARDS_PER_CYCLE = {"ar": 1, "linear_spec": 2, "quadratic_spec": 1}
 
 
@@ -53,13 +61,14 @@ def tokens_per_row(mode: str, block: int) -> int:
 @dataclass
 class AutoConfig:
     modes: tuple[str, ...] = CANDIDATES  # candidates; a subset of CANDIDATES
-    prior_tokens_per_cycle: float = 2.0  # a speculative mode's tokens per cycle before any cycle was seen
+    prior_tokens_per_cycle: float = 2.0  # a speculative choice's tokens per cycle before any cycle was seen
     prior_weight: int = 2  # how many cycles the prior counts for
     ema: float = 0.02  # weight of a new cycle once the estimate has settled
     explore_every: int = 32  # after N engine steps, one row tries the runner-up, to re-measure it (0 = never);
     explore_max: int = 1024  # the wait doubles after every try (up to this), back to explore_every on a switch
     hysteresis: float = 0.05  # switch modes only when another one scores this much better
     spec_margin: float = 0.1  # a speculative mode replaces AR only when it scores this much better than AR
+    smaller_blocks: bool = True  # also speculate with blocks of 2, 4, 8, ... below the request's block length
     cost_sizes: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
 
     def __post_init__(self) -> None:
@@ -145,17 +154,18 @@ class CostModel:
 
 
 @torch.no_grad()
-def measure_slowdowns(net: NLDTransformer, cost: CostModel, block: int, modes=CANDIDATES, cycles: int = 16,
-                      prompt_tokens: int = 32) -> dict[str, float]:
-    """Per mode: the median seconds of one cycle run alone (one row, a random prompt), over what the cost curve
-    predicts for that cycle. Only the time is used, so the prompt's content does not matter."""
-    policy = AutoPolicy(AutoConfig(modes=tuple(modes), explore_every=0), cost, lambda: 1)
+def measure_slowdowns(net: NLDTransformer, cost: CostModel, block: int, config: AutoConfig | None = None,
+                      cycles: int = 16, prompt_tokens: int = 32) -> dict[Choice, float]:
+    """Per choice (mode and block length) auto has for requests of this block length: the median seconds of one
+    cycle run alone (one row, a random prompt), over what the cost curve predicts for that cycle. Only the time
+    is used, so the prompt's content does not matter."""
+    policy = AutoPolicy(config or AutoConfig(), cost, lambda: 1)
     ids = torch.randint(0, net.config.vocab_size, (1, prompt_tokens), device=net.device)
     out = {}
-    for mode in modes:
-        steer = AutoSteer(_Fixed(mode), block, use_drafter=False)
+    for choice in policy.candidates(block):
+        steer = AutoSteer(_Fixed(choice), block, use_drafter=False)
         times = []
-        for _ in range(2):  # the first run warms the mode's shapes
+        for _ in range(2):  # the first run warms the choice's shapes
             stream = auto_decode(net, ids, StopRule(cycles * block + 1), SamplingParams(), steer)
             times = []
             t = None
@@ -167,73 +177,87 @@ def measure_slowdowns(net: NLDTransformer, cost: CostModel, block: int, modes=CA
                 if len(times) == cycles:
                     break
         times.sort()
-        out[mode] = times[len(times) // 2] / policy.cycle_seconds(mode, block, rows=1)
+        out[choice] = times[len(times) // 2] / policy.cycle_seconds(choice, rows=1)
     return out
 
 
 class _Fixed:
-    """A policy stand-in that always picks one mode (for timing it)."""
+    """A policy stand-in that always picks one choice (for timing it)."""
 
-    def __init__(self, mode: str) -> None:
-        self.mode = mode
+    def __init__(self, choice: Choice) -> None:
+        self.choice = choice
 
-    def pick(self, block: int) -> str:
-        return self.mode
+    def pick(self, block: int) -> Choice:
+        return self.choice
 
-    def observe(self, mode: str, block: int, tokens: int) -> None:
+    def observe(self, choice: Choice, tokens: int) -> None:
         pass
 
 
 class AutoPolicy:
-    """Engine-wide: observed tokens per cycle per mode, the cost curve, the per-row step overhead."""
+    """Engine-wide: observed tokens per cycle per choice, the cost curve, the per-row step overhead."""
 
     def __init__(self, config: AutoConfig, cost: CostModel, load: Callable[[], int]) -> None:
         self.config = config
         self.cost = cost
         self.load = load
         self._lock = threading.Lock()
-        self._tokens_per_cycle: dict[tuple[str, int], float] = {}
-        self._cycles: dict[tuple[str, int], int] = {}
+        self._tokens_per_cycle: dict[Choice, float] = {}
+        self._cycles: dict[Choice, int] = {}
         self.overhead_per_row = 0.0  # seconds a step spends outside its forwards, per running row
-        self.slowdowns: dict[str, float] = {}  # mode -> measured / predicted seconds per cycle (measure_slowdowns)
+        self.slowdowns: dict[Choice, float] = {}  # measured / predicted seconds per cycle (measure_slowdowns)
         self._steps = 0
         self._explored = -1  # the last step in which a row tried the runner-up
-        self._explore_wait: dict[int, int] = {}  # block -> steps from one try of the runner-up to the next
-        self._explore_next: dict[int, int] = {}  # block -> the step of the next try
-        self._decided: dict[int, tuple[int, str, str | None]] = {}  # block -> (step, mode, runner-up)
-        self.picks: dict[str, int] = dict.fromkeys(config.modes, 0)
+        self._explore_wait: dict[int, int] = {}  # request block -> steps from one try of the runner-up to the next
+        self._explore_next: dict[int, int] = {}  # request block -> the step of the next try
+        self._decided: dict[int, tuple[int, Choice, Choice | None]] = {}  # request block -> (step, choice, runner-up)
+        self.picks: dict[str, int] = {}
 
-    def tokens_per_cycle(self, mode: str, block: int) -> float:
-        if mode == "ar":
+    def candidates(self, block: int) -> list[Choice]:
+        """What a request of this block length may run: AR, and each speculative mode with its block length and
+        (`smaller_blocks`) the powers of two below it (a smaller block drafts fewer tokens in a narrower pass)."""
+        blocks = sorted({b for b in SMALLER_BLOCKS if b < block} | {block}) if self.config.smaller_blocks else [block]
+        return [AR if m == "ar" else (m, b) for m in self.config.modes for b in ([1] if m == "ar" else blocks)]
+
+    def tokens_per_cycle(self, choice: Choice) -> float:
+        if choice[0] == "ar":
             return 1.0
-        return self._tokens_per_cycle.get((mode, block), self.config.prior_tokens_per_cycle)
+        return self._tokens_per_cycle.get(choice, self._prior(choice))
 
-    def cycle_seconds(self, mode: str, block: int, rows: int | None = None) -> float:
-        """Predicted seconds of one cycle of `mode` when all `rows` rows run it: the cost curve and overhead."""
+    def _prior(self, choice: Choice) -> float:
+        """Before any cycle: `prior_tokens_per_cycle`, at most halfway between 1 and a full block."""
+        return min(self.config.prior_tokens_per_cycle, (1 + choice[1]) / 2)
+
+    def cycle_seconds(self, choice: Choice, rows: int | None = None) -> float:
+        """Predicted seconds of one cycle when all `rows` rows run it: the cost curve and overhead."""
+        mode, block = choice
         rows = max(1, self.load() if rows is None else rows)
         return FORWARDS_PER_CYCLE[mode] * (self.cost(rows * tokens_per_row(mode, block)) + self.overhead_per_row * rows)
 
-    def slowdown(self, mode: str) -> float:
-        """How much longer than the cost curve predicts a cycle of `mode` takes (1 where not measured)."""
-        return self.slowdowns.get(mode, 1.0)
+    def slowdown(self, choice: Choice) -> float:
+        """How much longer than the cost curve predicts a cycle takes: measured for this choice, else for the
+        nearest block length of the same mode, else 1."""
+        if choice in self.slowdowns:
+            return self.slowdowns[choice]
+        near = [(abs(math.log(b / choice[1])), v) for (m, b), v in self.slowdowns.items() if m == choice[0]]
+        return min(near)[1] if near else 1.0
 
-    def scores(self, block: int, rows: int | None = None) -> dict[str, float]:
-        """Expected tokens per second of one row in each mode, if all `rows` rows ran it."""
-        return {m: self.tokens_per_cycle(m, block) / (self.slowdown(m) * self.cycle_seconds(m, block, rows))
-                for m in self.config.modes}
+    def scores(self, block: int, rows: int | None = None) -> dict[Choice, float]:
+        """Expected tokens per second of one row for each choice, if all `rows` rows ran it."""
+        return {c: self.tokens_per_cycle(c) / (self.slowdown(c) * self.cycle_seconds(c, rows))
+                for c in self.candidates(block)}
 
-    def pick(self, block: int) -> str:
-        """The mode for a cycle starting now. Decided once per engine step (every row starting a cycle in a step
-        gets the same mode, so they share one forward) and kept unless another mode scores `hysteresis`
-        better (no flapping between near-equal modes)."""
+    def pick(self, block: int) -> Choice:
+        """The choice for a cycle starting now, for a request of this block length. Decided once per engine
+        step (every row starting a cycle in a step gets the same choice, so they share one forward) and kept
+        unless another choice scores `hysteresis` better (no flapping between near-equal choices)."""
         cfg = self.config
         with self._lock:
             if self._decided.get(block, (None,))[0] != self._steps:
                 scores = self.scores(block)
-                if "ar" in scores:
-                    # The model is an estimate and guessing wrong costs throughput: AR keeps the lead unless clearly
-                    # beaten.
-                    scores = {m: s if m == "ar" else s / (1 + cfg.spec_margin) for m, s in scores.items()}
+                # The model is an estimate and guessing wrong costs throughput: AR keeps the lead unless clearly
+                # beaten.
+                scores = {c: s if c == AR else s / (1 + cfg.spec_margin) for c, s in scores.items()}
                 ranked = sorted(scores, key=scores.get, reverse=True)
                 current = self._decided.get(block, (None, None, None))[1]
                 if current in scores and scores[ranked[0]] <= (1 + cfg.hysteresis) * scores[current]:
@@ -243,31 +267,30 @@ class AutoPolicy:
                     self._explore_wait[block] = cfg.explore_every
                     self._explore_next[block] = self._steps + cfg.explore_every
                 self._decided[block] = (self._steps, ranked[0], ranked[1] if len(ranked) > 1 else None)
-            _, mode, runner_up = self._decided[block]
+            _, choice, runner_up = self._decided[block]
             # Now and then one row tries the runner-up, so its estimate stays current; one row only, as the
             # runner-up may be expensive at this load (a quadratic pass of 64 rows). Each try that leaves the
-            # decision unchanged doubles the wait, so a mode that does not pay costs ever less to re-check.
+            # decision unchanged doubles the wait, so a choice that does not pay costs ever less to re-check.
             if (cfg.explore_every and runner_up and self._explored != self._steps
                     and self._steps >= self._explore_next.setdefault(block, cfg.explore_every - 1)):
                 self._explored = self._steps
                 wait = self._explore_wait.get(block, cfg.explore_every)
                 self._explore_next[block] = self._steps + wait
                 self._explore_wait[block] = min(2 * wait, cfg.explore_max)
-                mode = runner_up
-            self.picks[mode] += 1
-            return mode
+                choice = runner_up
+            self.picks[label(choice)] = self.picks.get(label(choice), 0) + 1
+            return choice
 
-    def observe(self, mode: str, block: int, tokens: int) -> None:
-        """One finished cycle of `mode` output `tokens` tokens."""
-        if mode == "ar":
+    def observe(self, choice: Choice, tokens: int) -> None:
+        """One finished cycle of `choice` output `tokens` tokens."""
+        if choice[0] == "ar":
             return
         with self._lock:
-            key = (mode, block)
-            n = self._cycles.get(key, 0)
-            est = self._tokens_per_cycle.get(key, self.config.prior_tokens_per_cycle)
+            n = self._cycles.get(choice, 0)
+            est = self._tokens_per_cycle.get(choice, self._prior(choice))
             weight = max(self.config.ema, 1.0 / (n + 1 + self.config.prior_weight))
-            self._tokens_per_cycle[key] = est + weight * (tokens - est)
-            self._cycles[key] = n + 1
+            self._tokens_per_cycle[choice] = est + weight * (tokens - est)
+            self._cycles[choice] = n + 1
 
     def observe_step(self, seconds: float, forwards: list[tuple[int, float]], rows: int) -> None:
         """A whole engine step (waiting for the rows' threads included) took `seconds` with forwards of
@@ -284,10 +307,10 @@ class AutoPolicy:
         with self._lock:
             return {
                 "modes": list(self.config.modes),
-                "tokens_per_cycle": {f"{m}@{b}": round(v, 3) for (m, b), v in self._tokens_per_cycle.items()},
-                "cycles": {f"{m}@{b}": n for (m, b), n in self._cycles.items()},
+                "tokens_per_cycle": {label(c): round(v, 3) for c, v in self._tokens_per_cycle.items()},
+                "cycles": {label(c): n for c, n in self._cycles.items()},
                 "step_overhead_per_row_s": round(self.overhead_per_row, 6),
-                "slowdown": {m: round(v, 3) for m, v in self.slowdowns.items()},
+                "slowdown": {label(c): round(v, 3) for c, v in self.slowdowns.items()},
                 "picks": dict(self.picks),
                 "cost": self.cost.as_dict(),
             }
@@ -301,11 +324,11 @@ class AutoSteer:
     block_length: int
     use_drafter: bool
 
-    def pick(self) -> str:
+    def pick(self) -> Choice:
         return self.policy.pick(self.block_length)
 
-    def observe(self, mode: str, tokens: int) -> None:
-        self.policy.observe(mode, self.block_length, tokens)
+    def observe(self, choice: Choice, tokens: int) -> None:
+        self.policy.observe(choice, tokens)
 
 
 def auto_cache_tokens(prompt_len: int, max_new_tokens: int, block: int) -> int:
@@ -328,11 +351,12 @@ def auto_decode(
     stats = DecodeStats("auto", prompt_tokens=prompt_len)
     cache = model.new_cache(1, auto_cache_tokens(prompt_len, stop.max_new_tokens, B))
 
-    tail: list[int] = []
-    if steer.pick() == "quadratic_spec":  # the prefill also drafts, as quadratic_spec's first pass does
-        masks = torch.full((1, B), mask_id, dtype=torch.long, device=dev)
-        logits = model(torch.cat([prompt_ids, masks], 1), mask=quadratic_init_mask(prompt_len, B, dev), cache=cache)[0]
-        tail = choose(logits[prompt_len + 1 :], torch.arange(prompt_len + 1, prompt_len + B), sampling,
+    tail: list[int] = []  # guesses for the tokens after `pending`
+    mode, b = steer.pick()
+    if mode == "quadratic_spec":  # the prefill also drafts, as quadratic_spec's first pass does
+        masks = torch.full((1, b), mask_id, dtype=torch.long, device=dev)
+        logits = model(torch.cat([prompt_ids, masks], 1), mask=quadratic_init_mask(prompt_len, b, dev), cache=cache)[0]
+        tail = choose(logits[prompt_len + 1 :], torch.arange(prompt_len + 1, prompt_len + b), sampling,
                       step=DRAFT_STEP_KEY).tolist()
     else:
         logits = model(prompt_ids, mask="causal", cache=cache)[0]
@@ -345,11 +369,12 @@ def auto_decode(
     yield Committed([out], stats)
 
     while not over:
-        mode = steer.pick()
+        choice = steer.pick()
         budget_near = (thinking is not None and thinking.end_think_token_id not in out
                        and len(out) + B >= thinking.max_thinking_tokens)
         if budget_near:
-            mode = "ar"  # AR steps place the forced end-think token exactly where AR would
+            choice = AR  # AR steps place the forced end-think token exactly where AR would
+        mode, b = choice
         clean = cache.length  # the position of `pending`
         if mode == "ar":
             logits = model(torch.tensor([[pending]], device=dev), mask="causal", cache=cache)[0]
@@ -359,31 +384,32 @@ def auto_decode(
                 emitted = [thinking.end_think_token_id]
             tail = []
         elif mode == "linear_spec":
-            block = torch.tensor([[pending] + _draft(model, cache, pending, steer, sampling)], device=dev)
-            positions = clean + torch.arange(B)
+            block = torch.tensor([[pending] + _draft(model, cache, pending, b, steer.use_drafter, sampling)],
+                                 device=dev)
+            positions = clean + torch.arange(b)
             logits = model(block, mask="causal", cache=cache)
-            cache.commit(B)
+            cache.commit(b)
             verified = choose(logits[0], positions + 1, sampling).tolist()
-            accepted = _accepted(verified, block[0].tolist(), B)
+            accepted = _accepted(verified, block[0].tolist(), b)
             cache.crop(clean + accepted)
             emitted = verified[:accepted]
             tail = []
         else:
-            if not tail:  # coming from another mode: draft the leaders first, as linear_spec does
-                tail = _draft(model, cache, pending, steer, sampling)
+            if len(tail) < b - 1:  # too few guesses (from another mode or a smaller block): draft them first
+                tail = _draft(model, cache, pending, b, steer.use_drafter, sampling)
                 stats.forward_passes += 1
-            leaders = [pending] + tail[: B - 1]
-            ids = torch.full((B, B + 1), mask_id, dtype=torch.long, device=dev)
+            leaders = [pending] + tail[: b - 1]
+            ids = torch.full((b, b + 1), mask_id, dtype=torch.long, device=dev)
             ids[:, 0] = torch.tensor(leaders, device=dev)
-            group = torch.arange(B + 1, device=dev)
-            positions = (clean + torch.arange(B, device=dev)[:, None] + group[None, :]).flatten()
-            logits = model(ids.view(1, -1), mask=quadratic_step_mask(B, clean, dev), cache=cache, positions=positions)
-            logits = logits.view(B, B + 1, -1)
+            group = torch.arange(b + 1, device=dev)
+            positions = (clean + torch.arange(b, device=dev)[:, None] + group[None, :]).flatten()
+            logits = model(ids.view(1, -1), mask=quadratic_step_mask(b, clean, dev), cache=cache, positions=positions)
+            logits = logits.view(b, b + 1, -1)
             # Slot k of group j predicts the token at position clean + j + k (slot 0: the causal next token).
-            pred_pos = positions.view(B, B + 1) + (group == 0).long()
+            pred_pos = positions.view(b, b + 1) + (group == 0).long()
             verified = choose(logits[:, 0], pred_pos[:, 0], sampling).tolist()
-            accepted = _accepted(verified, leaders, B)
-            cache.commit_slots([j * (B + 1) for j in range(accepted)])
+            accepted = _accepted(verified, leaders, b)
+            cache.commit_slots([j * (b + 1) for j in range(accepted)])
             j = accepted - 1
             tail = choose(logits[j, 2:], pred_pos[j, 2:], sampling, step=DRAFT_STEP_KEY).tolist()
             emitted = verified[:accepted]
@@ -395,7 +421,7 @@ def auto_decode(
         out, over = stop.finish(out + emitted)
         # The policy learns what a cycle delivers: accepted tokens past EOS or max_new_tokens are not output (a
         # model that predicts EOS again and again would otherwise look like a perfect drafter).
-        steer.observe(mode, len(out) - before)
+        steer.observe(choice, len(out) - before)
         stats.generated_tokens = len(out)
         yield Committed([out[before:]], stats)
 
@@ -403,14 +429,15 @@ def auto_decode(
     return DecodeOutput([out], stats)
 
 
-def _draft(model: NLDTransformer, cache, pending: int, steer: AutoSteer, sampling: SamplingParams) -> list[int]:
-    """Guesses for the B - 1 tokens after `pending`: one bidirectional pass over [pending, MASK x B-1] on the
-    read-only cache, drafter adapter on when asked for."""
-    B, clean = steer.block_length, cache.length
-    block = torch.full((1, B), model.config.mask_token_id, dtype=torch.long, device=model.device)
-    block[0, 0] = pending
-    logits = model(block, mask="bidirectional", cache=cache, lora=steer.use_drafter)
-    return choose(logits[0, 1:], clean + torch.arange(1, B), sampling, step=DRAFT_STEP_KEY).tolist()
+def _draft(model: NLDTransformer, cache, pending: int, block: int, use_drafter: bool,
+           sampling: SamplingParams) -> list[int]:
+    """Guesses for the block - 1 tokens after `pending`: one bidirectional pass over [pending, MASK x block-1] on
+    the read-only cache, drafter adapter on when asked for."""
+    clean = cache.length
+    ids = torch.full((1, block), model.config.mask_token_id, dtype=torch.long, device=model.device)
+    ids[0, 0] = pending
+    logits = model(ids, mask="bidirectional", cache=cache, lora=use_drafter)
+    return choose(logits[0, 1:], clean + torch.arange(1, block), sampling, step=DRAFT_STEP_KEY).tolist()
 
 
 def _accepted(verified: list[int], drafts: list[int], block: int) -> int:

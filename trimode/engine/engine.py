@@ -301,7 +301,7 @@ class Engine:
             self.policy = AutoPolicy(self.auto_config, cost, lambda: len(self.scheduler.running))
             if self._cost is None:  # tests that pass a cost curve skip the start-up measurements
                 self.policy.slowdowns = measure_slowdowns(self.tm.net, cost, self.tm.config.block_size,
-                                                          self.auto_config.modes)
+                                                          self.auto_config)
 
     # -- one request's thread ----------------------------------------------------------------------------
     def _launch(self, seq: Sequence) -> None:

@@ -5,24 +5,27 @@ or sampled with the same keyed noise), so switching between them from one cycle 
 output. `auto` therefore emits exactly what `ar` emits, at any load: that keeps the engine batch-invariant.
 Diffusion is not a candidate because its output differs from AR's (it would make the output load-dependent).
 
-The state all three share between cycles: the cache holds every token but the last emitted one (`pending`),
-plus optional draft guesses `tail` for the tokens after it (left by a quadratic pass). One cycle is
+The speculative modes run with a block length B per cycle: the request's, or (`smaller_blocks`) a power of two
+below it; a (mode, B) pair is a *choice*. The state all cycles share: the cache holds every token but the last
+emitted one (`pending`), plus optional draft guesses `tail` for the tokens after it (left by a quadratic pass).
+One cycle is
 - ar:             1 forward of 1 token: the causal next token;
 - linear_spec:    2 forwards of B tokens: draft [pending, MASK x B-1] (adapter on), verify causally, accept;
 - quadratic_spec: 1 forward of B(B+1) tokens: B groups [leader_j, MASK x B], leaders = pending + tail (drafted
-                  by a linear_spec draft pass first when switching in without a tail); accept the leaders that
-                  match the causal predictions, and the masks of the last accepted group become the next tail.
+                  by a linear_spec draft pass first when there are fewer than B - 1 guesses); accept the leaders
+                  that match the causal predictions, and the masks of the last accepted group become the tail.
 
-The rule (`AutoPolicy.pick`): with R running rows, a mode that emits `a` tokens per cycle in `f` forwards of
+The rule (`AutoPolicy.pick`): with R running rows, a choice that emits `a` tokens per cycle in `f` forwards of
 `n` tokens per row scores  a / (s * f * (cost(R * n) + R * overhead)),  the tokens per second of one row if all
 R rows ran it. cost(tokens) is the forward-time curve measured at start-up (`CostModel.measure`) and refined by
 every timed forward; overhead the time per row a step spends outside its forwards (measured online); s the
-mode's slowdown, measured at start-up too (`measure_slowdowns`: a cycle of the mode run alone, over the curve's
-prediction for it), which holds what the curve does not see (a draft pass's adapter and bidirectional mask, a
-quadratic pass's mask, the Python work between forwards); `a` the output tokens per cycle observed so far
-(AR: 1). The best score wins, a speculative mode only when it beats AR by `spec_margin`. While R * n is below the
-knee of the cost curve a wider pass is nearly free, so speculation wins; above it, or when its drafts are not
-accepted, AR does. Now and then one row runs the runner-up, so its tokens per cycle stay current.
+choice's slowdown, measured at start-up too (`measure_slowdowns`: a cycle of the choice run alone, over the
+curve's prediction for it), which holds what the curve does not see (a draft pass's adapter and bidirectional
+mask, a quadratic pass's mask, the Python work between forwards); `a` the output tokens per cycle observed so
+far (AR: 1). The best score wins, a speculative choice only when it beats AR by `spec_margin`. While R * n is
+below the knee of the cost curve a wider pass is nearly free, so speculation wins (a smaller block keeps a
+quadratic pass below it longer); above it, or when drafts are not accepted, AR does. Now and then one row runs
+the runner-up, so its tokens per cycle stay current.
 """
 
 from __future__ import annotations
@@ -160,13 +163,16 @@ def measure_slowdowns(net: NLDTransformer, cost: CostModel, block: int, config: 
     cycle run alone (one row, a random prompt), over what the cost curve predicts for that cycle. Only the time
     is used, so the prompt's content does not matter."""
     policy = AutoPolicy(config or AutoConfig(), cost, lambda: 1)
+    room = net.config.max_position_embeddings - block * (block + 2)  # what the cache may hold besides scratch
+    prompt_tokens = max(1, min(prompt_tokens, room // 2))
+    max_new = max(1, min(cycles * block + 1, room - prompt_tokens))
     ids = torch.randint(0, net.config.vocab_size, (1, prompt_tokens), device=net.device)
     out = {}
     for choice in policy.candidates(block):
         steer = AutoSteer(_Fixed(choice), block, use_drafter=False)
         times = []
         for _ in range(2):  # the first run warms the choice's shapes
-            stream = auto_decode(net, ids, StopRule(cycles * block + 1), SamplingParams(), steer)
+            stream = auto_decode(net, ids, StopRule(max_new), SamplingParams(), steer)
             times = []
             t = None
             for _event in stream:
@@ -176,8 +182,9 @@ def measure_slowdowns(net: NLDTransformer, cost: CostModel, block: int, config: 
                 t = now
                 if len(times) == cycles:
                     break
-        times.sort()
-        out[choice] = times[len(times) // 2] / policy.cycle_seconds(choice, rows=1)
+        if times:  # (none when the context is too short for a second cycle)
+            times.sort()
+            out[choice] = times[len(times) // 2] / policy.cycle_seconds(choice, rows=1)
     return out
 
 

@@ -71,3 +71,15 @@ def test_auto_verdicts_compare_with_the_best_fixed_and_the_best_lossless_mode():
     cells[1].round_tokens_per_s = [108.0, 120.0, 125.0]
     (line,) = sb.auto_verdicts(cells)
     assert "diffusion 120.0 (rounds 108-125): 0.92x BELOW (the rounds overlap) (per round: 0.88, 0.92, 0.89)" in line
+
+
+def test_bench_serve_checks_auto_config_before_starting_a_server():
+    from typer.testing import CliRunner
+
+    from trimode.cli import app
+
+    for args, needle in ((["--auto-config", '{"spec_margin": -1}'], "spec_margin >= 0"),
+                         (["--url", "http://127.0.0.1:9/v1", "--auto-config", "{}"], "cannot change the one at --url")):
+        result = CliRunner().invoke(app, ["bench", "serve", *args], env={"COLUMNS": "200"})
+        assert result.exit_code == 2 and needle in result.stderr, result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1

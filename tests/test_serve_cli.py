@@ -77,7 +77,8 @@ def test_serve_command_end_to_end(tmp_path):
     ckpt = build_checkpoint(tmp_path / "tiny-ckpt")
     (tmp_path / "policy.yaml").write_text(POLICY)
     srv = Served(["--model", str(ckpt), "--api-key", "sekrit", "--policy", "policy.yaml", "--audit-log",
-                  "logs/audit.jsonl", "--max-tokens", "8", "--log-level", "warning"], cwd=tmp_path)
+                  "logs/audit.jsonl", "--max-tokens", "8", "--log-level", "warning",
+                  "--auto-config", '{"modes": ["ar", "linear_spec"], "smaller_blocks": false}'], cwd=tmp_path)
     try:
         assert srv.wait_ready(), srv.stop()[1]
         chat_in_every_mode(srv.url, "tiny-ckpt", api_key="sekrit")
@@ -88,6 +89,8 @@ def test_serve_command_end_to_end(tmp_path):
         entry = json.loads((tmp_path / "logs" / "audit.jsonl").read_text().splitlines()[-1])
         assert entry["request_id"] == r.json()["id"] and entry["human_review"] == "required"
         assert httpx.post(srv.url + "/v1/completions", json={"model": "tiny-ckpt", "prompt": "x"}).status_code == 401
+        auto = httpx.get(srv.url + "/health").json()["auto"]  # --auto-config reached the engine
+        assert auto["modes"] == ["ar", "linear_spec"] and set(auto["slowdown"]) == {"ar", "linear_spec@4"}
     finally:
         code, err = srv.stop()
     assert "Traceback" not in err, err
@@ -114,7 +117,12 @@ def test_bad_model_and_options_are_one_line_errors(tmp_path):
                          (["--model", str(tmp_path)], "missing config.json"),
                          (["--mode", "fast"], "unknown --mode 'fast'"),
                          (["--threshold", "2"], "--threshold must be in [0, 1]"),
-                         (["--block-length", "0"], "--block-length must be >= 1")):
+                         (["--block-length", "0"], "--block-length must be >= 1"),
+                         (["--auto-config", "{"], "--auto-config is not valid JSON"),
+                         (["--auto-config", "[]"], "--auto-config must be a JSON object"),
+                         (["--auto-config", '{"margin": 1}'], "unknown setting(s) margin; known: cost_sizes"),
+                         (["--auto-config", '{"spec_margin": "x"}'], 'spec_margin must be a number, got "x"'),
+                         (["--auto-config", '{"modes": ["ar", "fast"]}'], "auto modes must be a non-empty subset")):
         result = serve_cli(*args)
         assert result.exit_code == 2 and needle in result.stderr, result.stderr
         assert len(result.stderr.strip().splitlines()) == 1
@@ -140,3 +148,11 @@ def test_help_lists_serve():
     assert result.exit_code == 0
     for option in ("--model", "--host", "--port", "--api-key", "--policy", "--audit-log", "--mode", "--max-queue"):
         assert option in result.stdout
+
+
+def test_auto_config_json_becomes_the_engines_settings():
+    from trimode.engine import AutoConfig
+    from trimode.serve.cli import parse_auto_config
+
+    got = parse_auto_config('{"spec_margin": 0, "modes": ["ar", "quadratic_spec"], "explore_every": 0}')
+    assert got == AutoConfig(spec_margin=0, modes=("ar", "quadratic_spec"), explore_every=0)

@@ -156,13 +156,14 @@ def free_port() -> int:
 
 
 def start_server(model: str | None, port: int, block_length: int | None, dtype: str | None, device: str | None,
-                 max_queue: int, threads: int | None = None, timeout: float = 300) -> subprocess.Popen:
+                 max_queue: int, threads: int | None = None, timeout: float = 300,
+                 auto_config: str | None = None) -> subprocess.Popen:
     import httpx
 
     cmd = [sys.executable, "-m", "trimode.cli", "serve", "--port", str(port), "--log-level", "warning",
            "--max-queue", str(max_queue), "--served-model-name", "bench"]
     for flag, value in (("--model", model), ("--block-length", block_length), ("--dtype", dtype),
-                        ("--device", device)):
+                        ("--device", device), ("--auto-config", auto_config)):
         if value is not None:
             cmd += [flag, str(value)]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
@@ -296,8 +297,8 @@ def round_order(modes: list[str], r: int) -> list[str]:
 
 def run(model: str | None, url: str | None, modes: list[str], concurrency: list[int], requests: int,
         max_tokens: int, block_length: int | None, dtype: str | None, device: str | None, api_key: str,
-        threads: int | None = None, rounds: int = 1, warmup: int = 4, echo=print, api: str = "chat"
-        ) -> tuple[list[Cell], dict | None]:
+        threads: int | None = None, rounds: int = 1, warmup: int = 4, echo=print, api: str = "chat",
+        auto_config: str | None = None) -> tuple[list[Cell], dict | None]:
     """The cells, and the server's auto state at the end (None when it has none)."""
     if api not in APIS:
         raise ValueError(f"api must be one of {', '.join(APIS)}, got {api!r}")
@@ -306,7 +307,8 @@ def run(model: str | None, url: str | None, modes: list[str], concurrency: list[
     if url is None:
         port = free_port()
         echo(f"starting `trimode serve` on port {port} ...")
-        proc = start_server(model, port, block_length, dtype, device, max(64, 2 * max(concurrency)), threads)
+        proc = start_server(model, port, block_length, dtype, device, max(64, 2 * max(concurrency)), threads,
+                            auto_config=auto_config)
         url = f"http://127.0.0.1:{port}/v1"
     cells = []
     try:

@@ -54,6 +54,8 @@ def serve(
     device: str | None = typer.Option(None, help="cpu / cuda for the started server."),
     threads: int | None = typer.Option(None, help="torch intra-op threads of the started server (OMP_NUM_THREADS; "
                                        "1 is much faster for small models on a busy CPU)."),
+    auto_config: str | None = typer.Option(None, "--auto-config", help="`mode: auto` settings (JSON) of the "
+                                           "started server, as `trimode serve --auto-config`."),
     api_key: str = typer.Option("none", "--api-key", envvar="TRIMODE_API_KEY", help="Bearer key, if the server "
                                 "needs one."),
     out: Path | None = typer.Option(None, help="Also write the markdown report here."),
@@ -76,6 +78,12 @@ def serve(
         _fail("give --model or --url, not both")
     if model is not None and not Path(model).is_dir():
         _fail(f"no checkpoint directory {model}")
+    if auto_config is not None:
+        if url is not None:
+            _fail("--auto-config sets up the server bench serve starts; it cannot change the one at --url")
+        from trimode.serve.cli import parse_auto_config
+
+        parse_auto_config(auto_config)  # a bad setting fails here, not in the child server
     if plot is None and out is not None:
         plot = out.with_suffix(".png")
 
@@ -84,7 +92,7 @@ def serve(
 
     try:
         cells, auto = sb.run(model, url, mode_list, levels, requests, max_tokens, block_length, dtype, device,
-                       api_key, threads, rounds, echo=echo, api=api)
+                             api_key, threads, rounds, echo=echo, api=api, auto_config=auto_config)
     except ImportError as e:
         _fail(f"bench serve needs the `openai` client ({e.name} is missing): pip install openai")
     except (RuntimeError, OSError, ValueError) as e:
@@ -95,7 +103,8 @@ def serve(
                                                                       max_tokens),
              ("--rounds", None if rounds == 1 else rounds), ("--api", None if api == "chat" else api),
              ("--block-length", block_length), ("--dtype", dtype),
-             ("--device", device), ("--threads", threads)]
+             ("--device", device), ("--threads", threads),
+             ("--auto-config", None if auto_config is None else f"'{auto_config}'")]
     command = " ".join(["trimode bench serve"] + [f"{k} {v}" for k, v in given if v is not None])
     header = (f"Command: `{command}`  \nMachine: {platform.machine()}, {_cores()} CPU cores, torch "
               f"{_torch_version()}; {'a running server' if url else 'a `trimode serve` child process'}; at least "

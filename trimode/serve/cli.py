@@ -33,6 +33,9 @@ def serve(
     max_tokens: int = typer.Option(256, "--max-tokens", help="Tokens generated when a request gives no max_tokens."),
     temperature: float = typer.Option(0.0, help="Temperature when a request gives none (0 = greedy)."),
     max_queue: int = typer.Option(64, "--max-queue", help="Waiting requests before new ones get 429."),
+    auto_config: str | None = typer.Option(None, "--auto-config", help="`mode: auto` settings as a JSON object, "
+                                           "e.g. '{\"spec_margin\": 0.05, \"smaller_blocks\": false}' (fields of "
+                                           "AutoConfig, docs/engine.md)."),
     dtype: str | None = typer.Option(None, help="float32 / bfloat16 (default: float32 on CPU, bfloat16 on CUDA)."),
     device: str | None = typer.Option(None, help="cpu / cuda (default: cuda when available)."),
     log_level: str = typer.Option("info", "--log-level", help="uvicorn log level."),
@@ -48,6 +51,7 @@ def serve(
         fail(f"--block-length must be >= 1, got {block_length}")
     if max_tokens < 1 or max_queue < 0 or not 0 < port < 65536:
         fail("--max-tokens must be >= 1, --max-queue >= 0 and --port in 1..65535")
+    auto = None if auto_config is None else parse_auto_config(auto_config)
 
     from trimode.serve.policy import AuditLog, PolicyError, load_policy
 
@@ -77,7 +81,7 @@ def serve(
             tm.knobs_for(mode, **knobs)  # reject bad defaults now rather than on every request
     except ValueError as e:
         fail(str(e))
-    app = create_app(Engine(tm, max_queue=max_queue), config)
+    app = create_app(Engine(tm, max_queue=max_queue, auto=auto), config)
     if host not in ("127.0.0.1", "localhost", "::1") and api_key is None:
         typer.echo(f"warning: serving on {host} without --api-key: anyone who can reach it can use it", err=True)
     extra = f", policy {policy} ({len(routing.routes)} routes), audit log {audit_log}" if routing else ""
@@ -86,6 +90,39 @@ def serve(
         uvicorn.run(app, host=host, port=port, log_level=log_level)
     except OSError as e:
         fail(f"cannot serve on {host}:{port}: {e.strerror or e}")
+
+
+def parse_auto_config(text: str):
+    """An AutoConfig from `--auto-config` JSON, or a one-line error naming what is wrong."""
+    import dataclasses
+    import json
+
+    from trimode.cli import fail
+    from trimode.engine import AutoConfig
+
+    try:
+        values = json.loads(text)
+    except json.JSONDecodeError as e:
+        fail(f"--auto-config is not valid JSON: {e.msg} (at character {e.pos})")
+    if not isinstance(values, dict):
+        fail("--auto-config must be a JSON object, e.g. '{\"spec_margin\": 0.05}'")
+    known = sorted(f.name for f in dataclasses.fields(AutoConfig))
+    unknown = sorted(set(values) - set(known))
+    if unknown:
+        fail(f"--auto-config: unknown setting(s) {', '.join(unknown)}; known: {', '.join(known)}")
+    defaults = AutoConfig()
+    for name, value in values.items():
+        default = getattr(defaults, name)
+        kind, ok = {bool: ("true or false", isinstance(value, bool)),
+                    int: ("a whole number", isinstance(value, int) and not isinstance(value, bool)),
+                    float: ("a number", isinstance(value, int | float) and not isinstance(value, bool)),
+                    tuple: ("a list", isinstance(value, list))}[type(default)]
+        if not ok:
+            fail(f"--auto-config: {name} must be {kind}, got {json.dumps(value)}")
+    try:
+        return AutoConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
+    except ValueError as e:
+        fail(f"--auto-config: {e}")
 
 
 def _model_name(model: str | None) -> str:

@@ -166,7 +166,8 @@ def measure_slowdowns(net: NLDTransformer, cost: CostModel, block: int, config: 
     room = net.config.max_position_embeddings - block * (block + 2)  # what the cache may hold besides scratch
     prompt_tokens = max(1, min(prompt_tokens, room // 2))
     max_new = max(1, min(cycles * block + 1, room - prompt_tokens))
-    ids = torch.randint(0, net.config.vocab_size, (1, prompt_tokens), device=net.device)
+    rng = torch.Generator().manual_seed(0)  # not the global generator: starting an engine leaves it alone
+    ids = torch.randint(0, net.config.vocab_size, (1, prompt_tokens), generator=rng).to(net.device)
     out = {}
     for choice in policy.candidates(block):
         steer = AutoSteer(_Fixed(choice), block, use_drafter=False)

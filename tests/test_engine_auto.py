@@ -215,3 +215,13 @@ def test_slowdowns_are_measured_for_every_mode_at_start_up():
         measured = set(engine.stats()["auto"]["slowdown"])
         assert "ar" in measured and f"linear_spec@{tm.config.block_size}" in measured
         assert all(c == "ar" or c.startswith("linear_spec@") for c in measured)
+
+
+def test_starting_an_engine_leaves_the_global_rng_alone():
+    tm = TriMode(random_model(6, lora=True))
+    torch.manual_seed(5)
+    expected = torch.rand(3)
+    torch.manual_seed(5)
+    with Engine(tm, auto=AutoConfig(cost_sizes=(1, 4, 16))):  # measures the cost curve and the slowdowns
+        pass
+    assert torch.equal(torch.rand(3), expected)

@@ -49,12 +49,13 @@ CANDIDATES = ("ar", "linear_spec", "quadratic_spec")
 SMALLER_BLOCKS = (2, 4, 8, 16, 32, 64)
 Choice = tuple[str, int]  # (mode, block length of its cycle); AR's block is 1
 AR: Choice = ("ar", 1)
+FORWARDS_PER_CYCLE = {"ar": 1, "linear_spec": 2, "quadratic_spec": 1}
 
 
 def label(choice: Choice) -> str:
+    """How a choice is named in stats and reports: "ar", "quadratic_spec@4"."""
     mode, block = choice
     return mode if mode == "ar" else f"{mode}@{block}"
-FORWARDS_PER_CYCLE = {"ar": 1, "linear_spec": 2, "quadratic_spec": 1}
 
 
 def tokens_per_row(mode: str, block: int) -> int:
@@ -173,7 +174,6 @@ def measure_slowdowns(net: NLDTransformer, cost: CostModel, block: int, config: 
     out = {}
     for choice in policy.candidates(block):
         steer = AutoSteer(_Fixed(choice), block, use_drafter=False)
-        times = []
         for _ in range(2):  # the first run warms the choice's shapes
             stream = auto_decode(net, ids, StopRule(max_new), SamplingParams(), steer)
             times = []

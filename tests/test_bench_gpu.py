@@ -7,22 +7,18 @@ from typer.testing import CliRunner
 
 from tests.conftest import TINY_A, random_model
 from trimode.cli import app
-from trimode.decode.ar import ar_decode
-from trimode.decode.diffusion import diffusion_decode
-from trimode.decode.linear_spec import linear_spec_decode
-from trimode.decode.quadratic_spec import quadratic_spec_decode
 from trimode.decode.sampling import SamplingParams
-from trimode.decode.stats import drive
+from trimode.decode.driver import decode, drive
 from trimode.decode.stopping import StopRule
 from trimode.model.static import StaticKVCache, StaticModel
 
 STOP = StopRule(12, frozenset([3]))
 PROMPT = torch.tensor([[1, 7, 9, 22, 13]])
 DECODERS = {
-    "ar": lambda m, s: ar_decode(m, PROMPT, STOP, s),
-    "diffusion": lambda m, s: diffusion_decode(m, PROMPT, STOP, s, 4, 0.5),
-    "linear_spec": lambda m, s: linear_spec_decode(m, PROMPT, STOP, s, 4, 0.0, True),
-    "quadratic_spec": lambda m, s: quadratic_spec_decode(m, PROMPT, STOP, s, 4),
+    "ar": lambda m, s: decode(m, "ar", PROMPT, STOP, s),
+    "diffusion": lambda m, s: decode(m, "diffusion", PROMPT, STOP, s, block_length=4, threshold=0.5),
+    "linear_spec": lambda m, s: decode(m, "linear_spec", PROMPT, STOP, s, block_length=4, threshold=0.0, use_drafter=True),
+    "quadratic_spec": lambda m, s: decode(m, "quadratic_spec", PROMPT, STOP, s, block_length=4),
 }
 
 
@@ -86,10 +82,10 @@ def test_cuda_graphs_give_eager_tokens():
     fast = StaticModel(net, max_seq_len=256, min_window=16, graph_tokens=(1, 4, 20))
     ids = PROMPT.cuda()
     stop = StopRule(40, frozenset([3]))
-    for decode in (lambda m: ar_decode(m, ids, stop), lambda m: linear_spec_decode(m, ids, stop, block_length=4,
+    for dec in (lambda m: decode(m, "ar", ids, stop), lambda m: decode(m, "linear_spec", ids, stop, block_length=4,
                                                                                      use_drafter=True),
-                   lambda m: quadratic_spec_decode(m, ids, stop, block_length=4)):
-        assert drive(decode(fast)).tokens == drive(decode(net)).tokens
+                   lambda m: decode(m, "quadratic_spec", ids, stop, block_length=4)):
+        assert drive(dec(fast)).tokens == drive(dec(net)).tokens
     assert fast.num_graphs > 0
 
 

@@ -8,9 +8,7 @@ import typer
 from typer.testing import CliRunner
 
 from tests.conftest import random_model
-from trimode.decode.ar import ar_decode
-from trimode.decode.linear_spec import linear_spec_decode
-from trimode.decode.stats import drive
+from trimode.decode.driver import decode, drive
 from trimode.decode.stopping import StopRule
 from trimode.model.loading import LORA_DIR, load_lora, save_checkpoint
 from trimode.train.drafter import (
@@ -120,15 +118,15 @@ def test_training_lowers_the_loss_and_stays_lossless(tmp_path):
             assert torch.equal(getattr(a.self_attn.o_proj, name), trained.float().double())
         assert a.self_attn.o_proj.lora_scale == 4.0
     for row in held[:8]:  # greedy_acceptance measures what a linear_spec cycle emits
-        first_cycle = drive(linear_spec_decode(fresh, row[None], StopRule(BLOCK), block_length=BLOCK,
+        first_cycle = drive(decode(fresh, "linear_spec", row[None], StopRule(BLOCK), block_length=BLOCK,
                                                use_drafter=True)).stats.acceptance[0]
         assert greedy_acceptance(fresh, row[None], BLOCK, use_drafter=True) == first_cycle
     # Losslessness: the trained drafter changes how many tokens a cycle emits, never which.
     stop = StopRule(20)
     for prompt in ([7, 8, 9], [30, 12, 44, 6, 50], held[0].tolist()):
         x = torch.tensor([prompt])
-        ar = drive(ar_decode(fresh, x, stop)).tokens[0]
-        assert drive(linear_spec_decode(fresh, x, stop, block_length=BLOCK, use_drafter=True)).tokens[0] == ar
+        ar = drive(decode(fresh, "ar", x, stop)).tokens[0]
+        assert drive(decode(fresh, "linear_spec", x, stop, block_length=BLOCK, use_drafter=True)).tokens[0] == ar
 
 
 def test_drafter_config_errors(tmp_path):

@@ -8,7 +8,7 @@ import pytest
 from tests.conftest import random_model
 from trimode.api import Delta, GenerationResult, TriMode
 from trimode.engine import Engine, EngineRequest, EngineStopped, QueueFull
-from trimode.engine.invariance import alone, flat_cost
+from tests.invariance import alone, flat_cost
 
 
 @pytest.fixture(scope="module")

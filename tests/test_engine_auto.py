@@ -15,7 +15,7 @@ from trimode.decode.stats import drive
 from trimode.decode.stopping import StopRule, ThinkingBudget
 from trimode.engine import AutoConfig, CostModel, Engine, EngineRequest
 from trimode.engine.auto import AR, AutoPolicy, AutoSteer, auto_decode, label, measure_slowdowns
-from trimode.engine.invariance import flat_cost, run_mix
+from tests.invariance import flat_cost, run_mix
 
 L4, Q4 = ("linear_spec", 4), ("quadratic_spec", 4)
 

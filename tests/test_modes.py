@@ -14,12 +14,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tests.conftest import random_model
-from trimode.decode.ar import ar_decode
-from trimode.decode.diffusion import diffusion_decode
-from trimode.decode.linear_spec import linear_spec_decode
-from trimode.decode.quadratic_spec import quadratic_spec_decode
 from trimode.decode.sampling import SamplingParams
-from trimode.decode.stats import Committed, drive
+from trimode.decode.driver import decode, drive
+from trimode.decode.step import Committed
 from trimode.decode.stopping import StopRule, ThinkingBudget
 
 NO_EOS = StopRule(24)
@@ -38,11 +35,11 @@ prompts = st.lists(st.integers(6, 63), min_size=1, max_size=12)
 def test_greedy_speculation_equals_ar(seed, prompt, block, lora, draft_threshold):
     net = random_model(seed, lora=lora)
     ids = torch.tensor([prompt])
-    ar = run(ar_decode(net, ids, NO_EOS))
+    ar = run(decode(net, "ar", ids, NO_EOS))
     assert len(ar) == NO_EOS.max_new_tokens
-    assert run(linear_spec_decode(net, ids, NO_EOS, block_length=block, threshold=draft_threshold,
+    assert run(decode(net, "linear_spec", ids, NO_EOS, block_length=block, threshold=draft_threshold,
                                   use_drafter=lora)) == ar
-    assert run(quadratic_spec_decode(net, ids, NO_EOS, block_length=block)) == ar
+    assert run(decode(net, "quadratic_spec", ids, NO_EOS, block_length=block)) == ar
 
 
 @settings(max_examples=8, deadline=None)
@@ -52,9 +49,9 @@ def test_seeded_sampling_speculation_equals_ar_sampling(seed, prompt, sample_see
     net = random_model(seed, lora=True)
     ids = torch.tensor([prompt])
     sp = SamplingParams(temperature, top_p, top_k, sample_seed)
-    ar = run(ar_decode(net, ids, NO_EOS, sp))
-    assert run(linear_spec_decode(net, ids, NO_EOS, sp, block_length=block, use_drafter=True)) == ar
-    assert run(quadratic_spec_decode(net, ids, NO_EOS, sp, block_length=block)) == ar
+    ar = run(decode(net, "ar", ids, NO_EOS, sp))
+    assert run(decode(net, "linear_spec", ids, NO_EOS, sp, block_length=block, use_drafter=True)) == ar
+    assert run(decode(net, "quadratic_spec", ids, NO_EOS, sp, block_length=block)) == ar
 
 
 def test_speculative_sampling_matches_ar_distribution():
@@ -71,7 +68,7 @@ def test_speculative_sampling_matches_ar_distribution():
     n = 600
     counts = torch.zeros(16, 16, dtype=torch.float64)
     for s in range(n):
-        t1, t2 = run(linear_spec_decode(net, ids, stop, SamplingParams(1.0, seed=s), block_length=4))
+        t1, t2 = run(decode(net, "linear_spec", ids, stop, SamplingParams(1.0, seed=s), block_length=4))
         counts[t1, t2] += 1
     expected = joint.flatten() * n
     keep = expected >= 5  # pool rare cells so the chi-square approximation holds
@@ -88,23 +85,23 @@ def test_speculative_sampling_matches_ar_distribution():
 def test_sampling_is_seed_reproducible_and_seed_dependent():
     net = random_model(3, scale=1.0)
     ids = torch.tensor([[10, 11, 12]])
-    a = run(ar_decode(net, ids, NO_EOS, SamplingParams(1.0, seed=1)))
-    assert a == run(ar_decode(net, ids, NO_EOS, SamplingParams(1.0, seed=1)))
-    assert a != run(ar_decode(net, ids, NO_EOS, SamplingParams(1.0, seed=2)))
+    a = run(decode(net, "ar", ids, NO_EOS, SamplingParams(1.0, seed=1)))
+    assert a == run(decode(net, "ar", ids, NO_EOS, SamplingParams(1.0, seed=1)))
+    assert a != run(decode(net, "ar", ids, NO_EOS, SamplingParams(1.0, seed=2)))
 
 
 @pytest.mark.parametrize("mode", ["ar", "diffusion", "linear_spec", "quadratic_spec"])
 def test_eos_and_budget(mode):
     net = random_model(11)
     ids = torch.tensor([[7, 8, 9]])
-    ar = run(ar_decode(net, ids, StopRule(40)))
+    ar = run(decode(net, "ar", ids, StopRule(40)))
     eos = ar[5]  # pretend the 6th AR token is EOS: every exact mode must stop right after it
     stop = StopRule(40, frozenset([eos]))
     make = {
-        "ar": lambda: ar_decode(net, ids, stop),
-        "diffusion": lambda: diffusion_decode(net, ids, stop, block_length=4, threshold=0.5),
-        "linear_spec": lambda: linear_spec_decode(net, ids, stop, block_length=4),
-        "quadratic_spec": lambda: quadratic_spec_decode(net, ids, stop, block_length=4),
+        "ar": lambda: decode(net, "ar", ids, stop),
+        "diffusion": lambda: decode(net, "diffusion", ids, stop, block_length=4, threshold=0.5),
+        "linear_spec": lambda: decode(net, "linear_spec", ids, stop, block_length=4),
+        "quadratic_spec": lambda: decode(net, "quadratic_spec", ids, stop, block_length=4),
     }[mode]
     out = drive(make())
     tokens = out.tokens[0]
@@ -118,10 +115,10 @@ def test_eos_and_budget(mode):
 def _with_budget(mode, net, ids, n):
     stop = StopRule(n)
     return {
-        "ar": lambda: ar_decode(net, ids, stop),
-        "diffusion": lambda: diffusion_decode(net, ids, stop, block_length=4, threshold=0.5),
-        "linear_spec": lambda: linear_spec_decode(net, ids, stop, block_length=4),
-        "quadratic_spec": lambda: quadratic_spec_decode(net, ids, stop, block_length=4),
+        "ar": lambda: decode(net, "ar", ids, stop),
+        "diffusion": lambda: decode(net, "diffusion", ids, stop, block_length=4, threshold=0.5),
+        "linear_spec": lambda: decode(net, "linear_spec", ids, stop, block_length=4),
+        "quadratic_spec": lambda: decode(net, "quadratic_spec", ids, stop, block_length=4),
     }[mode]()
 
 
@@ -130,16 +127,16 @@ def test_thinking_budget_speculation_equals_ar(budget):
     net = random_model(5)
     ids = torch.tensor([[20, 21, 22, 23]])
     think = ThinkingBudget(budget, 17)
-    ar = run(ar_decode(net, ids, NO_EOS, thinking=think))
+    ar = run(decode(net, "ar", ids, NO_EOS, thinking=think))
     assert ar[budget] == 17 or 17 in ar[:budget]
-    assert run(linear_spec_decode(net, ids, NO_EOS, block_length=4, thinking=think)) == ar
-    assert run(quadratic_spec_decode(net, ids, NO_EOS, block_length=4, thinking=think)) == ar
+    assert run(decode(net, "linear_spec", ids, NO_EOS, block_length=4, thinking=think)) == ar
+    assert run(decode(net, "quadratic_spec", ids, NO_EOS, block_length=4, thinking=think)) == ar
 
 
 def test_stats_and_events():
     net = random_model(2)
     ids = torch.tensor([[30, 31]])
-    gen = linear_spec_decode(net, ids, NO_EOS, block_length=4)
+    gen = decode(net, "linear_spec", ids, NO_EOS, block_length=4)
     streamed = []
     while True:
         try:
@@ -154,7 +151,7 @@ def test_stats_and_events():
     assert s.forward_passes == 1 + 2 * len(s.acceptance)
     assert sum(s.acceptance) + 1 >= len(out.tokens[0])
     assert all(1 <= a <= 4 for a in s.acceptance)
-    d = drive(diffusion_decode(net, ids, StopRule(16), block_length=8, threshold=0.0))
+    d = drive(decode(net, "diffusion", ids, StopRule(16), block_length=8, threshold=0.0))
     # threshold 0 commits every mask in one step: one denoise + one refresh per block, plus the prefill.
     assert d.stats.forward_passes == 1 + 2 * 2
     assert d.stats.tokens_per_forward == pytest.approx(16 / 5)
@@ -164,19 +161,19 @@ def test_diffusion_batch_rows_match_single_runs():
     net = random_model(4)
     rows = torch.tensor([[10, 20, 30, 40], [50, 60, 11, 12]])
     stop = StopRule(12)
-    batched = drive(diffusion_decode(net, rows, stop, block_length=4, threshold=0.8)).tokens
-    single = [drive(diffusion_decode(net, rows[i : i + 1], stop, block_length=4, threshold=0.8)).tokens[0]
+    batched = drive(decode(net, "diffusion", rows, stop, block_length=4, threshold=0.8)).tokens
+    single = [drive(decode(net, "diffusion", rows[i : i + 1], stop, block_length=4, threshold=0.8)).tokens[0]
               for i in range(2)]
     assert batched == single
-    ar_b = drive(ar_decode(net, rows, stop)).tokens
-    assert ar_b == [drive(ar_decode(net, rows[i : i + 1], stop)).tokens[0] for i in range(2)]
+    ar_b = drive(decode(net, "ar", rows, stop)).tokens
+    assert ar_b == [drive(decode(net, "ar", rows[i : i + 1], stop)).tokens[0] for i in range(2)]
 
 
 def test_fixed_step_schedule_uses_the_given_step_count():
     net = random_model(6)
     ids = torch.tensor([[40, 41, 42]])
     for steps in (1, 2, 7, 10):
-        out = drive(diffusion_decode(net, ids, StopRule(16), block_length=8, threshold=None, steps=steps))
+        out = drive(decode(net, "diffusion", ids, StopRule(16), block_length=8, steps=steps))
         assert len(out.tokens[0]) == 16
         passes_per_block = min(steps, 7)  # 7 masks after the seed; extra steps have nothing left to commit
         assert out.stats.forward_passes == 1 + 2 * (passes_per_block + 1)

@@ -5,64 +5,59 @@
     r = tm.generate("def add(a, b):", mode="linear_spec", max_new_tokens=64)
     r.text, r.token_ids, r.stats.forward_passes, r.stats.tokens_per_forward
 
-Modes: `ar`, `diffusion`, `linear_spec`, `quadratic_spec` (see `trimode/decode/`). `stream(...)` yields the
-same generation as events (committed text deltas, optional provisional diffusion blocks) and can be
-abandoned at any point, which stops the work.
+Modes: the registry `trimode.decode.modes.MODES` (`ar`, `diffusion`, `linear_spec`, `quadratic_spec`; `auto` runs
+in the engine). Each is a step machine (`trimode/decode/`) that this class drives one sequence at a time over a
+contiguous KV cache; `trimode.engine` drives many over a paged pool. `stream(...)` yields the same generation as
+events (committed text deltas, optional provisional diffusion blocks) and can be abandoned at any point, which
+stops the work.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Generator
-from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
 import torch
 
-from trimode.decode.ar import ar_decode
-from trimode.decode.diffusion import diffusion_decode
-from trimode.decode.linear_spec import linear_spec_decode
-from trimode.decode.quadratic_spec import quadratic_spec_decode
+from trimode.decode.driver import run
+from trimode.decode.modes import MODES as MODE_SPECS
+from trimode.decode.modes import ModelDefaults, mode_spec, resolve_knobs
+from trimode.decode.result import BlockState, Delta, GenerationResult
 from trimode.decode.sampling import SamplingParams
-from trimode.decode.stats import DecodeStats, DecodeStream, Provisional
+from trimode.decode.stats import DecodeStats
+from trimode.decode.step import Committed, Machine, Provisional
 from trimode.decode.stopping import StopRule, ThinkingBudget
+from trimode.decode.text import TextStream
 from trimode.model.config import CheckpointError
 from trimode.model.loading import LORA_DIR, load_lora, load_model, resolve_checkpoint
 from trimode.model.tokenizer import NLDTokenizer
 from trimode.model.transformer import NLDTransformer
 
-MODES = ("ar", "diffusion", "linear_spec", "quadratic_spec")
+# The modes `generate` runs (auto steers by load, so it runs in the engine only).
+MODES = tuple(name for name, spec in MODE_SPECS.items() if not spec.engine_only)
+__all__ = ["MODES", "BlockState", "Delta", "GenerationResult", "TriMode", "Prepared", "load", "default_model_path"]
 
 
 def default_model_path() -> Path:
     return Path(str(resources.files("trimode") / "data" / "default_model"))
 
 
-@dataclass
-class GenerationResult:
-    token_ids: list[int]
-    text: str | None
-    stats: DecodeStats
-    finish_reason: str  # "stop" (EOS or a stop string) or "length"
-    mode: str = "ar"
-    knobs: dict = field(default_factory=dict)
+class Prepared:
+    """A validated request: its prompt ids, stop rule, sampling, thinking budget and effective knobs."""
 
+    def __init__(self, prompt_ids: list[int], mode: str, knobs, rule: StopRule, sampling: SamplingParams,
+                 thinking: ThinkingBudget | None, stop: list[str] | None) -> None:
+        self.prompt_ids, self.mode, self.knobs = prompt_ids, mode, knobs
+        self.rule, self.sampling, self.thinking, self.stop = rule, sampling, thinking, stop
 
-@dataclass
-class Delta:
-    """Newly committed tokens and their text."""
+    @property
+    def knob_dict(self) -> dict:
+        return {k: getattr(self.knobs, k) for k in mode_spec(self.mode).knob_names}
 
-    token_ids: list[int]
-    text: str
-
-
-@dataclass
-class BlockState:
-    """A provisional view of the diffusion block being denoised (mask slots shown as None)."""
-
-    token_ids: list[int | None]
-    text: str
+    def kv_slots(self) -> int:
+        return mode_spec(self.mode).kv_slots(len(self.prompt_ids), self.rule.max_new_tokens, self.knobs)
 
 
 class TriMode:
@@ -81,6 +76,10 @@ class TriMode:
     @property
     def max_context(self) -> int:
         return self.config.max_position_embeddings
+
+    @property
+    def defaults(self) -> ModelDefaults:
+        return ModelDefaults(self.config.block_size, self.has_drafter)
 
     def encode(self, prompt: str | list[int]) -> list[int]:
         if isinstance(prompt, str):
@@ -101,85 +100,37 @@ class TriMode:
                     ids.add(tid)
         return frozenset(i for i in ids if i >= 0)
 
-    def knobs_for(self, mode: str, **given) -> dict:
-        """The effective knobs of `mode`: given values, else the model's defaults."""
-        k = {key: v for key, v in given.items() if v is not None}
-        if mode in ("diffusion", "linear_spec", "quadratic_spec"):
-            k.setdefault("block_length", self.config.block_size)
-            if k["block_length"] < (2 if mode != "diffusion" else 1):
-                raise ValueError(f"block_length {k['block_length']} is too small for {mode}")
-        if mode == "diffusion":
-            if "steps" in k:  # a step count selects the fixed-step schedule
-                if "threshold" in k:
-                    raise ValueError("give either threshold or steps for diffusion, not both")
-                if k["steps"] < 1:
-                    raise ValueError(f"steps must be >= 1, got {k['steps']}")
-                k["threshold"] = None
-            k.setdefault("threshold", 0.9)
-            k.setdefault("causal_context", True)
-        if mode == "linear_spec":
-            k.setdefault("threshold", 0.0)
-            k.setdefault("use_drafter", self.has_drafter)
-            if k["use_drafter"] and not self.has_drafter:
-                raise ValueError("use_drafter=True but this model has no linear_spec_lora adapter loaded")
-        th = k.get("threshold")
-        if th is not None and not 0 <= th <= 1:
-            raise ValueError(f"threshold must be in [0, 1], got {th}")
-        return k
+    def knobs_for(self, mode: str, max_new_tokens: int | None = None, **given) -> dict:
+        """The effective knobs of `mode` as a dict: given values, else the model's defaults."""
+        knobs = resolve_knobs(mode, self.defaults, max_new_tokens, **given)
+        return {k: getattr(knobs, k) for k in mode_spec(mode).knob_names}
 
-    def _decoder(self, mode, ids, stop, sampling, thinking, knobs, provisional) -> DecodeStream:
-        net = self.net
-        if mode == "ar":
-            return ar_decode(net, ids, stop, sampling, thinking)
-        if mode == "diffusion":
-            return diffusion_decode(net, ids, stop, sampling, knobs["block_length"], knobs["threshold"],
-                                    knobs["causal_context"], thinking, provisional, knobs.get("steps"))
-        if mode == "linear_spec":
-            return linear_spec_decode(net, ids, stop, sampling, knobs["block_length"], knobs["threshold"],
-                                      knobs["use_drafter"], thinking)
-        if mode == "quadratic_spec":
-            return quadratic_spec_decode(net, ids, stop, sampling, knobs["block_length"], knobs.get("ar_mix_weight"),
-                                         thinking)
-        raise ValueError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
-
-    def stream(
-        self,
-        prompt: str | list[int],
-        mode: str = "ar",
-        max_new_tokens: int = 128,
-        temperature: float = 0.0,
-        top_p: float = 1.0,
-        top_k: int = 0,
-        seed: int | None = None,
-        stop: list[str] | None = None,
-        eos_token_id: int | None = None,
-        max_thinking_tokens: int | None = None,
-        end_think_token_id: int | None = None,
-        provisional: bool = False,
-        block_length: int | None = None,
-        threshold: float | None = None,
-        causal_context: bool | None = None,
-        steps: int | None = None,
-        use_drafter: bool | None = None,
-        ar_mix_weight: float | None = None,
-    ) -> Generator[Delta | BlockState, None, GenerationResult]:
-        if mode not in MODES:
-            raise ValueError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
-        knobs = self.knobs_for(mode, block_length=block_length, threshold=threshold, causal_context=causal_context,
-                               steps=steps, use_drafter=use_drafter, ar_mix_weight=ar_mix_weight)
+    def prepare(self, prompt: str | list[int], mode: str = "ar", max_new_tokens: int = 128, temperature: float = 0.0,
+                top_p: float = 1.0, top_k: int = 0, seed: int | None = None, stop: list[str] | None = None,
+                eos_token_id: int | None = None, max_thinking_tokens: int | None = None,
+                end_think_token_id: int | None = None, **knobs) -> Prepared:
+        """Validate a request (ValueError naming the problem) and resolve everything it will run with."""
+        mode_spec(mode)
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+        k = resolve_knobs(mode, self.defaults, max_new_tokens, **knobs)
+        if not isinstance(prompt, str) and not (
+                isinstance(prompt, list | tuple) and all(isinstance(t, int) and not isinstance(t, bool)
+                                                         for t in prompt)):
+            raise ValueError("the prompt must be text or a list of token ids")
         prompt_ids = self.encode(prompt)
         if not prompt_ids:
             raise ValueError("the prompt is empty")
-        if max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        vocab = self.config.vocab_size
+        if any(not 0 <= t < vocab for t in prompt_ids):
+            raise ValueError(f"prompt token ids must be in [0, {vocab})")
         if len(prompt_ids) + max_new_tokens > self.max_context:
             raise ValueError(
                 f"prompt ({len(prompt_ids)} tokens) + max_new_tokens ({max_new_tokens}) exceeds the context "
                 f"length {self.max_context}"
             )
-        vocab = self.config.vocab_size
-        if any(not 0 <= t < vocab for t in prompt_ids):
-            raise ValueError(f"prompt token ids must be in [0, {vocab})")
+        if stop is not None and not (isinstance(stop, list) and all(isinstance(s, str) for s in stop)):
+            raise ValueError("stop must be a list of strings")
         sampling = SamplingParams(temperature, top_p, top_k, seed).with_seed()
         thinking = None
         if max_thinking_tokens is not None:
@@ -187,54 +138,59 @@ class TriMode:
                 end_think_token_id = self.tokenizer.token_id("</think>") if self.tokenizer else None
             if end_think_token_id is None:
                 raise ValueError("max_thinking_tokens needs end_think_token_id (no </think> token in the vocabulary)")
+            if max_thinking_tokens < 0 or not 0 <= end_think_token_id < vocab:
+                raise ValueError(f"max_thinking_tokens must be >= 0 and end_think_token_id in [0, {vocab})")
             thinking = ThinkingBudget(max_thinking_tokens, end_think_token_id)
         rule = StopRule(max_new_tokens, self.eos_ids(eos_token_id))
-        ids = torch.tensor([prompt_ids], dtype=torch.long, device=self.net.device)
-        decoder = self._decoder(mode, ids, rule, sampling, thinking, knobs, provisional)
+        return Prepared(list(prompt_ids), mode, k, rule, sampling, thinking, stop)
 
-        out: list[int] = []
-        text = ""
-        finish = "length"
+    def machine(self, req: Prepared, provisional: bool = False, steer=None) -> Machine:
+        """The step machine of a prepared request (one sequence)."""
+        ids = torch.tensor([req.prompt_ids], dtype=torch.long, device=self.net.device)
+        return mode_spec(req.mode).machine(ids, req.rule, req.sampling, self.config.mask_token_id, req.knobs,
+                                           req.thinking, provisional, steer)
+
+    def events(self, req: Prepared, text: TextStream, event) -> Generator[Delta | BlockState, None, None]:
+        """What the caller sees of one machine event (shared with the engine)."""
+        if isinstance(event, Provisional):
+            block = [None if t == self.config.mask_token_id else t for t in event.block[0]]
+            yield BlockState(block, self.decode([t for t in block if t is not None]) or "")
+        elif isinstance(event, Committed):
+            delta = text.add(event.tokens[0])
+            if delta is not None:
+                yield delta
+
+    def result(self, req: Prepared, text: TextStream, stats: DecodeStats, finish: str | None = None,
+               seconds: float = 0.0) -> GenerationResult:
+        stats.mode, stats.prompt_tokens, stats.generated_tokens = req.mode, len(req.prompt_ids), len(text.tokens)
+        stats.drop_tail(text.cut_tokens)
+        stats.seconds = seconds
+        return GenerationResult(list(text.tokens), text.text if self.tokenizer else None, stats,
+                                finish or text.finish_reason, req.mode, req.knob_dict)
+
+    def stream(self, prompt: str | list[int], mode: str = "ar", provisional: bool = False,
+               **kwargs) -> Generator[Delta | BlockState, None, GenerationResult]:
+        """Generate as events: `Delta` (committed tokens and text), `BlockState` (with `provisional`, the diffusion
+        block being denoised); returns the GenerationResult. Keyword arguments: max_new_tokens, temperature,
+        top_p, top_k, seed, stop (strings), eos_token_id, max_thinking_tokens, end_think_token_id, and the mode's
+        knobs (see `trimode.decode.modes`). Abandoning the stream stops the work."""
+        if mode_spec(mode).engine_only:
+            raise ValueError(f"mode {mode} chooses by load: it runs in the engine (trimode serve, trimode.engine)")
+        req = self.prepare(prompt, mode, **kwargs)
+        text = TextStream(self.tokenizer, req.rule, req.stop)
         stats = DecodeStats(mode)
         t0 = time.perf_counter()
+        events = run(self.net, self.machine(req, provisional), req.kv_slots())
         try:
-            for event in decoder:
-                if isinstance(event, Provisional):
-                    block = [None if t == self.config.mask_token_id else t for t in event.block[0]]
-                    yield BlockState(block, self.decode([t for t in block if t is not None]) or "")
-                    continue
-                stats = event.stats
-                new, over = rule.finish(out + event.tokens[0])
-                new = new[len(out) :]
-                out += new
-                if rule.first_eos(out) is not None:
-                    finish = "stop"
-                full = self.decode(out)
-                cut = _find_stop(full, stop) if full is not None and stop else None
-                if cut is not None:
-                    finish, over = "stop", True
-                    full = full[:cut]
-                elif full is not None and not over:
-                    # Hold back text that may begin a stop string or end in an incomplete character.
-                    full = full[: len(text) + _safe_len(full[len(text) :], stop)]
-                if new or (full is not None and len(full) > len(text)):
-                    delta = full[len(text) :] if full is not None else ""
-                    text = full if full is not None else text
-                    yield Delta(new, delta)
-                if over:
-                    break
-            final = self.decode(out)
-            if final is not None:
-                cut = _find_stop(final, stop) if stop else None
-                final = final[:cut] if cut is not None else final
-                if len(final) > len(text):
-                    yield Delta([], final[len(text) :])
-                    text = final
+            for event in events:
+                if isinstance(event, Committed):
+                    stats = event.stats
+                yield from self.events(req, text, event)
+                if text.stop_hit:
+                    break  # otherwise the machine ends by itself, without another forward
         finally:
-            decoder.close()  # abandoning the stream (client gone, stop string) ends the decode here
-        stats.mode, stats.prompt_tokens, stats.generated_tokens = mode, len(prompt_ids), len(out)
-        stats.seconds = time.perf_counter() - t0
-        return GenerationResult(out, text if self.tokenizer else None, stats, finish, mode, knobs)
+            events.close()  # abandoning the stream (client gone, stop string) ends the decode here
+        return self.result(req, text, stats, seconds=time.perf_counter() - t0)
 
     def generate(self, prompt: str | list[int], mode: str = "ar", **kwargs) -> GenerationResult:
         """Generate for one prompt (text or token ids); see `stream` for the keyword arguments."""
@@ -244,22 +200,6 @@ class TriMode:
                 next(gen)
             except StopIteration as done:
                 return done.value
-
-
-def _find_stop(text: str, stops: list[str]) -> int | None:
-    hits = [i for s in stops if s and (i := text.find(s)) >= 0]
-    return min(hits) if hits else None
-
-
-def _safe_len(delta: str, stops: list[str] | None) -> int:
-    """Length of the part of `delta` that can be shown now."""
-    n = len(delta.rstrip("\ufffd"))
-    for s in stops or []:
-        for k in range(min(len(s) - 1, n), 0, -1):
-            if delta[:n].endswith(s[:k]):
-                n -= k
-                break
-    return n
 
 
 def load(

@@ -11,12 +11,10 @@ from __future__ import annotations
 
 import torch
 
-from trimode.decode.ar import ar_decode
-from trimode.decode.diffusion import diffusion_decode
-from trimode.decode.linear_spec import linear_spec_decode
-from trimode.decode.quadratic_spec import quadratic_spec_decode
+from trimode.decode.driver import decode, drive, run
+from trimode.decode.linear_spec import linear_spec
 from trimode.decode.sampling import SamplingParams
-from trimode.decode.stats import DecodeOutput, drive
+from trimode.decode.step import DecodeOutput
 from trimode.decode.stopping import StopRule, ThinkingBudget
 
 
@@ -48,29 +46,33 @@ class NLDReference:
     def ar_generate(self, prompt_ids, max_new_tokens=128, temperature=0.0, eos_token_id=None,
                     max_thinking_tokens=None, end_think_token_id=None):
         ids = self._ids(prompt_ids)
-        out = drive(ar_decode(self.net, ids, self._stop(max_new_tokens, eos_token_id), SamplingParams(temperature),
-                              self._thinking(max_thinking_tokens, end_think_token_id)))
+        out = drive(decode(self.net, "ar", ids, self._stop(max_new_tokens, eos_token_id), SamplingParams(temperature),
+                           self._thinking(max_thinking_tokens, end_think_token_id)))
         return self._join(ids, out), out.stats.forward_passes
 
     def generate(self, prompt_ids, max_new_tokens=128, block_length=32, threshold=None, causal_context=True,
                  temperature=0.0, eos_token_id=None, max_thinking_tokens=None, end_think_token_id=None, **_):
         assert max_new_tokens % block_length == 0, "max_new_tokens must be a multiple of block_length"
         ids = self._ids(prompt_ids)
-        out = drive(diffusion_decode(
-            self.net, ids, self._stop(max_new_tokens, eos_token_id), SamplingParams(temperature), block_length,
-            threshold, causal_context, self._thinking(max_thinking_tokens, end_think_token_id)))
-        # The reference does not count the prefill in nfe.
-        return self._join(ids, out), out.stats.forward_passes - out.stats.prefill_passes
+        out = drive(decode(
+            self.net, "diffusion", ids, self._stop(max_new_tokens, eos_token_id), SamplingParams(temperature),
+            self._thinking(max_thinking_tokens, end_think_token_id), block_length=block_length,
+            threshold=threshold, causal_context=causal_context,
+            steps=block_length if threshold is None else None))  # the reference's fixed schedule: B steps
+        # The reference does not count the prefill in nfe, and runs (and counts) a cache refresh after the last
+        # block, whose seed nobody reads; trimode skips that pass.
+        return self._join(ids, out), out.stats.forward_passes - out.stats.prefill_passes + 1
 
     def linear_spec_generate(self, prompt_ids, max_new_tokens=128, block_length=32, temperature=0.0,
                              mask_token_id=None, eos_token_id=None, max_thinking_tokens=None,
                              end_think_token_id=None, threshold=0.0):
         ids = self._ids(prompt_ids)
         has_adapter = self.net.encoder.layers[0].self_attn.o_proj.lora_A is not None
-        out = drive(linear_spec_decode(
-            self.net, ids, self._stop(max_new_tokens, eos_token_id), SamplingParams(temperature), block_length,
-            threshold, has_adapter, self._thinking(max_thinking_tokens, end_think_token_id),
-            thinking_as_reference=True))
+        stop = self._stop(max_new_tokens, eos_token_id)
+        machine = linear_spec(ids, stop, SamplingParams(temperature), self.config.mask_token_id, block_length,
+                              threshold, has_adapter, self._thinking(max_thinking_tokens, end_think_token_id),
+                              thinking_as_reference=True)
+        out = drive(run(self.net, machine, ids.shape[1] + max_new_tokens + block_length))
         return self._join(ids, out), out.stats.forward_passes
 
     def self_spec_generate(self, prompt_ids, max_new_tokens=128, steps=128, block_length=32, ar_mix_weight=None,
@@ -78,6 +80,6 @@ class NLDReference:
         if max_new_tokens % block_length or steps % (max_new_tokens // block_length):
             raise ValueError("max_new_tokens must be a multiple of block_length and steps of the block count")
         ids = self._ids(prompt_ids)
-        out = drive(quadratic_spec_decode(
-            self.net, ids, self._stop(max_new_tokens, eos_token_id), SamplingParams(), block_length, ar_mix_weight))
+        out = drive(decode(self.net, "quadratic_spec", ids, self._stop(max_new_tokens, eos_token_id), SamplingParams(),
+                           block_length=block_length, ar_mix_weight=ar_mix_weight))
         return self._join(ids, out), out.stats.forward_passes

@@ -9,34 +9,25 @@ from __future__ import annotations
 import torch
 
 from trimode.decode.sampling import SamplingParams, choose
-from trimode.decode.stats import Committed, DecodeOutput, DecodeStats, DecodeStream
+from trimode.decode.stats import DecodeStats
+from trimode.decode.step import Committed, DecodeOutput, Forward, Machine
 from trimode.decode.stopping import StopRule, ThinkingBudget
-from trimode.model.transformer import NLDTransformer
 
 
-@torch.no_grad()
-def ar_decode(
-    model: NLDTransformer,
-    prompt_ids: torch.Tensor,
-    stop: StopRule,
-    sampling: SamplingParams = SamplingParams(),
-    thinking: ThinkingBudget | None = None,
-) -> DecodeStream:
+def ar(prompt_ids: torch.Tensor, stop: StopRule, sampling: SamplingParams = SamplingParams(),
+       thinking: ThinkingBudget | None = None) -> Machine:
     batch, prompt_len = prompt_ids.shape
     stats = DecodeStats("ar", prompt_tokens=prompt_len)
-    cache = model.new_cache(batch, prompt_len + stop.max_new_tokens)
     rows = torch.arange(batch)
 
-    logits = model(prompt_ids, mask="causal", cache=cache)[:, -1]
-    cache.commit(prompt_len)
+    logits = yield Forward(prompt_ids, mask="causal", cache="append", logits="last")
     stats.forward_passes += 1
 
     out: list[list[int]] = [[] for _ in range(batch)]
     done = [False] * batch
     thought = [False] * batch
     for step in range(stop.max_new_tokens):
-        pos = torch.full((batch,), prompt_len + step)
-        tokens = choose(logits, pos, sampling, rows=rows)
+        tokens = choose(logits, torch.full((batch,), prompt_len + step), sampling, rows=rows)
         if thinking is not None and step >= thinking.max_thinking_tokens:
             for r in range(batch):
                 if not thought[r]:
@@ -53,8 +44,7 @@ def ar_decode(
         yield Committed(new, stats)
         if all(done) or step == stop.max_new_tokens - 1:
             break
-        logits = model(tokens[:, None], mask="causal", cache=cache)[:, -1]
-        cache.commit(1)
+        logits = yield Forward(tokens[:, None], mask="causal", cache="append", logits="last")
         stats.forward_passes += 1
 
     stats.generated_tokens = sum(len(o) for o in out)

@@ -3,8 +3,9 @@
 Per block: slot 0 holds the seed (the causal prediction after the prefix) when `causal_context`; each
 denoising step runs the block bidirectionally over the read-only cache and commits the masked positions the
 transfer rule picks (threshold: top-1 plus all >= threshold; fixed steps: an even top-k schedule). After the
-block, one refresh pass writes its causal K/V and yields the next seed. `max_new_tokens` need not be a
-multiple of `block_length`: the last block is cut (the reference requires a multiple).
+block, one refresh pass writes its causal K/V and yields the next seed; after the last block it is skipped
+(the reference runs it anyway and counts it in nfe; `trimode.compat` adds it back). `max_new_tokens` need not be
+a multiple of `block_length`: the last block is cut (the reference requires a multiple).
 """
 
 from __future__ import annotations
@@ -14,10 +15,10 @@ import math
 import torch
 
 from trimode.decode.sampling import SamplingParams, choose, confidence
-from trimode.decode.stats import Committed, DecodeOutput, DecodeStats, DecodeStream, Provisional
+from trimode.decode.stats import DecodeStats
+from trimode.decode.step import Committed, DecodeOutput, Forward, Machine, Provisional
 from trimode.decode.stopping import StopRule, ThinkingBudget
 from trimode.decode.transfer import commit_by_threshold, commit_top_k, masked_confidence, transfer_schedule
-from trimode.model.transformer import NLDTransformer
 
 
 def _eos_done(generated: list[int], block: torch.Tensor, masked: torch.Tensor, stop: StopRule) -> bool:
@@ -28,43 +29,32 @@ def _eos_done(generated: list[int], block: torch.Tensor, masked: torch.Tensor, s
     return eos is not None and not bool(masked[:eos].any())
 
 
-@torch.no_grad()
-def diffusion_decode(
-    model: NLDTransformer,
-    prompt_ids: torch.Tensor,
-    stop: StopRule,
-    sampling: SamplingParams = SamplingParams(),
-    block_length: int = 32,
-    threshold: float | None = 0.9,
-    causal_context: bool = True,
-    thinking: ThinkingBudget | None = None,
-    provisional: bool = False,
-    steps: int | None = None,
-) -> DecodeStream:
+def diffusion(prompt_ids: torch.Tensor, stop: StopRule, sampling: SamplingParams, mask_id: int,
+              block_length: int = 32, threshold: float | None = 0.9, causal_context: bool = True,
+              steps: int | None = None, thinking: ThinkingBudget | None = None,
+              provisional: bool = False) -> Machine:
     """`threshold=None` selects the fixed-step schedule: `steps` denoising passes per block (default
     `block_length`, as the reference), the block's masks split evenly over them."""
-    mask_id = model.config.mask_token_id
     # A threshold step commits at least one token, so block_length passes always finish a block.
     steps_per_block = block_length if threshold is not None or steps is None else steps
     if steps_per_block < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
+    dev = prompt_ids.device
     batch, prompt_len = prompt_ids.shape
     stats = DecodeStats("diffusion", prompt_tokens=prompt_len, prefill_passes=1)
     num_blocks = math.ceil(stop.max_new_tokens / block_length)
-    cache = model.new_cache(batch, prompt_len + num_blocks * block_length)
     rows = torch.arange(batch).repeat_interleave(block_length)
     context_mask = "causal" if causal_context else "bidirectional"
 
-    logits = model(prompt_ids, mask=context_mask, cache=cache)
-    cache.commit(prompt_len)
+    logits = yield Forward(prompt_ids, mask=context_mask, cache="append", logits="last")
     stats.forward_passes += 1
-    seed = choose(logits[:, -1], torch.full((batch,), prompt_len), sampling, rows=torch.arange(batch))
+    seed = choose(logits, torch.full((batch,), prompt_len), sampling, rows=torch.arange(batch))
 
     generated: list[list[int]] = [[] for _ in range(batch)]
     streamed = [0] * batch
     for b in range(num_blocks):
         start = prompt_len + b * block_length
-        block = torch.full((batch, block_length), mask_id, dtype=torch.long, device=prompt_ids.device)
+        block = torch.full((batch, block_length), mask_id, dtype=torch.long, device=dev)
         if causal_context:
             block[:, 0] = seed
         if thinking is not None and (b + 1) * block_length > thinking.max_thinking_tokens:
@@ -76,15 +66,19 @@ def diffusion_decode(
         masked = block == mask_id
         if causal_context:
             masked[:, 0] = False
+        committed_at = torch.full_like(block, -1)  # the step that committed each slot (for honest step counts)
         schedule = transfer_schedule(masked.sum(-1), steps_per_block)
-        positions = torch.arange(start, start + block_length).repeat(batch)
+        positions = torch.arange(start, start + block_length, device=dev)
+        steps_run = 0
 
         for step in range(steps_per_block):
             if not masked.any():
                 break
-            logits = model(block, mask="bidirectional", cache=cache)
+            logits = yield Forward(block.clone(), mask="bidirectional", positions=positions)
             stats.forward_passes += 1
-            proposal = choose(logits.flatten(0, 1), positions, sampling, step=1 + b * block_length + step, rows=rows)
+            steps_run += 1
+            proposal = choose(logits.flatten(0, 1), positions.repeat(batch), sampling,
+                              step=1 + b * block_length + step, rows=rows)
             proposal = proposal.view(batch, block_length)
             conf = masked_confidence(confidence(logits, proposal), masked)
             if threshold is None:
@@ -92,28 +86,32 @@ def diffusion_decode(
             else:
                 transfer = commit_by_threshold(conf, masked, threshold)
             block[transfer] = proposal[transfer]
+            committed_at[transfer] = step
             masked &= ~transfer
-            stats.step_commits.append(int(transfer.sum()))
             if provisional:
                 yield Provisional(block.masked_fill(masked, mask_id).tolist())
             settled = [generated[r] + _settled_prefix(block[r], masked[r]) for r in range(batch)]
-            new = [settled[r][streamed[r] :] for r in range(batch)]
+            new = [stop.finish(settled[r])[0][streamed[r] :] for r in range(batch)]
             if any(new):
                 for r in range(batch):
-                    streamed[r] = len(settled[r])
+                    streamed[r] += len(new[r])
                 yield Committed(new, stats)
             if all(_eos_done(generated[r], block[r], masked[r], stop) for r in range(batch)):
                 break
 
-        logits = model(block, mask=context_mask, cache=cache)
-        cache.commit(block_length)
-        stats.forward_passes += 1
-        seed = choose(logits[:, -1], torch.full((batch,), start + block_length), sampling, rows=torch.arange(batch))
+        before = [len(g) for g in generated]
         for r in range(batch):
             generated[r] += block[r].tolist()
         finished = [stop.finish(g) for g in generated]
+        # A step's commits count only the slots that are output (before EOS and within the budget).
+        emitted = [len(out) - n for (out, _), n in zip(finished, before)]
+        for s in range(steps_run):
+            stats.step_commits.append(sum(int((committed_at[r, : emitted[r]] == s).sum()) for r in range(batch)))
         if all(over for _, over in finished):
             break
+        logits = yield Forward(block, mask=context_mask, positions=positions, cache="append", logits="last")
+        stats.forward_passes += 1
+        seed = choose(logits, torch.full((batch,), start + block_length), sampling, rows=torch.arange(batch))
 
     out = [stop.finish(g)[0] for g in generated]
     stats.generated_tokens = sum(len(o) for o in out)

@@ -6,6 +6,11 @@ of the token and a step key, never on how many tokens were drawn before. Consequ
   speculative decoding at temperature > 0 emits exactly the tokens AR sampling emits with that seed
   (lossless by construction, not just in distribution);
 - a request's output does not depend on which other requests share its batch.
+
+The noise is a counter-based hash (murmur3's 32-bit finaliser over int64 tensors) of (seed, row, position, step,
+vocabulary index): one batched tensor computation for all tokens, the same bits on CPU and CUDA, no generator
+object and no Python loop per token. (Until version 0.1 the noise came from one `torch.Generator` per token; the
+same seed therefore samples different tokens than it did then.)
 """
 
 from __future__ import annotations
@@ -14,7 +19,8 @@ from dataclasses import dataclass
 
 import torch
 
-_MIX = 0x9E3779B97F4A7C15  # odd 64-bit constant: spreads (seed, position, step) over generator seeds
+_M32 = 0xFFFFFFFF
+_GOLDEN = 0x9E3779B9  # odd 32-bit constant: neighbouring counters land far apart before mixing
 
 
 @dataclass(frozen=True)
@@ -60,15 +66,34 @@ def filter_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     return logits
 
 
+def _mix32(x: torch.Tensor) -> torch.Tensor:
+    """murmur3 fmix32 on int64 tensors holding 32-bit values (a product may wrap; its low 32 bits are exact)."""
+    x = x ^ (x >> 16)
+    x = (x * 0x85EBCA6B) & _M32
+    x = x ^ (x >> 13)
+    x = (x * 0xC2B2AE35) & _M32
+    return x ^ (x >> 16)
+
+
+def uniform_noise(seed: int, positions: torch.Tensor, step: int, vocab: int, rows=None) -> torch.Tensor:
+    """Uniform (0, 1) float64 noise [N, V], a pure function of (seed, row, position, step, vocabulary index)."""
+    dev = positions.device
+    pos = positions.reshape(-1).long()
+    row = torch.zeros_like(pos) if rows is None else torch.as_tensor(rows, dtype=torch.long, device=dev).reshape(-1)
+    key = _mix32(torch.full_like(pos, (seed >> 32) & _M32) ^ _mix32(torch.full_like(pos, seed & _M32)))
+    for counter in (row, pos & _M32, pos >> 32, torch.full_like(pos, step & _M32)):
+        key = _mix32((key + _GOLDEN * (counter & _M32)) & _M32)
+    v = torch.arange(vocab, device=dev, dtype=torch.long)[None, :]
+    hi = _mix32((key[:, None] ^ _mix32(2 * v)) & _M32)
+    lo = _mix32((key[:, None] ^ _mix32(2 * v + 1)) & _M32)
+    bits = (hi << 21) | (lo >> 11)  # 53 random bits
+    return (bits.double() + 0.5) / float(1 << 53)
+
+
 def gumbel_noise(seed: int, positions: torch.Tensor, step: int, vocab: int, device, rows=None) -> torch.Tensor:
     """Standard Gumbel noise [N, V], a pure function of (seed, batch row, position, step)."""
-    rows = [0] * len(positions) if rows is None else list(rows)
-    noise = []
-    for r, p in zip(rows, positions.tolist()):
-        key = (seed * _MIX + (int(r) << 48) + (int(p) << 16) + step) % (2**63)
-        noise.append(torch.rand(vocab, generator=torch.Generator().manual_seed(key), dtype=torch.float64))
-    u = torch.stack(noise).clamp_(1e-20, 1.0)
-    return (-torch.log(-torch.log(u))).to(device)
+    u = uniform_noise(seed, positions.to(device), step, vocab, rows)
+    return -torch.log(-torch.log(u))
 
 
 def choose(

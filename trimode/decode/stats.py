@@ -1,11 +1,12 @@
-"""What a decode reports: statistics gathered where the work happens, and the streaming events.
+"""What a decode reports: statistics gathered where the work happens.
 
-The API, the server's metrics and the benchmarks all read these same numbers.
+The API, the server's metrics and the benchmarks all read these same numbers. They count only what is emitted:
+a speculative cycle's acceptance is the tokens it output (none past EOS, a stop string or `max_new_tokens`), and
+no forward runs after the last emitted token.
 """
 
 from __future__ import annotations
 
-from collections.abc import Generator
 from dataclasses import dataclass, field
 
 
@@ -39,6 +40,12 @@ class DecodeStats:
     def tokens_per_second(self) -> float:
         return self.generated_tokens / self.seconds if self.seconds > 0 else 0.0
 
+    def drop_tail(self, n: int) -> None:
+        """`n` tokens of the last cycle or step were cut after the fact (a stop string inside them)."""
+        for counts in (self.acceptance, self.step_commits):
+            if counts:
+                counts[-1] = max(0, counts[-1] - n)
+
     def as_dict(self) -> dict:
         return {
             "mode": self.mode,
@@ -52,36 +59,3 @@ class DecodeStats:
             "seconds": round(self.seconds, 6),
             "tokens_per_second": round(self.tokens_per_second, 3),
         }
-
-
-@dataclass
-class Committed:
-    """Tokens that became final, per batch row (empty lists for rows with nothing new), and the live stats."""
-
-    tokens: list[list[int]]
-    stats: DecodeStats
-
-
-@dataclass
-class Provisional:
-    """The current state of the block being denoised, per row; undecided slots hold the mask id."""
-
-    block: list[list[int]]
-
-
-@dataclass
-class DecodeOutput:
-    tokens: list[list[int]]  # generated ids per row, prompt excluded
-    stats: DecodeStats
-
-
-DecodeStream = Generator["Committed | Provisional", None, DecodeOutput]
-
-
-def drive(stream: DecodeStream) -> DecodeOutput:
-    """Run a decode to the end, ignoring its events."""
-    while True:
-        try:
-            next(stream)
-        except StopIteration as stop:
-            return stop.value

@@ -38,18 +38,14 @@ from dataclasses import dataclass
 
 import torch
 
-from trimode.decode.quadratic_spec import DRAFT_STEP_KEY
-from trimode.decode.sampling import SamplingParams, choose
-from trimode.decode.stats import Committed, DecodeOutput, DecodeStats, DecodeStream
-from trimode.decode.stopping import StopRule, ThinkingBudget
-from trimode.model.masks import quadratic_init_mask, quadratic_step_mask
+from trimode.decode.auto import AR, FORWARDS_PER_CYCLE, Choice, FixedChoice
+from trimode.decode.driver import decode
+from trimode.decode.sampling import SamplingParams
+from trimode.decode.stopping import StopRule
 from trimode.model.transformer import NLDTransformer
 
 CANDIDATES = ("ar", "linear_spec", "quadratic_spec")
 SMALLER_BLOCKS = (2, 4, 8, 16, 32, 64)
-Choice = tuple[str, int]  # (mode, block length of its cycle); AR's block is 1
-AR: Choice = ("ar", 1)
-FORWARDS_PER_CYCLE = {"ar": 1, "linear_spec": 2, "quadratic_spec": 1}
 
 
 def label(choice: Choice) -> str:
@@ -173,9 +169,9 @@ def measure_slowdowns(net: NLDTransformer, cost: CostModel, block: int, config: 
     ids = torch.randint(0, net.config.vocab_size, (1, prompt_tokens), generator=rng).to(net.device)
     out = {}
     for choice in policy.candidates(block):
-        steer = AutoSteer(_Fixed(choice), block, use_drafter=False)
         for _ in range(2):  # the first run warms the choice's shapes
-            stream = auto_decode(net, ids, StopRule(max_new), SamplingParams(), steer)
+            stream = decode(net, "auto", ids, StopRule(max_new), SamplingParams(), steer=FixedChoice(choice),
+                            block_length=block, use_drafter=False)
             times = []
             t = None
             for _event in stream:
@@ -189,19 +185,6 @@ def measure_slowdowns(net: NLDTransformer, cost: CostModel, block: int, config: 
             times.sort()
             out[choice] = times[len(times) // 2] / policy.cycle_seconds(choice, rows=1)
     return out
-
-
-class _Fixed:
-    """A policy stand-in that always picks one choice (for timing it)."""
-
-    def __init__(self, choice: Choice) -> None:
-        self.choice = choice
-
-    def pick(self, block: int) -> Choice:
-        return self.choice
-
-    def observe(self, choice: Choice, tokens: int) -> None:
-        pass
 
 
 class AutoPolicy:
@@ -328,132 +311,13 @@ class AutoPolicy:
 
 @dataclass
 class AutoSteer:
-    """One auto request's link to the policy: its block length and drafter flag."""
+    """One auto request's link to the policy (the `Steer` its step machine asks): its block length."""
 
     policy: AutoPolicy
     block_length: int
-    use_drafter: bool
 
     def pick(self) -> Choice:
         return self.policy.pick(self.block_length)
 
     def observe(self, choice: Choice, tokens: int) -> None:
         self.policy.observe(choice, tokens)
-
-
-def auto_cache_tokens(prompt_len: int, max_new_tokens: int, block: int) -> int:
-    return prompt_len + max_new_tokens + block * (block + 1) + block
-
-
-@torch.no_grad()
-def auto_decode(
-    model: NLDTransformer,
-    prompt_ids: torch.Tensor,
-    stop: StopRule,
-    sampling: SamplingParams,
-    steer: AutoSteer,
-    thinking: ThinkingBudget | None = None,
-) -> DecodeStream:
-    if prompt_ids.shape[0] != 1:
-        raise ValueError("auto decodes one sequence at a time (batch size 1)")
-    mask_id, dev, B = model.config.mask_token_id, prompt_ids.device, steer.block_length
-    prompt_len = prompt_ids.shape[1]
-    stats = DecodeStats("auto", prompt_tokens=prompt_len)
-    cache = model.new_cache(1, auto_cache_tokens(prompt_len, stop.max_new_tokens, B))
-
-    tail: list[int] = []  # guesses for the tokens after `pending`
-    mode, b = steer.pick()
-    if mode == "quadratic_spec":  # the prefill also drafts, as quadratic_spec's first pass does
-        masks = torch.full((1, b), mask_id, dtype=torch.long, device=dev)
-        logits = model(torch.cat([prompt_ids, masks], 1), mask=quadratic_init_mask(prompt_len, b, dev), cache=cache)[0]
-        tail = choose(logits[prompt_len + 1 :], torch.arange(prompt_len + 1, prompt_len + b), sampling,
-                      step=DRAFT_STEP_KEY).tolist()
-    else:
-        logits = model(prompt_ids, mask="causal", cache=cache)[0]
-    cache.commit(prompt_len)
-    stats.forward_passes += 1
-    pending = int(choose(logits[prompt_len - 1 : prompt_len], torch.tensor([prompt_len]), sampling))
-    if thinking is not None and thinking.max_thinking_tokens == 0:
-        pending = thinking.end_think_token_id
-    out, over = stop.finish([pending])
-    yield Committed([out], stats)
-
-    while not over:
-        choice = steer.pick()
-        budget_near = (thinking is not None and thinking.end_think_token_id not in out
-                       and len(out) + B >= thinking.max_thinking_tokens)
-        if budget_near:
-            choice = AR  # AR steps place the forced end-think token exactly where AR would
-        mode, b = choice
-        clean = cache.length  # the position of `pending`
-        if mode == "ar":
-            logits = model(torch.tensor([[pending]], device=dev), mask="causal", cache=cache)[0]
-            cache.commit(1)
-            emitted = [int(choose(logits, torch.tensor([clean + 1]), sampling))]
-            if budget_near and len(out) >= thinking.max_thinking_tokens:
-                emitted = [thinking.end_think_token_id]
-            tail = []
-        elif mode == "linear_spec":
-            block = torch.tensor([[pending] + _draft(model, cache, pending, b, steer.use_drafter, sampling)],
-                                 device=dev)
-            positions = clean + torch.arange(b)
-            logits = model(block, mask="causal", cache=cache)
-            cache.commit(b)
-            verified = choose(logits[0], positions + 1, sampling).tolist()
-            accepted = _accepted(verified, block[0].tolist(), b)
-            cache.crop(clean + accepted)
-            emitted = verified[:accepted]
-            tail = []
-        else:
-            if len(tail) < b - 1:  # too few guesses (from another mode or a smaller block): draft them first
-                tail = _draft(model, cache, pending, b, steer.use_drafter, sampling)
-                stats.forward_passes += 1
-            leaders = [pending] + tail[: b - 1]
-            ids = torch.full((b, b + 1), mask_id, dtype=torch.long, device=dev)
-            ids[:, 0] = torch.tensor(leaders, device=dev)
-            group = torch.arange(b + 1, device=dev)
-            positions = (clean + torch.arange(b, device=dev)[:, None] + group[None, :]).flatten()
-            logits = model(ids.view(1, -1), mask=quadratic_step_mask(b, clean, dev), cache=cache, positions=positions)
-            logits = logits.view(b, b + 1, -1)
-            # Slot k of group j predicts the token at position clean + j + k (slot 0: the causal next token).
-            pred_pos = positions.view(b, b + 1) + (group == 0).long()
-            verified = choose(logits[:, 0], pred_pos[:, 0], sampling).tolist()
-            accepted = _accepted(verified, leaders, b)
-            cache.commit_slots([j * (b + 1) for j in range(accepted)])
-            j = accepted - 1
-            tail = choose(logits[j, 2:], pred_pos[j, 2:], sampling, step=DRAFT_STEP_KEY).tolist()
-            emitted = verified[:accepted]
-        stats.forward_passes += FORWARDS_PER_CYCLE[mode]
-        if mode != "ar":
-            stats.acceptance.append(len(emitted))
-        pending = emitted[-1]
-        before = len(out)
-        out, over = stop.finish(out + emitted)
-        # The policy learns what a cycle delivers: accepted tokens past EOS or max_new_tokens are not output (a
-        # model that predicts EOS again and again would otherwise look like a perfect drafter).
-        steer.observe(choice, len(out) - before)
-        stats.generated_tokens = len(out)
-        yield Committed([out[before:]], stats)
-
-    stats.generated_tokens = len(out)
-    return DecodeOutput([out], stats)
-
-
-def _draft(model: NLDTransformer, cache, pending: int, block: int, use_drafter: bool,
-           sampling: SamplingParams) -> list[int]:
-    """Guesses for the block - 1 tokens after `pending`: one bidirectional pass over [pending, MASK x block-1] on
-    the read-only cache, drafter adapter on when asked for."""
-    clean = cache.length
-    ids = torch.full((1, block), model.config.mask_token_id, dtype=torch.long, device=model.device)
-    ids[0, 0] = pending
-    logits = model(ids, mask="bidirectional", cache=cache, lora=use_drafter)
-    return choose(logits[0, 1:], clean + torch.arange(1, block), sampling, step=DRAFT_STEP_KEY).tolist()
-
-
-def _accepted(verified: list[int], drafts: list[int], block: int) -> int:
-    """1 + the number of leading drafts (drafts[1:]) that equal the verified tokens before them."""
-    accepted = 1
-    while accepted < block and verified[accepted - 1] == drafts[accepted]:
-        accepted += 1
-    return accepted
-

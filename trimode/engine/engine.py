@@ -1,17 +1,17 @@
-"""The engine: many requests at once on one model, their forward passes fused step by step.
+"""The engine: many requests at once on one model, their step machines driven by one loop.
 
     engine = Engine(tm, max_queue=64, kv_budget_tokens=None).start()
     handle = engine.submit(EngineRequest(prompt_ids=[...], mode="ar", max_new_tokens=32))
     for ev in handle: ...            # Delta / BlockState events, then the GenerationResult
     engine.stop()
 
-How it runs. Each admitted request runs `TriMode.stream` in its own thread against a `ForwardProxy` (see
-`runner.py`), so the four decode modes run unchanged; their forward calls park the thread. One step of the
-loop waits until every running request is parked on a forward (or finished), groups the calls (`Scheduler.plan`)
-and runs each group as one batched forward over the shared KV pool, then wakes the requests with their logits.
-Finished and cancelled requests leave (their pages go back to the pool) and waiting ones are admitted between
-steps. Because a row's logits do not depend on the other rows of its forward, a request's output is the same
-as when it runs alone (exactly so in float64; see docs/engine.md for float32).
+One step of the loop (`step`), as nano-vllm's engine: admit waiting requests (their pages reserved for the worst
+case) and run each new machine to its first forward; group every running request's pending pass by width; run
+one fused forward per group over the shared KV pool; send each machine its logits and run it to its next forward
+(cache commits and events on the way); finished and cancelled requests leave and their pages go back. No thread
+per request: the loop runs in one background thread (`start`), or in the caller's (`step`, for tests that
+control arrival times). Because a row's logits do not depend on the other rows of its forward, a request's output
+is the same as when it runs alone (exactly so in float64; see docs/engine.md for float32).
 """
 
 from __future__ import annotations
@@ -23,104 +23,56 @@ from collections import Counter
 
 import torch
 
-from trimode.api import Delta, GenerationResult, TriMode
-from trimode.decode.sampling import SamplingParams
+from trimode.api import TriMode
+from trimode.decode.modes import mode_spec
+from trimode.decode.result import GenerationResult
 from trimode.decode.stats import DecodeStats
-from trimode.engine.auto import AutoConfig, AutoPolicy, AutoSteer, CostModel, auto_decode, measure_slowdowns
+from trimode.engine.auto import AutoConfig, AutoPolicy, AutoSteer, CostModel, measure_slowdowns
 from trimode.engine.kv_pool import KVPool
-from trimode.engine.request import MODES, EngineRequest, EngineStopped, QueueFull, RequestHandle
-from trimode.engine.runner import ForwardCall, ForwardProxy, RequestCancelled, run_batched
-from trimode.engine.scheduler import Scheduler, Sequence, kv_tokens_needed
+from trimode.engine.request import EngineRequest, EngineStopped, QueueFull, RequestCancelled, RequestHandle
+from trimode.engine.runner import run_rows
+from trimode.engine.scheduler import Scheduler
+from trimode.engine.sequence import Sequence
 
-STREAM_KNOBS = ("block_length", "threshold", "causal_context", "use_drafter", "ar_mix_weight", "eos_token_id",
-                "max_thinking_tokens", "end_think_token_id")
-MODE_KNOBS = ("block_length", "threshold", "causal_context", "use_drafter", "ar_mix_weight")
 log = logging.getLogger("trimode.engine")
 DEFAULT_KV_BYTES = {"cuda": 0.5, "cpu": 1 << 30}  # CUDA: half the free memory; CPU: 1 GiB
-
-
-def validate(tm: TriMode, req: EngineRequest) -> dict:
-    """Raise ValueError for a request `TriMode.stream` would reject; return its effective mode knobs."""
-    if req.mode not in MODES:
-        raise ValueError(f"unknown mode {req.mode!r}; choose one of {', '.join(MODES)}")
-    unknown = set(req.knobs) - set(STREAM_KNOBS)
-    if unknown:
-        raise ValueError(f"unknown knob(s) {', '.join(sorted(unknown))}; known: {', '.join(STREAM_KNOBS)}")
-    if not isinstance(req.prompt_ids, list) or not all(isinstance(t, int) for t in req.prompt_ids):
-        raise ValueError("prompt_ids must be a list of token ids")
-    if not req.prompt_ids:
-        raise ValueError("the prompt is empty")
-    vocab = tm.config.vocab_size
-    if any(not 0 <= t < vocab for t in req.prompt_ids):
-        raise ValueError(f"prompt token ids must be in [0, {vocab})")
-    if not isinstance(req.max_new_tokens, int) or req.max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {req.max_new_tokens}")
-    if len(req.prompt_ids) + req.max_new_tokens > tm.max_context:
-        raise ValueError(
-            f"prompt ({len(req.prompt_ids)} tokens) + max_new_tokens ({req.max_new_tokens}) exceeds the context "
-            f"length {tm.max_context}"
-        )
-    SamplingParams(req.temperature, req.top_p, req.top_k, req.seed)
-    if req.stop is not None and not (isinstance(req.stop, list) and all(isinstance(s, str) for s in req.stop)):
-        raise ValueError("stop must be a list of strings")
-    if req.knobs.get("max_thinking_tokens") is not None and req.knobs.get("end_think_token_id") is None:
-        if tm.tokenizer is None or tm.tokenizer.token_id("</think>") is None:
-            raise ValueError("max_thinking_tokens needs end_think_token_id (no </think> token in the vocabulary)")
-    given = {k: req.knobs.get(k) for k in MODE_KNOBS}
-    if req.mode != "auto":
-        return tm.knobs_for(req.mode, **given)
-    # auto switches between lossless modes: only the speculation knobs apply.
-    ignored = [k for k in ("threshold", "causal_context", "ar_mix_weight") if given[k] is not None]
-    if ignored:
-        raise ValueError(f"mode auto does not take {', '.join(ignored)} (it only uses block_length, use_drafter)")
-    knobs = tm.knobs_for("linear_spec", block_length=given["block_length"], use_drafter=given["use_drafter"])
-    return {"block_length": knobs["block_length"], "use_drafter": knobs["use_drafter"]}
-
-
-class _RequestModel(TriMode):
-    """A TriMode whose network is one request's ForwardProxy; an auto request decodes with `auto_decode`."""
-
-    def __init__(self, tm: TriMode, proxy: ForwardProxy, steer: AutoSteer | None) -> None:
-        super().__init__(proxy, tm.tokenizer, tm.path)  # type: ignore[arg-type]
-        self.steer = steer
-
-    def _decoder(self, mode, ids, stop, sampling, thinking, knobs, provisional):
-        if self.steer is not None:  # streamed as "ar" (TriMode.stream knows no "auto"), decoded by auto
-            return auto_decode(self.net, ids, stop, sampling, self.steer, thinking)
-        return super()._decoder(mode, ids, stop, sampling, thinking, knobs, provisional)
+DEFAULT_PASS_BYTES = {"cuda": 0.25, "cpu": 2 << 30}  # the widest pass's activations: CUDA a quarter of free memory
 
 
 class Engine:
     """Runs submitted requests concurrently on `tm`; forwards of different requests share batches.
 
-    max_queue: waiting requests beyond this raise QueueFull. kv_budget_tokens: KV pool size in tokens (None:
-    half the free GPU memory, 1 GiB on CPU). max_running: rows decoding at once. max_batch_tokens: most tokens
-    in one forward. prefill_chunk: a causal pass longer than this runs in chunks, one per step. auto: the
-    `mode: auto` settings (the cost curve and each mode's slowdown are measured at `start()`; pass `cost` to skip
-    both).
+    max_queue: requests waiting beyond the running ones (more are rejected with QueueFull). kv_budget_tokens: KV
+    pool size in tokens (None: half the free GPU memory, 1 GiB on CPU). max_running: rows decoding at once.
+    max_batch_tokens: most tokens in one forward. prefill_chunk: a causal prompt pass longer than this runs in
+    chunks, one per step. max_pass_bytes: a request whose widest pass needs more activation memory than this is
+    rejected (None: a quarter of the free GPU memory, 2 GiB on CPU). auto: the `mode: auto` settings (the cost
+    curve and each choice's slowdown are measured at `start()`; pass `cost` to skip both).
     """
 
     def __init__(self, tm: TriMode, max_queue: int = 64, kv_budget_tokens: int | None = None, max_running: int = 64,
                  max_batch_tokens: int = 8192, prefill_chunk: int = 512, page_size: int = 16,
-                 auto: AutoConfig | None = None, cost: CostModel | None = None) -> None:
+                 auto: AutoConfig | None = None, cost: CostModel | None = None,
+                 max_pass_bytes: int | None = None) -> None:
         if max_queue < 0 or max_running < 1 or max_batch_tokens < 1 or prefill_chunk < 1 or page_size < 1:
             raise ValueError("max_queue >= 0; max_running, max_batch_tokens, prefill_chunk, page_size >= 1")
         self.tm = tm
         net = tm.net
+        cuda = net.device.type == "cuda"
+        free = torch.cuda.mem_get_info(net.device)[0] if cuda else 0
         if kv_budget_tokens is None:
             per_token = KVPool.bytes_per_token(tm.config, net.dtype)
-            if net.device.type == "cuda":
-                free, _ = torch.cuda.mem_get_info(net.device)
-                kv_budget_tokens = int(free * DEFAULT_KV_BYTES["cuda"]) // per_token
-            else:
-                kv_budget_tokens = DEFAULT_KV_BYTES["cpu"] // per_token
+            kv_budget_tokens = (int(free * DEFAULT_KV_BYTES["cuda"]) if cuda else DEFAULT_KV_BYTES["cpu"]) // per_token
+        if max_pass_bytes is None:
+            max_pass_bytes = int(free * DEFAULT_PASS_BYTES["cuda"]) if cuda else DEFAULT_PASS_BYTES["cpu"]
         self.kv_budget_tokens = kv_budget_tokens
+        self.max_pass_bytes = max_pass_bytes
         self.pool = KVPool(tm.config, net.dtype, net.device, kv_budget_tokens, page_size)
         self.scheduler = Scheduler(self.pool, max_queue, max_running, max_batch_tokens, prefill_chunk)
         self.auto_config = auto or AutoConfig()
         self._cost = cost
         self.policy: AutoPolicy | None = None
-        self._cond = threading.Condition()
+        self._lock = threading.Condition()
         self._thread: threading.Thread | None = None
         self._stopping = False
         self._counters: Counter = Counter()
@@ -137,13 +89,18 @@ class Engine:
 
     def stop(self) -> None:
         """Stop the loop; requests not finished yet end with EngineStopped."""
-        with self._cond:
+        with self._lock:
             self._stopping = True
-            self._cond.notify_all()
+            self._lock.notify_all()
         if self._thread is not None:
             self._thread.join()
             self._thread = None
-        self._shutdown()
+        with self._lock:
+            for seq in list(self.scheduler.running):
+                self._end(seq, error=EngineStopped("the engine stopped"))
+            for seq in self.scheduler.waiting:
+                seq.handle._fail(EngineStopped("the engine stopped before this request started"))
+            self.scheduler.waiting.clear()
 
     def __enter__(self) -> Engine:
         return self.start()
@@ -151,30 +108,47 @@ class Engine:
     def __exit__(self, *exc) -> None:
         self.stop()
 
-    def submit(self, request: EngineRequest) -> RequestHandle:
-        """Queue a request (ValueError when invalid, QueueFull when the queue is full)."""
-        knobs = validate(self.tm, request)
-        block = knobs.get("block_length", self.tm.config.block_size)
-        needed = kv_tokens_needed(request, block)
+    def validate(self, request: EngineRequest):
+        """The request as it will run (`Prepared`); ValueError naming the problem when it can never run here."""
+        if not isinstance(request.prompt_ids, list):
+            raise ValueError("prompt_ids must be a list of token ids")
+        req = self.tm.prepare(request.prompt_ids, request.mode, request.max_new_tokens, request.temperature,
+                              request.top_p, request.top_k, request.seed, request.stop, **request.knobs)
+        spec = mode_spec(req.mode)
+        needed = req.kv_slots()
         if self.pool.pages_for(needed) > self.pool.num_pages:
             raise ValueError(f"the request needs {needed} KV cache slots; the engine's budget is "
                              f"{self.pool.capacity_tokens} (kv_budget_tokens)")
+        item = torch.empty((), dtype=self.tm.net.dtype).element_size()
+        peak = spec.peak_activation_bytes(self.tm.config, len(req.prompt_ids), req.rule.max_new_tokens, req.knobs,
+                                          item, self.scheduler.prefill_chunk)
+        if peak > self.max_pass_bytes:
+            what = "block_length" if "block_length" in spec.knob_names else "the prompt length"
+            raise ValueError(f"{req.mode} with block_length {getattr(req.knobs, 'block_length', '-')} and a "
+                             f"{len(req.prompt_ids)}-token prompt needs about {peak / 2**20:.0f} MiB for its widest "
+                             f"pass; this engine allows {self.max_pass_bytes / 2**20:.0f} MiB (max_pass_bytes): "
+                             f"lower {what}")
+        return req
+
+    def submit(self, request: EngineRequest) -> RequestHandle:
+        """Queue a request (ValueError when invalid, QueueFull when at capacity, EngineStopped when stopped)."""
+        prepared = self.validate(request)
         handle = RequestHandle(request)
-        with self._cond:
+        with self._lock:
             if self._stopping:
                 raise EngineStopped("the engine is stopped")
             try:
-                self.scheduler.add(Sequence(handle, needed, knobs))
+                self.scheduler.add(Sequence(handle, prepared, prepared.kv_slots()))
             except QueueFull:
                 self._counters["rejected"] += 1
                 raise
             self._counters["submitted"] += 1
             self._counters[f"submitted_{request.mode}"] += 1
-            self._cond.notify_all()
+            self._lock.notify_all()
         return handle
 
     def stats(self) -> dict:
-        with self._cond:
+        with self._lock:
             s = self.scheduler
             out = {
                 "queue_depth": len(s.waiting),
@@ -184,6 +158,7 @@ class Engine:
                 "max_running": s.max_running,
                 "kv_budget_tokens": self.pool.capacity_tokens,
                 "kv_free_tokens": self.pool.free_pages * self.pool.page_size,
+                "max_pass_bytes": self.max_pass_bytes,
                 "counters": dict(self._counters),
             }
         if self.policy is not None:
@@ -192,108 +167,108 @@ class Engine:
 
     # -- the step loop -----------------------------------------------------------------------------------
     def step(self) -> bool:
-        """Admit, wait for every running request to park on a forward, run the fused forwards.
+        """Admit, run one fused forward per group of pending passes, advance the machines, free the finished.
 
         Returns False when there was nothing to do. The background loop calls this; tests may call it directly
-        (without `start()`) to control arrival times exactly.
-        """
+        (without `start()`) to control arrival times exactly."""
         self._ensure_policy()
         t_begin = time.perf_counter()
-        with self._cond:
+        with self._lock:
             admitted, dropped = self.scheduler.admit()
-            for seq in admitted:
-                self._launch(seq)
             for seq in dropped:
-                seq.handle._finish(_cancelled_result(seq.request, [], ""))
+                seq.handle._finish(_cancelled(seq.request, self.tm))
                 self._counters["cancelled"] += 1
-            while any(seq.call is None and not seq.finished for seq in self.scheduler.running):
-                self._cond.wait()
-            self.scheduler.running = [seq for seq in self.scheduler.running if not seq.finished]
-            calls = []
-            for seq in self.scheduler.running:
-                if seq.handle.cancelled or self._stopping:
-                    error = RequestCancelled() if seq.handle.cancelled else EngineStopped("the engine stopped")
-                    self._release(seq).finish(error=error)
-                else:
-                    calls.append(seq.call)
-            by_call = {id(seq.call): seq for seq in self.scheduler.running if seq.call is not None}
-        if not calls:
+        for seq in admitted:
+            steer = None
+            if seq.prepared.mode == "auto":
+                steer = AutoSteer(self.policy, seq.prepared.knobs.block_length)
+            seq.start(self.tm, seq.cache, steer, time.perf_counter())
+            self._advance(seq, None)
+        for seq in list(self.scheduler.running):
+            if seq.handle.cancelled:
+                self._end(seq, error=RequestCancelled())
+        batches = self.scheduler.plan()
+        if not batches:
             return bool(admitted or dropped)
         timings = []
-        for batch in self.scheduler.plan(calls):
+        for batch in batches:
             t1 = time.perf_counter()
-            if self._run(batch, by_call):
-                timings.append((sum(e - s for _, s, e in batch), time.perf_counter() - t1))
-        with self._cond:
-            self._counters["steps"] += 1
-        if self.policy is not None:
-            self.policy.observe_step(time.perf_counter() - t_begin, timings, len(calls))
-        return True
-
-    def _run(self, batch, by_call) -> bool:
-        try:
-            logits = run_batched(self.tm.net, self.pool, batch)
-            if logits.device.type == "cuda":
-                torch.cuda.synchronize(logits.device)  # so the forward's time is measured, not its launch
-        except Exception as e:  # a failed forward fails its rows' requests, not the engine
-            for call, _, _ in batch:
-                with self._cond:
-                    self._release(by_call[id(call)])
-                call.finish(error=e)
-            return False
-        with self._cond:
+            rows = [row for _, row in batch]
+            try:
+                logits = run_rows(self.tm.net, self.pool, rows)
+                if logits[0].device.type == "cuda":
+                    torch.cuda.synchronize(logits[0].device)  # so the forward's time is measured, not its launch
+            except Exception as e:  # a failed forward fails its rows' requests, not the engine
+                log.exception("a forward failed; failing its %d requests", len(batch))
+                for seq, _ in batch:
+                    self._end(seq, error=e)
+                continue
+            tokens = sum(r.tokens for r in rows)
+            timings.append((tokens, time.perf_counter() - t1))
             self._counters["forwards"] += 1
-            self._counters["forward_rows"] += len(batch)
-            self._counters["forward_tokens"] += sum(e - s for _, s, e in batch)
-        for i, (call, _, end) in enumerate(batch):
-            call.chunk_logits.append(logits[i : i + 1])
-            call.chunks_done = end
-            if end == call.tokens:
-                out = call.chunk_logits[0] if len(call.chunk_logits) == 1 else torch.cat(call.chunk_logits, 1)
-                with self._cond:
-                    self._release(by_call[id(call)])
-                call.finish(out)
+            self._counters["forward_rows"] += len(rows)
+            self._counters["forward_tokens"] += tokens
+            for (seq, row), out in zip(batch, logits):
+                reply = seq.ran(row, out)
+                if reply is not None:
+                    self._advance(seq, reply)
+        self._counters["steps"] += 1
+        if self.policy is not None:
+            self.policy.observe_step(time.perf_counter() - t_begin, timings, len(self.scheduler.running) or 1)
         return True
 
-    @staticmethod
-    def _release(seq: Sequence) -> ForwardCall:
-        """Mark the request as running Python again (its thread will park on its next forward or finish)."""
-        call, seq.call = seq.call, None
-        return call
+    def _advance(self, seq: Sequence, reply) -> None:
+        try:
+            result = seq.advance(self.tm, reply)
+        except Exception as e:  # a failing machine fails its request, not the engine
+            log.exception("request %s failed", seq.request.request_id)
+            self._end(seq, error=e)
+            return
+        if result is not None:
+            self._end(seq, result=result)
+
+    def _end(self, seq: Sequence, result: GenerationResult | None = None, error: BaseException | None = None) -> None:
+        """The request leaves: pages freed, the handle told, counters kept."""
+        mode = seq.request.mode
+        with self._lock:
+            if seq in self.scheduler.running:
+                self.scheduler.finish(seq)
+        if seq.machine is not None:
+            seq.machine.close()
+        if isinstance(error, RequestCancelled):
+            result, error = (seq.result(self.tm, "cancelled") if seq.text is not None
+                             else _cancelled(seq.request, self.tm)), None
+        outcome = "failed" if error is not None else ("cancelled" if result.finish_reason == "cancelled"
+                                                       else "finished")
+        with self._lock:
+            self._counters[outcome] += 1
+            self._counters[f"{outcome}_{mode}"] += 1
+            if outcome == "finished":
+                self._counters[f"tokens_{mode}"] += len(result.token_ids)
+        if error is not None:
+            seq.handle._fail(error)
+        else:
+            result.mode = result.stats.mode = mode
+            seq.handle._finish(result)
 
     def _loop(self) -> None:
         while True:
-            with self._cond:
+            with self._lock:
                 while not self._stopping and not self.scheduler.waiting and not self.scheduler.running:
-                    self._cond.wait()
+                    self._lock.wait()
                 if self._stopping:
-                    break
+                    return
             try:
                 progressed = self.step()
             except Exception as e:  # a failing step must not leave every client waiting forever
                 log.exception("engine step failed; failing the requests it held")
-                with self._cond:
-                    for seq in self.scheduler.running:
-                        if seq.call is not None:
-                            self._release(seq).finish(error=e)
+                for seq in list(self.scheduler.running):
+                    self._end(seq, error=e)
                 continue
             if not progressed:
-                with self._cond:  # only waiting requests that do not fit yet: wait for a change
+                with self._lock:  # only waiting requests that do not fit yet: wait for a change
                     if not self._stopping:
-                        self._cond.wait(timeout=0.05)
-
-    def _shutdown(self) -> None:
-        while True:
-            with self._cond:
-                running = [s for s in self.scheduler.running if not s.finished]
-                waiting = list(self.scheduler.waiting)
-                self.scheduler.waiting.clear()
-            for seq in waiting:
-                seq.handle._fail(EngineStopped("the engine stopped before this request started"))
-            if not running:
-                return
-            self._stopping = True
-            self.step()  # fails every parked call with EngineStopped; the threads unwind and finish
+                        self._lock.wait(timeout=0.05)
 
     def _ensure_policy(self) -> None:
         if self.policy is None:
@@ -303,70 +278,8 @@ class Engine:
                 self.policy.slowdowns = measure_slowdowns(self.tm.net, cost, self.tm.config.block_size,
                                                           self.auto_config)
 
-    # -- one request's thread ----------------------------------------------------------------------------
-    def _launch(self, seq: Sequence) -> None:
-        def submit(call: ForwardCall) -> None:
-            with self._cond:
-                seq.call = call
-                self._cond.notify_all()
 
-        proxy = ForwardProxy(self.tm.net, self.pool, seq.pages, submit)
-        seq.pages = []
-        thread = threading.Thread(target=self._serve, args=(seq, proxy), name=f"trimode-req-{seq.request.request_id}",
-                                  daemon=True)
-        thread.start()
-
-    def _serve(self, seq: Sequence, proxy: ForwardProxy) -> None:
-        req, handle = seq.request, seq.handle
-        knobs = dict(seq.knobs)
-        steer = None
-        if req.mode == "auto":
-            steer = AutoSteer(self.policy, knobs["block_length"], knobs["use_drafter"])
-        model = _RequestModel(self.tm, proxy, steer)
-        extra = {k: v for k, v in req.knobs.items() if k not in MODE_KNOBS and v is not None}
-        tokens: list[int] = []
-        text = ""
-        outcome = "failed"
-        try:
-            stream = model.stream(req.prompt_ids, mode="ar" if steer else req.mode, max_new_tokens=req.max_new_tokens,
-                                  temperature=req.temperature, top_p=req.top_p, top_k=req.top_k, seed=req.seed,
-                                  stop=req.stop, provisional=req.provisional, **({} if steer else knobs), **extra)
-            while True:
-                try:
-                    event = next(stream)
-                except StopIteration as done:
-                    result: GenerationResult = done.value
-                    break
-                if isinstance(event, Delta):
-                    tokens += event.token_ids
-                    text += event.text
-                handle._put(event)
-            result.mode = req.mode
-            result.stats.mode = req.mode
-            result.knobs = knobs
-            outcome = "finished"
-        except RequestCancelled:
-            outcome = "cancelled"
-            result = _cancelled_result(req, tokens, text if self.tm.tokenizer else None)
-        except Exception as e:
-            error = e
-        finally:
-            proxy.free()
-            with self._cond:
-                seq.finished = True
-                seq.call = None
-                self._counters[outcome] += 1
-                self._counters[f"{outcome}_{req.mode}"] += 1
-                if outcome == "finished":
-                    self._counters[f"tokens_{req.mode}"] += len(result.token_ids)
-                self._cond.notify_all()
-        if outcome == "failed":
-            handle._fail(error)
-        else:
-            handle._finish(result)
-
-
-def _cancelled_result(req: EngineRequest, tokens: list[int], text: str | None) -> GenerationResult:
-    stats = DecodeStats(req.mode, prompt_tokens=len(req.prompt_ids), generated_tokens=len(tokens))
-    return GenerationResult(list(tokens), text, stats, "cancelled", req.mode, dict(req.knobs))
-
+def _cancelled(req: EngineRequest, tm: TriMode) -> GenerationResult:
+    """The result of a request cancelled before it started."""
+    stats = DecodeStats(req.mode, prompt_tokens=len(req.prompt_ids))
+    return GenerationResult([], "" if tm.tokenizer else None, stats, "cancelled", req.mode, dict(req.knobs))

@@ -6,9 +6,9 @@ sum (a masked key still multiplies its value by a zero weight, and 0 * NaN is Na
 pages (`page_size` slots each) reserved at admission for its worst case, so a running request never runs out
 of memory; admission waits instead.
 
-`PagedCache` is what a decode mode sees as its `KVCache` (same contract: `length`, `commit`, `commit_slots`,
-`crop`; a forward writes scratch after `length`). `RowsView` is what one batched forward sees: many rows,
-each with its own cache length, written and read through per-row slot indices.
+`PagedCache` is one request's cache inside the pool, with the `KVCache` contract the step machines rely on
+(`length`, `commit`, `commit_slots`; a forward writes scratch after `length`). `runner.RowsView` is what one
+batched forward sees: many rows, each with its own cache length, written and read through per-row slot indices.
 """
 
 from __future__ import annotations
@@ -121,39 +121,3 @@ class PagedCache:
         if not 0 <= length <= self.length:
             raise ValueError(f"cannot crop a cache of length {self.length} to {length}")
         self.length = length
-
-
-class RowsView:
-    """The cache of one batched forward over R rows of T tokens, row r starting at its own `pasts[r]`.
-
-    Keys are laid out per row as [its committed prefix | its T new tokens | null padding] up to
-    `length + T` with `length = max(pasts)`; the caller's mask must hide the padding (see `runner.row_masks`).
-    """
-
-    def __init__(self, pool: KVPool, caches: list[PagedCache], pasts: list[int], t: int) -> None:
-        self.pool = pool
-        self.length = max(pasts)
-        width = self.length + t
-        dev = pool.k.device
-        cols = torch.arange(width, device=dev)
-        read, write = [], []
-        for cache, past in zip(caches, pasts, strict=True):
-            cache.reserve(past + t)
-            valid = cols < past + t
-            read.append(torch.where(valid, cache.slots[cols.clamp(max=past + t - 1)], 0))
-            write.append(cache.slots[past : past + t])
-        self.read = torch.stack(read)  # [R, width]
-        self.write = torch.cat(write)  # [R * T]
-
-    def reserve(self, total: int) -> None:
-        """Room was made per row in __init__."""
-
-    def write_scratch(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        r, h, t, d = k.shape
-        width = self.read.shape[1]
-        out = []
-        for pool, new in ((self.pool.k[layer], k), (self.pool.v[layer], v)):
-            # index_copy_ / index_select: several times faster than advanced indexing for these shapes.
-            pool.index_copy_(0, self.write, new.transpose(1, 2).reshape(r * t, h, d))
-            out.append(pool.index_select(0, self.read.flatten()).view(r, width, h, d).transpose(1, 2))
-        return out[0], out[1]

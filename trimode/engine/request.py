@@ -14,8 +14,6 @@ from collections import deque
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 
-MODES = ("ar", "diffusion", "linear_spec", "quadratic_spec", "auto")
-
 _ids = itertools.count(1)
 
 
@@ -25,6 +23,10 @@ class QueueFull(Exception):
 
 class EngineStopped(RuntimeError):
     """The engine was stopped before this request finished."""
+
+
+class RequestCancelled(Exception):
+    """The client cancelled the request (it ends with finish_reason "cancelled")."""
 
 
 @dataclass
@@ -38,8 +40,7 @@ class EngineRequest:
     seed: int | None = None
     stop: list[str] | None = None
     provisional: bool = False
-    # Mode knobs passed through to `TriMode.stream`: block_length, threshold, causal_context, use_drafter,
-    # ar_mix_weight, eos_token_id, max_thinking_tokens, end_think_token_id.
+    # The mode's knobs (`trimode.decode.modes`) and eos_token_id, max_thinking_tokens, end_think_token_id.
     knobs: dict = field(default_factory=dict)
     request_id: int = field(default_factory=lambda: next(_ids))
 

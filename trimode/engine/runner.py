@@ -1,136 +1,108 @@
-"""Forward passes of many requests fused into one: the proxy a decode mode calls, and the batched forward.
+"""One fused forward over rows of many requests: the inputs, the per-row masks and the paged cache view.
 
-A decode mode (`trimode/decode/*.py`) calls `model(ids, mask=..., cache=..., positions=..., lora=...)` and
-expects logits back. In the engine, each request runs its mode in its own thread against a `ForwardProxy`:
-the call records a `ForwardCall` and blocks until the step loop has run it, batched with the calls of the
-other requests, and handed back this row's logits. The modes run unchanged.
-
-Calls that can share one forward: same number of new tokens T and same adapter flag. Each row keeps its own
-positions, cache length and mask kind (`row_masks` turns the kinds into one boolean mask).
+A row is one request's pending pass (or one chunk of a long causal prompt pass). Rows that share a forward have
+the same number of tokens T; everything else is per row: positions, cache length, mask kind, the drafter adapter
+(applied per row, so drafts and verifies share a pass) and which positions' logits it reads (only those go
+through the LM head). Built with a handful of batched tensor ops however many rows there are.
 """
 
 from __future__ import annotations
 
-import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
+from torch.nn.utils.rnn import pad_sequence
 
-from trimode.engine.kv_pool import KVPool, PagedCache, RowsView
-from trimode.model.masks import MaskSpec
+from trimode.engine.kv_pool import KVPool, PagedCache
+from trimode.model.masks import MaskSpec, pass_pattern
 from trimode.model.transformer import NLDTransformer
 
 
-class RequestCancelled(Exception):
-    """Raised inside a request's decode thread to unwind it when the request is cancelled."""
-
-
 @dataclass
-class ForwardCall:
-    """One request's pending forward pass, filled in by the step loop."""
-
-    input_ids: torch.Tensor  # [1, T]
-    mask: MaskSpec
+class Row:
     cache: PagedCache
-    positions: torch.Tensor  # [T] absolute positions
+    ids: torch.Tensor  # [T]
+    positions: torch.Tensor  # [T]
+    mask: MaskSpec
     lora: bool
-    done: threading.Event = field(default_factory=threading.Event)
-    logits: torch.Tensor | None = None
-    error: BaseException | None = None
-    chunks_done: int = 0  # tokens already run by chunked prefill
-    chunk_logits: list = field(default_factory=list)
+    read: list[int] | None  # token indices whose logits the row needs; None: all
 
     @property
     def tokens(self) -> int:
-        return self.input_ids.shape[1]
-
-    def finish(self, logits: torch.Tensor | None = None, error: BaseException | None = None) -> None:
-        self.logits, self.error = logits, error
-        self.done.set()
+        return self.ids.numel()
 
 
-class ForwardProxy:
-    """What a decode mode sees as its model: the real network's attributes, forwards routed to the engine.
+class RowsView:
+    """The cache of one batched forward over R rows of T tokens, row r after its own `length` prefix.
 
-    `submit(call)` hands a ForwardCall to the engine (it parks the request's thread until the call is done).
-    `new_cache` hands out the request's pool pages reserved at admission.
-    """
+    Keys are laid out per row as [its committed prefix | its T new tokens | null padding] up to
+    `max(length) + T`; the mask built by `row_masks` hides the padding."""
 
-    def __init__(self, net: NLDTransformer, pool: KVPool, pages: list[int], submit) -> None:
-        self.net = net
-        self.config = net.config
-        self.encoder = net.encoder  # TriMode.has_drafter looks at the adapter
-        self._pool = pool
-        self._pages = pages
-        self._submit = submit
-        self.caches: list[PagedCache] = []
+    def __init__(self, pool: KVPool, caches: list[PagedCache], t: int) -> None:
+        dev = pool.k.device
+        self.pool = pool
+        self.pasts = torch.tensor([c.length for c in caches], device=dev)
+        self.length = int(self.pasts.max())
+        width = self.length + t
+        table = pad_sequence([c.slots[:width] for c in caches], batch_first=True)  # [R, <= width], 0 = null slot
+        if table.shape[1] < width:
+            table = torch.nn.functional.pad(table, (0, width - table.shape[1]))
+        cols = torch.arange(width, device=dev)
+        self.read = torch.where(cols[None, :] < (self.pasts + t)[:, None], table, 0)  # [R, width]
+        self.write = table.gather(1, self.pasts[:, None] + torch.arange(t, device=dev)[None, :]).flatten()
 
-    @property
-    def device(self) -> torch.device:
-        return self.net.device
+    def reserve(self, total: int) -> None:
+        """Every row's pages were reserved at admission for its widest pass."""
 
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.net.dtype
-
-    def new_cache(self, batch_size: int = 1, capacity: int = 256) -> PagedCache:
-        if batch_size != 1:
-            raise ValueError("the engine runs one sequence per request (batch size 1)")
-        cache = PagedCache(self._pool, self._pages)
-        self._pages = []  # a second cache of the same request would grow from the free pool
-        cache.reserve(capacity)
-        self.caches.append(cache)
-        return cache
-
-    def free(self) -> None:
-        for cache in self.caches:
-            cache.free()
-        if self._pages:
-            self._pool.release(self._pages)
-            self._pages = []
-
-    def __call__(self, input_ids: torch.Tensor, *, mask: MaskSpec = "causal", cache: PagedCache | None = None,
-                 positions: torch.Tensor | None = None, lora: bool = False, return_hidden: bool = False):
-        if input_ids.shape[0] != 1 or cache is None or return_hidden:
-            raise ValueError("engine forwards take one row [1, T] over the request's own cache")
-        t = input_ids.shape[1]
-        if positions is None:
-            positions = torch.arange(cache.length, cache.length + t, device=input_ids.device)
-        call = ForwardCall(input_ids, mask, cache, positions.reshape(-1), lora)
-        self._submit(call)
-        call.done.wait()
-        if call.error is not None:
-            raise call.error
-        return call.logits
+    def write_scratch(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        r, h, t, d = k.shape
+        width = self.read.shape[1]
+        out = []
+        for pool, new in ((self.pool.k[layer], k), (self.pool.v[layer], v)):
+            # index_copy_ / index_select: several times faster than advanced indexing for these shapes.
+            pool.index_copy_(0, self.write, new.transpose(1, 2).reshape(r * t, h, d))
+            out.append(pool.index_select(0, self.read.flatten()).view(r, width, h, d).transpose(1, 2))
+        return out[0], out[1]
 
 
-def row_mask(mask: MaskSpec, t: int, past: int, width: int, device) -> torch.Tensor:
-    """One row's boolean mask [T, width] over keys [its prefix (past) | its T tokens | padding]."""
-    cols = torch.arange(width, device=device)[None, :]
-    if isinstance(mask, torch.Tensor):
-        m = mask.reshape(t, past + t).to(device)
-        return torch.cat([m, torch.zeros(t, width - past - t, dtype=torch.bool, device=device)], 1)
-    if mask == "causal":
-        return cols <= past + torch.arange(t, device=device)[:, None]
-    if mask == "bidirectional":
-        return (cols < past + t).expand(t, width)
-    raise ValueError(f"unknown mask kind {mask!r}")
+def row_masks(rows: list[Row], pasts: torch.Tensor, width: int) -> torch.Tensor:
+    """Boolean [R, 1, T, width]: every row sees its own prefix, and its own tokens by its mask kind."""
+    t = rows[0].tokens
+    dev = pasts.device
+    cols = torch.arange(width, device=dev)
+    rel = cols[None, :] - pasts[:, None]  # [R, width]: key position inside the row's pass
+    kinds = {id(r.mask) if isinstance(r.mask, torch.Tensor) else r.mask for r in rows}
+    if len(kinds) == 1 and not isinstance(rows[0].mask, torch.Tensor):
+        patterns = pass_pattern(rows[0].mask, t, dev)[None].expand(len(rows), t, t)
+    else:
+        patterns = torch.stack([_pattern(r, p, t) for r, p in zip(rows, pasts.tolist())])
+    in_pass = (rel >= 0) & (rel < t)
+    own = patterns.gather(2, rel.clamp(0, t - 1)[:, None, :].expand(-1, t, -1)) & in_pass[:, None, :]
+    return ((rel < 0)[:, None, :] | own)[:, None]
+
+
+def _pattern(row: Row, past: int, t: int) -> torch.Tensor:
+    if isinstance(row.mask, torch.Tensor):  # an explicit [T, past + T] mask: its part over the pass
+        return row.mask.reshape(t, past + t)[:, past:].to(row.ids.device)
+    return pass_pattern(row.mask, t, row.ids.device)
 
 
 @torch.no_grad()
-def run_batched(net: NLDTransformer, pool: KVPool, rows: list[tuple[ForwardCall, int, int]]) -> torch.Tensor:
-    """Run rows (call, start, end) in one forward; row i feeds tokens start..end of its call.
-
-    All rows have the same end - start and adapter flag. A row's cache prefix is its committed length plus
-    `start` (the earlier chunks of a chunked causal pass). Returns logits [R, T, V].
-    """
-    t = rows[0][2] - rows[0][1]
+def run_rows(net: NLDTransformer, pool: KVPool, rows: list[Row]) -> list[torch.Tensor]:
+    """Run rows of equal token count in one forward; returns each row's logits: [T, V] or [len(read), V]."""
+    t = rows[0].tokens
     dev = net.device
-    calls = [c for c, _, _ in rows]
-    pasts = [c.cache.length + s for c, s, _ in rows]
-    view = RowsView(pool, [c.cache for c in calls], pasts, t)
-    width = view.length + t
-    ids = torch.cat([c.input_ids[:, s:e] for c, s, e in rows]).to(dev)
-    positions = torch.stack([c.positions[s:e] for c, s, e in rows]).to(dev)
-    masks = torch.stack([row_mask(c.mask, t, p, width, dev) for c, p in zip(calls, pasts, strict=True)])[:, None]
-    return net(ids, mask=masks, cache=view, positions=positions, lora=calls[0].lora)
+    view = RowsView(pool, [r.cache for r in rows], t)
+    ids = torch.stack([r.ids for r in rows]).to(dev)
+    positions = torch.stack([r.positions for r in rows]).to(dev)
+    masks = row_masks(rows, view.pasts, view.length + t)
+    lora = torch.tensor([r.lora for r in rows], device=dev) if any(r.lora for r in rows) else False
+    counts = [t if r.read is None else len(r.read) for r in rows]
+    index = None
+    if any(r.read is not None for r in rows):
+        index = torch.cat([torch.arange(t) + i * t if r.read is None else torch.tensor(r.read) + i * t
+                           for i, r in enumerate(rows)])
+    logits = net(ids, mask=masks, cache=view, positions=positions, lora=lora,
+                 logits_at=index if index is not None else None)
+    logits = logits.reshape(-1, logits.shape[-1])
+    return list(logits.split(counts))

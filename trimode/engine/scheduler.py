@@ -1,52 +1,22 @@
-"""Who runs: the waiting queue, admission under the KV budget, and the grouping of forward calls into batches.
+"""Who runs: the waiting queue, admission under the KV budget, and the grouping of pending passes into forwards.
 
-- A request is admitted (FIFO) when a running row is free and the pool can reserve its worst-case KV slots;
-  otherwise it waits, so a running request never runs out of memory. A full queue rejects new work.
-- Each step, every running request has one pending forward call. Calls with the same token count and adapter
-  flag share a forward (rows carry their own positions, cache lengths and masks); a long causal prefill runs
-  in chunks of `prefill_chunk` tokens, one chunk per step, so it does not stall the other rows.
+- Capacity is `max_running` rows decoding plus `max_queue` waiting beyond them; a request beyond that is
+  rejected at once (`QueueFull`), one within it is never rejected (a burst of running + queue is served).
+- A waiting request is admitted (FIFO) when a row is free and the pool can reserve its worst-case KV slots;
+  otherwise it waits, so a running request never runs out of memory.
+- Each step, every running request has one pending pass. Passes with the same token count share a forward
+  (rows carry their own positions, cache lengths, masks and adapter flag); a long causal prompt pass runs in
+  chunks of `prefill_chunk` tokens, one chunk per step, so it does not stall the other rows.
 """
 
 from __future__ import annotations
 
-import math
 from collections import defaultdict, deque
-from dataclasses import dataclass, field
 
-from trimode.engine.kv_pool import KVPool
-from trimode.engine.request import EngineRequest, QueueFull, RequestHandle
-from trimode.engine.runner import ForwardCall
-
-
-def kv_tokens_needed(req: EngineRequest, block_length: int) -> int:
-    """The KV slots a request may use at most: what its decode mode asks `new_cache` for."""
-    p, n, b = len(req.prompt_ids), req.max_new_tokens, block_length
-    if req.mode == "ar":
-        return p + n
-    if req.mode == "diffusion":
-        return p + math.ceil(n / b) * b
-    if req.mode == "linear_spec":
-        return p + n + 2 * b
-    return p + n + b * (b + 1) + b  # quadratic_spec and auto (whose widest pass is a quadratic one)
-
-
-@dataclass
-class Sequence:
-    """A request inside the engine."""
-
-    handle: RequestHandle
-    kv_tokens: int
-    knobs: dict  # the effective mode knobs (validated)
-    pages: list[int] = field(default_factory=list)
-    call: ForwardCall | None = None  # the forward it waits on, if any
-    finished: bool = False
-
-    @property
-    def request(self) -> EngineRequest:
-        return self.handle.request
-
-
-Batch = list[tuple[ForwardCall, int, int]]  # (call, first token, end token) rows of one forward
+from trimode.engine.kv_pool import KVPool, PagedCache
+from trimode.engine.request import QueueFull
+from trimode.engine.runner import Row
+from trimode.engine.sequence import Sequence, Status
 
 
 class Scheduler:
@@ -61,8 +31,8 @@ class Scheduler:
         self.running: list[Sequence] = []
 
     def add(self, seq: Sequence) -> None:
-        if len(self.waiting) >= self.max_queue:
-            raise QueueFull(f"the queue is full ({self.max_queue} waiting requests)")
+        if len(self.running) + len(self.waiting) >= self.max_running + self.max_queue:
+            raise QueueFull(f"the server is at capacity ({self.max_running} running, {self.max_queue} waiting)")
         self.waiting.append(seq)
 
     def admit(self) -> tuple[list[Sequence], list[Sequence]]:
@@ -75,27 +45,32 @@ class Scheduler:
             if seq.handle.cancelled:
                 dropped.append(self.waiting.popleft())
                 continue
-            pages = self.pool.allocate(seq.kv_tokens)
+            pages = self.pool.allocate(seq.kv_slots)
             if pages is None:
                 break  # the head waits for pages; admitting later requests first could starve it
-            seq.pages = pages
+            seq.cache = PagedCache(self.pool, pages)
             self.running.append(self.waiting.popleft())
             admitted.append(seq)
         dropped += [s for s in self.waiting if s.handle.cancelled]
         self.waiting = deque(s for s in self.waiting if not s.handle.cancelled)
         return admitted, dropped
 
-    def plan(self, calls: list[ForwardCall]) -> list[Batch]:
-        """Group this step's calls into forwards; each call runs once (or one chunk of a long causal pass)."""
-        groups: dict[tuple[int, bool], Batch] = defaultdict(list)
-        for call in calls:
-            start = call.chunks_done
-            end = call.tokens
-            if isinstance(call.mask, str) and call.mask == "causal":
-                end = min(end, start + self.prefill_chunk)
-            groups[(end - start, call.lora)].append((call, start, end))
+    def finish(self, seq: Sequence) -> None:
+        """A running request left: its pages go back to the pool."""
+        seq.status = Status.FINISHED
+        if seq.cache is not None:
+            seq.cache.free()
+        self.running.remove(seq)
+
+    def plan(self) -> list[list[tuple[Sequence, Row]]]:
+        """This step's forwards: every running request's pending pass (or its next chunk), grouped by width."""
+        groups: dict[int, list[tuple[Sequence, Row]]] = defaultdict(list)
+        for seq in self.running:
+            if seq.pending is not None:
+                row = seq.next_row(self.prefill_chunk)
+                groups[row.tokens].append((seq, row))
         batches = []
-        for (t, _), rows in sorted(groups.items(), key=lambda kv: kv[0]):
+        for t, rows in sorted(groups.items()):
             per_forward = max(1, self.max_batch_tokens // t)
             batches += [rows[i : i + per_forward] for i in range(0, len(rows), per_forward)]
         return batches

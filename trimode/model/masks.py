@@ -1,18 +1,57 @@
 """Attention masks, each built once from its definition. `True` = may attend.
 
-Every forward pass names its mask explicitly (no flag flipped on the layers):
-- `"causal"`: token i of the pass sees the cached prefix and tokens 0..i of the pass;
-- `"bidirectional"`: every token of the pass sees the cached prefix and the whole pass;
-- a boolean tensor `[T, past + T]` (or `[B, 1, T, past + T]`) for the quadratic draft layout and training.
+Every forward pass names its mask explicitly (no flag flipped on the layers). In decoding, every token of a
+pass sees the whole cached prefix; the kinds differ only in how the pass's own T tokens see each other (their
+[T, T] `pass_pattern`):
+- `"causal"`: token i sees tokens 0..i of the pass;
+- `"bidirectional"`: every token sees the whole pass;
+- `QuadraticInit(prompt_len)`: the first quadratic self-speculation pass, `[prompt, MASK x B]`;
+- `QuadraticStep(block)`: a quadratic self-speculation pass of B groups `[d_j, MASK x B]`;
+- a boolean tensor `[T, past + T]` (or `[B, 1, T, past + T]`) for anything else (training, the engine's rows).
+Named kinds keep masks small: the engine and the attention kernels expand the [T, T] part next to the prefix
+instead of materialising [T, past + T] per row.
 """
 
 from __future__ import annotations
 
-from typing import Literal
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Literal, Union
 
 import torch
 
-MaskSpec = Literal["causal", "bidirectional"] | torch.Tensor
+
+@dataclass(frozen=True)
+class QuadraticInit:
+    prompt_len: int
+
+
+@dataclass(frozen=True)
+class QuadraticStep:
+    block: int
+
+
+MaskSpec = Union[Literal["causal", "bidirectional"], QuadraticInit, QuadraticStep, torch.Tensor]
+
+
+@lru_cache(maxsize=256)
+def _pattern(kind, t: int, device: str) -> torch.Tensor:
+    if kind == "causal":
+        return causal_mask(t, 0, device)
+    if kind == "bidirectional":
+        return torch.ones(t, t, dtype=torch.bool, device=device)
+    if isinstance(kind, QuadraticStep):
+        if t != kind.block * (kind.block + 1):
+            raise ValueError(f"a quadratic pass of block {kind.block} has {kind.block * (kind.block + 1)} tokens, got {t}")
+        return quadratic_step_mask(kind.block, 0, device)
+    if isinstance(kind, QuadraticInit):
+        return quadratic_init_mask(kind.prompt_len, t - kind.prompt_len, device)
+    raise ValueError(f"unknown mask kind {kind!r}")
+
+
+def pass_pattern(mask: MaskSpec, t: int, device) -> torch.Tensor:
+    """[T, T]: which tokens of a pass each token of it sees (the cached prefix is always fully visible)."""
+    return _pattern(mask, t, str(device))
 
 
 def causal_mask(q_len: int, past_len: int, device: torch.device | str = "cpu") -> torch.Tensor:
@@ -32,7 +71,10 @@ def resolve(mask: MaskSpec, q_len: int, past_len: int, device) -> tuple[torch.Te
         if past_len == 0:
             return None, True
         return causal_mask(q_len, past_len, device), False
-    raise ValueError(f"unknown mask kind {mask!r}")
+    pattern = pass_pattern(mask, q_len, device)
+    if past_len == 0:
+        return pattern, False
+    return torch.cat([torch.ones(q_len, past_len, dtype=torch.bool, device=device), pattern], 1), False
 
 
 def quadratic_step_mask(block: int, past_len: int, device: torch.device | str = "cpu") -> torch.Tensor:

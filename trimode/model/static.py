@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from trimode.model.cache import KVCache
-from trimode.model.masks import MaskSpec
+from trimode.model.masks import MaskSpec, pass_pattern
 from trimode.model.transformer import NLDTransformer, rotate_half
 
 
@@ -117,11 +117,19 @@ class StaticModel:
         positions: torch.Tensor | None = None,
         lora: bool = False,
         return_hidden: bool = False,
+        logits_at: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Logits [B, T, V], as `NLDTransformer.forward`; passes over a `StaticKVCache` take the static path."""
+        """Logits [B, T, V], as `NLDTransformer.forward`; passes over a `StaticKVCache` take the static path
+        (which computes every position's logits, for fixed graph shapes, then keeps `logits_at`)."""
         if not isinstance(cache, StaticKVCache) or return_hidden:
             return self.net(input_ids, mask=mask, cache=cache, positions=positions, lora=lora,
-                            return_hidden=return_hidden)
+                            return_hidden=return_hidden, logits_at=logits_at)
+        logits = self._static(input_ids, mask, cache, positions, lora)
+        if logits_at is None:
+            return logits
+        return logits.flatten(0, 1).index_select(0, logits_at.to(logits.device))
+
+    def _static(self, input_ids, mask, cache, positions, lora) -> torch.Tensor:
         b, t = input_ids.shape
         past = cache.length
         cache.reserve(past + t)
@@ -159,8 +167,9 @@ class StaticModel:
             m = cols[None, :] <= past + torch.arange(t, device=dev)[:, None]
         elif mask == "bidirectional":
             m = (cols < past + t)[None, :].expand(t, w)
-        else:
-            raise ValueError(f"unknown mask kind {mask!r}")
+        else:  # a structured kind (quadratic passes): the prefix, then the pass's own pattern
+            m = (cols < past)[None, :].expand(t, w).clone()
+            m[:, past : past + t] = pass_pattern(mask, t, dev)
         groups = self.config.num_attention_heads // self.config.num_key_value_heads
         return m.expand(b, 1, t, w).repeat(1, 1, groups, 1)
 

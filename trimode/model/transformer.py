@@ -94,12 +94,16 @@ class LoRALinear(nn.Module):
         self.lora_B = nn.Parameter(b.to(self.weight), requires_grad=b.requires_grad)
         self.lora_scale = scale
 
-    def forward(self, x: torch.Tensor, lora: bool = False) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, lora: bool | torch.Tensor = False) -> torch.Tensor:
+        """`lora`: for the whole batch (bool) or per row (bool tensor [B]: drafts and verifies share a pass)."""
         y = F.linear(x, self.weight)
-        if lora:
+        if isinstance(lora, torch.Tensor) and not bool(lora.any()):
+            return y
+        if lora is not False:
             if self.lora_A is None:
                 raise RuntimeError("a drafter pass asked for the LoRA adapter but none is loaded")
-            y = y + self.lora_scale * F.linear(F.linear(x, self.lora_A), self.lora_B)
+            delta = self.lora_scale * F.linear(F.linear(x, self.lora_A), self.lora_B)
+            y = y + (delta * lora.to(delta.dtype)[:, None, None] if isinstance(lora, torch.Tensor) else delta)
         return y
 
 
@@ -216,13 +220,16 @@ class NLDTransformer(nn.Module):
         mask: MaskSpec = "causal",
         cache: KVCache | None = None,
         positions: torch.Tensor | None = None,
-        lora: bool = False,
+        lora: bool | torch.Tensor = False,
         return_hidden: bool = False,
+        logits_at: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Logits [B, T, V] for `input_ids` [B, T].
 
         With a cache, tokens attend over [committed prefix | this pass] and their K/V are left in the cache's
         scratch slots; call `cache.commit(T)` to keep them. `positions` default to `cache.length + arange(T)`.
+        `logits_at`: indices into the flattened [B * T] tokens; then only those rows go through the LM head and
+        the result is [len(logits_at), V] (a prompt pass that needs one token's logits does not pay for T).
         """
         b, t = input_ids.shape
         past = cache.length if cache is not None else 0
@@ -236,6 +243,8 @@ class NLDTransformer(nn.Module):
         cos, sin, q_scale = self.rope(positions, x.dtype)
         for i, layer in enumerate(self.encoder.layers):
             x = layer(x, cos, sin, q_scale, mask, cache, i, lora)
+        if logits_at is not None:
+            x = x.reshape(b * t, -1).index_select(0, logits_at.to(x.device))
         x = self.encoder.norm(x)
         if return_hidden:
             return x

@@ -1,6 +1,6 @@
 """Batch invariance check: random mixes of requests through the engine against the same requests run alone.
 
-    python -m trimode.engine.invariance --model tests/data/tiny-a --dtype float32 --mixes 20 --threads 1
+    python -m tests.invariance --model tests/data/tiny-a --dtype float32 --mixes 20 --threads 1
 
 A mix has requests of every mode (`auto` included, whose reference is `ar`: auto is lossless), greedy and
 seeded sampling, thinking budgets, arriving at random steps; the engine runs with a small KV budget, small

@@ -1,0 +1,134 @@
+"""`mode: auto` as a step machine: every cycle runs AR, linear or quadratic self-speculation, whichever a steering
+policy picks now (the engine's `AutoPolicy` picks by load; see trimode/engine/auto.py).
+
+All three are lossless: a token is only emitted when it is the token AR would choose at that position (greedy,
+or sampled with the same keyed noise), so switching between them from one cycle to the next never changes the
+output. A *choice* is a mode and the block length of its cycle. The state all cycles share: the cache holds
+every token but the last emitted one (`pending`), plus optional draft guesses `tail` for the tokens after it
+(left by a quadratic pass). One cycle is
+- ar:             1 forward of 1 token: the causal next token;
+- linear_spec:    2 forwards of B tokens: draft [pending, MASK x B-1] (adapter on), verify causally, accept;
+- quadratic_spec: 1 forward of B(B+1) tokens: B groups [leader_j, MASK x B], leaders = pending + tail (drafted
+                  by a linear_spec draft pass first when there are fewer than B - 1 guesses); accept the leaders
+                  that match the causal predictions, and the masks of the last accepted group become the tail.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+
+from trimode.decode.cycles import (
+    DRAFT_STEP_KEY,
+    accepted_length,
+    draft_block,
+    quadratic_pass,
+    verify_block,
+)
+from trimode.decode.sampling import SamplingParams, choose
+from trimode.decode.stats import DecodeStats
+from trimode.decode.step import Commit, Committed, DecodeOutput, Forward, Machine
+from trimode.decode.stopping import StopRule, ThinkingBudget
+from trimode.model.masks import QuadraticInit
+
+Choice = tuple[str, int]  # (mode, block length of its cycle); AR's block is 1
+AR: Choice = ("ar", 1)
+FORWARDS_PER_CYCLE = {"ar": 1, "linear_spec": 2, "quadratic_spec": 1}
+
+
+class Steer(Protocol):
+    """What auto asks before each cycle, and tells after it."""
+
+    def pick(self) -> Choice: ...
+
+    def observe(self, choice: Choice, tokens: int) -> None: ...
+
+
+class FixedChoice:
+    """A steer that always picks one choice (for timing a choice, and for tests)."""
+
+    def __init__(self, choice: Choice) -> None:
+        self.choice = choice
+
+    def pick(self) -> Choice:
+        return self.choice
+
+    def observe(self, choice: Choice, tokens: int) -> None:
+        pass
+
+
+def auto(prompt_ids: torch.Tensor, stop: StopRule, sampling: SamplingParams, mask_id: int, steer: Steer,
+         block_length: int = 32, use_drafter: bool = False, thinking: ThinkingBudget | None = None) -> Machine:
+    if prompt_ids.shape[0] != 1:
+        raise ValueError("auto decodes one sequence at a time (batch size 1)")
+    dev, B = prompt_ids.device, block_length
+    prompt_len = prompt_ids.shape[1]
+    stats = DecodeStats("auto", prompt_tokens=prompt_len)
+
+    tail: list[int] = []  # guesses for the tokens after `pending`
+    mode, b = steer.pick()
+    if mode == "quadratic_spec":  # the prefill also drafts, as quadratic_spec's first pass does
+        masks = torch.full((1, b), mask_id, dtype=torch.long, device=dev)
+        read = [prompt_len - 1, *range(prompt_len + 1, prompt_len + b)]
+        logits = yield Forward(torch.cat([prompt_ids, masks], 1), mask=QuadraticInit(prompt_len), logits=read)
+        yield Commit(prompt_len)
+        tail = choose(logits[0, 1:], torch.arange(prompt_len + 1, prompt_len + b), sampling,
+                      step=DRAFT_STEP_KEY).tolist()
+        logits = logits[0, :1]
+    else:
+        logits = yield Forward(prompt_ids, mask="causal", cache="append", logits="last")
+    stats.forward_passes += 1
+    pending = int(choose(logits, torch.tensor([prompt_len]), sampling))
+    if thinking is not None and thinking.max_thinking_tokens == 0:
+        pending = thinking.end_think_token_id
+    out, over = stop.finish([pending])
+    yield Committed([out], stats)
+
+    clean = prompt_len  # the position of `pending`: the cache holds everything before it
+    while not over:
+        choice = steer.pick()
+        budget_near = (thinking is not None and thinking.end_think_token_id not in out
+                       and len(out) + B >= thinking.max_thinking_tokens)
+        if budget_near:
+            choice = AR  # AR steps place the forced end-think token exactly where AR would
+        mode, b = choice
+        if mode == "ar":
+            logits = yield Forward(torch.tensor([[pending]], device=dev), mask="causal", cache="append",
+                                   logits="last")
+            stats.forward_passes += 1
+            emitted = [int(choose(logits, torch.tensor([clean + 1]), sampling))]
+            if budget_near and len(out) >= thinking.max_thinking_tokens:
+                emitted = [thinking.end_think_token_id]
+            tail = []
+        elif mode == "linear_spec":
+            drafts = yield from draft_block(pending, clean, b, mask_id, sampling, stats, 0.0, use_drafter, dev)
+            verified = yield from verify_block(drafts, clean, sampling, stats, dev)
+            accepted = accepted_length(verified, drafts, b)
+            yield Commit(accepted)
+            emitted = verified[:accepted]
+            tail = []
+        else:
+            if len(tail) < b - 1:  # too few guesses (from another mode or a smaller block): draft them first
+                tail = (yield from draft_block(pending, clean, b, mask_id, sampling, stats, 0.0, use_drafter,
+                                               dev))[1:]
+            leaders = [pending] + tail[: b - 1]
+            result = yield from quadratic_pass(leaders, clean, mask_id, sampling, stats, device=dev)
+            accepted = accepted_length(result.verified, leaders, b)
+            yield Commit(slots=[j * (b + 1) for j in range(accepted)])
+            tail = result.tail(accepted - 1)
+            emitted = result.verified[:accepted]
+        clean += len(emitted)
+        pending = emitted[-1]
+        before = len(out)
+        out, over = stop.finish(out + emitted)
+        # The policy learns what a cycle delivers: accepted tokens past EOS or max_new_tokens are not output (a
+        # model that predicts EOS again and again would otherwise look like a perfect drafter).
+        steer.observe(choice, len(out) - before)
+        if mode != "ar":
+            stats.acceptance.append(len(out) - before)
+        stats.generated_tokens = len(out)
+        yield Committed([out[before:]], stats)
+
+    stats.generated_tokens = len(out)
+    return DecodeOutput([out], stats)

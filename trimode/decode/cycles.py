@@ -1,0 +1,119 @@
+"""Pieces shared by the speculative modes and `auto`: draft a block, verify it, accept, the quadratic pass.
+
+Each is written once and used by `linear_spec`, `quadratic_spec` and `auto`. The ones that need a forward pass
+are sub-generators (`drafts = yield from draft_block(...)`); they count their passes in `stats`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from trimode.decode.sampling import SamplingParams, choose, confidence
+from trimode.decode.stats import DecodeStats
+from trimode.decode.step import Forward
+from trimode.decode.stopping import ThinkingBudget
+from trimode.decode.transfer import commit_by_threshold, masked_confidence
+from trimode.model.masks import QuadraticStep
+
+DRAFT_STEP_KEY = 1 << 12  # keeps draft sampling noise apart from the verify noise at the same position
+
+
+def draft_block(pending: int, start: int, block: int, mask_id: int, sampling: SamplingParams, stats: DecodeStats,
+                threshold: float = 0.0, use_drafter: bool = False, device="cpu"):
+    """Drafts for the block - 1 tokens after `pending` (at position `start`): diffusion over [pending, MASK x B-1]
+    on the read-only cache, drafter adapter on when asked for. Threshold 0 fills every mask in one pass; above 0,
+    passes repeat, each committing the masks with confidence >= threshold (at least the best one).
+    Returns the block [pending, d_1, .., d_{B-1}]."""
+    ids = torch.full((1, block), mask_id, dtype=torch.long, device=device)
+    ids[0, 0] = pending
+    positions = torch.arange(start, start + block, device=device)
+    # Undecided slots are tracked explicitly: the model may legitimately emit the mask id as a token.
+    masked = torch.arange(block, device=device)[None, :] > 0
+    draft_pass = 0
+    while masked.any():
+        logits = yield Forward(ids.clone(), mask="bidirectional", positions=positions, lora=use_drafter)
+        stats.forward_passes += 1
+        proposal = choose(logits[0], positions, sampling, step=DRAFT_STEP_KEY + draft_pass)[None]
+        draft_pass += 1
+        if threshold == 0:
+            ids = torch.where(masked, proposal, ids)
+            break
+        conf = masked_confidence(confidence(logits, proposal), masked)
+        transfer = commit_by_threshold(conf, masked, threshold)
+        ids[transfer] = proposal[transfer]
+        masked &= ~transfer
+    return ids[0].tolist()
+
+
+def verify_block(drafts: list[int], start: int, sampling: SamplingParams, stats: DecodeStats, device="cpu"):
+    """Causal pass over the drafted block at positions start..; K/V left as scratch (the caller commits the
+    accepted part). Returns ar, where ar[i] is the token chosen at position start + i + 1, exactly as AR would."""
+    positions = torch.arange(start, start + len(drafts), device=device)
+    logits = yield Forward(torch.tensor([drafts], device=device), mask="causal", positions=positions)
+    stats.forward_passes += 1
+    return choose(logits[0], positions + 1, sampling).tolist()
+
+
+def accepted_length(verified: list[int], drafts: list[int], limit: int) -> int:
+    """1 + the number of leading drafts (drafts[1:]) equal to the verified token before them, at most `limit`."""
+    accepted = 1
+    while accepted < limit and verified[accepted - 1] == drafts[accepted]:
+        accepted += 1
+    return accepted
+
+
+def force_end_think(verified: list[int], out_before: list[int], offset: int, thinking: ThinkingBudget | None,
+                    limit: int) -> int:
+    """AR's thinking budget inside a cycle: the token at generated index `max_thinking_tokens` is forced to the
+    end-think id unless it appeared before. verified[i] is the token at generated index offset + i. Changes
+    `verified` in place and returns the new acceptance limit (a forced token ends the cycle)."""
+    if thinking is None:
+        return limit
+    k = thinking.max_thinking_tokens - offset
+    if 0 <= k < len(verified) and k < limit and thinking.end_think_token_id not in out_before + verified[:k]:
+        verified[k] = thinking.end_think_token_id
+        return k + 1
+    return limit
+
+
+@dataclass
+class QuadraticPass:
+    """What one quadratic pass over groups [d_j, MASK x B] gives: verified[j] is the causal choice after leader
+    d_j (the token at position start + j + 1); `tail(j)` the drafts its group's masks make for the tokens after
+    verified[j]."""
+
+    verified: list[int]
+    logits: torch.Tensor  # [B, B + 1, V]
+    pred_pos: torch.Tensor  # [B, B + 1] position each slot predicts
+    sampling: SamplingParams
+
+    def tail(self, j: int) -> list[int]:
+        return choose(self.logits[j, 2:], self.pred_pos[j, 2:], self.sampling, step=DRAFT_STEP_KEY).tolist()
+
+
+def quadratic_pass(leaders: list[int], start: int, mask_id: int, sampling: SamplingParams, stats: DecodeStats,
+                   ar_mix_weight: float | None = None, device="cpu"):
+    """One quadratic pass (spec 2.4): B groups [d_j, MASK x B], group j at positions start + j .. start + j + B.
+    Slot 1 of every group takes slot 0's logits (the causal prediction after d_j), or with `ar_mix_weight` = l
+    both become l * slot0 + (1 - l) * slot1. K/V left as scratch: commit the accepted leaders' slots
+    (`Commit(slots=[j * (B + 1) ...])`); the leaders see only leaders, so theirs are causal K/V."""
+    block = len(leaders)
+    ids = torch.full((block, block + 1), mask_id, dtype=torch.long, device=device)
+    ids[:, 0] = torch.tensor(leaders, device=device)
+    group = torch.arange(block + 1, device=device)
+    positions = start + torch.arange(block, device=device)[:, None] + group[None, :]
+    logits = yield Forward(ids.view(1, -1), mask=QuadraticStep(block), positions=positions.flatten())
+    stats.forward_passes += 1
+    logits = logits.view(block, block + 1, -1).clone()
+    if ar_mix_weight is None:
+        logits[:, 1] = logits[:, 0]
+    else:
+        mixed = ar_mix_weight * logits[:, 0] + (1 - ar_mix_weight) * logits[:, 1]
+        logits[:, 0] = mixed
+        logits[:, 1] = mixed
+    # Slot k of group j predicts the token at position start + j + k (slot 0: the causal next token).
+    pred_pos = positions + (group == 0).long()
+    verified = choose(logits[:, 0], pred_pos[:, 0], sampling).tolist()
+    return QuadraticPass(verified, logits, pred_pos, sampling)

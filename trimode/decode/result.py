@@ -1,0 +1,36 @@
+"""What a generation hands its caller: streaming events (`Delta`, `BlockState`) and the `GenerationResult`.
+
+Both drivers (batch 1 in `trimode.api`, many requests in `trimode.engine`) produce these same types.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from trimode.decode.stats import DecodeStats
+
+
+@dataclass
+class GenerationResult:
+    token_ids: list[int]
+    text: str | None
+    stats: DecodeStats
+    finish_reason: str  # "stop" (EOS or a stop string), "length" or "cancelled"
+    mode: str = "ar"
+    knobs: dict = field(default_factory=dict)
+
+
+@dataclass
+class Delta:
+    """Newly committed tokens and their text."""
+
+    token_ids: list[int]
+    text: str
+
+
+@dataclass
+class BlockState:
+    """A provisional view of the diffusion block being denoised (mask slots shown as None)."""
+
+    token_ids: list[int | None]
+    text: str

@@ -1,0 +1,79 @@
+"""The step-machine protocol: what a decoding mode yields to whoever drives it, and what it gets back.
+
+A mode is a generator function. It owns its algorithm and nothing else (no model, no cache object, no thread):
+
+    logits = yield Forward(ids, mask="causal", cache="append", logits="last")   # a forward pass; its logits
+    yield Commit(n)                                                            # keep K/V of the last pass
+    yield Committed(tokens, stats)                                             # tokens that became final
+    yield Provisional(block)                                                   # the block being denoised
+
+and returns a `DecodeOutput`. The batch-1 driver (`driver.py`) runs each `Forward` on the network over a
+contiguous KV cache; the engine runs the forwards of many machines fused over a paged pool. Either way the
+machine sees the same logits, so a mode is written once.
+
+Cache contract (the driver's cache, see `trimode/model/cache.py`): a pass attends over the committed prefix and
+itself, and leaves its K/V as scratch right after the prefix. `cache="append"` commits all of them; otherwise the
+machine decides after seeing the logits: `Commit(n)` keeps the first n, `Commit(slots=[...])` the tokens at
+those offsets (quadratic speculation), nothing keeps none (a draft or denoising pass).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Generator
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from trimode.decode.stats import DecodeStats
+from trimode.model.masks import MaskSpec
+
+
+@dataclass
+class Forward:
+    """One forward pass a machine needs. It gets back logits: `"all"` -> [B, T, V], `"last"` -> [B, V] (the last
+    token's), a list of token indices -> [B, len, V]. Only those positions go through the LM head."""
+
+    ids: torch.Tensor  # [B, T] token ids (B > 1 only in the batch-1 driver's multi-row decodes)
+    mask: MaskSpec = "causal"
+    positions: torch.Tensor | None = None  # [T] absolute positions; None: cache length + arange(T)
+    lora: bool = False  # the drafter adapter on o_proj, for this pass only
+    cache: Literal["read", "append"] = "read"
+    logits: Literal["all", "last"] | list[int] = "all"
+
+    @property
+    def tokens(self) -> int:
+        return self.ids.shape[1]
+
+
+@dataclass
+class Commit:
+    """Keep K/V of the last forward as committed cache: its first `n` tokens, or its tokens at `slots`."""
+
+    n: int = 0
+    slots: list[int] | None = None
+
+
+@dataclass
+class Committed:
+    """Tokens that became final, per batch row (empty lists for rows with nothing new), and the live stats."""
+
+    tokens: list[list[int]]
+    stats: DecodeStats
+
+
+@dataclass
+class Provisional:
+    """The current state of the block being denoised, per row; undecided slots hold the mask id."""
+
+    block: list[list[int]]
+
+
+@dataclass
+class DecodeOutput:
+    tokens: list[list[int]]  # generated ids per row, prompt excluded
+    stats: DecodeStats
+
+
+Machine = Generator["Forward | Commit | Committed | Provisional", "torch.Tensor | None", DecodeOutput]
+Event = Committed | Provisional

@@ -1,0 +1,106 @@
+"""From committed token ids to text deltas: incremental detokenization, stop strings, EOS and the token budget.
+
+`TextStream` is fed the tokens a step machine commits and returns what to show. Detokenization is incremental
+(the scheme vLLM uses): only a short window of recent tokens is decoded per event, so a long output costs the
+same per event as a short one. Text that may begin a stop string or ends in an incomplete UTF-8 character is held
+back until it is settled.
+"""
+
+from __future__ import annotations
+
+from trimode.decode.result import Delta
+from trimode.decode.stopping import StopRule
+from trimode.model.tokenizer import NLDTokenizer
+
+
+class TextStream:
+    def __init__(self, tokenizer: NLDTokenizer | None, rule: StopRule, stop: list[str] | None = None) -> None:
+        self.tokenizer = tokenizer
+        self.rule = rule
+        self.stops = [s for s in (stop or []) if s]
+        self.tokens: list[int] = []
+        self.text = ""  # text shown so far
+        self._decoded = ""  # all text decoded so far (some of it may be held back)
+        self._prefix = 0  # token offsets of the decode window (vLLM's prefix_offset / read_offset)
+        self._read = 0
+        self.finish_reason = "length"
+        self.done = False
+        self.stop_hit = False  # a stop string ended the text: the machine must not run further
+        self.cut_tokens = 0  # committed tokens dropped because a stop string ended before them
+
+    def add(self, new: list[int]) -> Delta | None:
+        """Take newly committed tokens; return the delta to emit (None when there is nothing to show)."""
+        if self.done:
+            return None
+        kept, over = self.rule.finish(self.tokens + new)
+        new = kept[len(self.tokens) :]
+        self.tokens = kept
+        if self.rule.first_eos(kept) is not None:
+            self.finish_reason = "stop"
+        self.done = over
+        if self.tokenizer is None:
+            return Delta(new, "") if new else None
+        self._decode_new()
+        hit = self._find_stop()
+        if hit is not None:
+            self.finish_reason, self.done, self.stop_hit = "stop", True, True
+            full = self._decoded[: hit[0]]
+            new = new[: max(0, len(new) - self._trim_tokens(hit[1]))]
+        elif self.done:
+            full = self._decoded
+        else:
+            full = self._decoded[: len(self.text) + self._safe_len(self._decoded[len(self.text) :])]
+        if new or len(full) > len(self.text):
+            delta = full[len(self.text) :]
+            self.text = full
+            return Delta(new, delta)
+        return None
+
+    def _decode_new(self) -> None:
+        """Decode the tokens after `_read` in the window starting at `_prefix` (so merges at the seam are seen)."""
+        dec = self.tokenizer.decode
+        before = dec(self.tokens[self._prefix : self._read])
+        after = dec(self.tokens[self._prefix :])
+        if after.endswith("\ufffd") and len(self.tokens) > self._read and not self.done:
+            return  # an incomplete character: wait for the next token
+        if after.startswith(before):
+            self._decoded += after[len(before) :]
+        else:  # the window's start decodes differently with more context (rare): decode everything once
+            self._decoded = dec(self.tokens)
+        self._prefix, self._read = self._read, len(self.tokens)
+
+    def _find_stop(self) -> tuple[int, int] | None:
+        """(start, end) of the first stop string in the text not shown yet, or None."""
+        hits = []
+        for s in self.stops:
+            i = self._decoded.find(s, max(0, len(self.text) - len(s)))
+            if i >= 0:
+                hits.append((i, i + len(s)))
+        return min(hits) if hits else None
+
+    def _trim_tokens(self, end: int) -> int:
+        """Keep the tokens up to the one that completes the text through `end` (the stop string's end); return
+        how many were dropped."""
+        dec = self.tokenizer.decode
+        lo, hi = 0, len(self.tokens)  # the smallest k whose text reaches `end`
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if len(dec(self.tokens[:mid])) >= end:
+                hi = mid
+            else:
+                lo = mid + 1
+        k = lo
+        dropped = len(self.tokens) - k
+        self.tokens = self.tokens[:k]
+        self.cut_tokens = dropped
+        return dropped
+
+    def _safe_len(self, delta: str) -> int:
+        """Length of the part of `delta` that can be shown now."""
+        n = len(delta.rstrip("\ufffd"))
+        for s in self.stops:
+            for k in range(min(len(s) - 1, n), 0, -1):
+                if delta[:n].endswith(s[:k]):
+                    n -= k
+                    break
+        return n

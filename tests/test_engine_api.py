@@ -29,7 +29,6 @@ def req(prompt=(9, 12, 30), **kw) -> EngineRequest:
     (dict(temperature=-1.0), "temperature must be >= 0"),
     (dict(knobs={"block_size": 4}), "unknown knob"),
     (dict(mode="diffusion", knobs={"threshold": 1.5}), "threshold must be in"),
-    (dict(mode="auto", knobs={"threshold": 0.5}), "mode auto does not take threshold"),
     (dict(mode="linear_spec", knobs={"block_length": 1}), "too small"),
 ])
 def test_bad_requests_raise_value_error_before_queueing(tm, bad, message):
@@ -46,12 +45,23 @@ def test_a_request_larger_than_the_kv_budget_is_rejected(tm):
 
 
 def test_queue_full(tm):
-    engine = Engine(tm, max_queue=2, cost=flat_cost())
-    engine.submit(req())
-    engine.submit(req())
+    # Capacity is the running rows plus the waiting room beyond them, whether the loop admitted them yet or not.
+    engine = Engine(tm, max_queue=2, max_running=3, cost=flat_cost())
+    for _ in range(5):
+        engine.submit(req())
     with pytest.raises(QueueFull):
         engine.submit(req())
     assert engine.stats()["counters"]["rejected"] == 1
+
+
+def test_no_waiting_room_still_runs_what_fits(tm):
+    engine = Engine(tm, max_queue=0, max_running=2, cost=flat_cost())
+    handles = [engine.submit(req(max_new_tokens=3)), engine.submit(req(max_new_tokens=3))]
+    with pytest.raises(QueueFull):
+        engine.submit(req())
+    while engine.step():
+        pass
+    assert [len(h.result().token_ids) for h in handles] == [3, 3]
 
 
 def test_concurrent_clients_on_the_background_loop(tm):

@@ -9,12 +9,11 @@ from hypothesis import strategies as st
 
 from tests.conftest import random_model
 from trimode.api import TriMode
-from trimode.decode.ar import ar_decode
+from trimode.decode.driver import decode, drive
 from trimode.decode.sampling import SamplingParams
-from trimode.decode.stats import drive
 from trimode.decode.stopping import StopRule, ThinkingBudget
 from trimode.engine import AutoConfig, CostModel, Engine, EngineRequest
-from trimode.engine.auto import AR, AutoPolicy, AutoSteer, auto_decode, label, measure_slowdowns
+from trimode.engine.auto import AR, AutoPolicy, AutoSteer, label, measure_slowdowns
 from tests.invariance import flat_cost, run_mix
 
 L4, Q4 = ("linear_spec", 4), ("quadratic_spec", 4)
@@ -47,8 +46,9 @@ def test_any_sequence_of_picks_emits_ar_output(seed, prompt, block, sampled, dra
     sp = SamplingParams(1.0, 0.9, 0, seed) if sampled else SamplingParams()
     thinking = ThinkingBudget(budget, 17) if budget is not None else None
     policy = ScriptedPolicy(seed)
-    got = drive(auto_decode(net, ids, stop, sp, AutoSteer(policy, block, drafter), thinking))
-    ar = drive(ar_decode(net, ids, stop, sp, thinking))
+    got = drive(decode(net, "auto", ids, stop, sp, thinking, steer=AutoSteer(policy, block), block_length=block,
+                       use_drafter=drafter))
+    ar = drive(decode(net, "ar", ids, stop, sp, thinking))
     assert got.tokens == ar.tokens
     assert len(got.tokens[0]) == 24
     assert len(policy.seen) >= 2

@@ -213,6 +213,24 @@ def test_completion_knobs_reach_the_decoder(client, tm):
     assert r.choices[0].text == tm.generate(prompt, mode="ar", max_new_tokens=10).text  # verified = AR
 
 
+def test_every_knob_is_reachable_over_http(client, tm):
+    # steps (the fixed-step diffusion schedule), ar_mix_weight and the thinking budget, as in the Python API.
+    prompt = "def add(a, b):"
+    cases = [("diffusion", {"block_length": 4, "steps": 2}),
+             ("quadratic_spec", {"block_length": 3, "ar_mix_weight": 0.5}),
+             ("linear_spec", {"block_length": 4, "max_thinking_tokens": 3, "end_think_token_id": 7}),
+             ("ar", {"max_thinking_tokens": 2, "end_think_token_id": 9})]
+    for mode, knobs in cases:
+        r = client.completions.create(model=MODEL, prompt=prompt, max_tokens=10, extra_body={"mode": mode, **knobs})
+        ref = tm.generate(prompt, mode=mode, max_new_tokens=10, **knobs)
+        assert r.choices[0].text == ref.text, (mode, knobs)
+        assert r.model_extra["trimode"]["forward_passes"] == ref.stats.forward_passes
+    r = client.completions.create(model=MODEL, prompt=prompt, max_tokens=10,
+                                  extra_body={"mode": "diffusion", "block_length": 4, "steps": 2})
+    assert r.model_extra["trimode"]["knobs"] == {"block_length": 4, "threshold": None, "steps": 2,
+                                                 "causal_context": True}
+
+
 def test_completion_token_prompts_batch_and_echo(client, tm):
     ids = tm.encode("The quick brown fox")
     r = client.completions.create(model=MODEL, prompt=[ids, "Hello"], max_tokens=5, echo=True)
@@ -331,7 +349,8 @@ def test_logprobs(client, served, tm):
     ({**chat_body(), "temperature": -1}, 400, "temperature"),
     ({**chat_body(), "top_p": 0}, 400, "top_p"),
     ({**chat_body(), "n": 0}, 400, "n"),
-    ({**chat_body(), "steps": 8}, 400, "steps"),
+    ({**chat_body(), "steps": 0}, 400, "steps"),
+    ({**chat_body(), "max_thinking_tokens": -1}, 400, "max_thinking_tokens"),
     ({**chat_body(), "provisional": True}, 400, "stream"),
     ({**chat_body(), "stream": True, "provisional": True}, 400, "diffusion"),
     ({**chat_body(), "stream": True, "logprobs": True}, 400, "stream"),
@@ -413,26 +432,29 @@ def test_client_gone_before_a_non_streamed_answer_frees_the_work(served):
 
 
 def test_queue_full_gets_429(tm):
+    # Capacity: one running and one waiting. The loop is held back until the third request was answered, so the
+    # first two cannot finish early (the engine is fast enough to finish a 240-token answer in a blink).
     engine = Engine(tm, max_queue=1, max_running=1)
+    start = engine.start
+    engine.start = lambda: engine
     with ServerThread(create_app(engine, ServerConfig(MODEL))) as srv:
 
         async def scenario():
             async with httpx.AsyncClient(base_url=srv.url, timeout=60) as http:
-                long = {"model": MODEL, "prompt": "Hello", "max_tokens": 240, "stream": True}
-                async with http.stream("POST", "/v1/completions", json=long) as running:
-                    assert running.status_code == 200
-                    async for line in running.aiter_lines():  # its first text: the engine is running it
-                        if line.startswith("data: ") and json.loads(line[6:])["choices"][0]["text"]:
-                            break
-                    async with http.stream("POST", "/v1/completions", json=long) as waiting:
-                        assert waiting.status_code == 200
-                        full = await http.post("/v1/completions", json={**long, "stream": False})
-                        assert full.status_code == 429, full.text
-                        assert full.json()["error"]["code"] == "queue_full"
-                        assert engine.stats()["queue_depth"] == 1
-                        text = (await http.get("/metrics")).text
-                        assert 'trimode_requests_rejected_total{reason="queue_full"} 1.0' in text
-                        assert "trimode_queue_depth 1.0" in text
+                body = {"model": MODEL, "prompt": "Hello", "max_tokens": 24}
+                first = asyncio.create_task(http.post("/v1/completions", json=body))
+                second = asyncio.create_task(http.post("/v1/completions", json=body))
+                while engine.stats()["counters"].get("submitted", 0) < 2:
+                    await asyncio.sleep(0.01)
+                full = await http.post("/v1/completions", json=body)
+                assert full.status_code == 429, full.text
+                assert full.json()["error"]["code"] == "queue_full"
+                assert full.headers["retry-after"]
+                assert engine.stats()["queue_depth"] == 2
+                text = (await http.get("/metrics")).text
+                assert 'trimode_requests_rejected_total{reason="queue_full"} 1.0' in text
+                start()
+                assert [(await t).status_code for t in (first, second)] == [200, 200]
 
         asyncio.run(scenario())
 

@@ -111,8 +111,10 @@ class TriMode:
                 end_think_token_id: int | None = None, **knobs) -> Prepared:
         """Validate a request (ValueError naming the problem) and resolve everything it will run with."""
         mode_spec(mode)
-        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int):
+            raise ValueError(f"max_new_tokens must be an integer, got {max_new_tokens!r}")
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         k = resolve_knobs(mode, self.defaults, max_new_tokens, **knobs)
         if not isinstance(prompt, str) and not (
                 isinstance(prompt, list | tuple) and all(isinstance(t, int) and not isinstance(t, bool)

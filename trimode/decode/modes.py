@@ -7,8 +7,9 @@ The API, CLI, engine, server, policy and benchmarks read this table; no other li
     machine = spec.machine(prompt_ids, stop, sampling, mask_id, knobs, thinking=..., steer=...)
 
 Knobs are per mode; the request-level settings every mode shares (max_new_tokens, sampling, stop strings, EOS,
-the thinking budget) are not knobs. A knob of another mode is dropped (a server's or a route's defaults may name
-knobs of modes the request does not run); a name that is no mode's knob is an error.
+the thinking budget) are not knobs. A knob of another mode is ignored (code that runs several modes with one
+set of knobs, and a server layering its own and a route's defaults, need not sort them); a name that is no
+mode's knob is an error. `GenerationResult.knobs` shows what ran.
 """
 
 from __future__ import annotations
@@ -34,14 +35,16 @@ class ModelDefaults:
 
 
 def _check_block(name: str, block_length: int, least: int) -> None:
-    if isinstance(block_length, bool) or not isinstance(block_length, int) or block_length < least:
-        raise ValueError(f"block_length must be an integer >= {least} for {name}, got {block_length!r}")
+    if isinstance(block_length, bool) or not isinstance(block_length, int):
+        raise ValueError(f"block_length must be an integer, got {block_length!r}")
+    if block_length < least:
+        raise ValueError(f"block_length {block_length} is too small for {name} (at least {least})")
 
 
 def _check_threshold(threshold) -> None:
     if threshold is not None and (isinstance(threshold, bool) or not isinstance(threshold, int | float)
                                   or not 0 <= threshold <= 1):
-        raise ValueError(f"threshold must be a number in [0, 1], got {threshold!r}")
+        raise ValueError(f"threshold must be in [0, 1], got {threshold!r}")
 
 
 def _check_bool(name: str, value) -> None:
@@ -94,7 +97,7 @@ class QuadraticSpecKnobs:
         _check_block("quadratic_spec", self.block_length, 2)
         w = self.ar_mix_weight
         if w is not None and (isinstance(w, bool) or not isinstance(w, int | float) or not 0 <= w <= 1):
-            raise ValueError(f"ar_mix_weight must be a number in [0, 1], got {w!r}")
+            raise ValueError(f"ar_mix_weight must be in [0, 1], got {w!r}")
 
 
 @dataclass(frozen=True)
@@ -205,13 +208,13 @@ def mode_spec(mode: str) -> ModeSpec:
 
 
 def resolve_knobs(mode: str, defaults: ModelDefaults, max_new_tokens: int | None = None, **given):
-    """The validated knobs `mode` runs with: given values (None = unset), else defaults. Knobs of other modes are
-    dropped; unknown names raise. With `max_new_tokens`, no block is longer than the request can use."""
+    """The validated knobs `mode` runs with: given values (None = unset), else defaults. Unknown names raise;
+    knobs of other modes are ignored. With `max_new_tokens`, no block is longer than the request can use."""
     spec = mode_spec(mode)
     unknown = sorted(set(given) - set(KNOB_NAMES))
     if unknown:
         raise ValueError(f"unknown knob(s) {', '.join(unknown)}; known: {', '.join(KNOB_NAMES)}")
-    values = {k: v for k, v in given.items() if k in spec.knob_names and v is not None}
+    values = {k: v for k, v in given.items() if v is not None and k in spec.knob_names}
     if "block_length" in spec.knob_names:
         block = values.get("block_length", defaults.block_size)
         least = 1 if mode == "diffusion" else 2

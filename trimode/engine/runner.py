@@ -100,7 +100,7 @@ def run_rows(net: NLDTransformer, pool: KVPool, rows: list[Row]) -> list[torch.T
     counts = [t if r.read is None else len(r.read) for r in rows]
     index = None
     if any(r.read is not None for r in rows):
-        index = torch.cat([torch.arange(t) + i * t if r.read is None else torch.tensor(r.read) + i * t
+        index = torch.cat([torch.arange(t) + i * t if r.read is None else torch.tensor(r.read, dtype=torch.long) + i * t
                            for i, r in enumerate(rows)])
     logits = net(ids, mask=masks, cache=view, positions=positions, lora=lora,
                  logits_at=index if index is not None else None)

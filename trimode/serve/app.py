@@ -27,7 +27,8 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from trimode.api import BlockState, Delta, GenerationResult
+from trimode.decode.modes import MODES as MODE_SPECS
+from trimode.decode.result import BlockState, Delta, GenerationResult
 from trimode.engine import Engine, EngineRequest, EngineStopped, QueueFull, RequestHandle
 from trimode.model.tokenizer import TemplateError
 from trimode.serve.logprobs import LOGPROB_MODES, chat_logprobs, completion_logprobs, token_logprobs
@@ -44,15 +45,7 @@ from trimode.serve.protocol import (
 log = logging.getLogger("trimode.serve")
 
 ROUTE_HEADER = "x-trimode-route"
-MODES = ("ar", "diffusion", "linear_spec", "quadratic_spec", "auto")
-# The knobs each mode reads; the others (from server, route or request) do not apply to it and are dropped.
-MODE_KNOBS = {
-    "ar": (),
-    "diffusion": ("block_length", "threshold", "causal_context"),
-    "linear_spec": ("block_length", "threshold", "use_drafter"),
-    "quadratic_spec": ("block_length",),
-    "auto": ("block_length", "use_drafter"),
-}
+MODES = tuple(MODE_SPECS)
 
 
 @dataclass
@@ -130,9 +123,7 @@ class Server:
                            param="model", code="model_not_found")
         route = self._route(body, request)
         mode, knobs, verified = self._mode(body, route)
-        if body.steps is not None:
-            raise APIError(400, "steps is not supported yet (the diffusion decoder has no fixed-step count); use "
-                                "threshold", param="steps", code="unsupported_parameter")
+        knobs.update(body.thinking)
         if body.provisional and mode != "diffusion":
             raise APIError(400, f"provisional events exist only in diffusion mode, and this request runs {mode}",
                            param="provisional")
@@ -215,7 +206,8 @@ class Server:
             knobs.update(route.knobs)
             verified = route.verified
         knobs.update(body.knobs)
-        return mode, {k: v for k, v in knobs.items() if k in MODE_KNOBS[mode]}, verified
+        # A knob another mode reads does not apply here (it may come from the server's or the route's defaults).
+        return mode, {k: v for k, v in knobs.items() if k in MODE_SPECS[mode].knob_names}, verified
 
     def _render_chat(self, body: ChatCompletionRequest) -> str:
         if self.tm.tokenizer is None:

@@ -11,7 +11,7 @@ A policy file maps route names to a decoding mode, default knobs and a human-rev
 
 Route fields: `mode` (required), `priority` (recorded, free text), `human_review` (optional | sample_based |
 required; default optional), `allow_modes` (modes a request may ask for explicitly; default only the route's),
-`knobs` (block_length, threshold, causal_context, steps, use_drafter: the route's defaults),
+`knobs` (any mode's knobs from the registry `trimode.decode.modes`: the route's defaults),
 `review_sample_rate` (share of sample_based requests flagged for review; default 0.1).
 
 `autoregressive_verified` guarantees output identical to AR decoding: the route runs `ar`, and may allow the
@@ -32,7 +32,9 @@ from pathlib import Path
 
 import yaml
 
-REQUEST_MODES = ("ar", "diffusion", "linear_spec", "quadratic_spec", "auto")
+from trimode.decode.modes import KNOB_NAMES, MODES, ModelDefaults, resolve_knobs
+
+REQUEST_MODES = tuple(MODES)
 MODE_ALIASES = {
     "ar": "ar",
     "autoregressive": "ar",
@@ -45,15 +47,8 @@ MODE_ALIASES = {
 }
 # Modes whose output is exactly the AR output: self-speculation verifies every token against the AR choice, and
 # the engine's `auto` switches between AR and self-speculation. The server runs them greedy on verified routes.
-VERIFIED_MODES = frozenset({"ar", "linear_spec", "quadratic_spec", "auto"})
+VERIFIED_MODES = frozenset(name for name, spec in MODES.items() if spec.lossless)
 REVIEW_LEVELS = ("optional", "sample_based", "required")
-KNOB_TYPES: dict[str, tuple[type, ...]] = {
-    "block_length": (int,),
-    "threshold": (int, float),
-    "causal_context": (bool,),
-    "steps": (int,),
-    "use_drafter": (bool,),
-}
 ROUTE_FIELDS = ("mode", "priority", "human_review", "allow_modes", "knobs", "review_sample_rate")
 
 
@@ -175,19 +170,14 @@ def _parse_route(source: str, name: str, node: yaml.Node) -> Route:
     knobs: dict = {}
     if "knobs" in fields:
         for key, (key_node, value_node) in _mapping(source, fields["knobs"][1], f"route {name!r} knobs").items():
-            if key not in KNOB_TYPES:
-                raise _fail(source, key_node, f"route {name!r}: unknown knob {key!r} (known: {', '.join(KNOB_TYPES)})")
+            if key not in KNOB_NAMES:
+                raise _fail(source, key_node, f"route {name!r}: unknown knob {key!r} (known: {', '.join(KNOB_NAMES)})")
             value = _value(source, value_node)
-            types = KNOB_TYPES[key]
-            if not isinstance(value, types) or (bool not in types and isinstance(value, bool)):
-                raise _fail(source, value_node, f"route {name!r}: knob {key} has the wrong type ({value!r})")
-            if key == "threshold" and not 0 <= value <= 1:
-                raise _fail(source, value_node, f"route {name!r}: threshold must be in [0, 1], got {value}")
-            if key == "steps":
-                raise _fail(source, key_node, f"route {name!r}: knob steps is not supported yet (the diffusion "
-                                              "decoder has no fixed-step count); use threshold")
-            if key == "block_length" and value < 1:
-                raise _fail(source, value_node, f"route {name!r}: {key} must be >= 1, got {value}")
+            try:  # the registry's own validation, in a mode that reads the knob
+                takes = next(m for m, spec in MODES.items() if key in spec.knob_names)
+                resolve_knobs(takes, ModelDefaults(has_drafter=True), **{key: value})
+            except (TypeError, ValueError) as e:
+                raise _fail(source, value_node, f"route {name!r}: knob {key}: {e}") from None
             knobs[key] = value
 
     rate = 0.1

@@ -1,9 +1,10 @@
 """The wire format: OpenAI request bodies (strict pydantic models, trimode's extra fields included) and the
 OpenAI-style error body. Responses are plain dicts built in `app.py`.
 
-Extra body fields (sent with the `openai` client as `extra_body={...}`): `mode`, `route`, the knobs
-`block_length`, `threshold`, `causal_context`, `steps`, `use_drafter`, and `provisional` (stream the
-diffusion block before it is committed). Unknown fields are rejected with a 400 that names them.
+Extra body fields (sent with the `openai` client as `extra_body={...}`): `mode`, `route`, every mode's knobs
+(the registry `trimode.decode.modes`: `block_length`, `threshold`, `steps`, `causal_context`, `use_drafter`,
+`ar_mix_weight`), the thinking budget `max_thinking_tokens` / `end_think_token_id`, and `provisional` (stream
+the diffusion block before it is committed). Unknown fields are rejected with a 400 that names them.
 """
 
 from __future__ import annotations
@@ -12,7 +13,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError, field_validator, model_validator
 
-RequestMode = Literal["ar", "diffusion", "linear_spec", "quadratic_spec", "auto"]
+from trimode.decode.modes import KNOB_NAMES, MODES
+
+RequestMode = Literal[tuple(MODES)]  # type: ignore[valid-type]
 MAX_N = 16
 MAX_STOPS = 8
 
@@ -77,6 +80,9 @@ class GenerationFields(BaseModel):
     causal_context: StrictBool | None = None
     steps: int | None = Field(None, ge=1)
     use_drafter: StrictBool | None = None
+    ar_mix_weight: float | None = Field(None, ge=0, le=1)
+    max_thinking_tokens: int | None = Field(None, ge=0)
+    end_think_token_id: int | None = Field(None, ge=0)
     provisional: StrictBool = False
 
     @field_validator("stop")
@@ -111,8 +117,13 @@ class GenerationFields(BaseModel):
 
     @property
     def knobs(self) -> dict:
-        names = ("block_length", "threshold", "causal_context", "steps", "use_drafter")
-        return {k: getattr(self, k) for k in names if getattr(self, k) is not None}
+        """The mode knobs the request sets (the registry's names; each is a field above)."""
+        return {k: getattr(self, k) for k in KNOB_NAMES if getattr(self, k) is not None}
+
+    @property
+    def thinking(self) -> dict:
+        return {k: getattr(self, k) for k in ("max_thinking_tokens", "end_think_token_id")
+                if getattr(self, k) is not None}
 
 
 def _is_ids(x) -> bool:

@@ -152,14 +152,19 @@ class TriMode:
         return mode_spec(req.mode).machine(ids, req.rule, req.sampling, self.config.mask_token_id, req.knobs,
                                            req.thinking, provisional, steer)
 
-    def events(self, req: Prepared, text: TextStream, event) -> Generator[Delta | BlockState, None, None]:
-        """What the caller sees of one machine event (shared with the engine)."""
+    def events(self, req: Prepared, text: TextStream, event,
+               stats: DecodeStats | None = None) -> Generator[Delta | BlockState, None, None]:
+        """What the caller sees of one machine event (shared with the engine); `stats`: the live statistics."""
+        if event.stats is not None:
+            stats = event.stats
+        passes = stats.forward_passes if stats is not None else None
         if isinstance(event, Provisional):
             block = [None if t == self.config.mask_token_id else t for t in event.block[0]]
-            yield BlockState(block, self.decode([t for t in block if t is not None]) or "")
+            yield BlockState(block, self.decode([t for t in block if t is not None]) or "", passes)
         elif isinstance(event, Committed):
             delta = text.add(event.tokens[0])
             if delta is not None:
+                delta.forward_passes = passes
                 yield delta
 
     def result(self, req: Prepared, text: TextStream, stats: DecodeStats, finish: str | None = None,
@@ -185,9 +190,9 @@ class TriMode:
         events = run(self.net, self.machine(req, provisional), req.kv_slots())
         try:
             for event in events:
-                if isinstance(event, Committed):
+                if event.stats is not None:
                     stats = event.stats
-                yield from self.events(req, text, event)
+                yield from self.events(req, text, event, stats)
                 if text.stop_hit:
                     break  # otherwise the machine ends by itself, without another forward
         finally:

@@ -20,11 +20,14 @@ def _root() -> None:
     """trimode: run, serve, train and benchmark tri-mode (AR / diffusion / self-speculative) NLD models."""
 
 
-class Mode(str, Enum):
-    ar = "ar"
-    diffusion = "diffusion"
-    linear_spec = "linear_spec"
-    quadratic_spec = "quadratic_spec"
+def _modes() -> type[Enum]:
+    """The modes `generate` runs, from the registry (auto steers by load: it runs in the engine only)."""
+    from trimode.decode.modes import MODES
+
+    return Enum("Mode", {name: name for name, spec in MODES.items() if not spec.engine_only}, type=str)
+
+
+Mode = _modes()
 
 
 def fail(message: str) -> None:
@@ -45,7 +48,7 @@ def load_or_fail(model: str | None, dtype: str | None = None, device: str | None
 def generate(
     prompt: str = typer.Argument(..., help="Prompt text."),
     model: str | None = typer.Option(None, "--model", "-m", help="Checkpoint directory or Hub repo id (default: the bundled model)."),
-    mode: Mode = typer.Option(Mode.ar, "--mode", help="Decoding mode."),
+    mode: Mode = typer.Option("ar", "--mode", help="Decoding mode."),
     max_new_tokens: int = typer.Option(64, "--max-new-tokens", "-n", help="Most tokens to generate."),
     temperature: float = typer.Option(0.0, help="0 = greedy."),
     top_p: float = typer.Option(1.0, "--top-p"),
@@ -57,6 +60,8 @@ def generate(
     no_causal_context: bool = typer.Option(False, "--no-causal-context", help="Diffusion: bidirectional prefix, no seed token."),
     drafter: bool | None = typer.Option(None, "--drafter/--no-drafter", help="linear_spec: use the LoRA drafter (default: when present)."),
     ar_mix_weight: float | None = typer.Option(None, "--ar-mix-weight", help="quadratic_spec: AR/diffusion logit mix."),
+    max_thinking_tokens: int | None = typer.Option(None, "--max-thinking-tokens", help="Force the end-of-thinking token after this many tokens if it has not appeared."),
+    end_think_token_id: int | None = typer.Option(None, "--end-think-token-id", help="The end-of-thinking token (default: the vocabulary's </think>)."),
     chat: bool = typer.Option(False, help="Wrap the prompt in the model's chat template as a user message."),
     dtype: str | None = typer.Option(None, help="float32 / bfloat16 (default: float32 on CPU, bfloat16 on CUDA)."),
     device: str | None = typer.Option(None, help="cpu / cuda (default: cuda when available)."),
@@ -73,16 +78,13 @@ def generate(
         if tm.tokenizer is None:
             fail("this model has no tokenizer / chat template")
         text = tm.tokenizer.apply_chat_template([{"role": "user", "content": prompt}])
-    knobs = {}
-    if mode == Mode.diffusion:
-        knobs = {"threshold": threshold, "steps": steps, "causal_context": not no_causal_context}
-    elif mode == Mode.linear_spec:
-        knobs = {"threshold": threshold, "use_drafter": drafter}
-    elif mode == Mode.quadratic_spec:
-        knobs = {"ar_mix_weight": ar_mix_weight}
+    # Every knob goes to the API; a mode ignores the knobs of the others.
+    knobs = {"block_length": block_length, "threshold": threshold, "steps": steps, "use_drafter": drafter,
+             "causal_context": False if no_causal_context else None, "ar_mix_weight": ar_mix_weight}
     try:
         gen = tm.stream(text, mode=mode.value, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                        top_k=top_k, seed=seed, block_length=block_length, **knobs)
+                        top_k=top_k, seed=seed, max_thinking_tokens=max_thinking_tokens,
+                        end_think_token_id=end_think_token_id, **knobs)
         if tm.tokenizer is not None and not chat:
             typer.echo(prompt, nl=False)
         while True:
@@ -111,7 +113,7 @@ def _register_subcommands() -> None:
     """Each layer above the engine adds its own commands (`register(app)`), importing heavy modules lazily."""
     import importlib
 
-    for name in ("trimode.train.cli", "trimode.serve.cli", "trimode.bench.cli", "trimode.engine.cli"):
+    for name in ("trimode.train.cli", "trimode.serve.cli", "trimode.bench.cli", "trimode.bench.serve_cli"):
         try:
             module = importlib.import_module(name)
         except ModuleNotFoundError as e:

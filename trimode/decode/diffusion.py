@@ -89,7 +89,7 @@ def diffusion(prompt_ids: torch.Tensor, stop: StopRule, sampling: SamplingParams
             committed_at[transfer] = step
             masked &= ~transfer
             if provisional:
-                yield Provisional(block.masked_fill(masked, mask_id).tolist())
+                yield Provisional(block.masked_fill(masked, mask_id).tolist(), stats)
             settled = [generated[r] + _settled_prefix(block[r], masked[r]) for r in range(batch)]
             new = [stop.finish(settled[r])[0][streamed[r] :] for r in range(batch)]
             if any(new):

@@ -26,6 +26,7 @@ class Delta:
 
     token_ids: list[int]
     text: str
+    forward_passes: int | None = None  # the request's forward passes so far (live figures for a stream)
 
 
 @dataclass
@@ -34,3 +35,4 @@ class BlockState:
 
     token_ids: list[int | None]
     text: str
+    forward_passes: int | None = None

@@ -67,6 +67,7 @@ class Provisional:
     """The current state of the block being denoised, per row; undecided slots hold the mask id."""
 
     block: list[list[int]]
+    stats: DecodeStats | None = None
 
 
 @dataclass

@@ -10,7 +10,7 @@ import torch
 from trimode.api import Prepared, TriMode
 from trimode.decode.result import GenerationResult
 from trimode.decode.stats import DecodeStats
-from trimode.decode.step import Commit, Committed, Forward, Machine
+from trimode.decode.step import Commit, Forward, Machine
 from trimode.decode.text import TextStream
 from trimode.engine.kv_pool import PagedCache
 from trimode.engine.request import EngineRequest, RequestHandle
@@ -66,9 +66,9 @@ class Sequence:
                 else:
                     self.cache.commit(op.n)
                 continue
-            if isinstance(op, Committed):
+            if op.stats is not None:
                 self.stats = op.stats
-            for event in tm.events(self.prepared, self.text, op):
+            for event in tm.events(self.prepared, self.text, op, self.stats):
                 self.handle._put(event)
             if self.text.stop_hit:
                 self.machine.close()

@@ -7,7 +7,9 @@ from pathlib import Path
 
 import typer
 
-MODES = ("ar", "diffusion", "linear_spec", "quadratic_spec", "auto")
+from trimode.decode.modes import MODES as _REGISTRY
+
+MODES = tuple(_REGISTRY)
 
 
 def register(app: typer.Typer) -> None:

@@ -406,7 +406,7 @@
     });
     for (const button of document.querySelectorAll("button.example")) {
       button.addEventListener("click", () => {
-        $("prompt").value = button.textContent;
+        $("prompt").value = button.dataset.prompt || button.textContent;
         $("prompt").focus();
       });
     }

@@ -1,7 +1,9 @@
 """Screenshots of the playground for the docs: the bundled model served in-process, the page in headless
 Chromium (Debian's `chromium`, driven by Playwright), a laptop and a phone-width window.
 
-    python scripts/playground_screenshots.py            # writes docs/playground.png, docs/playground-phone.png
+    python scripts/playground_screenshots.py   # docs/playground.png, playground-phone.png, playground-denoising.png
+
+The third one is taken mid-run, with every forward pass slowed down, to catch a diffusion block half filled in.
 """
 
 from __future__ import annotations
@@ -30,13 +32,25 @@ SHOTS = [
 ]
 
 
+SLOW = threading.Event()  # while set, each forward pass sleeps first: a run slow enough to catch mid-way
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=DOCS, help="directory for the PNGs (default: docs/)")
     ap.add_argument("--chromium", default=shutil.which("chromium") or "/usr/bin/chromium")
     args = ap.parse_args()
 
-    app = create_app(Engine(trimode.load()), ServerConfig("trimode-default"))
+    tm = trimode.load()
+    forward = tm.net.forward
+
+    def slowed(*a, **kw):
+        if SLOW.is_set():
+            time.sleep(0.6)
+        return forward(*a, **kw)
+
+    tm.net.forward = slowed
+    app = create_app(Engine(tm), ServerConfig("trimode-default"))
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
@@ -63,6 +77,28 @@ def main() -> None:
                 page.screenshot(path=str(args.out / name), full_page=True)
                 print(args.out / name)
                 page.close()
+            page = browser.new_page(viewport={"width": 760, "height": 900}, device_scale_factor=1)
+            page.goto(url)
+            page.wait_for_selector("#server-info:has-text('trimode-default')")
+            page.fill("#prompt", "Sort: 9 8 7 6 5 4")
+            page.select_option("#mode-a", "diffusion")
+            page.set_checked("#compare", False)
+            page.fill("#threshold", "0.99")
+            SLOW.set()
+            try:
+                page.click("#run")
+                # Mid-run, after the second pass: slots filled by earlier passes, by the latest one, still masked.
+                earlier, latest = page.locator(".block .cell:not(.mask):not(.new)"), page.locator(".block .new")
+                masked = page.locator(".block .mask")
+                deadline = time.time() + 60
+                while not (earlier.count() >= 4 and latest.count() >= 1 and masked.count() >= 1):
+                    assert time.time() < deadline, "no half-filled block seen"
+                    time.sleep(0.05)
+                page.locator(".panel").screenshot(path=str(args.out / "playground-denoising.png"))
+                print(args.out / "playground-denoising.png")
+            finally:
+                SLOW.clear()
+            page.close()
             browser.close()
     finally:
         server.should_exit = True

@@ -211,6 +211,7 @@ def test_the_page_fits_a_phone(browser, served):
     page.click("#run")
     expect(page.locator("#comparison")).to_be_visible(timeout=60_000)
     assert page.evaluate("document.documentElement.scrollWidth <= window.innerWidth")  # no sideways scrolling
+    assert page.evaluate("window.scrollY") > 0  # the results, below the form, were brought into view
     boxes = [panel(page, m).bounding_box() for m in ("ar", "quadratic_spec")]
     assert boxes[1]["y"] >= boxes[0]["y"] + boxes[0]["height"]  # stacked, not squeezed side by side
     context.close()

@@ -359,6 +359,8 @@
     $("results").dataset.count = String(runs.length);
     $("comparison").hidden = true;
     $("stop").disabled = false;
+    // On a small screen the results start below the form: bring them into view.
+    if ($("results").getBoundingClientRect().top > window.innerHeight * 0.6) $("results").scrollIntoView({ block: "start" });
     const timer = setInterval(() => runs.forEach((r) => r.state === "running" && updateFigures(r)), 100);
     const mine = runs;
     const errors = new Set();

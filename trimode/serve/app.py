@@ -2,6 +2,7 @@
 
     POST /v1/completions, POST /v1/chat/completions   (JSON or SSE with "stream": true)
     GET  /v1/models, /health, /metrics
+    GET  /, /playground                                 (the playground page, playground.py)
 
 Every generation goes through the engine (`trimode.engine`). A request is turned into a `Plan` (prompt ids,
 the mode and knobs that will run, sampling, the route and its review flag), the plan into one engine request
@@ -33,6 +34,7 @@ from trimode.engine import Engine, EngineRequest, EngineStopped, QueueFull, Requ
 from trimode.model.tokenizer import TemplateError
 from trimode.serve.logprobs import LOGPROB_MODES, chat_logprobs, completion_logprobs, token_logprobs
 from trimode.serve.metrics import CONTENT_TYPE, ServerMetrics
+from trimode.serve.playground import add_playground, event_fields
 from trimode.serve.policy import AuditLog, Policy, Route
 from trimode.serve.protocol import (
     APIError,
@@ -502,9 +504,11 @@ async def _stream(server: Server, request: Request, plan: Plan, handles: list[Re
                                 first_token = True
                                 server.metrics.first_token.labels(plan.mode).observe(time.perf_counter() - t0)
                             texts[k] += ev.text
-                            yield _sse(chunk(k, ev.text))
+                        if ev.text or ev.token_ids:  # tokens without text yet (eos, held back) still counted
+                            yield _sse(chunk(k, ev.text or None, trimode=event_fields(server.tm, ev)))
                     elif isinstance(ev, BlockState):
-                        yield _sse(chunk(k, None, provisional={"token_ids": ev.token_ids, "text": ev.text}))
+                        yield _sse(chunk(k, None, provisional={"token_ids": ev.token_ids, "text": ev.text},
+                                         trimode=event_fields(server.tm, ev)))
                     elif isinstance(ev, GenerationResult):
                         results[k] = ev
         except Exception as e:  # the stream has started: report in-band, as OpenAI does
@@ -602,6 +606,10 @@ def create_app(engine: Engine, config: ServerConfig) -> FastAPI:
     @app.get("/metrics")
     async def metrics():
         return Response(server.metrics.exposition(), media_type=CONTENT_TYPE)
+
+    # -- the playground page (trimode/serve/playground.py): static files, no key needed ---------------------
+    add_playground(app)
+    # -- end of the playground block ---------------------------------------------------------------------------
 
     app.add_middleware(_RequestMetrics, server=server)
     return app

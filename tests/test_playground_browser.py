@@ -1,0 +1,217 @@
+"""The playground page in a real browser: headless Chromium (Debian's, driven by Playwright) against a real
+server on a free port, the page served behind a path prefix. The page loads, runs a prompt in two modes at
+once, shows the diffusion block before it is committed, shows the server's errors, and cancels its requests
+when stopped or closed.
+
+Needs a `chromium` binary (`.ci/run` installs Debian's); without one these tests are skipped, except in CI
+(`CI` set), where that is a failure."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import threading
+import time
+
+import httpx
+import pytest
+from starlette.applications import Starlette
+from starlette.routing import Mount
+
+import trimode
+from tests.test_serve_api import API_KEY, MODEL, ServerThread, build_checkpoint, wait_until_cancelled
+from trimode.engine import Engine
+from trimode.serve.app import ServerConfig, create_app
+
+CHROMIUM = os.environ.get("TRIMODE_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+def _missing() -> str | None:
+    try:
+        import playwright.sync_api  # noqa: F401
+    except ImportError:
+        return "playwright is not installed (pip install -e '.[dev]')"
+    if CHROMIUM is None:
+        return "no chromium binary (apt-get install chromium, or set TRIMODE_CHROMIUM)"
+    return None
+
+
+if (why := _missing()) is not None:
+    if os.environ.get("CI"):
+        raise RuntimeError(f"the browser tests must run in CI: {why}")
+    pytest.skip(why, allow_module_level=True)
+
+from playwright.sync_api import Page, expect, sync_playwright  # noqa: E402
+
+SLOW = threading.Event()  # while set, every forward pass takes 20 ms longer: runs long enough to stop them
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    tm = trimode.load(build_checkpoint(tmp_path_factory.mktemp("browser") / MODEL), dtype="float64")
+    forward = tm.net.forward
+
+    def slowed(*args, **kwargs):
+        if SLOW.is_set():
+            time.sleep(0.02)
+        return forward(*args, **kwargs)
+
+    tm.net.forward = slowed
+    engine = Engine(tm, max_queue=16)
+    app = create_app(engine, ServerConfig(MODEL, api_key=API_KEY, default_max_tokens=8))
+    with ServerThread(app) as srv, ServerThread(Starlette(routes=[Mount("/p", app=app)])) as prefixed:
+        srv.engine = engine
+        srv.page = prefixed.url + "/p/playground"  # behind a path prefix, as a reverse proxy mounts it
+        yield srv
+
+
+@pytest.fixture(scope="module")
+def browser():
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--disable-dev-shm-usage"])
+        yield b
+        b.close()
+
+
+@pytest.fixture
+def page(browser, served):
+    context = browser.new_context(viewport={"width": 1280, "height": 900})
+    page = context.new_page()
+    errors: list[str] = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.goto(served.page)
+    yield page
+    context.close()
+    assert not errors, f"JavaScript errors: {errors}"
+
+
+def connect(page: Page) -> None:
+    """Enter the API key (the page asks for it after the server's 401) and wait for the model card."""
+    expect(page.locator("#error")).to_contain_text("API key")
+    page.fill("#api-key", API_KEY)
+    page.press("#api-key", "Tab")  # a change event: the page retries with the key
+    expect(page.locator("#server-info")).to_contain_text(MODEL)
+    expect(page.locator("#error")).to_be_hidden()
+
+
+def setup(page: Page, prompt: str, mode_a: str, mode_b: str | None = None, max_tokens: int = 12, **knobs) -> None:
+    page.fill("#prompt", prompt)
+    page.select_option("#mode-a", mode_a)
+    page.set_checked("#compare", mode_b is not None)
+    if mode_b:
+        page.select_option("#mode-b", mode_b)
+    page.fill("#max-tokens", str(max_tokens))
+    for name, value in knobs.items():
+        page.fill(f"#{name.replace('_', '-')}", str(value))
+
+
+def panel(page: Page, mode: str):
+    return page.locator(f'.panel[data-mode="{mode}"]')
+
+
+def test_two_modes_side_by_side(page, served):
+    connect(page)
+    setup(page, "Hello, world!", "ar", "linear_spec")
+    page.focus("#prompt")
+    page.keyboard.press("Control+Enter")  # keyboard: run
+    for mode in ("ar", "linear_spec"):
+        expect(panel(page, mode).locator(".state")).to_have_text("done: max tokens reached", timeout=60_000)
+    expect(page.locator("#comparison")).to_contain_text("Same text from ar and linear_spec.")
+    expect(page.locator("#comparison")).to_contain_text("Forward passes: ar 12, linear_spec")
+    for mode in ("ar", "linear_spec"):  # the page's figures are the server's
+        r = httpx.post(served.url + "/v1/chat/completions", headers={"Authorization": f"Bearer {API_KEY}"},
+                       json={"model": MODEL, "messages": [{"role": "user", "content": "Hello, world!"}],
+                             "max_tokens": 12, "mode": mode}, timeout=60).json()
+        p = panel(page, mode)
+        assert p.locator(".text").inner_text() == r["choices"][0]["message"]["content"]
+        assert p.locator(".forwards").inner_text() == str(r["trimode"]["forward_passes"])
+        assert p.locator(".tokens").inner_text() == "12"
+        commits = p.locator(".commit")
+        assert sum(int(t) for t in commits.all_inner_texts()) == 12  # tokens per committing pass
+    assert panel(page, "ar").locator(".commit").count() == 12  # AR: one token per pass
+
+
+# Records, in order, each render of a diffusion block (its masked slots) and each state the panel shows.
+OBSERVER = """() => {
+  window.log = [];
+  new MutationObserver((records) => {
+    for (const r of records) {
+      const el = r.target;
+      if (el.classList && el.classList.contains("block"))
+        window.log.push(["block", [...r.addedNodes].filter((n) => n.classList.contains("mask")).length,
+                         r.addedNodes.length]);
+      if (el.classList && el.classList.contains("state") && r.addedNodes.length)
+        window.log.push(["state", r.addedNodes[0].data]);
+    }
+  }).observe(document.getElementById("results"), {childList: true, subtree: true});
+}"""
+
+
+def test_the_diffusion_block_shows_before_it_is_committed(page):
+    connect(page)
+    setup(page, "Hello, world!", "diffusion", max_tokens=12, block_length=4, threshold=0.99)
+    page.evaluate(OBSERVER)
+    page.click("#run")
+    state = panel(page, "diffusion").locator(".state")
+    expect(state).to_contain_text("done", timeout=60_000)
+    log = page.evaluate("window.log")
+    done = next(i for i, e in enumerate(log) if e[0] == "state" and e[1].startswith("done"))
+    blocks = [e for e in log[:done] if e[0] == "block"]
+    assert len(blocks) >= 2, log  # updated pass by pass
+    assert all(total == 4 for _, _, total in blocks)
+    assert any(masked > 0 for _, masked, _ in blocks), log  # slots still masked: shown before the end
+    assert panel(page, "diffusion").locator(".text").inner_text()
+
+
+def test_server_errors_are_shown(page):
+    page.fill("#api-key", "wrong-key")
+    page.press("#api-key", "Tab")
+    expect(page.locator("#error")).to_contain_text("401: missing or incorrect API key")
+    page.fill("#api-key", API_KEY)
+    page.press("#api-key", "Tab")
+    expect(page.locator("#error")).to_be_hidden()
+    setup(page, "Hello", "ar", "diffusion", max_tokens=100_000)
+    page.click("#run")
+    error = page.locator("#error")
+    expect(error).to_contain_text("ar: 400:")
+    expect(error).to_contain_text("exceeds this model's context")
+    expect(error).to_contain_text("diffusion: 400:")
+    expect(panel(page, "ar").locator(".state")).to_have_text("error")
+    setup(page, "Hello", "diffusion", max_tokens=4, threshold=2)  # out of range: the server's message
+    page.click("#run")
+    expect(error).to_contain_text("threshold")
+    expect(error).to_contain_text("less than or equal to 1")
+
+
+def test_stop_and_closing_the_tab_cancel_the_request(browser, page, served):
+    connect(page)
+    SLOW.set()
+    try:
+        for how in ("stop", "close"):
+            cancelled = served.engine.stats()["counters"].get("cancelled", 0)
+            setup(page, "Hello", "ar", max_tokens=200)
+            page.click("#run")
+            expect(panel(page, "ar").locator(".text")).not_to_be_empty(timeout=30_000)
+            if how == "stop":
+                page.keyboard.press("Escape")
+                expect(panel(page, "ar").locator(".state")).to_have_text("stopped")
+            else:
+                page.close()
+            wait_until_cancelled(served.engine, cancelled)
+    finally:
+        SLOW.clear()
+
+
+def test_the_page_fits_a_phone(browser, served):
+    context = browser.new_context(viewport={"width": 360, "height": 740}, is_mobile=True, has_touch=True)
+    page = context.new_page()
+    page.goto(served.url + "/")  # also at the root
+    connect(page)
+    setup(page, "Hello", "ar", "quadratic_spec", max_tokens=6)
+    page.click("#run")
+    expect(page.locator("#comparison")).to_be_visible(timeout=60_000)
+    assert page.evaluate("document.documentElement.scrollWidth <= window.innerWidth")  # no sideways scrolling
+    assert page.evaluate("window.scrollY") > 0  # the results, below the form, were brought into view
+    boxes = [panel(page, m).bounding_box() for m in ("ar", "quadratic_spec")]
+    assert boxes[1]["y"] >= boxes[0]["y"] + boxes[0]["height"]  # stacked, not squeezed side by side
+    context.close()

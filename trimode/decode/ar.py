@@ -27,7 +27,7 @@ def ar(prompt_ids: torch.Tensor, stop: StopRule, sampling: SamplingParams = Samp
     done = [False] * batch
     thought = [False] * batch
     for step in range(stop.max_new_tokens):
-        tokens = choose(logits, torch.full((batch,), prompt_len + step), sampling, rows=rows)
+        tokens = choose(logits, prompt_len + step, sampling, rows=rows)
         if thinking is not None and step >= thinking.max_thinking_tokens:
             for r in range(batch):
                 if not thought[r]:

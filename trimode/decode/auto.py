@@ -79,7 +79,7 @@ def auto(prompt_ids: torch.Tensor, stop: StopRule, sampling: SamplingParams, mas
     else:
         logits = yield Forward(prompt_ids, mask="causal", cache="append", logits="last")
     stats.forward_passes += 1
-    pending = int(choose(logits, torch.tensor([prompt_len]), sampling))
+    pending = int(choose(logits, prompt_len, sampling))
     if thinking is not None and thinking.max_thinking_tokens == 0:
         pending = thinking.end_think_token_id
     out, over = stop.finish([pending])
@@ -97,7 +97,7 @@ def auto(prompt_ids: torch.Tensor, stop: StopRule, sampling: SamplingParams, mas
             logits = yield Forward(torch.tensor([[pending]], device=dev), mask="causal", cache="append",
                                    logits="last")
             stats.forward_passes += 1
-            emitted = [int(choose(logits, torch.tensor([clean + 1]), sampling))]
+            emitted = [int(choose(logits, clean + 1, sampling))]
             if budget_near and len(out) >= thinking.max_thinking_tokens:
                 emitted = [thinking.end_think_token_id]
             tail = []
@@ -121,7 +121,7 @@ def auto(prompt_ids: torch.Tensor, stop: StopRule, sampling: SamplingParams, mas
         clean += len(emitted)
         pending = emitted[-1]
         before = len(out)
-        out, over = stop.finish(out + emitted)
+        out, over = stop.extend(out, emitted)
         # The policy learns what a cycle delivers: accepted tokens past EOS or max_new_tokens are not output (a
         # model that predicts EOS again and again would otherwise look like a perfect drafter).
         steer.observe(choice, len(out) - before)

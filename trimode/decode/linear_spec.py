@@ -39,7 +39,7 @@ def linear_spec(prompt_ids: torch.Tensor, stop: StopRule, sampling: SamplingPara
 
     logits = yield Forward(prompt_ids, mask="causal", cache="append", logits="last")
     stats.forward_passes += 1
-    next_token = int(choose(logits, torch.tensor([prompt_len]), sampling))
+    next_token = int(choose(logits, prompt_len, sampling))
     if thinking is not None and not thinking_as_reference and thinking.max_thinking_tokens == 0:
         next_token = thinking.end_think_token_id
     out, over = stop.finish([next_token])
@@ -59,7 +59,7 @@ def linear_spec(prompt_ids: torch.Tensor, stop: StopRule, sampling: SamplingPara
         next_token = ar[accepted - 1]
 
         before = len(out)
-        out, over = stop.finish(out + ar[:accepted])
+        out, over = stop.extend(out, ar[:accepted])
         stats.acceptance.append(len(out) - before)  # what the cycle output: nothing past EOS or the budget
         yield Committed([out[before:]], stats)
         if thinking_as_reference and thinking is not None and len(out) > thinking.max_thinking_tokens:

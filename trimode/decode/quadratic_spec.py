@@ -41,7 +41,7 @@ def quadratic_spec(prompt_ids: torch.Tensor, stop: StopRule, sampling: SamplingP
     logits = yield Forward(torch.cat([prompt_ids, masks], 1), mask=QuadraticInit(prompt_len), logits=read)
     yield Commit(prompt_len)
     stats.forward_passes += 1
-    first = choose(logits[0, :1], torch.tensor([prompt_len]), sampling)
+    first = choose(logits[0, :1], prompt_len, sampling)
     rest = choose(logits[0, 1:], torch.arange(prompt_len + 1, prompt_len + B), sampling, step=DRAFT_STEP_KEY)
     draft = [int(first)] + rest.tolist()
     if thinking is not None and thinking.max_thinking_tokens == 0:
@@ -61,7 +61,7 @@ def quadratic_spec(prompt_ids: torch.Tensor, stop: StopRule, sampling: SamplingP
         draft = [verified[accepted - 1]] + result.tail(accepted - 1)
 
         before = len(out)
-        out, over = stop.finish(out + committed)
+        out, over = stop.extend(out, committed)
         stats.acceptance.append(len(out) - before)  # what the cycle output: nothing past EOS or the budget
         yield Committed([out[before:]], stats)
 

@@ -97,14 +97,17 @@ def gumbel_noise(seed: int, positions: torch.Tensor, step: int, vocab: int, devi
 
 
 def choose(
-    logits: torch.Tensor, positions: torch.Tensor, params: SamplingParams, step: int = 0, rows=None
+    logits: torch.Tensor, positions: torch.Tensor | int, params: SamplingParams, step: int = 0, rows=None
 ) -> torch.Tensor:
     """Tokens [N] for logits [N, V]: argmax when greedy, else a keyed sample of the filtered distribution.
 
-    `positions` [N] are the absolute positions of the tokens being chosen, `rows` [N] their batch rows.
+    `positions` [N] are the absolute positions of the tokens being chosen (an int: all at that position), `rows`
+    [N] their batch rows.
     """
     if params.greedy:
         return logits.argmax(-1)
+    if isinstance(positions, int):
+        positions = torch.full((logits.shape[0],), positions, device=logits.device)
     filtered = filter_logits(logits, params).double()
     noise = gumbel_noise(params.seed, positions, step, logits.shape[-1], logits.device, rows)
     return (filtered + noise).argmax(-1)

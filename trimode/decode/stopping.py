@@ -21,6 +21,15 @@ class StopRule:
                 return i
         return None
 
+    def extend(self, out: list[int], new: list[int]) -> tuple[list[int], bool]:
+        """`finish(out + new)` for an `out` that holds no EOS yet, checking only the new tokens."""
+        room = self.max_new_tokens - len(out)
+        for i, t in enumerate(new[:room]):
+            if t in self.eos_token_ids:
+                return out + new[: i + 1], True
+        kept = out + new[:room]
+        return kept, len(kept) >= self.max_new_tokens
+
     def finish(self, tokens: list[int]) -> tuple[list[int], bool]:
         """`tokens` cut after the first EOS and to the budget; and whether generation is over."""
         eos = self.first_eos(tokens)

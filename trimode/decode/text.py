@@ -32,10 +32,10 @@ class TextStream:
         """Take newly committed tokens; return the delta to emit (None when there is nothing to show)."""
         if self.done:
             return None
-        kept, over = self.rule.finish(self.tokens + new)
+        kept, over = self.rule.extend(self.tokens, new)
         new = kept[len(self.tokens) :]
         self.tokens = kept
-        if self.rule.first_eos(kept) is not None:
+        if new and new[-1] in self.rule.eos_token_ids:
             self.finish_reason = "stop"
         self.done = over
         if self.tokenizer is None:

@@ -93,6 +93,10 @@ class PagedCache:
     def batch_size(self) -> int:
         return 1
 
+    def is_contiguous(self, tokens: int) -> bool:
+        """Whether the first `tokens` slots are consecutive in the pool."""
+        return tokens <= self.capacity and int(self.slots[tokens - 1]) - int(self.slots[0]) == tokens - 1
+
     def reserve(self, total: int) -> None:
         if total <= self.capacity:
             return

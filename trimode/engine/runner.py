@@ -22,7 +22,7 @@ from trimode.model.transformer import NLDTransformer
 class Row:
     cache: PagedCache
     ids: torch.Tensor  # [T]
-    positions: torch.Tensor  # [T]
+    positions: torch.Tensor | None  # [T]; None: right after the cache's committed length
     mask: MaskSpec
     lora: bool
     read: list[int] | None  # token indices whose logits the row needs; None: all
@@ -44,6 +44,11 @@ class RowsView:
         self.pasts = torch.tensor([c.length for c in caches], device=dev)
         self.length = int(self.pasts.max())
         width = self.length + t
+        # One row whose slots are consecutive (pages handed out in order): read and write the pool in place.
+        self.first_slot = None
+        if len(caches) == 1 and caches[0].is_contiguous(width):
+            self.first_slot = int(caches[0].slots[0])
+            return
         table = pad_sequence([c.slots[:width] for c in caches], batch_first=True)  # [R, <= width], 0 = null slot
         if table.shape[1] < width:
             table = torch.nn.functional.pad(table, (0, width - table.shape[1]))
@@ -56,6 +61,12 @@ class RowsView:
 
     def write_scratch(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         r, h, t, d = k.shape
+        if self.first_slot is not None:
+            s0 = self.first_slot
+            end = s0 + self.length + t
+            self.pool.k[layer, s0 + self.length : end] = k[0].transpose(0, 1)
+            self.pool.v[layer, s0 + self.length : end] = v[0].transpose(0, 1)
+            return (self.pool.k[layer, s0:end].transpose(0, 1)[None], self.pool.v[layer, s0:end].transpose(0, 1)[None])
         width = self.read.shape[1]
         out = []
         for pool, new in ((self.pool.k[layer], k), (self.pool.v[layer], v)):
@@ -87,6 +98,13 @@ def _pattern(row: Row, past: int, t: int) -> torch.Tensor:
     return pass_pattern(row.mask, t, row.ids.device)
 
 
+def single_row_mask(row: Row, past: int):
+    """One row needs no padding: its mask as the model resolves it (None where everything is visible)."""
+    if isinstance(row.mask, torch.Tensor):
+        return row.mask
+    return "bidirectional" if row.tokens == 1 else row.mask  # one token sees its prefix and itself
+
+
 @torch.no_grad()
 def run_rows(net: NLDTransformer, pool: KVPool, rows: list[Row]) -> list[torch.Tensor]:
     """Run rows of equal token count in one forward; returns each row's logits: [T, V] or [len(read), V]."""
@@ -94,8 +112,15 @@ def run_rows(net: NLDTransformer, pool: KVPool, rows: list[Row]) -> list[torch.T
     dev = net.device
     view = RowsView(pool, [r.cache for r in rows], t)
     ids = torch.stack([r.ids for r in rows]).to(dev)
-    positions = torch.stack([r.positions for r in rows]).to(dev)
-    masks = row_masks(rows, view.pasts, view.length + t)
+    if all(r.positions is None for r in rows):
+        positions = view.pasts[:, None] + torch.arange(t, device=dev)[None, :]
+    else:
+        positions = torch.stack([r.positions if r.positions is not None
+                                 else r.cache.length + torch.arange(t) for r in rows]).to(dev)
+    if view.first_slot is not None:
+        masks = single_row_mask(rows[0], view.length)
+    else:
+        masks = row_masks(rows, view.pasts, view.length + t)
     lora = torch.tensor([r.lora for r in rows], device=dev) if any(r.lora for r in rows) else False
     counts = [t if r.read is None else len(r.read) for r in rows]
     index = None

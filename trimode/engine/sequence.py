@@ -78,15 +78,16 @@ class Sequence:
         """The part of `pending` to run this step: all of it, or the next chunk of a long causal prompt pass."""
         f = self.pending
         t = f.tokens
-        positions = f.positions if f.positions is not None else torch.arange(
-            self.cache.length - self.chunk_done, self.cache.length - self.chunk_done + t)
         start, end = self.chunk_done, t
+        positions = f.positions  # None: right after the cache (a chunk's earlier chunks are committed by then)
         if self.chunkable(prefill_chunk):
             end = min(t, start + prefill_chunk)
         read = None if f.logits == "all" else ([t - 1] if f.logits == "last" else list(f.logits))
         if (start, end) != (0, t):  # a chunk reads only the logits it holds
             read = [i - start for i in read if start <= i < end]
-        return Row(self.cache, f.ids[0, start:end], positions[start:end].reshape(-1), f.mask, f.lora, read)
+        if positions is not None:
+            positions = positions[start:end].reshape(-1)
+        return Row(self.cache, f.ids[0, start:end], positions, f.mask, f.lora, read)
 
     def chunkable(self, prefill_chunk: int) -> bool:
         f = self.pending

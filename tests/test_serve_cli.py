@@ -50,6 +50,7 @@ class Served:
                     return True
             except httpx.HTTPError:
                 time.sleep(0.2)
+        self.stop()  # do not leave the server running when the test fails
         raise AssertionError("the server did not start in time")
 
     def stop(self) -> tuple[int, str]:

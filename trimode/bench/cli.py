@@ -146,6 +146,47 @@ def speed(
 
 
 @bench_app.command()
+def engine(
+    ctx: typer.Context,
+    model: str | None = typer.Option(None, "--model", "-m", help="Checkpoint directory or Hub id (default: bundled)."),
+    modes: str = typer.Option("ar,linear_spec,quadratic_spec", help="Comma-separated modes."),
+    requests: str = typer.Option("1,16,64", help="Comma-separated numbers of concurrent requests."),
+    prompt_tokens: int = typer.Option(32, "--prompt-tokens", help="Prompt length of every request."),
+    max_new_tokens: int = typer.Option(64, "--max-new-tokens", "-n", help="Tokens every request generates."),
+    block_length: int | None = typer.Option(None, "--block-length", help="Block length of the speculative modes "
+                                            "(default: the model's)."),
+    rounds: int = typer.Option(3, help="Engine / bare pairs per cell (median ratio reported)."),
+    out: Path | None = typer.Option(None, help="Also write the markdown report here."),
+    device: str | None = typer.Option(None, help="cpu / cuda (default: cuda when available)."),
+    dtype: str | None = typer.Option(None, help="float32 / bfloat16 (default: float32 on CPU, bfloat16 on CUDA)."),
+    threads: int | None = typer.Option(None, help="CPU threads for torch (default: torch's choice)."),
+) -> None:
+    """Engine tokens/s against the bare batched forwards it runs, per mode and number of requests."""
+    from trimode.bench import engine_bench
+    from trimode.cli import load_or_fail
+    from trimode.decode.modes import MODES
+
+    _set_threads(threads)
+    mode_list, loads = _split(modes, name="modes"), _split(requests, int, "requests")
+    bad = [m for m in mode_list if m not in MODES]
+    if bad or not mode_list:
+        _fail(f"--modes: unknown {', '.join(bad) or '(none given)'}; choose from {', '.join(MODES)}")
+    if not loads or min(loads) < 1 or rounds < 1 or max_new_tokens < 1 or prompt_tokens < 1:
+        _fail("--requests, --rounds, --max-new-tokens and --prompt-tokens must be positive")
+    tm = load_or_fail(model, dtype, device)
+
+    def progress(c) -> None:
+        typer.echo(f"  {c.mode:>15} x{c.requests:<3} engine/bare {c.ratio:.2f}", err=True)
+
+    try:
+        report, _ = engine_bench.run(tm, mode_list, loads, prompt_tokens, max_new_tokens, rounds, block_length,
+                                     progress)
+    except ERRORS as e:
+        _fail(str(e))
+    _emit(report, out, ctx)
+
+
+@bench_app.command()
 def gpu(
     ctx: typer.Context,
     shapes: str = typer.Option("8b", help="Comma-separated model shapes: 3b, 8b, 14b (CUDA), tiny (any device)."),

@@ -20,6 +20,7 @@ import logging
 import threading
 import time
 from collections import Counter
+from dataclasses import dataclass
 
 import torch
 
@@ -35,6 +36,25 @@ from trimode.engine.scheduler import Scheduler
 from trimode.engine.sequence import Sequence
 
 log = logging.getLogger("trimode.engine")
+
+
+@dataclass(frozen=True)
+class ForwardShape:
+    """What one fused forward ran: rows, tokens per row, the longest prefix, its mask kinds, the adapter, and
+    how many positions went through the LM head (a benchmark replays these on the bare network)."""
+
+    rows: int
+    tokens: int
+    past: int
+    masks: tuple
+    lora: tuple[bool, ...]
+    logits: int
+
+    @classmethod
+    def of(cls, rows) -> ForwardShape:
+        return cls(len(rows), rows[0].tokens, max(r.cache.length for r in rows),
+                   tuple("tensor" if isinstance(r.mask, torch.Tensor) else r.mask for r in rows),
+                   tuple(r.lora for r in rows), sum(r.tokens if r.read is None else len(r.read) for r in rows))
 DEFAULT_KV_BYTES = {"cuda": 0.5, "cpu": 1 << 30}  # CUDA: half the free memory; CPU: 1 GiB
 DEFAULT_PASS_BYTES = {"cuda": 0.25, "cpu": 2 << 30}  # the widest pass's activations: CUDA a quarter of free memory
 
@@ -76,6 +96,7 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._stopping = False
         self._counters: Counter = Counter()
+        self.trace: list[ForwardShape] | None = None  # set to a list to record every fused forward (benchmarks)
 
     # -- public API --------------------------------------------------------------------------------------
     def start(self) -> Engine:
@@ -205,6 +226,8 @@ class Engine:
                 continue
             tokens = sum(r.tokens for r in rows)
             timings.append((tokens, time.perf_counter() - t1))
+            if self.trace is not None:
+                self.trace.append(ForwardShape.of(rows))
             self._counters["forwards"] += 1
             self._counters["forward_rows"] += len(rows)
             self._counters["forward_tokens"] += tokens

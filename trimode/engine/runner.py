@@ -111,7 +111,7 @@ def run_rows(net: NLDTransformer, pool: KVPool, rows: list[Row]) -> list[torch.T
     t = rows[0].tokens
     dev = net.device
     view = RowsView(pool, [r.cache for r in rows], t)
-    ids = torch.stack([r.ids for r in rows]).to(dev)
+    ids = torch.cat([r.ids for r in rows]).view(len(rows), t).to(dev)
     if all(r.positions is None for r in rows):
         positions = view.pasts[:, None] + torch.arange(t, device=dev)[None, :]
     else:
@@ -124,7 +124,9 @@ def run_rows(net: NLDTransformer, pool: KVPool, rows: list[Row]) -> list[torch.T
     lora = torch.tensor([r.lora for r in rows], device=dev) if any(r.lora for r in rows) else False
     counts = [t if r.read is None else len(r.read) for r in rows]
     index = None
-    if any(r.read is not None for r in rows):
+    if all(r.read == [t - 1] for r in rows):  # every row reads its last token (AR steps, prompt passes)
+        index = torch.arange(len(rows)) * t + (t - 1)
+    elif any(r.read is not None for r in rows):
         index = torch.cat([torch.arange(t) + i * t if r.read is None else torch.tensor(r.read, dtype=torch.long) + i * t
                            for i, r in enumerate(rows)])
     logits = net(ids, mask=masks, cache=view, positions=positions, lora=lora,

@@ -10,7 +10,7 @@ import torch
 from trimode.api import Prepared, TriMode
 from trimode.decode.result import GenerationResult
 from trimode.decode.stats import DecodeStats
-from trimode.decode.step import Commit, Forward, Machine
+from trimode.decode.step import Commit, Committed, Forward, Machine
 from trimode.decode.text import TextStream
 from trimode.engine.kv_pool import PagedCache
 from trimode.engine.request import EngineRequest, RequestHandle
@@ -68,8 +68,14 @@ class Sequence:
                 continue
             if op.stats is not None:
                 self.stats = op.stats
-            for event in tm.events(self.prepared, self.text, op, self.stats):
-                self.handle._put(event)
+            if isinstance(op, Committed):  # the common event, without the generator of `tm.events`
+                delta = self.text.add(op.tokens[0])
+                if delta is not None:
+                    delta.forward_passes = self.stats.forward_passes
+                    self.handle._put(delta)
+            else:
+                for event in tm.events(self.prepared, self.text, op, self.stats):
+                    self.handle._put(event)
             if self.text.stop_hit:
                 self.machine.close()
                 return self.result(tm)

@@ -1,0 +1,132 @@
+"""`trimode bench engine`: the engine's tokens per second against the bare batched forwards it runs.
+
+For each mode and number of concurrent requests, one round is: submit the requests to an `Engine` (stepped in
+this thread, so the measurement holds no client threads), time until all are done, and record every fused
+forward it ran (`Engine.trace`); then replay exactly those forwards on the bare network over a contiguous KV
+cache (`NLDTransformer` with a `KVCache`, no paging, no step machines, no streaming) and time them. The ratio
+engine / bare is the share of the bare forwards' speed the engine delivers; everything else the engine does
+(scheduling, paging, masks, sampling, stop rules, detokenization, events) is the difference. Both halves run
+back to back in the same round, so load on the machine hits them alike; rounds alternate and the median ratio
+is reported with its spread.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass
+
+import torch
+
+from trimode.api import TriMode
+from trimode.bench.timing import machine_name
+from trimode.engine import Engine, EngineRequest
+from trimode.engine.auto import CostModel
+from trimode.engine.engine import ForwardShape
+
+
+@dataclass
+class Cell:
+    mode: str
+    requests: int
+    tokens: int
+    engine_s: list[float]
+    bare_s: list[float]
+    forwards: int
+    threads_alive: int
+
+    @property
+    def ratios(self) -> list[float]:
+        return [b / e for e, b in zip(self.engine_s, self.bare_s)]
+
+    @property
+    def ratio(self) -> float:
+        return statistics.median(self.ratios)
+
+
+def _prompts(n: int, length: int, vocab: int, seed: int) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(4, vocab, (n, length), generator=g).tolist()  # ids 0-3: pad, bos, eos, mask
+
+
+def run_engine(tm: TriMode, mode: str, prompts: list[list[int]], max_new_tokens: int,
+               knobs: dict) -> tuple[float, int, list[ForwardShape], int]:
+    """Seconds to serve every prompt, tokens generated, the forwards run, the most threads alive meanwhile."""
+    engine = Engine(tm, max_queue=len(prompts), max_running=max(64, len(prompts)),
+                    cost=CostModel([(1, 1e-3), (1 << 16, 1e-3)]))
+    engine.trace = []
+    import threading
+
+    requests = [EngineRequest(p, mode=mode, max_new_tokens=max_new_tokens, knobs={"eos_token_id": -1, **knobs})
+                for p in prompts]
+    threads = 0
+    t0 = time.perf_counter()
+    handles = [engine.submit(r) for r in requests]
+    while engine.step():
+        threads = max(threads, threading.active_count())
+    results = [h.result() for h in handles]
+    seconds = time.perf_counter() - t0
+    return seconds, sum(len(r.token_ids) for r in results), engine.trace, threads
+
+
+@torch.no_grad()
+def replay(tm: TriMode, shapes: list[ForwardShape]) -> float:
+    """Seconds the bare network takes for the same forwards over contiguous caches."""
+    net = tm.net
+    widest = max(s.past + s.tokens for s in shapes)
+    caches = {r: net.new_cache(r, widest) for r in {s.rows for s in shapes}}  # allocated outside the timing
+    g = torch.Generator().manual_seed(0)
+    inputs = []
+    for s in shapes:
+        ids = torch.randint(4, tm.config.vocab_size, (s.rows, s.tokens), generator=g).to(net.device)
+        lora = torch.tensor(s.lora, device=net.device) if any(s.lora) else False
+        read = torch.arange(s.logits, device=net.device) if s.logits < s.rows * s.tokens else None
+        inputs.append((s, ids, lora, read))
+    sync = torch.cuda.synchronize if net.device.type == "cuda" else (lambda: None)
+    sync()
+    t0 = time.perf_counter()
+    for s, ids, lora, read in inputs:
+        cache = caches[s.rows]
+        cache.length = s.past
+        net(ids, mask=s.masks[0] if s.masks[0] != "tensor" else "causal", cache=cache, lora=lora, logits_at=read)
+    sync()
+    return time.perf_counter() - t0
+
+
+def run(tm: TriMode, modes: list[str], loads: list[int], prompt_tokens: int, max_new_tokens: int, rounds: int,
+        block_length: int | None, progress=None) -> tuple[str, list[Cell]]:
+    knobs_of = {m: ({"block_length": block_length} if block_length and m != "ar" else {}) for m in modes}
+    cells = []
+    for mode in modes:
+        for n in loads:
+            prompts = _prompts(n, prompt_tokens, tm.config.vocab_size, seed=n)
+            run_engine(tm, mode, prompts[:1], 4, knobs_of[mode])  # warm the shapes
+            cell = Cell(mode, n, 0, [], [], 0, 0)
+            for _ in range(rounds):
+                seconds, tokens, shapes, threads = run_engine(tm, mode, prompts, max_new_tokens, knobs_of[mode])
+                cell.engine_s.append(seconds)
+                cell.bare_s.append(replay(tm, shapes))
+                cell.tokens, cell.forwards = tokens, len(shapes)
+                cell.threads_alive = max(cell.threads_alive, threads)
+            cells.append(cell)
+            if progress:
+                progress(cell)
+    return report(tm, cells, prompt_tokens, max_new_tokens, rounds), cells
+
+
+def report(tm: TriMode, cells: list[Cell], prompt_tokens: int, max_new_tokens: int, rounds: int) -> str:
+    lines = [
+        f"Machine: {machine_name(tm.net.device)}; model {tm.path.name if tm.path else '?'} ({tm.net.dtype}).",
+        f"Each request: a {prompt_tokens}-token random prompt, exactly {max_new_tokens} new tokens (EOS off); "
+        f"{rounds} round(s) per cell, median ratio (min-max over rounds).",
+        "",
+        "| mode | requests | engine tok/s | bare forwards tok/s | engine / bare | fused forwards | threads alive |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for c in cells:
+        e = c.tokens / statistics.median(c.engine_s)
+        b = c.tokens / statistics.median(c.bare_s)
+        rs = c.ratios
+        lines.append(f"| {c.mode} | {c.requests} | {e:,.0f} | {b:,.0f} | {c.ratio:.2f} ({min(rs):.2f}-{max(rs):.2f}) "
+                     f"| {c.forwards} | {c.threads_alive} |")
+    return "\n".join(lines) + "\n"

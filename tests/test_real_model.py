@@ -25,7 +25,7 @@ import torch
 
 import trimode
 from trimode.engine import Engine, EngineRequest
-from trimode.engine.invariance import flat_cost
+from tests.invariance import flat_cost
 
 pytestmark = pytest.mark.slow
 

@@ -12,7 +12,16 @@ from tests.conftest import random_model
 from tests.test_train_objective import brute_force_mask
 from tests.test_train_support import tiny_recipe
 from trimode.model.masks import dual_stream_mask
-from trimode.train.data import BatchStream, Example, InfillOptions, infill_example, infill_examples, pack
+from trimode.train.data import (
+    BatchStream,
+    Example,
+    InfillOptions,
+    cut_infill,
+    infill_example,
+    infill_examples,
+    pack,
+    split_words,
+)
 from trimode.train.objective import (
     EditWeights,
     JointObjective,
@@ -217,62 +226,84 @@ def test_ar_mask_chooses_the_ar_targets():
 # ------------------------------------------------------------------------------------------- infill data
 
 
-def doc(prompt_len: int, text_len: int, eos: int = 2):
-    ids = list(range(100, 100 + prompt_len)) + list(range(200, 200 + text_len)) + [eos]
-    return ids, [False] * prompt_len + [True] * (text_len + 1)
+def test_split_words_keeps_the_whitespace_before_each_word():
+    assert split_words("1 2 3") == ["1", " 2", " 3"]
+    assert split_words("  def f(x):\n    return x\n") == ["  def", " f(x):", "\n    return", " x\n"]
+    assert split_words(" \n ") == []
+    for text in ("a b", "x\n\ny  ", "  lead"):
+        assert "".join(split_words(text)) == text
+
+
+def test_an_infill_cut_is_words_with_a_suffix_that_is_never_empty():
+    opts = InfillOptions(share=1.0, max_hole=2, max_pad=6, max_suffix=32)
+    text = "0 2 3 6 8"
+    seen = set()
+    for seed in range(300):
+        c = cut_infill(text, random.Random(seed), opts, lambda rest: len(rest))
+        assert c.before + c.middle + c.rest == text
+        assert 1 <= len(split_words(c.middle)) <= 2 and 0 <= c.pads <= 6 and c.n_suffix is None
+        assert c.eos or c.rest  # an empty rest always ends in EOS
+        seen.add((c.before, c.middle, c.eos, c.pads))
+    assert {(b, m) for b, m, _, _ in seen} == {("0 2 3 6 8"[:i], m) for i, m in [
+        (0, "0"), (1, " 2"), (3, " 3"), (5, " 6"), (7, " 8"),
+        (0, "0 2"), (1, " 2 3"), (3, " 3 6"), (5, " 6 8")]}
+    assert {e for _, m, e, _ in seen if m in (" 8", " 6 8")} == {True}
+    assert {e for _, m, e, _ in seen if m == "0"} == {True, False}  # a whole rest: EOS half of the time
+    long = " ".join(["w"] * 100)
+    for seed in range(20):
+        c = cut_infill(long, random.Random(seed), opts, lambda rest: len(rest.split()))
+        if len(c.rest.split()) > 32:  # a long rest: cut to 0..32 tokens, no EOS
+            assert c.n_suffix is not None and 0 <= c.n_suffix <= 32 and not c.eos
+        else:
+            assert c.n_suffix is None
+    assert cut_infill("  ", random.Random(0), opts, len) is None
 
 
 def test_an_infill_example_is_prefix_middle_pads_suffix():
-    ids, loss = doc(4, 11)
-    opts = InfillOptions(share=1.0, max_hole=4, max_pad=6, max_suffix=32)
-    seen_pads, seen_holes = set(), set()
-    for seed in range(200):
-        e = infill_example(ids, loss, random.Random(seed), opts, PAD, seq_len=64)
-        s, end = e.span
-        assert end == len(e.ids)  # nothing after the suffix (no EOS)
-        body = e.ids[s:]
-        hole = e.loss[s:].count(True)  # middle + pads
-        n_pad = body.count(PAD)
-        n_middle = hole - n_pad
-        assert 1 <= n_middle <= 4 and 0 <= n_pad <= 6
-        assert body[n_middle:hole] == [PAD] * n_pad  # the pads right after the middle
-        assert [t for t in e.ids if t != PAD] == ids[:-1]  # prefix + middle + suffix = the document, no EOS
-        assert e.loss[:4] == [False] * 4  # the prompt: no loss
-        assert e.loss[s:] == [True] * hole + [False] * (len(body) - hole)  # the suffix: no loss
-        assert e.ar[s:] == [True] * n_middle + [False] * (len(body) - n_middle)  # no AR loss on pads, suffix
-        assert e.ar[:s] == e.loss[:s]
-        seen_pads.add(n_pad)
-        seen_holes.add((s, n_middle))
-    assert seen_pads == set(range(7)) and len(seen_holes) > 20  # varied hole place, length and pad count
-    assert infill_example([5, 6, 2], [False, False, True], random.Random(0), opts, PAD, 64) is None  # no text
+    e = infill_example([100, 101], [200, 201], [202, 203], [204, 2], pads=3, pad_id=PAD, seq_len=64)
+    assert e.ids == [100, 101, 200, 201, 202, 203, PAD, PAD, PAD, 204, 2]
+    assert e.span == (4, 11)  # middle + pads + suffix
+    assert e.loss == [False, False, True, True, True, True, True, True, True, False, False]  # no loss on the suffix
+    assert e.ar == [False, False, True, True, True, True, False, False, False, False, False]  # none on pads either
+    cut = infill_example([100, 101], [200, 201], [202, 203], [204, 2], pads=3, pad_id=PAD, seq_len=9)
+    assert cut.ids == [200, 201, 202, 203, PAD, PAD, PAD, 204, 2][-9:] and cut.span == (2, 9)  # prefix cut left
+    assert infill_example([1], [2], [], [3], 2, PAD, 64) is None  # no middle
+    assert infill_example([1], [2], [3, 4], [5] * 8, 2, PAD, 11) is None  # the hole and suffix do not fit
 
 
-def test_long_texts_get_a_bounded_suffix_and_a_prefix_cut_to_fit():
-    ids, loss = doc(0, 300)
-    opts = InfillOptions(share=1.0, max_hole=8, max_pad=8, max_suffix=16)
-    for seed in range(50):
-        e = infill_example(ids, loss, random.Random(seed), opts, PAD, seq_len=40)
-        assert len(e.ids) <= 40
-        s, end = e.span
-        hole = e.loss[s:].count(True)
-        assert len(e.ids) - s - hole <= 16  # suffix
-        first = ids.index(e.ids[0])
-        assert e.ids[:s] == ids[first : first + s]  # the prefix: a contiguous cut ending at the hole
+@pytest.fixture(scope="module")
+def tok(tmp_path_factory):
+    from tests.test_train_support import make_tokenizer
+
+    return make_tokenizer(tmp_path_factory.mktemp("tok"))
 
 
-def test_infill_examples_are_mixed_in_seeded_and_packed_within_one_row():
-    examples = [doc(3, n) for n in (5, 9, 4, 12, 7, 6, 8, 3)]
-    opts = InfillOptions(share=0.5, max_hole=3, max_pad=4)
-    mixed = infill_examples(examples, opts, seed=1, pad_id=PAD, seq_len=24)
-    assert mixed == infill_examples(examples, opts, seed=1, pad_id=PAD, seq_len=24)
-    assert mixed != infill_examples(examples, opts, seed=2, pad_id=PAD, seq_len=24)
+def test_infill_examples_are_mixed_in_seeded_and_tokenised_like_a_caller(tok):
+    from tests.test_train_support import toy_texts
+    from trimode.train.data import Document, tokenize
+
+    docs = [Document(t, prompt="say: ") for t in toy_texts(12)]
+    opts = InfillOptions(share=0.5, max_hole=2, max_pad=4)
+    mixed = infill_examples(docs, tok, 2, opts, seed=1, pad_id=PAD, seq_len=48)
+    assert mixed == infill_examples(docs, tok, 2, opts, seed=1, pad_id=PAD, seq_len=48)
+    assert mixed != infill_examples(docs, tok, 2, opts, seed=2, pad_id=PAD, seq_len=48)
     plain = [e for e in mixed if not isinstance(e, Example)]
-    assert plain == examples and 0 < len(mixed) - len(plain) < len(examples)
-    assert infill_examples(examples, InfillOptions(share=0.0), 1, PAD, 24) == examples
-
-    data = pack(mixed, seq_len=24, pad_id=2, packing="concat")
-    assert data.ar_mask is not None and data.block_spans is not None
     spans = [e for e in mixed if isinstance(e, Example)]
+    assert plain == tokenize(docs, tok, 2) and 0 < len(spans) < len(docs)
+    assert infill_examples(docs, tok, 2, InfillOptions(share=0.0), 1, PAD, 48) == tokenize(docs, tok, 2)
+    prompt = tok.encode("say: ")
+    for e in spans:
+        s, end = e.span
+        assert e.ids[: len(prompt)] == prompt
+        hole = e.loss[s:].count(True)
+        n_pad = hole - e.ar[s:].count(True)
+        middle, suffix = e.ids[s : s + hole - n_pad], e.ids[s + hole :]
+        text = tok.decode(e.ids[len(prompt) : s]) + tok.decode(middle) + tok.decode(suffix)
+        assert any(text == d.text for d in docs)  # before + middle + rest = the document
+        assert suffix  # never empty
+
+    data = pack(mixed, seq_len=48, pad_id=2, packing="concat")
+    assert data.ar_mask is not None and data.block_spans is not None
     found = 0
     for r in range(len(data)):
         row = data.block_spans[r]
@@ -280,9 +311,8 @@ def test_infill_examples_are_mixed_in_seeded_and_packed_within_one_row():
             at = (row == k).nonzero().flatten()
             assert torch.equal(at, torch.arange(int(at[0]), int(at[-1]) + 1))  # contiguous, within the row
             found += 1
-    assert found == len(spans)
-    # A span example is never split over rows, even in concat packing.
-    plain_data = pack(examples, seq_len=24, pad_id=2)
+    assert found == len(spans)  # a span example is never split over rows, even in concat packing
+    plain_data = pack(plain, seq_len=48, pad_id=2)
     assert plain_data.ar_mask is None and plain_data.block_spans is None
     batch = BatchStream(data, 2, seed=0).next()
     assert batch.block_spans.shape == batch.input_ids.shape == batch.ar_mask.shape
@@ -302,7 +332,7 @@ def test_recipe_options_and_errors(tmp_path):
     assert r.objective.substitute_rate == 0.0 and r.data.infill.share == 0.0  # off by default
     r = Recipe.load(tiny_recipe(tmp_path, objective={"substitute_rate": 0.1, "substitute_from": "vocab"},
                                 data={"train_jsonl": ["train.jsonl"], "infill": {"share": 0.5, "max_pad": 4}}))
-    assert r.objective.substitute_from == "vocab" and r.data.infill.max_pad == 4 and r.data.infill.max_hole == 8
+    assert r.objective.substitute_from == "vocab" and r.data.infill.max_pad == 4 and r.data.infill.max_hole == 4
     data = {"train_jsonl": ["train.jsonl"]}
     for sections, message in [({"objective": {"substitute_rate": 1.5}}, "substitute_rate"),
                               ({"objective": {"substitute_from": "near"}}, "substitute_from"),
@@ -318,7 +348,7 @@ def editing_recipe(tmp_path, out):
     return tiny_recipe(tmp_path, out=out, model={"config": {**TINY_MODEL, "pad_token_id": "<unk>"}},
                        objective={"substitute_rate": 0.15},
                        data={"train_jsonl": ["train.jsonl"], "eval_jsonl": ["eval.jsonl"], "seq_len": 32,
-                             "infill": {"share": 0.5, "max_hole": 4, "max_pad": 4, "max_suffix": 8}})
+                             "infill": {"share": 0.5, "max_hole": 2, "max_pad": 4, "max_suffix": 8}})
 
 
 def test_training_with_the_editing_options_logs_them_and_resumes_exactly(tmp_path):

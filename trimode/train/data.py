@@ -8,11 +8,12 @@ Packing lays the tokenised documents into rows of `seq_len`:
   a document longer than `seq_len` still continues over several rows.
 Attention is not blocked between documents that share a row (standard packing).
 
-Infill examples (`infill_examples`, for the editing skills; none by default): from a tokenised document,
-`prefix | middle | pad x k | suffix`, where the middle (a hole of 1..max_hole tokens of the text) is followed by
-k pad tokens and the visible suffix (the rest of the text, at most max_suffix tokens). The middle and the pads
-carry the loss (they are what the noisy stream masks), the suffix does not; the AR targets stop after the middle
-(no next-token loss on pads); `middle + pads + suffix` is one span, which the objective makes one noisy block
+Infill examples (`infill_examples`, for the editing skills; none by default): from a document,
+`prefix | middle | pad x k | suffix`, where the middle (a hole of 1..max_hole words of the text) is followed by
+k pad tokens and the visible suffix (the rest of the text, at most max_suffix tokens, then EOS when the text
+ends there: always when the rest is empty, half of the time otherwise). The middle and the pads carry the loss
+(they are what the noisy stream masks), the suffix does not; the AR targets stop after the middle (no
+next-token loss on pads); `middle + pads + suffix` is one span, which the objective makes one noisy block
 (`objective.block_ids`). It is how infill runs: one block `[MASK x N] + suffix` after the cached prefix, the
 middle written left-aligned and the rest of the N slots filled with the pad token. An example with a span is
 never split over two rows (it starts a new row when it does not fit), in either packing.
@@ -26,6 +27,7 @@ from __future__ import annotations
 import hashlib
 import json
 import random
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
@@ -193,63 +195,113 @@ class InfillOptions:
     """How infill examples are cut (see `infill_examples`)."""
 
     share: float = 0.0  # infill examples per document (0: none; 0.5: one for about every second document)
-    max_hole: int = 8  # middle length in tokens: uniform in 1..max_hole (at most the text's length)
+    max_hole: int = 4  # middle: 1..max_hole words (a word carries the whitespace before it)
     max_pad: int = 8  # pad tokens after the middle: uniform in 0..max_pad
     max_suffix: int = 32  # the visible suffix: the rest of the text when it is this short, else 0..max_suffix tokens
 
 
-def infill_example(ids: list[int], loss: list[bool], rng: random.Random, options: InfillOptions, pad_id: int,
-                   seq_len: int) -> Example | None:
-    """`prefix | middle | pad x k | suffix` from one tokenised document (`tokenize`'s prompt + text + EOS; the
-    final EOS is not part of the text). None when the document has no text.
+WORD = re.compile(r"\s*\S+")
 
-    The hole is uniform over the text; the prefix is everything before it (its prompt tokens without loss, as in
-    the document), cut on the left when the example would not fit in `seq_len`. Loss: the prefix's own, the
-    middle and the pads (not the suffix); AR targets: the prefix's and the middle (none on pads and suffix);
-    span: middle + pads + suffix.
+
+def split_words(text: str) -> list[str]:
+    """Pieces that join back to `text`, each one word with the whitespace before it ('1 2 3' -> '1', ' 2', ' 3');
+    trailing whitespace goes with the last word. [] for a blank text."""
+    words = WORD.findall(text)
+    if words:
+        words[-1] += text[len("".join(words)) :]
+    return words
+
+
+@dataclass
+class InfillCut:
+    """Where one infill example cuts its document's text: before | middle | rest; `pads` pad tokens; the suffix
+    is the first `n_suffix` tokens of the rest (None: all of it), then EOS when `eos`."""
+
+    before: str
+    middle: str
+    rest: str
+    pads: int
+    n_suffix: int | None
+    eos: bool
+
+
+def cut_infill(text: str, rng: random.Random, options: InfillOptions, count_tokens) -> InfillCut | None:
+    """A hole of 1..max_hole words placed uniformly in `text` (None for a blank text). `count_tokens(rest)`: the
+    token count of the rest; the suffix is the whole rest when it has at most max_suffix tokens, else the first
+    0..max_suffix of them. A whole rest is followed by EOS half of the time, and always when it is empty: the
+    suffix is never empty, so a hole is never an all-mask block with nothing after it (such a block is plain
+    diffusion decoding, whose answer ends in EOS, not in pads)."""
+    words = split_words(text)
+    if not words:
+        return None
+    w = rng.randint(1, min(options.max_hole, len(words)))
+    a = rng.randint(0, len(words) - w)
+    rest = "".join(words[a + w :])
+    whole = (count_tokens(rest) if rest else 0) <= options.max_suffix
+    n_suffix = None if whole else rng.randint(0, options.max_suffix)
+    eos = whole and (not rest or rng.random() < 0.5)
+    return InfillCut("".join(words[:a]), "".join(words[a : a + w]), rest, rng.randint(0, options.max_pad),
+                     n_suffix, eos)
+
+
+def infill_example(prompt_ids: list[int], before: list[int], middle: list[int], suffix: list[int], pads: int,
+                   pad_id: int, seq_len: int) -> Example | None:
+    """`prompt | before | middle | pad x pads | suffix` as an `Example`, the prefix (prompt + before) cut on the
+    left to fit `seq_len`; None when the middle is empty or the hole and suffix alone do not fit.
+
+    Loss: `before`, the middle and the pads (not the prompt, not the suffix); AR targets: `before` and the
+    middle (none on pads and suffix); span: middle + pads + suffix, one noisy block.
     """
-    text = [i for i, m in enumerate(loss) if m]
-    if text and text[-1] == len(ids) - 1:
-        text = text[:-1]  # the EOS that tokenize appends
-    if not text:
+    h = len(middle)
+    room = seq_len - (h + pads + len(suffix))
+    if h == 0 or room < 0:
         return None
-    first, end = text[0], text[-1] + 1
-    h = rng.randint(1, min(options.max_hole, end - first))
-    s = rng.randint(first, end - h)
-    rest = end - (s + h)
-    n_suffix = rest if rest <= options.max_suffix else rng.randint(0, options.max_suffix)
-    k = rng.randint(0, options.max_pad)
-    middle, suffix = ids[s : s + h], ids[s + h : s + h + n_suffix]
-    room = seq_len - (h + k + n_suffix)
-    if room < 0:
-        return None
-    cut = max(0, s - room)
-    prefix, prefix_loss = ids[cut:s], loss[cut:s]
-    out_ids = prefix + middle + [pad_id] * k + suffix
-    return Example(
-        ids=out_ids,
-        loss=prefix_loss + [True] * (h + k) + [False] * n_suffix,
-        ar=prefix_loss + [True] * h + [False] * (k + n_suffix),
-        span=(len(prefix), len(out_ids)),
-    )
+    prefix = prompt_ids + before
+    prefix_loss = [False] * len(prompt_ids) + [True] * len(before)
+    cut = max(0, len(prefix) - room)
+    prefix, prefix_loss = prefix[cut:], prefix_loss[cut:]
+    ids = prefix + middle + [pad_id] * pads + suffix
+    return Example(ids=ids, loss=prefix_loss + [True] * (h + pads) + [False] * len(suffix),
+                   ar=prefix_loss + [True] * h + [False] * (pads + len(suffix)), span=(len(prefix), len(ids)))
 
 
-def infill_examples(examples: list[tuple[list[int], list[bool]]], options: InfillOptions, seed: int, pad_id: int,
-                    seq_len: int) -> list[tuple[list[int], list[bool]] | Example]:
-    """The documents with infill examples mixed in: after each document, with probability `options.share`
-    (`share` > 1: int(share) examples plus one more with probability frac(share)), infill examples cut from it.
-    Seeded: the same (examples, options, seed) give the same list."""
+def infill_examples(docs: list[Document], tokenizer: NLDTokenizer, eos_id: int, options: InfillOptions, seed: int,
+                    pad_id: int, seq_len: int) -> list[tuple[list[int], list[bool]] | Example]:
+    """The tokenised documents (`tokenize`) with infill examples mixed in: after each document, with
+    probability `options.share` (`share` > 1: int(share), plus one more with probability frac(share)), an infill
+    example cut from its text at word boundaries (`cut_infill`). Prompt, before, middle and rest are tokenised
+    separately, as a caller of infill tokenises the text before and after a hole. Seeded: the same arguments
+    give the same list."""
+    examples = tokenize(docs, tokenizer, eos_id)
     if options.share <= 0:
         return list(examples)
+
+    def enc(texts: list[str]) -> list[list[int]]:
+        return [e.ids for e in tokenizer.tok.encode_batch(texts, add_special_tokens=False)]
+
+    def count_tokens(text: str) -> int:
+        return len(enc([text])[0])
+
     rng = random.Random(f"infill:{seed}")
     whole, frac = int(options.share), options.share - int(options.share)
-    out: list[tuple[list[int], list[bool]] | Example] = []
-    for ids, loss in examples:
-        out.append((ids, loss))
+    cuts: list[tuple[int, InfillCut]] = []
+    for i, d in enumerate(docs):
         for _ in range(whole + (rng.random() < frac)):
-            e = infill_example(ids, loss, rng, options, pad_id, seq_len)
-            if e is not None:
-                out.append(e)
+            c = cut_infill(d.text, rng, options, count_tokens)
+            if c is not None:
+                cuts.append((i, c))
+    pieces = enc([t for _, c in cuts for t in (c.before, c.middle, c.rest)] + [d.prompt for d in docs])
+    prompts = pieces[3 * len(cuts) :]
+    made: dict[int, list[Example]] = {}
+    for n, (i, c) in enumerate(cuts):
+        before, middle, rest = pieces[3 * n : 3 * n + 3]
+        suffix = (rest if c.n_suffix is None else rest[: c.n_suffix]) + [eos_id] * c.eos
+        e = infill_example(prompts[i], before, middle, suffix, c.pads, pad_id, seq_len)
+        if e is not None:
+            made.setdefault(i, []).append(e)
+    out: list[tuple[list[int], list[bool]] | Example] = []
+    for i, ex in enumerate(examples):
+        out += [ex, *made.get(i, [])]
     return out
 
 
@@ -257,12 +309,12 @@ def pack_documents(docs: list[Document], tokenizer: NLDTokenizer, seq_len: int, 
                    packing: str = "concat", infill: InfillOptions | None = None, seed: int = 0,
                    pad_id: int | None = None) -> PackedData:
     """Tokenise and pack; with `infill` (share > 0), infill examples with the pad token `pad_id` mixed in."""
-    examples = tokenize(docs, tokenizer, eos_id)
     if infill is not None and infill.share > 0:
         if pad_id is None:
             raise ValueError("infill examples need a pad token id")
-        examples = infill_examples(examples, infill, seed, pad_id, seq_len)
-    return pack(examples, seq_len, eos_id, packing)
+        examples = infill_examples(docs, tokenizer, eos_id, infill, seed, pad_id, seq_len)
+        return pack(examples, seq_len, eos_id, packing)
+    return pack(tokenize(docs, tokenizer, eos_id), seq_len, eos_id, packing)
 
 
 class BatchStream:

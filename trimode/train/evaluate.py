@@ -13,7 +13,8 @@ Chat items are wrapped in the model's chat template (when it has one); raw-compl
 
 `--editing` evaluates the editing skills instead (`evaluate_editing`), on held-out copy / reverse / sort items:
 - infill: a hole of one or two items of the answer, filled with `infill_tokens` (the prefix in the KV cache,
-  one bidirectional block `[MASK x N] + suffix`, pads stripped); right = prefix + middle + suffix is the answer;
+  one bidirectional block `[MASK x N] + suffix`, pads stripped; the suffix of a hole at the end of the answer is
+  [EOS]); right = prefix + middle + suffix is the answer;
 - revision: one item of the answer replaced by another item (a digit by another digit, a letter by another
   letter); `revise_tokens` remasks the tokens the model would change and refills them; fixed = the answer.
 Both are written here with plain forward passes of the network, to the inference contract of issue #12.
@@ -230,29 +231,35 @@ def infill_tokens(net: NLDTransformer, prefix: list[int], suffix: list[int], bud
 
 @torch.no_grad()
 def revise_tokens(net: NLDTransformer, prompt: list[int], draft: list[int], knob: float = 0.5, rounds: int = 3,
-                  threshold: float = 0.9) -> tuple[list[int], int, int]:
+                  threshold: float = 0.9, trailing_mask: bool = False) -> tuple[list[int], int, int]:
     """(revised draft, forward passes, tokens remasked over all rounds).
 
     The contract: the cache holds the prompt; the draft is one bidirectional block with no mask; each round, the
     tokens where the model's top prediction differs from the present token with confidence >= `knob` are
     remasked and refilled by denoising; at most `rounds` rounds (a round that changes nothing ends it).
+
+    `trailing_mask`: the block is `draft + [MASK]` instead (a proposed change of the contract; the extra slot is
+    never written). With every draft token visible, the last tokens of a block see exactly what the causal
+    stream sees at the same positions, and a model trained with the AR loss tends to predict the *next* token
+    there; one mask in the block tells the two apart.
     """
     mask_id = net.config.mask_token_id
-    cache = _prefilled(net, prompt, len(draft))
-    block = torch.tensor(list(draft), device=net.device)
+    cache = _prefilled(net, prompt, len(draft) + 1)
+    block = torch.tensor(list(draft) + [mask_id] * trailing_mask, device=net.device)
+    editable = torch.arange(block.numel(), device=net.device) < len(draft)
     forwards, remasked = 1, 0
     for _ in range(rounds):
         logits = net(block[None], mask="bidirectional", cache=cache)[0].float()
         forwards += 1
         logits[:, mask_id] = float("-inf")
         conf, pred = logits.softmax(-1).max(-1)
-        wrong = (pred != block) & (conf >= knob)
+        wrong = (pred != block) & (conf >= knob) & editable
         if not bool(wrong.any()):
             break
         block[wrong] = mask_id
         remasked += int(wrong.sum())
         forwards += _fill(net, cache, block, wrong, threshold)
-    return block.tolist(), forwards, remasked
+    return block[: len(draft)].tolist(), forwards, remasked
 
 
 EDIT_TASKS = ("copy", "reverse", "sort")
@@ -271,7 +278,7 @@ def _other_item(item: str, rng: random.Random) -> str:
 
 def evaluate_editing(tm: TriMode, tasks: tuple[str, ...] | list[str] = EDIT_TASKS, n: int = 30, seed: int = 0,
                      budget: int = 8, threshold: float = 0.9, knob: float = 0.5, rounds: int = 3,
-                     split: str = "heldout") -> list[dict]:
+                     split: str = "heldout", trailing_mask: bool = False) -> list[dict]:
     """One row per task: infill accuracy (a hole of 1 or 2 items, `budget` slots), revision fix rate (one item
     replaced by another), the tokens revision remasked, right answers kept by revision, and the forward passes
     (prefill counted). Deterministic."""
@@ -294,18 +301,21 @@ def evaluate_editing(tm: TriMode, tasks: tuple[str, ...] | list[str] = EDIT_TASK
             size = min(rng.choice((1, 2)), len(pieces))
             at = rng.randrange(len(pieces) - size + 1)
             before, after = "".join(pieces[:at]), "".join(pieces[at + size :])
-            got, fw = infill_tokens(net, prompt + enc(before), enc(after), budget, threshold)
+            # A hole that ends the answer has the suffix [EOS] (the text ends there): an empty suffix would make the
+            # block plain diffusion decoding, which writes the answer's end and EOS, not pads.
+            suffix = enc(after) if after else [tm.config.eos_token_id]
+            got, fw = infill_tokens(net, prompt + enc(before), suffix, budget, threshold)
             infill_ok += before + tok.decode(got) + after == task.answer
             infill_fw += fw
 
             k = rng.randrange(len(pieces))
             item = pieces[k].strip()
             wrong = pieces[:k] + [pieces[k].replace(item, _other_item(item, rng))] + pieces[k + 1 :]
-            out, fw, changed = revise_tokens(net, prompt, enc("".join(wrong)), knob, rounds, threshold)
+            out, fw, changed = revise_tokens(net, prompt, enc("".join(wrong)), knob, rounds, threshold, trailing_mask)
             fixed += tok.decode(out) == task.answer
             revise_fw += fw
             remasked += changed
-            out, _, changed = revise_tokens(net, prompt, enc(task.answer), knob, rounds, threshold)
+            out, _, changed = revise_tokens(net, prompt, enc(task.answer), knob, rounds, threshold, trailing_mask)
             kept += tok.decode(out) == task.answer
             remasked_right += changed
         rows.append({"task": name, "items": n, "infill_accuracy": infill_ok / n, "infill_forwards": infill_fw / n,
@@ -346,6 +356,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--revise-knob", type=float, default=0.5,
                     help="--editing: confidence needed to remask a token in revision (default 0.5)")
     ap.add_argument("--revise-rounds", type=int, default=3, help="--editing: revision rounds (default 3)")
+    ap.add_argument("--revise-trailing-mask", action="store_true",
+                    help="--editing: revise the block draft + [MASK] (a proposed contract change)")
     args = ap.parse_args(argv)
 
     import trimode
@@ -397,11 +409,12 @@ def _main_editing(tm: TriMode, args) -> int:
         raise ValueError(f"--editing evaluates {', '.join(EDIT_TASKS)}, not {', '.join(bad)}")
     start = time.perf_counter()
     rows = evaluate_editing(tm, names, args.n, args.seed, args.hole_budget, args.threshold, args.revise_knob,
-                            args.revise_rounds)
+                            args.revise_rounds, trailing_mask=args.revise_trailing_mask)
     where = tm.path if tm.path is not None else "(in memory)"
+    block = " (block: draft + [MASK])" if args.revise_trailing_mask else ""
     print(f"model {where}: {args.n} held-out items per task (seed {args.seed}); infill: a 1- or 2-item hole, "
           f"{args.hole_budget} slots, threshold {args.threshold}; revision: one wrong item, knob "
-          f"{args.revise_knob}, {args.revise_rounds} rounds; {torch.get_num_threads()} torch thread(s), "
+          f"{args.revise_knob}, {args.revise_rounds} rounds{block}; {torch.get_num_threads()} torch thread(s), "
           f"{time.perf_counter() - start:.0f}s")
     print()
     print(markdown_editing_table(rows))

@@ -47,7 +47,7 @@ class InfillSection:
     """Infill examples mixed into the data (trimode.train.data.infill_examples); share 0: none."""
 
     share: float = 0.0  # infill examples per document
-    max_hole: int = 8  # middle: 1..max_hole tokens
+    max_hole: int = 4  # middle: 1..max_hole words (whitespace-separated, each with the whitespace before it)
     max_pad: int = 8  # pad tokens after the middle: 0..max_pad
     max_suffix: int = 32  # visible suffix: the rest of the text if at most this long, else 0..max_suffix tokens
 

@@ -235,7 +235,7 @@ def test_split_words_keeps_the_whitespace_before_each_word():
 
 
 def test_an_infill_cut_is_words_with_a_suffix_that_is_never_empty():
-    opts = InfillOptions(share=1.0, max_hole=2, max_pad=6, max_suffix=32)
+    opts = InfillOptions(share=1.0, max_hole=2, max_pad=6, max_suffix=32, tail=0.0)
     text = "0 2 3 6 8"
     seen = set()
     for seed in range(300):
@@ -257,6 +257,22 @@ def test_an_infill_cut_is_words_with_a_suffix_that_is_never_empty():
         else:
             assert c.n_suffix is None
     assert cut_infill("  ", random.Random(0), opts, len) is None
+
+
+def test_tails_end_the_text_with_eos_and_nothing_after(tok):
+    from trimode.train.data import Document
+
+    opts = InfillOptions(share=1.0, max_hole=2, max_pad=3, tail=1.0)
+    cuts = [cut_infill("0 2 3 6 8", random.Random(seed), opts, len) for seed in range(50)]
+    assert all(c.tail and c.rest == "" and c.middle in (" 8", " 6 8") for c in cuts)
+    docs = [Document("a b c d", prompt="say: ")]
+    [plain, tail] = infill_examples(docs, tok, 2, opts, seed=0, pad_id=PAD, seq_len=48)
+    s, end = tail.span
+    body = tail.ids[s:]
+    n_middle = tail.ar[s:].count(True) - 1  # the middle, then its EOS (an AR target: the text ends there)
+    assert PAD not in body and body[n_middle:] == [2] * (len(body) - n_middle)  # EOS, then EOS as the filler
+    assert all(tail.loss[s:]) and end == len(tail.ids)  # every slot has a loss; nothing after the block
+    assert tok.decode(tail.ids[len(tok.encode("say: ")) : s + n_middle]) == "a b c d"
 
 
 def test_an_infill_example_is_prefix_middle_pads_suffix():
@@ -283,7 +299,7 @@ def test_infill_examples_are_mixed_in_seeded_and_tokenised_like_a_caller(tok):
     from trimode.train.data import Document, tokenize
 
     docs = [Document(t, prompt="say: ") for t in toy_texts(12)]
-    opts = InfillOptions(share=0.5, max_hole=2, max_pad=4)
+    opts = InfillOptions(share=0.5, max_hole=2, max_pad=4, tail=0.0)
     mixed = infill_examples(docs, tok, 2, opts, seed=1, pad_id=PAD, seq_len=48)
     assert mixed == infill_examples(docs, tok, 2, opts, seed=1, pad_id=PAD, seq_len=48)
     assert mixed != infill_examples(docs, tok, 2, opts, seed=2, pad_id=PAD, seq_len=48)

@@ -11,12 +11,13 @@ Attention is not blocked between documents that share a row (standard packing).
 Infill examples (`infill_examples`, for the editing skills; none by default): from a document,
 `prefix | middle | pad x k | suffix`, where the middle (a hole of 1..max_hole words of the text) is followed by
 k pad tokens and the visible suffix (the rest of the text, at most max_suffix tokens, then EOS when the text
-ends there: always when the rest is empty, half of the time otherwise). The middle and the pads carry the loss
-(they are what the noisy stream masks), the suffix does not; the AR targets stop after the middle (no
-next-token loss on pads); `middle + pads + suffix` is one span, which the objective makes one noisy block
-(`objective.block_ids`). It is how infill runs: one block `[MASK x N] + suffix` after the cached prefix, the
-middle written left-aligned and the rest of the N slots filled with the pad token. An example with a span is
-never split over two rows (it starts a new row when it does not fit), in either packing.
+ends there: always when the rest is empty, half of the time otherwise); a share of them are tails
+`prefix | end of the text | EOS x (1 + k)` with nothing after (the block of plain diffusion decoding). The
+middle and the pads carry the loss (they are what the noisy stream masks), the suffix does not; the AR targets
+stop after the middle (no next-token loss on pads); `middle + pads + suffix` is one span, which the objective
+makes one noisy block (`objective.block_ids`). It is how infill runs: one block `[MASK x N] + suffix` after the
+cached prefix, the middle written left-aligned and the rest of the N slots filled with the pad token. An
+example with a span is never split over two rows (it starts a new row when it does not fit), in either packing.
 
 `BatchStream` walks the rows in a seeded order, a new permutation each epoch, `batch_size` rows at a time; its
 `position` (epoch, index) is saved in checkpoints, so a resumed run sees exactly the rows it would have seen.
@@ -198,6 +199,7 @@ class InfillOptions:
     max_hole: int = 4  # middle: 1..max_hole words (a word carries the whitespace before it)
     max_pad: int = 8  # pad tokens after the middle: uniform in 0..max_pad
     max_suffix: int = 32  # the visible suffix: the rest of the text when it is this short, else 0..max_suffix tokens
+    tail: float = 0.25  # share of tails: the last 1..max_hole words, EOS, then EOS x k, with nothing after
 
 
 WORD = re.compile(r"\s*\S+")
@@ -215,7 +217,8 @@ def split_words(text: str) -> list[str]:
 @dataclass
 class InfillCut:
     """Where one infill example cuts its document's text: before | middle | rest; `pads` pad tokens; the suffix
-    is the first `n_suffix` tokens of the rest (None: all of it), then EOS when `eos`."""
+    is the first `n_suffix` tokens of the rest (None: all of it), then EOS when `eos`. A `tail` has no rest and
+    no suffix: the middle is the end of the text, followed by EOS and `pads` more EOS."""
 
     before: str
     middle: str
@@ -223,6 +226,7 @@ class InfillCut:
     pads: int
     n_suffix: int | None
     eos: bool
+    tail: bool = False
 
 
 def cut_infill(text: str, rng: random.Random, options: InfillOptions, count_tokens) -> InfillCut | None:
@@ -230,11 +234,19 @@ def cut_infill(text: str, rng: random.Random, options: InfillOptions, count_toke
     token count of the rest; the suffix is the whole rest when it has at most max_suffix tokens, else the first
     0..max_suffix of them. A whole rest is followed by EOS half of the time, and always when it is empty: the
     suffix is never empty, so a hole is never an all-mask block with nothing after it (such a block is plain
-    diffusion decoding, whose answer ends in EOS, not in pads)."""
+    diffusion decoding, whose answer ends in EOS, not in pads).
+
+    A share `options.tail` of the cuts are tails instead: that very block, the last 1..max_hole words of the
+    text then EOS and 0..max_pad more EOS, with nothing after; without them, the pads of infill examples also
+    fill a block of plain diffusion decoding.
+    """
     words = split_words(text)
     if not words:
         return None
     w = rng.randint(1, min(options.max_hole, len(words)))
+    if rng.random() < options.tail:
+        return InfillCut("".join(words[:-w]), "".join(words[-w:]), "", rng.randint(0, options.max_pad), None,
+                         False, tail=True)
     a = rng.randint(0, len(words) - w)
     rest = "".join(words[a + w :])
     whole = (count_tokens(rest) if rest else 0) <= options.max_suffix
@@ -295,8 +307,11 @@ def infill_examples(docs: list[Document], tokenizer: NLDTokenizer, eos_id: int, 
     made: dict[int, list[Example]] = {}
     for n, (i, c) in enumerate(cuts):
         before, middle, rest = pieces[3 * n : 3 * n + 3]
-        suffix = (rest if c.n_suffix is None else rest[: c.n_suffix]) + [eos_id] * c.eos
-        e = infill_example(prompts[i], before, middle, suffix, c.pads, pad_id, seq_len)
+        if c.tail:  # the end of the text, EOS, and EOS as the filler: plain diffusion decoding of a block
+            e = infill_example(prompts[i], before, middle + [eos_id], [], c.pads, eos_id, seq_len)
+        else:
+            suffix = (rest if c.n_suffix is None else rest[: c.n_suffix]) + [eos_id] * c.eos
+            e = infill_example(prompts[i], before, middle, suffix, c.pads, pad_id, seq_len)
         if e is not None:
             made.setdefault(i, []).append(e)
     out: list[tuple[list[int], list[bool]] | Example] = []

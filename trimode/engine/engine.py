@@ -133,8 +133,11 @@ class Engine:
         """The request as it will run (`Prepared`); ValueError naming the problem when it can never run here."""
         if not isinstance(request.prompt_ids, list):
             raise ValueError("prompt_ids must be a list of token ids")
-        req = self.tm.prepare(request.prompt_ids, request.mode, request.max_new_tokens, request.temperature,
-                              request.top_p, request.top_k, request.seed, request.stop, **request.knobs)
+        if request.edit is not None or request.mode == "edit":
+            req = self._prepare_edit(request)
+        else:
+            req = self.tm.prepare(request.prompt_ids, request.mode, request.max_new_tokens, request.temperature,
+                                  request.top_p, request.top_k, request.seed, request.stop, **request.knobs)
         spec = mode_spec(req.mode)
         needed = req.kv_slots()
         if self.pool.pages_for(needed) > self.pool.num_pages:
@@ -150,6 +153,21 @@ class Engine:
                              f"pass; this engine allows {self.max_pass_bytes / 2**20:.0f} MiB (max_pass_bytes): "
                              f"lower {what}")
         return req
+
+    def _prepare_edit(self, request: EngineRequest):
+        if request.mode != "edit" or not (isinstance(request.edit, tuple) and len(request.edit) == 2):
+            raise ValueError('an edit runs in mode "edit" with edit=(kind, arguments)')
+        kind, args = request.edit
+        sampling = dict(temperature=request.temperature, top_p=request.top_p, top_k=request.top_k,
+                        seed=request.seed, **request.knobs)
+        if kind == "infill":
+            return self.tm.infill_request(request.prompt_ids, args.get("suffix", []), request.max_new_tokens,
+                                          **sampling)
+        if kind == "revise":
+            return self.tm.revise_request(request.prompt_ids, args.get("draft", []), args.get("spans"), **sampling)
+        if kind == "fill":
+            return self.tm.fill_request(args.get("template"), args.get("hole_tokens", 8), **sampling)
+        raise ValueError(f"unknown edit {kind!r}; use infill, revise or fill")
 
     def submit(self, request: EngineRequest) -> RequestHandle:
         """Queue a request (ValueError when invalid, QueueFull when at capacity, EngineStopped when stopped)."""

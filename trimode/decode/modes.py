@@ -65,10 +65,14 @@ class DiffusionKnobs:
     threshold: float | None = 0.9  # None: the fixed-step schedule
     steps: int | None = None  # denoising passes per block with the fixed-step schedule (default block_length)
     causal_context: bool = True
+    remask_threshold: float | None = None  # remask a committed token of the block whose confidence falls below
 
     def check(self, defaults: ModelDefaults) -> None:
         _check_block("diffusion", self.block_length, 1)
         _check_threshold(self.threshold)
+        _check_threshold(self.remask_threshold)
+        if self.remask_threshold is not None and self.threshold is None:
+            raise ValueError("remask_threshold works with the threshold schedule, not with steps")
         _check_bool("causal_context", self.causal_context)
         if self.steps is not None and (isinstance(self.steps, bool) or not isinstance(self.steps, int)
                                        or self.steps < 1):
@@ -192,7 +196,7 @@ def _build_ar(ids, stop, sampling, mask_id, k, thinking, provisional, steer):
 
 def _build_diffusion(ids, stop, sampling, mask_id, k, thinking, provisional, steer):
     return _diffusion.diffusion(ids, stop, sampling, mask_id, k.block_length, k.threshold, k.causal_context,
-                                k.steps, thinking, provisional)
+                                k.steps, thinking, provisional, k.remask_threshold)
 
 
 def _build_linear(ids, stop, sampling, mask_id, k, thinking, provisional, steer):

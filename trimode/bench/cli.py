@@ -83,6 +83,9 @@ def quality(
     thresholds: str = typer.Option("0.5,0.7,0.9", help="Diffusion commit thresholds to sweep ('' for none)."),
     steps: str | None = typer.Option(None, help="Diffusion fixed-step schedules to sweep: steps per block, e.g. "
                                                 "'8,16,32' (default: none)."),
+    remask: str | None = typer.Option(None, help="Diffusion remask thresholds to sweep with each threshold, e.g. "
+                                                 "'0.3,0.6' (default: none)."),
+    edits: bool = typer.Option(True, "--edits/--no-edits", help="Infill and revision rows for the list tasks."),
     max_new_tokens: int | None = typer.Option(None, "--max-new-tokens", help="Token budget (default: per task)."),
     seed: int = typer.Option(0, help="Seed choosing the generated tasks' held-out items."),
     out: Path | None = typer.Option(None, help="Also write the markdown report here."),
@@ -102,10 +105,10 @@ def quality(
         typer.echo(f"  {o.task:>16} {o.config.label:<28} acc {o.accuracy:.3f}  TPF {o.tpf:.2f}", err=True)
 
     lists = (_split(tasks, name="tasks"), _split(modes, name="modes"), _split(block_lengths, int, "block-lengths"),
-             _split(thresholds, float, "thresholds"), _split(steps, int, "steps"))
+             _split(thresholds, float, "thresholds"), _split(steps, int, "steps"), _split(remask, float, "remask"))
     try:
         report, _ = q.run(model, lists[0], n, lists[1], lists[2], lists[3], max_new_tokens, seed, plot, device, dtype,
-                          progress, lists[4])
+                          progress, lists[4], lists[5], edits)
     except ERRORS as e:
         _fail(str(e))
     _emit(report, out, ctx)

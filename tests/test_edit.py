@@ -116,3 +116,24 @@ def test_remasking_is_bounded_and_off_by_default():
     assert plain.stats.forward_passes < remasked.stats.forward_passes <= 1 + 2 * 15 + 1
     with pytest.raises(ValueError, match="remask_threshold"):
         drive(decode(net, "diffusion", ids, StopRule(12), steps=2, remask_threshold=0.5))
+
+
+def test_cli_infill_and_revise():
+    import subprocess
+    import sys
+
+    def cli(*args):
+        return subprocess.run([sys.executable, "-m", "trimode.cli", *args], capture_output=True, text=True,
+                              timeout=300)
+
+    r = cli("revise", "--chat", "Sort: 7 3 9 1 4 2", "1 2 3 5 7 9")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "1 2 3 4 7 9" and "changed: [6, 7]" in r.stderr
+    r = cli("infill", "--chat", "Sort: 7 3 9 1 4 2", "1 2 ", " 4 7 9", "-n", "2")
+    assert r.returncode == 0 and "[infill]" in r.stderr
+    for bad, message in ((("revise", "x", "--span", "5:9"), "out of range"),
+                         (("revise", "x", "--span", "nope"), "START:END"),
+                         (("infill", "a", "b", "-n", "0"), "max_new_tokens")):
+        r = cli(*bad)
+        assert r.returncode == 2 and r.stderr.startswith("error:") and message in r.stderr, r.stderr
+        assert "Traceback" not in r.stderr

@@ -261,7 +261,8 @@ class TriMode:
         if not ids:
             raise ValueError("the draft is empty")
         if spans is None:
-            kwargs.setdefault("rounds", 4)
+            if kwargs.get("rounds") is None:
+                kwargs["rounds"] = 4  # the default budget of detect-and-rewrite rounds
             holes = [False] * len(ids)
             block = EditBlock(ids, holes, [True] * len(ids))
             return self.prepare_edit(pre, EditPlan(self, block, [("draft", len(ids))], "all"), **kwargs)

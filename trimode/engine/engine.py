@@ -31,7 +31,7 @@ from trimode.decode.stats import DecodeStats
 from trimode.engine.auto import AutoConfig, AutoPolicy, AutoSteer, CostModel, measure_slowdowns
 from trimode.engine.kv_pool import KVPool
 from trimode.engine.request import EngineRequest, EngineStopped, QueueFull, RequestCancelled, RequestHandle
-from trimode.engine.runner import run_rows
+from trimode.engine.runner import run_step
 from trimode.engine.scheduler import Scheduler
 from trimode.engine.sequence import Sequence
 
@@ -40,8 +40,8 @@ log = logging.getLogger("trimode.engine")
 
 @dataclass(frozen=True)
 class ForwardShape:
-    """What one fused forward ran: rows, tokens per row, the longest prefix, its mask kinds, the adapter, and
-    how many positions went through the LM head (a benchmark replays these on the bare network)."""
+    """One width group of a fused forward: rows, tokens per row, the longest prefix, its mask kinds, the adapter,
+    and how many positions went through the LM head (a benchmark replays these on the bare network)."""
 
     rows: int
     tokens: int
@@ -51,10 +51,14 @@ class ForwardShape:
     logits: int
 
     @classmethod
-    def of(cls, rows) -> ForwardShape:
-        return cls(len(rows), rows[0].tokens, max(r.cache.length for r in rows),
-                   tuple("tensor" if isinstance(r.mask, torch.Tensor) else r.mask for r in rows),
-                   tuple(r.lora for r in rows), sum(r.tokens if r.read is None else len(r.read) for r in rows))
+    def of(cls, rows) -> list[ForwardShape]:
+        widths: dict[int, list] = {}
+        for r in rows:
+            widths.setdefault(r.tokens, []).append(r)
+        return [cls(len(g), t, max(r.cache.length for r in g),
+                    tuple("tensor" if isinstance(r.mask, torch.Tensor) else r.mask for r in g),
+                    tuple(r.lora for r in g), sum(r.tokens if r.read is None else len(r.read) for r in g))
+                for t, g in widths.items()]
 DEFAULT_KV_BYTES = {"cuda": 0.5, "cpu": 1 << 30}  # CUDA: half the free memory; CPU: 1 GiB
 DEFAULT_PASS_BYTES = {"cuda": 0.25, "cpu": 2 << 30}  # the widest pass's activations: CUDA a quarter of free memory
 
@@ -234,7 +238,7 @@ class Engine:
             t1 = time.perf_counter()
             rows = [row for _, row in batch]
             try:
-                logits = run_rows(self.tm.net, self.pool, rows)
+                logits = run_step(self.tm.net, self.pool, rows)
                 if logits[0].device.type == "cuda":
                     torch.cuda.synchronize(logits[0].device)  # so the forward's time is measured, not its launch
             except Exception as e:  # a failed forward fails its rows' requests, not the engine
@@ -245,7 +249,7 @@ class Engine:
             tokens = sum(r.tokens for r in rows)
             timings.append((tokens, time.perf_counter() - t1))
             if self.trace is not None:
-                self.trace.append(ForwardShape.of(rows))
+                self.trace.append(ForwardShape.of(rows))  # one list per fused forward
             self._counters["forwards"] += 1
             self._counters["forward_rows"] += len(rows)
             self._counters["forward_tokens"] += tokens

@@ -132,6 +132,12 @@ def test_step_floor_counts_weights_kv_and_compute():
     quad = [ForwardShape(8, 1056, 2048, (g.QuadraticStep(32),) * 8, (False,) * 8, 8 * 1056)] * 8
     seconds, bound = g.step_floor(quad, cfg, costs, dev, 32)
     assert bound == "compute" and seconds > 64 * 1056 * 2 * costs.body / 1e15
+    # drafts and verifies packed in one step: the adapter's bytes once, each group's K/V
+    mixed = [ForwardShape(2, 32, 100, ("bidirectional",) * 2, (True,) * 2, 64),
+             ForwardShape(3, 32, 200, ("causal",) * 3, (False,) * 3, 96)]
+    seconds, bound = g.step_floor(mixed, cfg, costs, dev, 32)
+    kv = (2 * 100 + 3 * 200 + 2 * 5 * 32) * costs.kv_token
+    assert bound == "memory" and seconds == pytest.approx((costs.weights_lora + kv + 160 * cfg.vocab_size * 2) / 4e12)
 
 
 def test_attention_kernel_probe_sees_the_math_fallback():

@@ -193,3 +193,28 @@ def test_bf16_load_peak_memory_is_close_to_checkpoint_size(tmp_path):
     # Before direct loading this was ~2.3x (the loaded network plus every mapped page of the file).
     print(f"peak RSS grew {grew / 2**20:.0f} MiB for a {size / 2**20:.0f} MiB checkpoint ({grew / size:.2f}x)")
     assert grew < 1.3 * size, f"loading grew peak RSS by {grew / size:.2f}x the checkpoint size"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="loading onto a GPU needs CUDA")
+def test_bf16_load_onto_cuda_allocates_the_network_once(tmp_path):
+    """On the device: no float32 network first, no second copy; only RoPE's inv_freq stays float32."""
+    cfg = NLDConfig(vocab_size=8192, hidden_size=1024, intermediate_size=2816, num_hidden_layers=4,
+                    num_attention_heads=8, num_key_value_heads=2, head_dim=128)
+    ckpt = tmp_path / "c"
+    ckpt.mkdir()
+    cfg.save(ckpt / "config.json")
+    from trimode.model.loading import write_weights
+    from trimode.model.transformer import NLDTransformer
+
+    with torch.device("meta"):
+        shapes = {k: v.shape for k, v in NLDTransformer(cfg).state_dict().items()}
+    write_weights({k: torch.randn(s).to(torch.bfloat16) for k, s in shapes.items()}, ckpt)
+    torch.cuda.empty_cache()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    loaded = load_model(ckpt, dtype=torch.bfloat16, device="cuda")
+    tensors = [*loaded.named_parameters(), *loaded.named_buffers()]
+    size = sum(t.numel() * t.element_size() for _, t in tensors)
+    assert [n for n, t in tensors if t.dtype == torch.float32] == ["inv_freq"]
+    assert all(t.device.type == "cuda" for _, t in tensors)
+    assert torch.cuda.max_memory_allocated() - base < 1.15 * size

@@ -5,8 +5,8 @@ For each shape (random weights, real sizes), context length, number of concurren
 (`Engine.step`: scheduling, the paged pool, the fused forwards, the step machines, sampling, events). Each
 step's fused forwards are recorded (`Engine.trace`) and priced by a floor:
 
-    floor of one step = sum over the pass widths it ran of max(bytes / bandwidth, FLOPs / peak FLOP/s)
-    bytes = weights read once per width (all but the embedding table; the drafter adapter when a row uses it)
+    floor of one step = max(bytes / bandwidth, FLOPs / peak FLOP/s)
+    bytes = the weights, read once (all but the embedding table; the drafter adapter when a row uses it)
           + K/V read (every row's prefix) + K/V written and read back (the pass's own tokens)
           + the logits written
     FLOPs = 2 x body parameters x tokens + 2 x hidden x vocab x logits rows
@@ -33,7 +33,6 @@ import logging
 import math
 import statistics
 import time
-from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -230,35 +229,27 @@ class NetCosts:
         return cls(weight_bytes(net, False), weight_bytes(net, True), body, kv)
 
 
-def step_floor(shapes, cfg: NLDConfig, costs: NetCosts, dev: DeviceInfo, block: int) -> tuple[float, str]:
-    """Seconds a step that ran `shapes` (its fused forwards) cannot beat, and what bounds it."""
+def step_floor(groups, cfg: NLDConfig, costs: NetCosts, dev: DeviceInfo, block: int) -> tuple[float, str]:
+    """Seconds a step cannot beat, and what bounds it ("memory" / "compute"). `groups`: the width groups
+    (`ForwardShape`) of all its fused forwards. The weights count once: the engine packs every width into one
+    forward, and more forwards per step (over `max_batch_tokens`) are the engine's cost, not the floor's."""
     item, kv_token = dev.dtype.itemsize, costs.kv_token
     attn = 4 * cfg.num_hidden_layers * cfg.num_attention_heads * cfg.head_dim
-    by_width = defaultdict(list)
-    for s in shapes:
-        by_width[s.tokens].append(s)
-    total, bounds = 0.0, []
-    for t, group in by_width.items():
-        rows = sum(s.rows for s in group)
-        past = max(s.past for s in group)
-        logits = sum(s.logits for s in group)
-        lora = any(any(s.lora) for s in group)
-        kinds = {m for s in group for m in s.masks}
-        mask = next(iter(kinds))
-        if t == 1 or isinstance(mask, str) and mask in ("tensor", "bidirectional"):
+    lora = any(any(s.lora) for s in groups)
+    nbytes, flops = costs.weights_lora if lora else costs.weights, 0
+    for s in groups:
+        t, mask = s.tokens, s.masks[0]
+        if t == 1 or mask in ("tensor", "bidirectional"):
             own = t * t  # one token, or every token sees the whole pass
-        elif isinstance(mask, QuadraticStep) or t == block * (block + 1):
-            own = int(pass_pattern(QuadraticStep(block), t, "cpu").sum())
+        elif isinstance(mask, QuadraticStep):
+            own = int(pass_pattern(mask, t, "cpu").sum())  # each group sees its leaders and itself
         else:
             own = t * (t + 1) // 2  # causal
-        nbytes = ((costs.weights_lora if lora else costs.weights) + rows * past * kv_token + 2 * rows * t * kv_token
-                  + logits * cfg.vocab_size * item)
-        flops = (2 * costs.body * rows * t + 2 * cfg.hidden_size * cfg.vocab_size * logits
-                 + attn * rows * (t * past + own))
-        memory, compute = nbytes / dev.bandwidth, flops / dev.peak_flops
-        total += max(memory, compute)
-        bounds.append("memory" if memory >= compute else "compute")
-    return total, "compute" if "compute" in bounds else "memory"
+        nbytes += s.rows * s.past * kv_token + 2 * s.rows * t * kv_token + s.logits * cfg.vocab_size * item
+        flops += (2 * costs.body * s.rows * t + 2 * cfg.hidden_size * cfg.vocab_size * s.logits
+                  + attn * s.rows * (t * s.past + own))
+    memory, compute = nbytes / dev.bandwidth, flops / dev.peak_flops
+    return max(memory, compute), "memory" if memory >= compute else "compute"
 
 
 def cycle_steps(mode: str, knobs: dict) -> int:
@@ -323,14 +314,15 @@ def run_cell(tm, stub: PromptSkip, costs: NetCosts, dev: DeviceInfo, shape: str,
             engine.step()
             synchronize(dev.device)
             seconds = time.perf_counter() - t0
-            ran = engine.trace[first:]
+            forwards = engine.trace[first:]  # one list of width groups per fused forward
             if i < warm:
                 continue
+            ran = [g for groups in forwards for g in groups]
             floor, bound = step_floor(ran, tm.config, costs, dev, block)
             cell.step_s.append(seconds)
             cell.floor_s.append(floor)
             cell.bound.append(bound)
-            cell.forwards.append(len(ran))
+            cell.forwards.append(len(forwards))
             if len(ran) == 1 and ran[0].tokens == block and set(ran[0].masks) == {"bidirectional"} \
                     and not any(ran[0].lora):
                 cell.block_steps.append(seconds)
@@ -496,8 +488,8 @@ def render(results: list[ShapeResult], dev: DeviceInfo, block: int, lora_rank: i
         f"peak {dev.peak_flops / 1e9:,.0f} GFLOP/s ({dev.peak_source}). Random weights; block {block}; drafter "
         f"LoRA rank {lora_rank}; engine max_batch_tokens {max_batch_tokens}. Prompt passes not run (their K/V "
         f"random); decode steps timed after 2 warm-up steps over whole cycles of each mode.",
-        f"TPF: {tpf_source}. tok/s = requests x TPF / mean s per step; floor = weights once per pass width + K/V "
-        f"read and written + logits, over bandwidth, or FLOPs over peak, whichever is larger.",
+        f"TPF: {tpf_source}. tok/s = requests x TPF / mean s per step; floor = (weights once + K/V read and "
+        f"written + logits) / bandwidth or FLOPs / peak, whichever is larger.",
         "",
         "| shape | context | requests | mode | forwards / step | ms / step | floor ms | bound | x floor | TPF | "
         "tok/s | floor tok/s | attention | peak GiB |",

@@ -204,8 +204,8 @@ def gpu(
     peak_tflops: float | None = typer.Option(None, "--peak-tflops", help="Peak FLOP/s of the device for the "
                                              "compute floor (default: datasheet for known GPUs, else measured)."),
     max_batch_tokens: int = typer.Option(8192, "--max-batch-tokens", help="The engine's most tokens per forward."),
-    loading: bool = typer.Option(True, "--loading/--no-loading", help="Also write a random checkpoint (3b on a "
-                                 "GPU, tiny on CPU) and report the memory load_model takes for it."),
+    loading: bool = typer.Option(True, "--loading/--no-loading", help="Also write a random checkpoint (3b shape "
+                                 "with the real shapes, else tiny) and report the memory load_model takes for it."),
     device: str | None = typer.Option(None, help="cuda / cpu (default: cuda when available)."),
     out: Path | None = typer.Option(None, help="Also write the markdown report here."),
     threads: int | None = typer.Option(None, help="CPU threads for torch (default: torch's choice)."),

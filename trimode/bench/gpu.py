@@ -424,7 +424,7 @@ def run(shapes: list[str], contexts: list[int] = (2048, 8192), requests: list[in
         measured, source = measure_tpf(model, list(modes), block, dev.device, dev.dtype)
     if tpf:
         source += f"; given on the command line for {', '.join(tpf)}"
-    load_shape = "3b" if dev.is_gpu else "tiny"  # the loading check's checkpoint: a few GB on a GPU
+    load_shape = "3b" if big else "tiny"  # the loading check's checkpoint: 7.7 GB with the real shapes
 
     def report(results, load=None) -> str:
         return render(results, dev, block, lora_rank, max_batch_tokens, source, load, load_shape)

@@ -1,7 +1,8 @@
 """How much memory `load_model` takes: a random checkpoint written to disk, loaded in a fresh process.
 
-Used by `trimode bench gpu` (a 3B-shaped checkpoint on a GPU, a tiny one on CPU). A fresh process so that its
-peak RSS (`ru_maxrss`) belongs to the load alone; one small load first so torch's lazy set-up is not counted.
+Used by `trimode bench gpu` (a 3B-shaped checkpoint with the real shapes, a tiny one with `--shapes tiny`). A
+fresh process so that its peak RSS (`ru_maxrss`) belongs to the load alone; one small load first so torch's lazy
+set-up is not counted.
 """
 
 from __future__ import annotations

@@ -193,17 +193,28 @@ def engine(
 def gpu(
     ctx: typer.Context,
     shapes: str = typer.Option("8b", help="Comma-separated model shapes: 3b, 8b, 14b (CUDA), tiny (any device)."),
-    context: int = typer.Option(512, help="Tokens already in the KV cache."),
-    block: int = typer.Option(32, help="Block length (block step / verify size; quadratic pass = B(B+1))."),
-    lora_rank: int = typer.Option(128, "--lora-rank", help="Drafter adapter rank for the draft step (0: none)."),
-    iters: int = typer.Option(20, help="Passes per timing sample."),
-    tpf: str | None = typer.Option(None, help="TPF per mode for the projection, e.g. 'linear_spec=4.5' "
-                                              "(default: the paper's)."),
+    contexts: str = typer.Option("2048,8192", help="Comma-separated context lengths (tokens in each request's "
+                                                  "KV cache when the timed steps start)."),
+    requests: str = typer.Option("1,16,64", help="Comma-separated numbers of concurrent requests."),
+    modes: str = typer.Option(",".join(("ar", "diffusion", "linear_spec", "quadratic_spec")),
+                              help="Comma-separated modes."),
+    block: int = typer.Option(32, help="Block length of diffusion and speculation (quadratic pass = B(B+1))."),
+    lora_rank: int = typer.Option(128, "--lora-rank", help="Drafter adapter rank for linear_spec drafts (0: none)."),
+    steps: int = typer.Option(8, help="Decode steps timed per cell (rounded up to whole cycles of the mode)."),
+    model: str | None = typer.Option(None, "--model", "-m", help="A trained checkpoint (dir or Hub id) to measure "
+                                     "TPF on (default: the paper's TPF, stated as assumed)."),
+    tpf: str | None = typer.Option(None, help="TPF per mode, e.g. 'linear_spec=4.5' (overrides --model / paper)."),
+    peak_tflops: float | None = typer.Option(None, "--peak-tflops", help="Peak FLOP/s of the device for the "
+                                             "compute floor (default: datasheet for known GPUs, else measured)."),
+    max_batch_tokens: int = typer.Option(8192, "--max-batch-tokens", help="The engine's most tokens per forward."),
+    loading: bool = typer.Option(True, "--loading/--no-loading", help="Also write a random checkpoint (3b shape "
+                                 "with the real shapes, else tiny) and report the memory load_model takes for it."),
     device: str | None = typer.Option(None, help="cuda / cpu (default: cuda when available)."),
     out: Path | None = typer.Option(None, help="Also write the markdown report here."),
     threads: int | None = typer.Option(None, help="CPU threads for torch (default: torch's choice)."),
 ) -> None:
-    """Time per pass kind at the released 3B/8B/14B shapes (random weights) against the bandwidth floor."""
+    """Engine decode steps at the released 3B/8B/14B shapes (random weights) per mode, context and load, against
+    a weight + KV bandwidth / compute floor; tok/s from measured (--model) or assumed TPF."""
     from trimode.bench import gpu as g
 
     _set_threads(threads)
@@ -214,9 +225,21 @@ def gpu(
             given[mode.strip()] = float(value)
         except ValueError:
             _fail(f"--tpf: expected mode=value pairs, got {item!r}")
-    shape_list = _split(shapes, name="shapes") or []
+    lists = (_split(shapes, name="shapes") or [], _split(contexts, int, "contexts") or [],
+             _split(requests, int, "requests") or [], _split(modes, name="modes") or [])
+
+    def progress(c) -> None:
+        what = c.error or f"{c.seconds * 1e3:.2f} ms/step, {c.over_floor:.2f}x floor, {c.attention}"
+        typer.echo(f"  {c.shape} ctx {c.context} x{c.requests:<3} {c.mode:>15}: {what}", err=True)
+
+    def partial(report: str) -> None:  # a run cut short (a GPU session's time limit) keeps what it measured
+        if out is not None:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text(f"Command: `{_command_line(ctx)}` (incomplete: still running)\n\n{report}")
+
     try:
-        report = g.run(shape_list, device, context, block, lora_rank, iters, given)
+        report = g.run(lists[0], lists[1], lists[2], lists[3], block, lora_rank, steps, given, model, device,
+                       peak_tflops, max_batch_tokens, loading, progress, partial)
     except ERRORS as e:
         _fail(str(e))
     _emit(report, out, ctx)

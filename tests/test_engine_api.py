@@ -46,12 +46,21 @@ def test_a_request_larger_than_the_kv_budget_is_rejected(tm):
 
 
 def test_queue_full(tm):
-    engine = Engine(tm, max_queue=2, cost=flat_cost())
+    # Capacity is max_running + max_queue, counted before the loop admits anything (here: no loop at all).
+    engine = Engine(tm, max_queue=2, max_running=1, cost=flat_cost())
+    for _ in range(3):
+        engine.submit(req())
+    with pytest.raises(QueueFull):
+        engine.submit(req())
+    assert engine.stats()["counters"]["rejected"] == 1
+
+
+def test_max_queue_zero_is_no_waiting_room_not_reject_all(tm):
+    engine = Engine(tm, max_queue=0, max_running=2, cost=flat_cost())
     engine.submit(req())
     engine.submit(req())
     with pytest.raises(QueueFull):
         engine.submit(req())
-    assert engine.stats()["counters"]["rejected"] == 1
 
 
 def test_concurrent_clients_on_the_background_loop(tm):

@@ -1,7 +1,8 @@
 """Who runs: the waiting queue, admission under the KV budget, and the grouping of forward calls into batches.
 
 - A request is admitted (FIFO) when a running row is free and the pool can reserve its worst-case KV slots;
-  otherwise it waits, so a running request never runs out of memory. A full queue rejects new work.
+  otherwise it waits, so a running request never runs out of memory. New work is rejected once max_running +
+  max_queue requests are running or waiting.
 - Each step, every running request has one pending forward call. Calls with the same token count and adapter
   flag share a forward (rows carry their own positions, cache lengths and masks); a long causal prefill runs
   in chunks of `prefill_chunk` tokens, one chunk per step, so it does not stall the other rows.
@@ -61,8 +62,10 @@ class Scheduler:
         self.running: list[Sequence] = []
 
     def add(self, seq: Sequence) -> None:
-        if len(self.waiting) >= self.max_queue:
-            raise QueueFull(f"the queue is full ({self.max_queue} waiting requests)")
+        # Capacity is running + waiting: a burst arrives before the loop admits anything, so counting only the
+        # waiting requests would reject work that free rows are about to take (and max_queue 0 would reject all).
+        if sum(not s.finished for s in self.running) + len(self.waiting) >= self.max_running + self.max_queue:
+            raise QueueFull(f"the engine is full ({self.max_running} running + {self.max_queue} waiting requests)")
         self.waiting.append(seq)
 
     def admit(self) -> tuple[list[Sequence], list[Sequence]]:

@@ -421,7 +421,8 @@ def test_queue_full_gets_429(tm):
                 long = {"model": MODEL, "prompt": "Hello", "max_tokens": 240, "stream": True}
                 async with http.stream("POST", "/v1/completions", json=long) as running:
                     assert running.status_code == 200
-                    async for line in running.aiter_lines():  # its first text: the engine is running it
+                    lines = running.aiter_lines()  # kept referenced: a line iterator dropped early closes the socket
+                    async for line in lines:  # its first text: the engine is running it
                         if line.startswith("data: ") and json.loads(line[6:])["choices"][0]["text"]:
                             break
                     async with http.stream("POST", "/v1/completions", json=long) as waiting:
@@ -449,7 +450,7 @@ def test_routes_decide_the_mode_and_reviewed_routes_are_audited(served, client, 
                                        extra_headers={"X-Trimode-Route": "coding_autocomplete"})
     s = r.model_extra["trimode"]
     assert s["mode"] == "diffusion" and s["knobs"]["threshold"] == 0.5 and s["knobs"]["block_length"] == 4
-    assert s["review"] == {"route": "coding_autocomplete", "level": "optional", "flagged": False}
+    assert s["review"] == {"route": "coding_autocomplete", "level": "optional", "flagged": False, "risk": None}
     assert len(audit_lines(served)) == before  # optional review: not audited
 
     r = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Summarise"}],

@@ -713,8 +713,10 @@ ERROR_RESPONSES: dict = {status: {"description": what, "content": {"application/
 
 
 def openapi_schema(app: FastAPI) -> dict:
-    """FastAPI's schema plus the two request bodies (as `parse_body` validates them) and the error body."""
+    """FastAPI's schema plus the two request bodies (as `parse_body` validates them, with this server's model and
+    routes) and the error body."""
     if app.openapi_schema is None:
+        config: ServerConfig = app.state.server.config
         schema = get_openapi(title=app.title, version=app.version, routes=app.routes)
         components = schema.setdefault("components", {}).setdefault("schemas", {})
         components["ErrorBody"] = {"type": "object", "required": ["error"], "properties": {"error": {
@@ -724,6 +726,9 @@ def openapi_schema(app: FastAPI) -> dict:
         for path, model in (("/v1/completions", CompletionRequest), ("/v1/chat/completions", ChatCompletionRequest)):
             body = model.model_json_schema(ref_template="#/components/schemas/{model}")
             components.update(body.pop("$defs", {}))
+            body["properties"]["model"] = {"type": "string", "enum": [config.model_name]}
+            if config.policy is not None:
+                body["properties"]["route"] = {"anyOf": [{"enum": list(config.policy.routes)}, {"type": "null"}]}
             components[model.__name__] = body
             schema["paths"][path]["post"]["requestBody"] = {"required": True, "content": {"application/json": {
                 "schema": {"$ref": f"#/components/schemas/{model.__name__}"}}}}

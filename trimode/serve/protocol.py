@@ -26,6 +26,11 @@ MAX_N = 16
 MAX_STOPS = 8
 _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
 STRICT = ConfigDict(extra="forbid", strict=True)
+# What the OpenAPI schema says of the fields validated by hand (their Python type is Any).
+_TEXT = {"type": "string", "minLength": 1}
+_IDS = {"type": "array", "items": {"type": "integer", "minimum": 0}, "minItems": 1}
+_TEXT_PART = {"type": "object", "required": ["type", "text"], "additionalProperties": False,
+              "properties": {"type": {"const": "text"}, "text": {"type": "string"}}}
 Model = TypeVar("Model", bound=BaseModel)
 
 
@@ -99,7 +104,9 @@ class GenerationFields(BaseModel):
     top_p: FiniteFloat | None = Field(None, gt=0, le=1)
     top_k: int | None = Field(None, ge=0)
     seed: int | None = Field(None, ge=-(2**63), lt=2**63 - MAX_N)  # n choices use seed, seed + 1, ...
-    stop: Any = None  # a string or a list of strings; checked below for a clear message
+    stop: Any = Field(None, json_schema_extra={"anyOf": [  # checked below, for a clear message
+        {"type": "string", "minLength": 1}, {"type": "array", "items": {"type": "string", "minLength": 1},
+                                             "maxItems": MAX_STOPS}, {"type": "null"}]})
     n: int = Field(1, ge=1, le=MAX_N)
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -160,7 +167,9 @@ def _is_ids(x) -> bool:
 
 
 class CompletionRequest(GenerationFields):
-    prompt: Any  # a string, a token-id list, or a list of those; normalised to a list of prompts below
+    # A string, a token-id list, or a list of those; normalised to a list of prompts below.
+    prompt: Any = Field(json_schema_extra={"anyOf": [_TEXT, _IDS, {"type": "array", "minItems": 1,
+                                                                   "items": {"anyOf": [_TEXT, _IDS]}}]})
     logprobs: int | None = Field(None, ge=0, le=20)
     echo: bool = False
     suffix: None = None
@@ -196,7 +205,8 @@ class TextPart(BaseModel):
 class ChatMessage(BaseModel):
     model_config = STRICT
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: Any = None  # a string, or a list of {"type": "text", "text": ...} parts
+    content: Any = Field(None, json_schema_extra={"anyOf": [  # a string, or a list of text parts
+        {"type": "string"}, {"type": "array", "items": _TEXT_PART}, {"type": "null"}]})
     name: str | None = None
 
     @field_validator("content")

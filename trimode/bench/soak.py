@@ -72,6 +72,7 @@ class Soak:
     rss_before: int | None = None
     rss_after: int | None = None
     rss_peak: int | None = None
+    rss_samples: list[tuple[float, int]] = field(default_factory=list)  # (seconds into the soak, resident bytes)
     health_after_s: float | None = None
     idle_after_s: float | None = None
 
@@ -199,11 +200,19 @@ def run(model: str | None, url: str | None, clients: int, seconds: float, max_to
         if proc is not None:
             soak.rss_before = rss(proc.pid)[0]
         echo(f"{clients} clients for {seconds:.0f} s ...")
-        deadline = time.perf_counter() + seconds
+        start = time.perf_counter()
+        deadline = start + seconds
+
+        async def sample_memory():  # growth that levels off is warm-up (threads, allocator arenas); a leak does not
+            while proc is not None and time.perf_counter() < deadline:
+                await asyncio.sleep(seconds / 12)
+                now = rss(proc.pid)[0]
+                if now is not None:
+                    soak.rss_samples.append((time.perf_counter() - start, now))
 
         async def all_clients():
-            await asyncio.gather(*(one_client(i, base, deadline, prompts, max_tokens, api_key, soak, seed)
-                                   for i in range(clients)))
+            await asyncio.gather(sample_memory(), *(one_client(i, base, deadline, prompts, max_tokens, api_key, soak,
+                                                                seed) for i in range(clients)))
 
         asyncio.run(all_clients())
         t0 = time.perf_counter()
@@ -253,7 +262,9 @@ def report(soak: Soak, header: str) -> str:
               + (f" ({', '.join(f'{k} x{n}' for k, n in errors.most_common())})" if errors else "") + ".",
               *[f"- e.g. {o.kind}: {o.status}: {o.detail}" for o in _examples(soak)],
               f"Server memory (resident): {_mib(soak.rss_before)} after the warm-up, {_mib(soak.rss_after)} after "
-              f"the soak (peak {_mib(soak.rss_peak)}).",
+              f"the soak (peak {_mib(soak.rss_peak)})"
+              + (f"; during the soak: {', '.join(f'{t:.0f} s {b / 2**20:.0f}' for t, b in soak.rss_samples)} MiB"
+                 if soak.rss_samples else "") + ".",
               f"After the soak: /health answered in {_ms(soak.health_after_s)}; the engine was idle (nothing "
               f"running or waiting) after {'more than 60 s' if soak.idle_after_s is None else _ms(soak.idle_after_s)}.",
               ""]

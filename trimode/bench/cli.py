@@ -11,7 +11,7 @@ from pathlib import Path
 import typer
 
 bench_app = typer.Typer(
-    help="Benchmarks: accuracy against speed per mode, decode and pass speed, the GPU fast path.",
+    help="Benchmarks: accuracy against speed per mode, decode and pass speed, the GPU fast path, a server soak.",
     no_args_is_help=True,
 )
 

@@ -245,3 +245,12 @@ def test_balanced_accuracy_and_no_priority():
     assert d.mode == "ar" and "exact AR output" in d.reason
     assert meter.decide(ROUTES["none"], 1).mode == "linear_spec"
     assert [load_level(r) for r in (0, 1, 2, 3, 4, 5, 64, 65)] == [1, 1, 2, 4, 4, 8, 64, 128]
+
+
+def test_the_meter_forgets_the_oldest_settings_beyond_its_bound():
+    meter = ModeMeter(min_samples=1, max_entries=8)
+    for threshold in range(100):  # a client cycling knob values
+        meter.observe("diffusion", {"threshold": threshold / 100}, 1, seconds=0.1, tokens=1, forwards=1)
+    assert meter.tokens_per_forward("diffusion", {"threshold": 0.99}) == (1.0, 1)
+    assert meter.tokens_per_forward("diffusion", {"threshold": 0.0}) == (None, 0)
+    assert len(meter._tpf) == len(meter._seconds) == 8

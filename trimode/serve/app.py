@@ -748,7 +748,8 @@ def prompt_char_limit(tm: TriMode) -> int | None:
     spec = json.loads(tok.tok.to_str())
     if spec.get("normalizer") is not None or "ByteLevel" not in json.dumps(spec.get("pre_tokenizer")):
         return None
-    longest = max(len(tok.decode([i], skip_special_tokens=False)) for i in range(tok.vocab_size))
+    pieces = tok.tok.decode_batch([[i] for i in range(tok.vocab_size)], skip_special_tokens=False)
+    longest = max(map(len, pieces))
     return tm.max_context * max(longest, 1)
 
 

@@ -54,16 +54,20 @@ class ModeMeter:
     """Running averages of what each mode achieved: seconds per output token per load level, and tokens per
     forward pass. Thread-safe (plans are made off the event loop)."""
 
-    def __init__(self, weight: float = 0.3, min_samples: int = 2, explore_every: int = 16) -> None:
+    def __init__(self, weight: float = 0.3, min_samples: int = 2, explore_every: int = 16,
+                 max_entries: int = 4096) -> None:
         self.weight = weight  # of a new observation in the moving average
         self.min_samples = min_samples
         self.explore_every = explore_every
+        self.max_entries = max_entries  # per table: knobs come from requests, so settings are unbounded
         self._seconds: dict[tuple[Setting, int], tuple[float, int]] = {}  # (setting, level) -> (average, count)
         self._tpf: dict[Setting, tuple[float, int]] = {}
         self._decisions: dict[str, int] = {}  # per route
         self._lock = threading.Lock()
 
     def _update(self, table: dict, key, value: float) -> None:
+        if key not in table and len(table) >= self.max_entries:
+            del table[next(iter(table))]  # the oldest setting goes: a client cycling knobs cannot grow memory
         average, count = table.get(key, (value, 0))
         table[key] = (average + self.weight * (value - average) if count else value, count + 1)
 

@@ -45,9 +45,9 @@ def test_a_request_larger_than_the_kv_budget_is_rejected(tm):
 
 
 def test_queue_full(tm):
-    # Capacity is the running rows plus the waiting room beyond them, whether the loop admitted them yet or not.
-    engine = Engine(tm, max_queue=2, max_running=3, cost=flat_cost())
-    for _ in range(5):
+    # Capacity is max_running + max_queue, counted before the loop admits anything (here: no loop at all).
+    engine = Engine(tm, max_queue=2, max_running=1, cost=flat_cost())
+    for _ in range(3):
         engine.submit(req())
     with pytest.raises(QueueFull):
         engine.submit(req())

@@ -471,7 +471,7 @@ def test_routes_decide_the_mode_and_reviewed_routes_are_audited(served, client, 
                                        extra_headers={"X-Trimode-Route": "coding_autocomplete"})
     s = r.model_extra["trimode"]
     assert s["mode"] == "diffusion" and s["knobs"]["threshold"] == 0.5 and s["knobs"]["block_length"] == 4
-    assert s["review"] == {"route": "coding_autocomplete", "level": "optional", "flagged": False}
+    assert s["review"] == {"route": "coding_autocomplete", "level": "optional", "flagged": False, "risk": None}
     assert len(audit_lines(served)) == before  # optional review: not audited
 
     r = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Summarise"}],

@@ -1,16 +1,17 @@
-"""`trimode bench {quality,speed,gpu}` and `trimode export`. Heavy imports happen inside the commands.
+"""`trimode bench {quality,speed,gpu,soak}` and `trimode export`. Heavy imports happen inside the commands.
 
 `bench_app` is the typer group; other layers may attach commands to it (`bench serve`).
 """
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import typer
 
 bench_app = typer.Typer(
-    help="Benchmarks: accuracy against speed per mode, decode and pass speed, the GPU fast path.",
+    help="Benchmarks: accuracy against speed per mode, decode and pass speed, the GPU fast path, a server soak.",
     no_args_is_help=True,
 )
 
@@ -243,6 +244,48 @@ def gpu(
     except ERRORS as e:
         _fail(str(e))
     _emit(report, out, ctx)
+
+
+@bench_app.command()
+def soak(
+    ctx: typer.Context,
+    model: str | None = typer.Option(None, "--model", "-m", help="Checkpoint directory (default: the bundled model); "
+                                     "a `trimode serve` at default settings is started on it in a child process."),
+    url: str | None = typer.Option(None, help="Soak a running server instead, e.g. http://127.0.0.1:8000 (its model "
+                                   "must be served as 'bench': --served-model-name bench)."),
+    clients: int = typer.Option(64, help="Concurrent clients."),
+    duration: float = typer.Option(60, help="Seconds the clients keep sending."),
+    max_tokens: int = typer.Option(16, "--max-tokens", help="max_tokens of the generation requests."),
+    seed: int = typer.Option(0, help="Seed of the clients' request mix."),
+    threads: int | None = typer.Option(None, help="torch intra-op threads of the started server (OMP_NUM_THREADS)."),
+    api_key: str = typer.Option("none", "--api-key", envvar="TRIMODE_API_KEY", help="Bearer key, if needed."),
+    out: Path | None = typer.Option(None, help="Also write the markdown report here."),
+) -> None:
+    """Clients for a fixed time, every kind of traffic mixed (all modes, streams, disconnects, hostile requests):
+    outcomes by status, p50 / p99 latency, server memory before and after, health afterwards."""
+    import platform
+
+    from trimode.bench import soak as sk
+
+    if clients < 1 or duration <= 0 or max_tokens < 1:
+        _fail("--clients and --max-tokens must be >= 1 and --duration > 0")
+    if model is not None and url is not None:
+        _fail("give --model or --url, not both")
+    if model is not None and not Path(model).is_dir():
+        _fail(f"no checkpoint directory {model}")
+    try:
+        result = sk.run(model, url, clients, duration, max_tokens, api_key, threads, seed,
+                        echo=lambda line: typer.echo(line, err=True))
+    except ERRORS as e:
+        _fail(str(e))
+    mix = ", ".join(f"{kind} {weight}%" for kind, weight in sk.MIX)
+    header = (f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores; "
+              f"{'a running server' if url else 'a `trimode serve` child process at default settings'} "
+              f"({model or url or 'bundled model'}); max_tokens {max_tokens}, modes {', '.join(sk.MODES)} at random; "
+              f"mix: {mix}.")
+    _emit(sk.report(result, header), out, ctx)
+    if result.errors():
+        _fail(f"{sum(result.errors().values())} request(s) got an answer they should not (see the report)")
 
 
 def export(

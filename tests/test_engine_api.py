@@ -6,9 +6,9 @@ import threading
 import pytest
 
 from tests.conftest import random_model
+from tests.invariance import alone, flat_cost
 from trimode.api import Delta, GenerationResult, TriMode
 from trimode.engine import Engine, EngineRequest, EngineStopped, QueueFull
-from tests.invariance import alone, flat_cost
 
 
 @pytest.fixture(scope="module")

@@ -36,9 +36,9 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from trimode.api import TriMode
 from trimode.decode.modes import MODES as MODE_SPECS
 from trimode.decode.result import BlockState, Delta, GenerationResult
-from trimode.api import TriMode
 from trimode.engine import Engine, EngineRequest, EngineStopped, QueueFull, RequestHandle
 from trimode.model.tokenizer import TemplateError
 from trimode.serve.logprobs import LOGPROB_MODES, chat_logprobs, completion_logprobs, token_logprobs
@@ -50,6 +50,7 @@ from trimode.serve.protocol import (
     APIError,
     ChatCompletionRequest,
     CompletionRequest,
+    EditRequest,
     GenerationFields,
     parse_body,
 )
@@ -59,6 +60,7 @@ log = logging.getLogger("trimode.serve")
 ROUTE_HEADER = "x-trimode-route"
 RISK_HEADER = "x-trimode-risk"
 DEFAULT_MAX_BODY_BYTES = 16 << 20
+DEFAULT_MAX_BLOCK_LENGTH = 64
 MODES = tuple(name for name, spec in MODE_SPECS.items() if not spec.editing)  # what a request's `mode` may be
 
 
@@ -73,6 +75,7 @@ class ServerConfig:
     policy: Policy | None = None
     audit_log: AuditLog | None = None
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES  # larger request bodies get 413
+    max_block_length: int = DEFAULT_MAX_BLOCK_LENGTH  # a longer block_length is a 400 (a quadratic pass is B(B+1))
 
     def __post_init__(self) -> None:
         if self.default_mode not in MODES:
@@ -81,6 +84,8 @@ class ServerConfig:
             raise ValueError("default_max_tokens must be >= 1")
         if self.max_body_bytes < 1:
             raise ValueError("max_body_bytes must be >= 1")
+        if self.max_block_length < 2:
+            raise ValueError("max_block_length must be >= 2")
 
 
 @dataclass
@@ -109,6 +114,7 @@ class Plan:
     decision: Decision | None = None  # how the route's priority chose the mode (routed requests)
     rows: int = 1  # rows running or waiting in the engine when it arrived, itself included
     created: int = field(default_factory=lambda: int(time.time()))
+    edit: tuple[str, dict] | None = None  # fill in the middle (`suffix`): ("infill", {"suffix": ids})
 
     @property
     def audit_logprobs(self) -> bool:
@@ -121,7 +127,8 @@ class Plan:
             for j in range(self.n):
                 seed = None if self.seed is None else self.seed + j  # n samples, n different derived seeds
                 out.append(EngineRequest(ids, self.mode, self.max_tokens[p], self.temperature, self.top_p,
-                                         self.top_k, seed, self.stop, self.provisional, dict(self.knobs)))
+                                         self.top_k, seed, self.stop, self.provisional, dict(self.knobs),
+                                         edit=self.edit))
         return out
 
     def review(self) -> dict | None:
@@ -170,11 +177,28 @@ class Server:
         if choices > capacity:  # a 429 would tell the client to retry something that can never fit
             raise APIError(400, f"this request asks for {choices} generations (prompts x n); this server runs or "
                                 f"queues at most {capacity} at once", param="prompt" if choices > body.n else "n")
-        mode, knobs, verified, decision = self._mode(body, route, rows)
-        knobs.update(body.thinking)
-        if body.provisional and mode != "diffusion":
-            raise APIError(400, f"provisional events exist only in diffusion mode, and this request runs {mode}",
-                           param="provisional")
+        suffix = getattr(body, "suffix", None)
+        if suffix is not None:  # OpenAI's `suffix`: fill in the middle, the edit mode's infill
+            if body.mode is not None:
+                raise APIError(400, "suffix fills in the middle (trimode's edit mode); leave mode out", param="mode")
+            if route is not None and route.verified:
+                raise APIError(403, f"route {route.name!r} requires the exact AR output; fill-in-the-middle is not "
+                                    "AR decoding", type="permission_error", param="suffix", code="mode_not_allowed")
+            if body.echo or body.logprobs is not None:
+                raise APIError(400, "suffix does not combine with echo or logprobs", param="suffix")
+            mode, verified = "edit", False
+            knobs = {"threshold": body.threshold} if body.threshold is not None else {}
+            decision = Decision("edit", "suffix: fill in the middle", rows) if route is not None else None
+        else:
+            mode, knobs, verified, decision = self._mode(body, route, rows)
+            knobs.update(body.thinking)
+        block = knobs.get("block_length")
+        if block is not None and block > cfg.max_block_length:
+            raise APIError(400, f"block_length {block} is above this server's maximum of {cfg.max_block_length} "
+                                "(--max-block-length)", param="block_length", code="invalid_value")
+        if body.provisional and mode not in ("diffusion", "edit"):
+            raise APIError(400, f"provisional events exist only in diffusion mode and edits, and this request runs "
+                                f"{mode}", param="provisional")
 
         if chat:
             assert isinstance(body, ChatCompletionRequest)
@@ -206,7 +230,9 @@ class Server:
                 raise APIError(400, f"logprobs not supported for mode {mode} (its tokens are not chosen from the "
                                     f"AR distribution); use {', '.join(sorted(LOGPROB_MODES))}", param="logprobs")
         budget_param = "max_completion_tokens" if chat and body.max_completion_tokens else "max_tokens"
-        max_tokens = [self._budget(len(p), budget, budget_param, "messages" if chat else "prompt") for p in prompts]
+        suffix_ids = self._encode(suffix, "suffix") if suffix is not None else []
+        max_tokens = [self._budget(len(p) + len(suffix_ids), budget, budget_param, "messages" if chat else "prompt")
+                      for p in prompts]
 
         temperature = body.temperature if body.temperature is not None else cfg.default_temperature
         if verified and mode != "ar":
@@ -215,6 +241,8 @@ class Server:
         plan = Plan(request_id, chat, prompts, texts, mode, knobs, max_tokens, temperature,
                     body.top_p if body.top_p is not None else 1.0, body.top_k or 0, body.seed, body.stop_list,
                     body.n, route, None, logprobs, body.provisional, echo, risk, decision, rows)
+        if suffix is not None:
+            plan.edit = ("infill", {"suffix": suffix_ids})
         if route is not None:
             plan.review_flag = route.flags_for_review(request_id, risk)
         return plan
@@ -486,6 +514,93 @@ async def generate(server: Server, request: Request, chat: bool) -> Response:
     return JSONResponse(await _complete(server, request, plan, handles), headers=headers)
 
 
+def _edit_request(server: Server, raw: bytes) -> tuple[EditRequest, EngineRequest]:
+    """Body bytes -> the edit and its engine request (off the event loop, like `Server.prepare`)."""
+    body = parse_body(raw, EditRequest)
+    cfg, tm = server.config, server.tm
+    if body.model != cfg.model_name:
+        raise APIError(404, f"the model {body.model!r} does not exist; this server serves {cfg.model_name!r}",
+                       param="model", code="model_not_found")
+    sampling = dict(temperature=body.temperature if body.temperature is not None else cfg.default_temperature,
+                    top_p=body.top_p if body.top_p is not None else 1.0, top_k=body.top_k or 0, seed=body.seed)
+    if body.kind == "fill":
+        return body, EngineRequest([], "edit", 1, **sampling, provisional=body.provisional, knobs=body.knobs,
+                                   edit=("fill", {"template": body.template, "hole_tokens": body.hole_tokens}))
+    context = body.prompt or ""
+    if body.messages is not None:
+        try:
+            context = tm.tokenizer.apply_chat_template([m.as_template_input() for m in body.messages])
+        except (TemplateError, AttributeError) as e:
+            raise APIError(400, f"messages: {e}", param="messages") from None
+    prefix = tm.encode(context) if context else []
+    return body, EngineRequest(prefix, "edit", 1, **sampling, provisional=body.provisional, knobs=body.knobs,
+                               edit=("revise", {"draft": body.draft, "spans": body.spans}))
+
+
+async def edit(server: Server, request: Request) -> Response:
+    """POST /v1/edits: one revision or template fill through the engine, as JSON or server-sent events."""
+    body, req = await asyncio.to_thread(_edit_request, server, await request.body())
+    request.state.mode = "edit"
+    try:
+        handle = server.engine.submit(req)
+    except QueueFull as e:
+        server.metrics.rejected.labels("queue_full").inc()
+        raise APIError(429, f"the server is busy: {e}; retry shortly", type="rate_limit_error", code="queue_full",
+                       headers={"Retry-After": "1"}) from None
+    except EngineStopped as e:
+        raise APIError(503, str(e), type="server_error", code="engine_stopped") from None
+    except ValueError as e:
+        server.metrics.rejected.labels("invalid").inc()
+        raise APIError(400, str(e)) from None
+    edit_id = "edit-" + uuid.uuid4().hex
+    base = {"id": edit_id, "object": "edit", "created": int(time.time()), "model": server.config.model_name}
+
+    def answer(r: GenerationResult) -> dict:
+        server.metrics.observe_generation(r)
+        choice = {"index": 0, "text": r.text or "", "spans": [list(s) for s in r.spans],
+                  "finish_reason": finish_reason(r)}
+        return {**base, "choices": [choice], "usage": {"prompt_tokens": len(req.prompt_ids),
+                "completion_tokens": len(r.token_ids), "total_tokens": len(req.prompt_ids) + len(r.token_ids)},
+                "trimode": r.stats.as_dict() | {"knobs": r.knobs}}
+
+    async def events() -> AsyncIterator[tuple[int, object]]:
+        async with aclosing(_events([handle])) as stream:
+            async for item in stream:
+                yield item
+
+    if not body.stream:
+        watcher = asyncio.create_task(_cancel_on_disconnect(request, [handle]))
+        try:
+            result = None
+            async for _, ev in events():
+                if isinstance(ev, GenerationResult):
+                    result = ev
+        except Exception as e:
+            handle.cancel()
+            raise _engine_error(e) from None
+        finally:
+            watcher.cancel()
+        return JSONResponse(answer(result), headers={"X-Request-Id": edit_id})
+
+    async def sse() -> AsyncIterator[bytes]:
+        try:
+            async for _, ev in events():
+                if isinstance(ev, BlockState):
+                    yield _sse({**base, "object": "edit.chunk",
+                                "provisional": {"token_ids": ev.token_ids, "text": ev.text},
+                                "trimode": {"forward_passes": ev.forward_passes}})
+                elif isinstance(ev, GenerationResult):
+                    yield _sse({**answer(ev), "object": "edit.chunk"})
+        except Exception as e:  # the stream has started: report in-band
+            err = _engine_error(e)
+            yield _sse(err.body())
+        finally:
+            handle.cancel()  # a client gone mid-stream frees the work (no-op once finished)
+        yield _sse("[DONE]")
+
+    return StreamingResponse(sse(), media_type="text/event-stream", headers={"X-Request-Id": edit_id})
+
+
 async def _complete(server: Server, request: Request, plan: Plan, handles: list[RequestHandle]) -> dict:
     watcher = asyncio.create_task(_cancel_on_disconnect(request, handles))
     results: list[GenerationResult | None] = [None] * len(handles)
@@ -674,6 +789,11 @@ def create_app(engine: Engine, config: ServerConfig) -> FastAPI:
         authorize(request)
         return await generate(server, request, chat=True)
 
+    @app.post("/v1/edits", responses=ERROR_RESPONSES)
+    async def edits(request: Request):
+        authorize(request)
+        return await edit(server, request)
+
     @app.get("/v1/models")
     async def models(request: Request):
         authorize(request)
@@ -713,7 +833,7 @@ ERROR_RESPONSES: dict = {status: {"description": what, "content": {"application/
 
 
 def openapi_schema(app: FastAPI) -> dict:
-    """FastAPI's schema plus the two request bodies (as `parse_body` validates them, with this server's model and
+    """FastAPI's schema plus the three request bodies (as `parse_body` validates them, with this server's model and
     routes) and the error body."""
     if app.openapi_schema is None:
         config: ServerConfig = app.state.server.config
@@ -723,11 +843,12 @@ def openapi_schema(app: FastAPI) -> dict:
             "type": "object", "required": ["message", "type", "param", "code"], "properties": {
                 "message": {"type": "string"}, "type": {"type": "string"}, "param": {"type": ["string", "null"]},
                 "code": {"type": ["string", "null"]}}}}}
-        for path, model in (("/v1/completions", CompletionRequest), ("/v1/chat/completions", ChatCompletionRequest)):
+        for path, model in (("/v1/completions", CompletionRequest), ("/v1/chat/completions", ChatCompletionRequest),
+                            ("/v1/edits", EditRequest)):
             body = model.model_json_schema(ref_template="#/components/schemas/{model}")
             components.update(body.pop("$defs", {}))
             body["properties"]["model"] = {"type": "string", "enum": [config.model_name]}
-            if config.policy is not None:
+            if config.policy is not None and "route" in body["properties"]:
                 body["properties"]["route"] = {"anyOf": [{"enum": list(config.policy.routes)}, {"type": "null"}]}
             components[model.__name__] = body
             schema["paths"][path]["post"]["requestBody"] = {"required": True, "content": {"application/json": {

@@ -186,7 +186,7 @@ class CompletionRequest(GenerationFields):
                                                                    "items": {"anyOf": [_TEXT, _IDS]}}]})
     logprobs: int | None = Field(None, ge=0, le=20)
     echo: bool = False
-    suffix: None = None
+    suffix: str | None = None  # fill in the middle: the text after the hole (max_tokens is the hole's budget)
     best_of: int | None = None
 
     @field_validator("prompt")
@@ -259,3 +259,58 @@ class ChatCompletionRequest(GenerationFields):
     @property
     def token_budget(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+
+class EditRequest(BaseModel):
+    """POST /v1/edits: revise a draft or fill a template (fill in the middle is `suffix` on /v1/completions).
+
+    kind "revise": `draft` written after the context (`prompt`, or `messages` rendered with the chat template as
+    the assistant's turn); `spans` ([start, end] character ranges of the draft) to rewrite, or none to let the
+    model find what to rewrite (`rounds`, `revise_threshold`). kind "fill": `template` with `[[hole]]` /
+    `[[hole:N]]` placeholders (`hole_tokens` for a hole without N)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    model: str
+    kind: Literal["revise", "fill"]
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+    draft: str | None = None
+    spans: list[list[int]] | None = None
+    template: str | None = None
+    hole_tokens: int = Field(8, ge=1, le=4096)
+    threshold: FiniteFloat | None = Field(None, ge=0, le=1)
+    rounds: int | None = Field(None, ge=1, le=64)
+    revise_threshold: FiniteFloat | None = Field(None, ge=0, le=1)
+    temperature: FiniteFloat | None = Field(None, ge=0, le=2)
+    top_p: FiniteFloat | None = Field(None, gt=0, le=1)
+    top_k: int | None = Field(None, ge=0)
+    seed: int | None = Field(None, ge=-(2**63), lt=2**63)
+    stream: bool = False
+    provisional: bool = False
+    user: str | None = None
+
+    @model_validator(mode="after")
+    def _fields(self):
+        if self.kind == "revise":
+            if self.draft is None:
+                raise ValueError("a revision needs a draft")
+            if self.template is not None:
+                raise ValueError("template belongs to kind fill")
+            if self.prompt is not None and self.messages is not None:
+                raise ValueError("give prompt or messages as the draft's context, not both")
+            if self.spans is not None and any(len(s) != 2 for s in self.spans):
+                raise ValueError("spans are [start, end] character ranges")
+        else:
+            if self.template is None:
+                raise ValueError("kind fill needs a template")
+            if self.draft is not None or self.spans is not None or self.messages is not None:
+                raise ValueError("draft, spans and messages belong to kind revise")
+        if self.provisional and not self.stream:
+            raise ValueError("provisional events need stream=true")
+        return self
+
+    @property
+    def knobs(self) -> dict:
+        names = ("threshold", "rounds", "revise_threshold")
+        return {k: getattr(self, k) for k in names if getattr(self, k) is not None}

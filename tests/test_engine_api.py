@@ -155,3 +155,18 @@ def test_asyncio_clients(tm):
         results = asyncio.run(main())
     for k, r in zip(range(20, 26), results, strict=True):
         assert r.token_ids == alone(tm, req((9, k), max_new_tokens=8, mode="quadratic_spec")).token_ids
+
+
+def test_one_loop_thread_however_many_requests_run(tm):
+    before = threading.active_count()
+    engine = Engine(tm, cost=flat_cost()).start()
+    try:
+        handles = [engine.submit(req((7 + i, 20, 30), mode=("ar", "linear_spec", "diffusion")[i % 3],
+                                     max_new_tokens=40)) for i in range(32)]
+        alive = threading.active_count()
+        while engine.stats()["running_requests"] < 8 and not all(h.done for h in handles):
+            alive = max(alive, threading.active_count())
+        assert alive <= before + 1  # the step loop; no thread per request
+        assert all(h.result().finish_reason in ("stop", "length") for h in handles)
+    finally:
+        engine.stop()

@@ -23,7 +23,10 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-FIXED_MODES = ("ar", "diffusion", "linear_spec", "quadratic_spec")
+from trimode.decode.modes import MODES
+
+# The modes a request can name that decide nothing by themselves (auto does), from the registry.
+FIXED_MODES = tuple(n for n, spec in MODES.items() if not spec.engine_only and not spec.editing)
 
 
 @dataclass
@@ -222,7 +225,7 @@ def report(cells: list[Cell], header: str, auto: dict | None = None) -> str:
     return "\n".join(lines) + "\n"
 
 
-LOSSLESS_MODES = ("ar", "linear_spec", "quadratic_spec")  # auto's candidates: their output is AR's
+LOSSLESS_MODES = tuple(m for m in FIXED_MODES if MODES[m].lossless)  # auto's candidates: their output is AR's
 
 
 def auto_verdicts(cells: list[Cell]) -> list[str]:

@@ -40,6 +40,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from trimode.bench.load_memory import load_memory
+from trimode.bench.serve_bench import FIXED_MODES
 from trimode.bench.timing import copy_bandwidth, machine_name, synchronize, time_per_call
 from trimode.model.config import NLDConfig
 from trimode.model.masks import QuadraticStep, pass_pattern
@@ -61,7 +62,7 @@ SHAPES: dict[str, dict] = {
     "tiny": dict(hidden_size=128, num_hidden_layers=2, intermediate_size=256, num_attention_heads=4,
                  num_key_value_heads=2, head_dim=48, vocab_size=1024),
 }
-MODES = ("ar", "diffusion", "linear_spec", "quadratic_spec")
+MODES = FIXED_MODES  # the registry's modes a request names (auto decides by load; edits rewrite text)
 # Tokens per forward reported in the paper (Tables 5 and 7, instruct models): diffusion, linear, quadratic.
 PAPER_TPF: dict[str, dict[str, float]] = {
     "3b": {"ar": 1.0, "diffusion": 1.91, "linear_spec": 4.36, "quadratic_spec": 5.42},

@@ -22,9 +22,9 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from trimode.bench.serve_bench import bench_prompts, free_port, percentile
+from trimode.bench.serve_bench import FIXED_MODES, bench_prompts, free_port, percentile
 
-MODES = ("ar", "diffusion", "linear_spec", "quadratic_spec", "auto")
+MODES = (*FIXED_MODES, "auto")
 # (kind, weight): how the traffic is mixed.
 MIX = (("complete", 30), ("stream", 30), ("leave_stream", 10), ("leave_waiting", 5), ("hostile", 25))
 MODEL = "bench"

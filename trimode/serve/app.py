@@ -800,6 +800,7 @@ def create_app(engine: Engine, config: ServerConfig) -> FastAPI:
         tm = server.tm
         card = {"id": config.model_name, "object": "model", "created": server.started, "owned_by": "trimode",
                 "context_length": tm.max_context, "modes": list(MODES), "default_mode": config.default_mode,
+                "lossless_modes": [m for m in MODES if MODE_SPECS[m].lossless],
                 "has_drafter": tm.has_drafter, "has_chat_template": bool(tm.tokenizer and tm.tokenizer.chat_template)}
         return {"object": "list", "data": [card]}
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import socket
 import subprocess
@@ -36,7 +37,10 @@ class Served:
     def __init__(self, args: list[str], cwd: Path) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.proc = subprocess.Popen(trimode_cmd("serve", "--port", str(self.port), *args), cwd=cwd,
+        # One torch thread, as the in-process tests use (conftest): with two threads on a CPU that other jobs
+        # keep busy, the engine's start-up timings spin for minutes.
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        self.proc = subprocess.Popen(trimode_cmd("serve", "--port", str(self.port), *args), cwd=cwd, env=env,
                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
     def wait_ready(self, timeout: float = 120) -> bool:

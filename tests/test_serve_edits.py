@@ -1,6 +1,7 @@
 """Editing over HTTP (`suffix` on /v1/completions, /v1/edits) and the memory-aware limits on a request's passes."""
 
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -117,7 +118,7 @@ def test_a_request_that_can_never_fit_is_a_400_under_a_memory_cap(tmp_path):
     log = (tmp_path / "serve.log").open("w")
     proc = subprocess.Popen([sys.executable, "-m", "trimode.cli", "serve", "--port", str(port), "--log-level",
                              "warning", "--max-block-length", "1024"], cwd=tmp_path, stdout=log, stderr=log,
-                            preexec_fn=_capped(5 << 30))
+                            preexec_fn=_capped(5 << 30), env={**os.environ, "OMP_NUM_THREADS": "1"})
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.time() + 180

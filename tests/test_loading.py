@@ -201,7 +201,8 @@ def test_bf16_load_peak_memory_is_close_to_checkpoint_size(tmp_path):
     assert r["dtype"] == "torch.bfloat16" and r["inv_freq"] == "torch.float32"
     grew = (r["peak"] - r["before"]) * 1024
     # Before direct loading this was ~2x (a float32 network, then its bf16 cast).
-    print(f"peak anonymous RSS grew {grew / 2**20:.0f} MiB for a {size / 2**20:.0f} MiB checkpoint ({grew / size:.2f}x)")
+    print(f"peak anonymous RSS grew {grew / 2**20:.0f} MiB for a {size / 2**20:.0f} MiB checkpoint "
+          f"({grew / size:.2f}x)")
     assert grew < 1.3 * size, f"loading grew peak RSS by {grew / size:.2f}x the checkpoint size"
 
 

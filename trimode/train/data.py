@@ -8,6 +8,17 @@ Packing lays the tokenised documents into rows of `seq_len`:
   a document longer than `seq_len` still continues over several rows.
 Attention is not blocked between documents that share a row (standard packing).
 
+Infill examples (`infill_examples`, for the editing skills; none by default): from a document,
+`prefix | middle | pad x k | suffix`, where the middle (a hole of 1..max_hole words of the text) is followed by
+k pad tokens and the visible suffix (the rest of the text, at most max_suffix tokens, then EOS when the text
+ends there: always when the rest is empty, half of the time otherwise); a share of them are tails
+`prefix | end of the text | EOS x (1 + k)` with nothing after (the block of plain diffusion decoding). The
+middle and the pads carry the loss (they are what the noisy stream masks), the suffix does not; the AR targets
+stop after the middle (no next-token loss on pads); `middle + pads + suffix` is one span, which the objective
+makes one noisy block (`objective.block_ids`). It is how infill runs: one block `[MASK x N] + suffix` after the
+cached prefix, the middle written left-aligned and the rest of the N slots filled with the pad token. An
+example with a span is never split over two rows (it starts a new row when it does not fit), in either packing.
+
 `BatchStream` walks the rows in a seeded order, a new permutation each epoch, `batch_size` rows at a time; its
 `position` (epoch, index) is saved in checkpoints, so a resumed run sees exactly the rows it would have seen.
 """
@@ -16,8 +27,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import random
+import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -34,11 +48,25 @@ class Document:
 
 
 @dataclass
+class Example:
+    """One tokenised document: `ids`, `loss` (tokens the noisy stream may mask, with a loss), `ar` (the AR targets,
+    when they differ from `loss`), `span` (start, end): positions that form one noisy block (infill)."""
+
+    ids: list[int]
+    loss: list[bool]
+    ar: list[bool] | None = None
+    span: tuple[int, int] | None = None
+
+
+@dataclass
 class PackedData:
-    """`input_ids` [N, L] long and `loss_mask` [N, L] bool."""
+    """`input_ids` [N, L] long and `loss_mask` [N, L] bool; when some example has them, `ar_mask` [N, L] bool
+    (AR targets) and `block_spans` [N, L] int32 (0: the fixed block grid; k > 0: the row's k-th span, one block)."""
 
     input_ids: torch.Tensor
     loss_mask: torch.Tensor
+    ar_mask: torch.Tensor | None = None
+    block_spans: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]
@@ -52,7 +80,20 @@ class PackedData:
         h = hashlib.sha256()
         h.update(self.input_ids.to(torch.int64).numpy().tobytes())
         h.update(self.loss_mask.to(torch.uint8).numpy().tobytes())
+        if self.ar_mask is not None:
+            h.update(self.ar_mask.to(torch.uint8).numpy().tobytes())
+        if self.block_spans is not None:
+            h.update(self.block_spans.to(torch.int32).numpy().tobytes())
         return h.hexdigest()[:16]
+
+
+class Batch(NamedTuple):
+    """One global batch: rows of `PackedData` (`ar_mask` / `block_spans` None when the data has none)."""
+
+    input_ids: torch.Tensor
+    loss_mask: torch.Tensor
+    ar_mask: torch.Tensor | None = None
+    block_spans: torch.Tensor | None = None
 
 
 def read_jsonl(path: str | Path, text_field: str = "text", prompt_field: str | None = "prompt",
@@ -96,44 +137,198 @@ def tokenize(docs: list[Document], tokenizer: NLDTokenizer, eos_id: int) -> list
     return out
 
 
-def pack(examples: list[tuple[list[int], list[bool]]], seq_len: int, pad_id: int, packing: str = "concat"
-         ) -> PackedData:
-    """Rows of `seq_len` from tokenised documents (see the module docstring for the two packings)."""
+def pack(examples: list[tuple[list[int], list[bool]] | Example], seq_len: int, pad_id: int,
+         packing: str = "concat") -> PackedData:
+    """Rows of `seq_len` from tokenised documents (see the module docstring for the two packings). Examples are
+    `(ids, loss mask)` pairs or `Example`s; an `Example` with a span always lies within one row."""
     if packing not in PACKING:
         raise ValueError(f"packing must be one of {', '.join(PACKING)}, got {packing!r}")
     if seq_len < 2:
         raise ValueError(f"seq_len must be >= 2, got {seq_len}")
-    rows: list[tuple[list[int], list[bool]]] = []
+    examples = [e if isinstance(e, Example) else Example(list(e[0]), list(e[1])) for e in examples]
+    extras = any(e.ar is not None or e.span is not None for e in examples)
+    rows: list[tuple[list[int], list[bool], list[bool], list[int]]] = []
     ids: list[int] = []
     mask: list[bool] = []
+    ar: list[bool] = []
+    spans: list[int] = []
 
     def flush() -> None:
-        nonlocal ids, mask
+        nonlocal ids, mask, ar, spans
         if ids:
             pad = seq_len - len(ids)
-            rows.append((ids + [pad_id] * pad, mask + [False] * pad))
-        ids, mask = [], []
+            rows.append((ids + [pad_id] * pad, mask + [False] * pad, ar + [False] * pad, spans + [0] * pad))
+        ids, mask, ar, spans = [], [], [], []
 
-    for doc_ids, doc_mask in examples:
-        if packing == "pad" and ids and len(ids) + len(doc_ids) > seq_len:
+    for e in examples:
+        if e.span is not None and len(e.ids) > seq_len:
+            raise ValueError(f"an example with a span has {len(e.ids)} tokens, more than seq_len {seq_len}")
+        if ids and len(ids) + len(e.ids) > seq_len and (packing == "pad" or e.span is not None):
             flush()
+        doc_ar = e.ar if e.ar is not None else e.loss
+        doc_spans = [0] * len(e.ids)
+        if e.span is not None:
+            k = 1 + max(spans, default=0)  # numbered within the row
+            doc_spans[e.span[0] : e.span[1]] = [k] * (e.span[1] - e.span[0])
         start = 0
-        while start < len(doc_ids):
-            take = min(seq_len - len(ids), len(doc_ids) - start)
-            ids += doc_ids[start : start + take]
-            mask += doc_mask[start : start + take]
+        while start < len(e.ids):
+            take = min(seq_len - len(ids), len(e.ids) - start)
+            ids += e.ids[start : start + take]
+            mask += e.loss[start : start + take]
+            ar += doc_ar[start : start + take]
+            spans += doc_spans[start : start + take]
             start += take
             if len(ids) == seq_len:
                 flush()
     flush()
     if not rows:
         return PackedData(torch.zeros(0, seq_len, dtype=torch.long), torch.zeros(0, seq_len, dtype=torch.bool))
-    return PackedData(torch.tensor([r[0] for r in rows], dtype=torch.long),
+    data = PackedData(torch.tensor([r[0] for r in rows], dtype=torch.long),
                       torch.tensor([r[1] for r in rows], dtype=torch.bool))
+    if extras:
+        data.ar_mask = torch.tensor([r[2] for r in rows], dtype=torch.bool)
+        data.block_spans = torch.tensor([r[3] for r in rows], dtype=torch.int32)
+    return data
+
+
+@dataclass(frozen=True)
+class InfillOptions:
+    """How infill examples are cut (see `infill_examples`)."""
+
+    share: float = 0.0  # infill examples per document (0: none; 0.5: one for about every second document)
+    max_hole: int = 4  # middle: 1..max_hole words (a word carries the whitespace before it)
+    max_pad: int = 8  # pad tokens after the middle: uniform in 0..max_pad
+    max_suffix: int = 32  # the visible suffix: the rest of the text when it is this short, else 0..max_suffix tokens
+    tail: float = 0.25  # share of tails: the last 1..max_hole words, EOS, then EOS x k, with nothing after
+
+
+WORD = re.compile(r"\s*\S+")
+
+
+def split_words(text: str) -> list[str]:
+    """Pieces that join back to `text`, each one word with the whitespace before it ('1 2 3' -> '1', ' 2', ' 3');
+    trailing whitespace goes with the last word. [] for a blank text."""
+    words = WORD.findall(text)
+    if words:
+        words[-1] += text[len("".join(words)) :]
+    return words
+
+
+@dataclass
+class InfillCut:
+    """Where one infill example cuts its document's text: before | middle | rest; `pads` pad tokens; the suffix
+    is the first `n_suffix` tokens of the rest (None: all of it), then EOS when `eos`. A `tail` has no rest and
+    no suffix: the middle is the end of the text, followed by EOS and `pads` more EOS."""
+
+    before: str
+    middle: str
+    rest: str
+    pads: int
+    n_suffix: int | None
+    eos: bool
+    tail: bool = False
+
+
+def cut_infill(text: str, rng: random.Random, options: InfillOptions, count_tokens) -> InfillCut | None:
+    """A hole of 1..max_hole words placed uniformly in `text` (None for a blank text). `count_tokens(rest)`: the
+    token count of the rest; the suffix is the whole rest when it has at most max_suffix tokens, else the first
+    0..max_suffix of them. A whole rest is followed by EOS half of the time, and always when it is empty: the
+    suffix is never empty, so a hole is never an all-mask block with nothing after it (such a block is plain
+    diffusion decoding, whose answer ends in EOS, not in pads).
+
+    A share `options.tail` of the cuts are tails instead: that very block, the last 1..max_hole words of the
+    text then EOS and 0..max_pad more EOS, with nothing after; without them, the pads of infill examples also
+    fill a block of plain diffusion decoding.
+    """
+    words = split_words(text)
+    if not words:
+        return None
+    w = rng.randint(1, min(options.max_hole, len(words)))
+    if rng.random() < options.tail:
+        return InfillCut("".join(words[:-w]), "".join(words[-w:]), "", rng.randint(0, options.max_pad), None,
+                         False, tail=True)
+    a = rng.randint(0, len(words) - w)
+    rest = "".join(words[a + w :])
+    whole = (count_tokens(rest) if rest else 0) <= options.max_suffix
+    n_suffix = None if whole else rng.randint(0, options.max_suffix)
+    eos = whole and (not rest or rng.random() < 0.5)
+    return InfillCut("".join(words[:a]), "".join(words[a : a + w]), rest, rng.randint(0, options.max_pad),
+                     n_suffix, eos)
+
+
+def infill_example(prompt_ids: list[int], before: list[int], middle: list[int], suffix: list[int], pads: int,
+                   pad_id: int, seq_len: int) -> Example | None:
+    """`prompt | before | middle | pad x pads | suffix` as an `Example`, the prefix (prompt + before) cut on the
+    left to fit `seq_len`; None when the middle is empty or the hole and suffix alone do not fit.
+
+    Loss: `before`, the middle and the pads (not the prompt, not the suffix); AR targets: `before` and the
+    middle (none on pads and suffix); span: middle + pads + suffix, one noisy block.
+    """
+    h = len(middle)
+    room = seq_len - (h + pads + len(suffix))
+    if h == 0 or room < 0:
+        return None
+    prefix = prompt_ids + before
+    prefix_loss = [False] * len(prompt_ids) + [True] * len(before)
+    cut = max(0, len(prefix) - room)
+    prefix, prefix_loss = prefix[cut:], prefix_loss[cut:]
+    ids = prefix + middle + [pad_id] * pads + suffix
+    return Example(ids=ids, loss=prefix_loss + [True] * (h + pads) + [False] * len(suffix),
+                   ar=prefix_loss + [True] * h + [False] * (pads + len(suffix)), span=(len(prefix), len(ids)))
+
+
+def infill_examples(docs: list[Document], tokenizer: NLDTokenizer, eos_id: int, options: InfillOptions, seed: int,
+                    pad_id: int, seq_len: int) -> list[tuple[list[int], list[bool]] | Example]:
+    """The tokenised documents (`tokenize`) with infill examples mixed in: after each document, with
+    probability `options.share` (`share` > 1: int(share), plus one more with probability frac(share)), an infill
+    example cut from its text at word boundaries (`cut_infill`). Prompt, before, middle and rest are tokenised
+    separately, as a caller of infill tokenises the text before and after a hole. Seeded: the same arguments
+    give the same list."""
+    examples = tokenize(docs, tokenizer, eos_id)
+    if options.share <= 0:
+        return list(examples)
+
+    def enc(texts: list[str]) -> list[list[int]]:
+        return [e.ids for e in tokenizer.tok.encode_batch(texts, add_special_tokens=False)]
+
+    def count_tokens(text: str) -> int:
+        return len(enc([text])[0])
+
+    rng = random.Random(f"infill:{seed}")
+    whole, frac = int(options.share), options.share - int(options.share)
+    cuts: list[tuple[int, InfillCut]] = []
+    for i, d in enumerate(docs):
+        for _ in range(whole + (rng.random() < frac)):
+            c = cut_infill(d.text, rng, options, count_tokens)
+            if c is not None:
+                cuts.append((i, c))
+    pieces = enc([t for _, c in cuts for t in (c.before, c.middle, c.rest)] + [d.prompt for d in docs])
+    prompts = pieces[3 * len(cuts) :]
+    made: dict[int, list[Example]] = {}
+    for n, (i, c) in enumerate(cuts):
+        before, middle, rest = pieces[3 * n : 3 * n + 3]
+        if c.tail:  # the end of the text, EOS, and EOS as the filler: plain diffusion decoding of a block
+            e = infill_example(prompts[i], before, middle + [eos_id], [], c.pads, eos_id, seq_len)
+        else:
+            suffix = (rest if c.n_suffix is None else rest[: c.n_suffix]) + [eos_id] * c.eos
+            e = infill_example(prompts[i], before, middle, suffix, c.pads, pad_id, seq_len)
+        if e is not None:
+            made.setdefault(i, []).append(e)
+    out: list[tuple[list[int], list[bool]] | Example] = []
+    for i, ex in enumerate(examples):
+        out += [ex, *made.get(i, [])]
+    return out
 
 
 def pack_documents(docs: list[Document], tokenizer: NLDTokenizer, seq_len: int, eos_id: int,
-                   packing: str = "concat") -> PackedData:
+                   packing: str = "concat", infill: InfillOptions | None = None, seed: int = 0,
+                   pad_id: int | None = None) -> PackedData:
+    """Tokenise and pack; with `infill` (share > 0), infill examples with the pad token `pad_id` mixed in."""
+    if infill is not None and infill.share > 0:
+        if pad_id is None:
+            raise ValueError("infill examples need a pad token id")
+        examples = infill_examples(docs, tokenizer, eos_id, infill, seed, pad_id, seq_len)
+        return pack(examples, seq_len, eos_id, packing)
     return pack(tokenize(docs, tokenizer, eos_id), seq_len, eos_id, packing)
 
 
@@ -157,11 +352,13 @@ class BatchStream:
     def _permutation(self, epoch: int) -> torch.Tensor:
         return torch.randperm(len(self.data), generator=torch.Generator().manual_seed(noise_key(self.seed, epoch)))
 
-    def next(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The next global batch: (input_ids [G, L], loss_mask [G, L])."""
+    def next(self) -> Batch:
+        """The next global batch: (input_ids [G, L], loss_mask [G, L], ar_mask, block_spans)."""
         if self.index + self.batch_size > len(self.data):
             self.epoch, self.index = self.epoch + 1, 0
             self._order = self._permutation(self.epoch)
         rows = self._order[self.index : self.index + self.batch_size]
         self.index += self.batch_size
-        return self.data.input_ids[rows], self.data.loss_mask[rows]
+        d = self.data
+        return Batch(d.input_ids[rows], d.loss_mask[rows], None if d.ar_mask is None else d.ar_mask[rows],
+                     None if d.block_spans is None else d.block_spans[rows])

@@ -10,12 +10,22 @@ prefill included, from `result.stats`; and excluding the prefill: generated / (f
 reading the question: always answering the most frequent answer of the task's training split.
 
 Chat items are wrapped in the model's chat template (when it has one); raw-completion items are fed as is.
+
+`--editing` evaluates the editing skills instead (`evaluate_editing`), on held-out copy / reverse / sort items:
+- infill: a hole of one or two items of the answer, filled with `infill_tokens` (the prefix in the KV cache,
+  one bidirectional block `[MASK x N] + suffix`, pads stripped; the suffix of a hole at the end of the answer is
+  [EOS]); right = prefix + middle + suffix is the answer;
+- revision: one item of the answer replaced by another item (a digit by another digit, a letter by another
+  letter); `revise_tokens` remasks the tokens the model would change and refills them; fixed = the answer.
+Both are written here with plain forward passes of the network, to the inference contract of issue #12.
 """
 
 from __future__ import annotations
 
 import argparse
 import platform
+import random
+import string
 import sys
 import time
 from collections import Counter
@@ -23,6 +33,7 @@ from collections import Counter
 import torch
 
 from trimode.api import TriMode
+from trimode.model.transformer import NLDTransformer
 from trimode.tasks import TASKS, Task, load_tasks
 
 DEFAULT_TASKS = ("arithmetic", "copy", "reverse", "sort", "python_next_line")
@@ -172,6 +183,160 @@ def markdown_tpf_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+# ---------------------------------------------------------------------------------------------- editing
+
+
+def _fill(net: NLDTransformer, cache, block: torch.Tensor, fill: torch.Tensor, threshold: float) -> int:
+    """Denoise the masked slots of `block` [T] (`fill` [T] bool: the slots that may be written) in place: each
+    pass commits every masked slot whose top-1 confidence is >= threshold, and at least the best one. Passes read
+    the cache and never write it. Returns the number of passes."""
+    mask_id = net.config.mask_token_id
+    passes = 0
+    while bool((fill & (block == mask_id)).any()):
+        logits = net(block[None], mask="bidirectional", cache=cache)[0].float()
+        logits[:, mask_id] = float("-inf")
+        conf, pred = logits.softmax(-1).max(-1)
+        open_ = fill & (block == mask_id)
+        conf = torch.where(open_, conf, torch.full_like(conf, -1.0))
+        take = open_ & (conf >= threshold)
+        take[int(conf.argmax())] = True
+        block[take] = pred[take]
+        passes += 1
+    return passes
+
+
+def _prefilled(net: NLDTransformer, prefix: list[int], extra: int):
+    cache = net.new_cache(1, capacity=len(prefix) + extra + 8)
+    net(torch.tensor([prefix], device=net.device), mask="causal", cache=cache)
+    cache.commit(len(prefix))
+    return cache
+
+
+@torch.no_grad()
+def infill_tokens(net: NLDTransformer, prefix: list[int], suffix: list[int], budget: int, threshold: float = 0.9
+                  ) -> tuple[list[int], int]:
+    """(middle tokens, forward passes) of a hole of at most `budget` tokens between `prefix` and `suffix`.
+
+    The contract: the cache holds the causal prefix; one block `[MASK x budget] + suffix` at the positions after
+    it, bidirectional over itself and the cache; the suffix never changes; masks are filled over passes (commit
+    confidence >= threshold, at least one per pass); pad tokens in the filled slots are dropped.
+    """
+    pad = net.config.pad_token_id
+    cache = _prefilled(net, prefix, budget + len(suffix))
+    block = torch.tensor([net.config.mask_token_id] * budget + list(suffix), device=net.device)
+    fill = torch.arange(block.numel(), device=net.device) < budget
+    passes = _fill(net, cache, block, fill, threshold)
+    return [t for t in block[:budget].tolist() if t != pad], 1 + passes
+
+
+@torch.no_grad()
+def revise_tokens(net: NLDTransformer, prompt: list[int], draft: list[int], knob: float = 0.5, rounds: int = 3,
+                  threshold: float = 0.9, trailing_mask: bool = False) -> tuple[list[int], int, int]:
+    """(revised draft, forward passes, tokens remasked over all rounds).
+
+    The contract: the cache holds the prompt; the draft is one bidirectional block with no mask; each round, the
+    tokens where the model's top prediction differs from the present token with confidence >= `knob` are
+    remasked and refilled by denoising; at most `rounds` rounds (a round that changes nothing ends it).
+
+    `trailing_mask`: the block is `draft + [MASK]` instead (a proposed change of the contract; the extra slot is
+    never written). With every draft token visible, the last tokens of a block see exactly what the causal
+    stream sees at the same positions, and a model trained with the AR loss tends to predict the *next* token
+    there; one mask in the block tells the two apart.
+    """
+    mask_id = net.config.mask_token_id
+    cache = _prefilled(net, prompt, len(draft) + 1)
+    block = torch.tensor(list(draft) + [mask_id] * trailing_mask, device=net.device)
+    editable = torch.arange(block.numel(), device=net.device) < len(draft)
+    forwards, remasked = 1, 0
+    for _ in range(rounds):
+        logits = net(block[None], mask="bidirectional", cache=cache)[0].float()
+        forwards += 1
+        logits[:, mask_id] = float("-inf")
+        conf, pred = logits.softmax(-1).max(-1)
+        wrong = (pred != block) & (conf >= knob) & editable
+        if not bool(wrong.any()):
+            break
+        block[wrong] = mask_id
+        remasked += int(wrong.sum())
+        forwards += _fill(net, cache, block, wrong, threshold)
+    return block[: len(draft)].tolist(), forwards, remasked
+
+
+EDIT_TASKS = ("copy", "reverse", "sort")
+
+
+def _pieces(answer: str) -> list[str]:
+    """The answer's items, each with the space before it: '1 2 3' -> ['1', ' 2', ' 3']."""
+    items = answer.split(" ")
+    return [items[0]] + [" " + it for it in items[1:]]
+
+
+def _other_item(item: str, rng: random.Random) -> str:
+    pool = string.digits if item.isdigit() else string.ascii_lowercase
+    return rng.choice([c for c in pool if c != item])
+
+
+def evaluate_editing(tm: TriMode, tasks: tuple[str, ...] | list[str] = EDIT_TASKS, n: int = 30, seed: int = 0,
+                     budget: int = 8, threshold: float = 0.9, knob: float = 0.5, rounds: int = 3,
+                     split: str = "heldout", trailing_mask: bool = False) -> list[dict]:
+    """One row per task: infill accuracy (a hole of 1 or 2 items, `budget` slots), revision fix rate (one item
+    replaced by another), the tokens revision remasked, right answers kept by revision, and the forward passes
+    (prefill counted). Deterministic."""
+    if tm.tokenizer is None or tm.config.pad_token_id is None:
+        raise ValueError("editing evaluation needs a tokenizer and a pad token")
+    net, tok = tm.net, tm.tokenizer
+
+    def enc(text: str) -> list[int]:
+        return tok.tok.encode(text, add_special_tokens=False).ids if text else []
+
+    rows = []
+    for name in tasks:
+        items = load_tasks(name, n, seed, split)
+        infill_ok = fixed = kept = 0
+        infill_fw = revise_fw = remasked = remasked_right = 0
+        for i, task in enumerate(items):
+            rng = random.Random(f"editing:{seed}:{name}:{i}")
+            prompt = enc(prompt_text(tm, task))
+            pieces = _pieces(task.answer)
+            size = min(rng.choice((1, 2)), len(pieces))
+            at = rng.randrange(len(pieces) - size + 1)
+            before, after = "".join(pieces[:at]), "".join(pieces[at + size :])
+            # A hole that ends the answer has the suffix [EOS] (the text ends there): an empty suffix would make the
+            # block plain diffusion decoding, which writes the answer's end and EOS, not pads.
+            suffix = enc(after) if after else [tm.config.eos_token_id]
+            got, fw = infill_tokens(net, prompt + enc(before), suffix, budget, threshold)
+            infill_ok += before + tok.decode(got) + after == task.answer
+            infill_fw += fw
+
+            k = rng.randrange(len(pieces))
+            item = pieces[k].strip()
+            wrong = pieces[:k] + [pieces[k].replace(item, _other_item(item, rng))] + pieces[k + 1 :]
+            out, fw, changed = revise_tokens(net, prompt, enc("".join(wrong)), knob, rounds, threshold, trailing_mask)
+            fixed += tok.decode(out) == task.answer
+            revise_fw += fw
+            remasked += changed
+            out, _, changed = revise_tokens(net, prompt, enc(task.answer), knob, rounds, threshold, trailing_mask)
+            kept += tok.decode(out) == task.answer
+            remasked_right += changed
+        rows.append({"task": name, "items": n, "infill_accuracy": infill_ok / n, "infill_forwards": infill_fw / n,
+                     "revision_fix_rate": fixed / n, "revision_forwards": revise_fw / n,
+                     "revision_remasked": remasked / n, "revision_kept": kept / n,
+                     "revision_remasked_right": remasked_right / n})
+    return rows
+
+
+def markdown_editing_table(rows: list[dict]) -> str:
+    lines = ["| task | infill accuracy | forwards / infill | revision fix rate | forwards / revision | "
+             "tokens remasked / revision | right answers kept | tokens remasked / right answer |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['task']} | {100 * r['infill_accuracy']:.0f}% | {r['infill_forwards']:.1f} | "
+                     f"{100 * r['revision_fix_rate']:.0f}% | {r['revision_forwards']:.1f} | "
+                     f"{r['revision_remasked']:.1f} | {100 * r['revision_kept']:.0f}% | "
+                     f"{r['revision_remasked_right']:.1f} |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m trimode.train.evaluate", description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default=None, help="checkpoint directory (default: the bundled model)")
@@ -184,6 +349,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default=None, help="cpu / cuda (default: cuda when available)")
     ap.add_argument("--no-baseline", action="store_true", help="leave out the most-frequent-answer row")
     ap.add_argument("--progress", action="store_true", help="print progress to stderr")
+    ap.add_argument("--editing", action="store_true",
+                    help="evaluate infill and revision on copy / reverse / sort instead of the modes")
+    ap.add_argument("--hole-budget", type=int, default=8, help="--editing: infill slots N (default 8)")
+    ap.add_argument("--threshold", type=float, default=0.9, help="--editing: denoising threshold (default 0.9)")
+    ap.add_argument("--revise-knob", type=float, default=0.5,
+                    help="--editing: confidence needed to remask a token in revision (default 0.5)")
+    ap.add_argument("--revise-rounds", type=int, default=3, help="--editing: revision rounds (default 3)")
+    ap.add_argument("--revise-trailing-mask", action="store_true",
+                    help="--editing: revise the block draft + [MASK] (a proposed contract change)")
     args = ap.parse_args(argv)
 
     import trimode
@@ -194,6 +368,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.threads is not None:
             torch.set_num_threads(args.threads)
         tm = trimode.load(args.model, device=args.device)
+        if args.editing:
+            return _main_editing(tm, args)
         names = [t for t in args.tasks.split(",") if t]
         unknown = [t for t in names if t not in TASKS]
         if unknown:
@@ -223,6 +399,25 @@ def main(argv: list[str] | None = None) -> int:
     print("Tokens per forward by task (prefill counted):")
     print()
     print(markdown_tpf_table(rows))
+    return 0
+
+
+def _main_editing(tm: TriMode, args) -> int:
+    names = [t for t in args.tasks.split(",") if t] if args.tasks != ",".join(DEFAULT_TASKS) else list(EDIT_TASKS)
+    bad = [t for t in names if t not in EDIT_TASKS]
+    if bad:
+        raise ValueError(f"--editing evaluates {', '.join(EDIT_TASKS)}, not {', '.join(bad)}")
+    start = time.perf_counter()
+    rows = evaluate_editing(tm, names, args.n, args.seed, args.hole_budget, args.threshold, args.revise_knob,
+                            args.revise_rounds, trailing_mask=args.revise_trailing_mask)
+    where = tm.path if tm.path is not None else "(in memory)"
+    block = " (block: draft + [MASK])" if args.revise_trailing_mask else ""
+    print(f"model {where}: {args.n} held-out items per task (seed {args.seed}); infill: a 1- or 2-item hole, "
+          f"{args.hole_budget} slots, threshold {args.threshold}; revision: one wrong item, knob "
+          f"{args.revise_knob}, {args.revise_rounds} rounds{block}; {torch.get_num_threads()} torch thread(s), "
+          f"{time.perf_counter() - start:.0f}s")
+    print()
+    print(markdown_editing_table(rows))
     return 0
 
 

@@ -3,8 +3,8 @@
     output_dir: runs/my-run
     model:      {init_from: DIR | config: {...NLDConfig fields}, mask_token_id, dtype, init_std}
     tokenizer:  {path: DIR | train_vocab_size: N}
-    data:       {sources: [...], train_jsonl: [...], eval_jsonl: [...], seq_len, packing, ...}
-    objective:  {alpha, eps, block_size}
+    data:       {sources: [...], train_jsonl: [...], eval_jsonl: [...], seq_len, packing, infill: {...}, ...}
+    objective:  {alpha, eps, block_size, substitute_rate, substitute_from, substitute_weight, keep_weight}
     optim:      {lr, min_lr, betas, weight_decay, adam_eps, grad_clip, warmup_steps, decay_steps, decay}
     train:      {steps, batch_size, micro_batch_size, seed, device, autocast, parallel, save_every, ...}
     eval:       {every, max_rows, tasks}
@@ -43,6 +43,17 @@ class TokenizerSection:
 
 
 @dataclass
+class InfillSection:
+    """Infill examples mixed into the data (trimode.train.data.infill_examples); share 0: none."""
+
+    share: float = 0.0  # infill examples per document
+    max_hole: int = 4  # middle: 1..max_hole words (whitespace-separated, each with the whitespace before it)
+    max_pad: int = 8  # pad tokens after the middle: 0..max_pad
+    max_suffix: int = 32  # visible suffix: the rest of the text if at most this long, else 0..max_suffix tokens
+    tail: float = 0.25  # share of tails: end of the text + EOS x (1 + 0..max_pad), nothing after (see data.py)
+
+
+@dataclass
 class DataSection:
     sources: list = field(default_factory=list)  # handed to trimode.train.corpus.load_corpus(sources, split, seed)
     train_split: str = "train"
@@ -51,6 +62,7 @@ class DataSection:
     eval_jsonl: list = field(default_factory=list)
     seq_len: int = 512
     packing: str = "concat"  # "concat" or "pad" (see trimode/train/data.py)
+    infill: InfillSection = field(default_factory=InfillSection)
 
 
 @dataclass
@@ -58,6 +70,10 @@ class ObjectiveSection:
     alpha: float = 0.3  # weight of the diffusion loss
     eps: float = 1e-3  # minimum mask probability
     block_size: int | None = None  # dual-stream block size (default: the model config's block_size)
+    substitute_rate: float = 0.0  # share of visible noisy loss tokens replaced by another token (0: off)
+    substitute_from: str = "row"  # replacements: "row" (the row's own loss tokens) or "vocab" (uniform)
+    substitute_weight: float = 1.0  # weight of the substituted-token CE (times alpha)
+    keep_weight: float = 1.0  # weight of the CE of the other visible loss tokens (times alpha; with substitution)
 
 
 @dataclass
@@ -167,6 +183,15 @@ class Recipe:
             raise bad("objective.block_size", "must be >= 1")
         if o.alpha < 0 or not 0 < o.eps < 1:
             raise bad("objective", "alpha must be >= 0 and eps in (0, 1)")
+        if not 0 <= o.substitute_rate < 1:
+            raise bad("objective.substitute_rate", f"must be in [0, 1), got {o.substitute_rate}")
+        if o.substitute_from not in ("row", "vocab"):
+            raise bad("objective.substitute_from", f"{o.substitute_from!r} is not row or vocab")
+        if o.substitute_weight < 0 or o.keep_weight < 0:
+            raise bad("objective", "substitute_weight and keep_weight must be >= 0")
+        f = d.infill
+        if f.share < 0 or f.max_hole < 1 or f.max_pad < 0 or f.max_suffix < 0 or not 0 <= f.tail <= 1:
+            raise bad("data.infill", "share, max_pad and max_suffix must be >= 0, max_hole >= 1, tail in [0, 1]")
         if len(op.betas) != 2 or not all(0 <= b < 1 for b in op.betas):
             raise bad("optim.betas", f"need two numbers in [0, 1), got {op.betas}")
         if op.decay not in ("linear", "cosine"):

@@ -36,8 +36,17 @@ from trimode.model.loading import INDEX, WEIGHTS, load_model, resolve_checkpoint
 from trimode.model.tokenizer import NLDTokenizer
 from trimode.model.transformer import NLDTransformer
 from trimode.train import convert
-from trimode.train.data import BatchStream, Document, PackedData, pack_documents, read_jsonl
-from trimode.train.objective import JointObjective, LossSums, corrupt, global_loss, losses, noise_key
+from trimode.train.data import BatchStream, Document, InfillOptions, PackedData, pack_documents, read_jsonl
+from trimode.train.objective import (
+    EditWeights,
+    JointObjective,
+    LossSums,
+    Noise,
+    corrupt,
+    global_loss,
+    losses,
+    noise_key,
+)
 from trimode.train.recipe import Recipe, RecipeError
 from trimode.train.schedule import WSD
 
@@ -378,23 +387,50 @@ def evaluate(objective: JointObjective, data: PackedData, recipe: Recipe, micro:
     if n == 0:
         return {}
     mine = rank_rows(n, procs)
-    ids_all, mask_all = data.input_ids[mine], data.loss_mask[mine]
     total = None
     was_training = objective.training
     objective.eval()
     with torch.no_grad():
-        for start in range(0, ids_all.shape[0], micro):
-            ids = ids_all[start : start + micro].to(procs.device)
-            lm = mask_all[start : start + micro].to(procs.device)
-            keys = [noise_key(recipe.train.seed, EVAL_STEP, mine.start + start + i) for i in range(ids.shape[0])]
-            noise = corrupt(ids, lm, objective.net.config.mask_token_id, keys, recipe.objective.eps)
+        for start in range(mine.start, mine.stop, micro):
+            rows = slice(start, min(start + micro, mine.stop))
+            ids, lm, extra = micro_rows(data.input_ids, data.loss_mask, data.ar_mask, data.block_spans, rows,
+                                        procs.device)
+            keys = [noise_key(recipe.train.seed, EVAL_STEP, row) for row in range(rows.start, rows.stop)]
+            noise = make_noise(ids, lm, keys, objective.net.config, recipe)
             with autocast():
-                sums = objective(ids, lm, noise).detach()
+                sums = objective(ids, lm, noise, **extra).detach()
             total = sums if total is None else total + sums
     objective.train(was_training)
     summed = LossSums.from_tensor(procs.all_reduce(total.as_tensor()))
-    result = losses(summed, recipe.objective.alpha)
+    result = losses(summed, recipe.objective.alpha, edit_weights(recipe))
     return {f"eval_{k}": v for k, v in result.items()}
+
+
+def micro_rows(input_ids: torch.Tensor, loss_mask: torch.Tensor, ar_mask: torch.Tensor | None,
+               block_spans: torch.Tensor | None, rows: slice, device: torch.device
+               ) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """(ids, loss mask, the objective's extra keywords: ar_mask / block_spans where the data has them) of `rows`."""
+    extra = {}
+    if ar_mask is not None:
+        extra["ar_mask"] = ar_mask[rows].to(device)
+    if block_spans is not None:
+        extra["block_spans"] = block_spans[rows].to(device)
+    return input_ids[rows].to(device), loss_mask[rows].to(device), extra
+
+
+def make_noise(ids: torch.Tensor, lm: torch.Tensor, keys: list[int], cfg: NLDConfig, recipe: Recipe) -> Noise:
+    o = recipe.objective
+    return corrupt(ids, lm, cfg.mask_token_id, keys, o.eps, substitute_rate=o.substitute_rate,
+                   substitute_from=o.substitute_from, vocab_size=cfg.vocab_size)
+
+
+def edit_weights(recipe: Recipe) -> EditWeights:
+    return EditWeights(recipe.objective.substitute_weight, recipe.objective.keep_weight)
+
+
+def infill_options(recipe: Recipe) -> InfillOptions | None:
+    f = recipe.data.infill
+    return InfillOptions(f.share, f.max_hole, f.max_pad, f.max_suffix, f.tail) if f.share > 0 else None
 
 
 def run_eval_tasks(objective: JointObjective, sharded: bool, tokenizer: NLDTokenizer, recipe: Recipe,
@@ -446,14 +482,19 @@ def _train(recipe: Recipe, procs: Processes, resume: bool, stop_at: int | None, 
     net = build_model(recipe, tokenizer, resume_dir)
     cfg = net.config
     seq_len = recipe.data.seq_len
-    train_data = pack_documents(train_docs, tokenizer, seq_len, cfg.eos_token_id, recipe.data.packing)
+    infill = infill_options(recipe)
+    if infill is not None and cfg.pad_token_id is None:
+        raise RecipeError("data.infill needs a pad token: the model config has no pad_token_id")
+    train_data = pack_documents(train_docs, tokenizer, seq_len, cfg.eos_token_id, recipe.data.packing, infill,
+                                recipe.train.seed, cfg.pad_token_id)
     eval_data = None
     if recipe.eval.every:
         eval_docs = load_documents(recipe, recipe.data.eval_split, recipe.data.eval_jsonl)
         if not eval_docs:
             raise RecipeError(f"eval.every is set but the held-out data (split {recipe.data.eval_split!r}, "
                               "data.eval_jsonl) is empty")
-        eval_data = pack_documents(eval_docs, tokenizer, seq_len, cfg.eos_token_id, recipe.data.packing)
+        eval_data = pack_documents(eval_docs, tokenizer, seq_len, cfg.eos_token_id, recipe.data.packing, infill,
+                                   recipe.train.seed, cfg.pad_token_id)
     fingerprint = train_data.fingerprint()
     for name, data in (("training", train_data), ("held-out", eval_data)):
         if data is not None and len(data) and int(data.input_ids.max()) >= cfg.vocab_size:
@@ -501,7 +542,7 @@ def _train(recipe: Recipe, procs: Processes, resume: bool, stop_at: int | None, 
 
     bar = tqdm(total=total, initial=step, disable=not (progress and procs.main), unit="step", dynamic_ncols=True)
     stop = total if stop_at is None else min(stop_at, total)
-    seed, alpha, mask_id = recipe.train.seed, recipe.objective.alpha, cfg.mask_token_id
+    seed, alpha, weights = recipe.train.seed, recipe.objective.alpha, edit_weights(recipe)
     tick, tick_tokens = time.perf_counter(), 0
     window: LossSums | None = None
     where = out
@@ -509,26 +550,29 @@ def _train(recipe: Recipe, procs: Processes, resume: bool, stop_at: int | None, 
         lr = schedule(step)
         for g in optimizer.param_groups:
             g["lr"] = lr
-        ids_global, mask_global = stream.next()
+        batch = stream.next()
+        ids_global = batch.input_ids
         mine = rank_rows(ids_global.shape[0], procs)
         micros = []
         for start in range(mine.start, mine.stop, micro):
-            ids = ids_global[start : start + micro].to(procs.device)
-            lm = mask_global[start : start + micro].to(procs.device)
-            keys = [noise_key(seed, step, row) for row in range(start, start + ids.shape[0])]
-            micros.append((ids, lm, corrupt(ids, lm, mask_id, keys, recipe.objective.eps)))
-        counts = torch.tensor([sum(float(lm[:, 1:].sum()) for _, lm, _ in micros),
-                               sum(float(n.masked.sum()) for _, _, n in micros)], dtype=torch.float64)
-        ar_count, diff_count = procs.all_reduce(counts).tolist()
+            rows = slice(start, min(start + micro, mine.stop))
+            ids, lm, extra = micro_rows(*batch, rows, procs.device)
+            keys = [noise_key(seed, step, row) for row in range(rows.start, rows.stop)]
+            micros.append((ids, lm, make_noise(ids, lm, keys, cfg, recipe), extra))
+        counts = torch.tensor([0.0] * 4, dtype=torch.float64)
+        for _, lm, noise, extra in micros:
+            counts += torch.tensor(step_counts(lm, noise, extra.get("ar_mask")), dtype=torch.float64)
+        ar_count, diff_count, sub_count, keep_count = procs.all_reduce(counts).tolist()
 
         optimizer.zero_grad(set_to_none=True)
         step_sums: LossSums | None = None
-        for i, (ids, lm, noise) in enumerate(micros):
+        for i, (ids, lm, noise, extra) in enumerate(micros):
             with sync_grads(i == len(micros) - 1):
                 with autocast():
-                    sums = model(ids, lm, noise)
+                    sums = model(ids, lm, noise, **extra)
                 # DDP and FSDP average gradients over ranks; the loss is a global sum, hence x world.
-                (global_loss(sums, alpha, ar_count, diff_count) * procs.world).backward()
+                loss = global_loss(sums, alpha, ar_count, diff_count, sub_count, keep_count, weights)
+                (loss * procs.world).backward()
             step_sums = sums.detach() if step_sums is None else step_sums + sums.detach()
         grad_norm = torch.nn.utils.clip_grad_norm_(
             objective.parameters(), recipe.optim.grad_clip if recipe.optim.grad_clip > 0 else float("inf"))
@@ -543,7 +587,7 @@ def _train(recipe: Recipe, procs: Processes, resume: bool, stop_at: int | None, 
 
         if step % recipe.train.log_every == 0 or step == stop:
             now = time.perf_counter()
-            record = {"step": step, **losses(window, alpha), "lr": lr, "grad_norm": float(grad_norm),
+            record = {"step": step, **losses(window, alpha, weights), "lr": lr, "grad_norm": float(grad_norm),
                       "tokens": tokens_seen, "tokens_per_s": tick_tokens / max(now - tick, 1e-9)}
             log.write(record)
             bar.set_postfix(loss=f"{record['loss']:.4f}", ar=f"{record['ar_loss']:.4f}",
@@ -574,6 +618,17 @@ def _train(recipe: Recipe, procs: Processes, resume: bool, stop_at: int | None, 
     if procs.main:
         print(f"trimode train: stopped after step {step}; continue with --resume (checkpoint {where})", flush=True)
     return where
+
+
+def step_counts(lm: torch.Tensor, noise: Noise, ar_mask: torch.Tensor | None) -> list[float]:
+    """[AR targets, masked, substituted, other visible loss tokens] of one micro-batch (the loss denominators,
+    summed over the global batch before any backward pass)."""
+    ar = float((lm if ar_mask is None else ar_mask)[:, 1:].sum())
+    masked = float(noise.masked.sum())
+    if noise.substituted is None:
+        return [ar, masked, 0.0, 0.0]
+    sub = float(noise.substituted.sum())
+    return [ar, masked, sub, float((lm.bool() & ~noise.masked).sum()) - sub]
 
 
 def load_recipe(path: str | Path, output_dir: str | None = None) -> Recipe:

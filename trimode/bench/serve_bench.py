@@ -161,7 +161,6 @@ def free_port() -> int:
 def start_server(model: str | None, port: int, block_length: int | None, dtype: str | None, device: str | None,
                  max_queue: int, threads: int | None = None, timeout: float = 300,
                  auto_config: str | None = None) -> subprocess.Popen:
-    import httpx
 
     cmd = [sys.executable, "-m", "trimode.cli", "serve", "--port", str(port), "--log-level", "warning",
            "--max-queue", str(max_queue), "--served-model-name", "bench"]
@@ -173,10 +172,18 @@ def start_server(model: str | None, port: int, block_length: int | None, dtype: 
     if threads is not None:
         env["OMP_NUM_THREADS"] = str(threads)  # torch's intra-op threads in the server
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
+    return wait_until_healthy(proc, port, timeout, lambda: proc.stderr.read())
+
+
+def wait_until_healthy(proc: subprocess.Popen, port: int, timeout: float, stderr) -> subprocess.Popen:
+    """Poll a started `trimode serve` until /health answers; RuntimeError with its last words if it exits or
+    does not answer within `timeout` seconds (`stderr()` returns what it wrote)."""
+    import httpx
+
     deadline = time.time() + timeout
     while time.time() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"the server exited: {proc.stderr.read().strip()[-500:]}")
+            raise RuntimeError(f"the server exited: {stderr().strip()[-500:]}")
         try:
             if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
                 return proc

@@ -22,7 +22,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from trimode.bench.serve_bench import FIXED_MODES, bench_prompts, free_port, percentile
+from trimode.bench.serve_bench import FIXED_MODES, bench_prompts, free_port, percentile, wait_until_healthy
 
 MODES = (*FIXED_MODES, "auto")
 # (kind, weight): how the traffic is mixed.
@@ -156,24 +156,12 @@ def rss(pid: int) -> tuple[int | None, int | None]:
 def start_server(model: str | None, port: int, threads: int | None, log: Path,
                  timeout: float = 300) -> subprocess.Popen:
     """`trimode serve` in a child process at default settings (its log to a file, so it never blocks on a pipe)."""
-    import httpx
 
     cmd = [sys.executable, "-m", "trimode.cli", "serve", "--port", str(port), "--log-level", "warning",
            "--served-model-name", MODEL, *(["--model", model] if model else [])]
     env = {**os.environ, "PYTHONUNBUFFERED": "1", **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log.open("w"), env=env)
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"the server exited: {log.read_text().strip()[-500:]}")
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
-                return proc
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    proc.terminate()
-    raise RuntimeError(f"the server did not answer /health within {timeout:.0f} s")
+    return wait_until_healthy(proc, port, timeout, log.read_text)
 
 
 def run(model: str | None, url: str | None, clients: int, seconds: float, max_tokens: int, api_key: str = "none",

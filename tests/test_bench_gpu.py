@@ -1,5 +1,6 @@
 """The fast path (`trimode.model.static`) gives the eager path's tokens in every mode, and `trimode bench gpu`
-runs end to end at the tiny shape on a CPU. On a CUDA machine the CUDA-graph replay is checked too."""
+(the engine's decode steps against a weight + KV / compute floor) runs end to end at the tiny shape on a CPU. On
+a CUDA machine the CUDA-graph replay and the bench on the GPU are checked too; without CUDA those tests skip."""
 
 import pytest
 import torch
@@ -7,8 +8,8 @@ from typer.testing import CliRunner
 
 from tests.conftest import TINY_A, random_model
 from trimode.cli import app
-from trimode.decode.sampling import SamplingParams
 from trimode.decode.driver import decode, drive
+from trimode.decode.sampling import SamplingParams
 from trimode.decode.stopping import StopRule
 from trimode.model.static import StaticKVCache, StaticModel
 
@@ -17,7 +18,8 @@ PROMPT = torch.tensor([[1, 7, 9, 22, 13]])
 DECODERS = {
     "ar": lambda m, s: decode(m, "ar", PROMPT, STOP, s),
     "diffusion": lambda m, s: decode(m, "diffusion", PROMPT, STOP, s, block_length=4, threshold=0.5),
-    "linear_spec": lambda m, s: decode(m, "linear_spec", PROMPT, STOP, s, block_length=4, threshold=0.0, use_drafter=True),
+    "linear_spec": lambda m, s: decode(m, "linear_spec", PROMPT, STOP, s, block_length=4, threshold=0.0,
+                                       use_drafter=True),
     "quadratic_spec": lambda m, s: decode(m, "quadratic_spec", PROMPT, STOP, s, block_length=4),
 }
 
@@ -91,17 +93,67 @@ def test_cuda_graphs_give_eager_tokens():
 
 def test_bench_gpu_tiny_on_cpu(tmp_path):
     out = tmp_path / "gpu.md"
-    r = CliRunner().invoke(app, ["bench", "gpu", "--shapes", "tiny", "--device", "cpu", "--context", "16",
-                                 "--block", "4", "--lora-rank", "4", "--iters", "1", "--out", str(out)])
+    r = CliRunner().invoke(app, ["bench", "gpu", "--shapes", "tiny", "--device", "cpu", "--contexts", "24",
+                                 "--requests", "1,2", "--block", "4", "--lora-rank", "4", "--steps", "2",
+                                 "--model", str(TINY_A), "--out", str(out)])
     assert r.exit_code == 0, r.output
     text = out.read_text()
-    assert text.startswith("Command: `")
-    for kind in ("ar_step", "block_step", "draft_step", "verify", "quadratic"):
-        assert "| tiny (" in text and f"| {kind} |" in text
-    assert "| quadratic | 20 |" in text  # B(B+1) tokens
+    assert text.startswith("Command: `") and "incomplete" not in text.splitlines()[0]
+    assert "**Device: CPU" in text and "Not a GPU" in text
     for mode in ("ar", "diffusion", "linear_spec", "quadratic_spec"):
-        assert f"| tiny | {mode} |" in text
-    assert "targets do not apply" in text
+        for n in (1, 2):
+            row = next(line for line in text.splitlines() if line.startswith(f"| tiny (0.61M) | 24 | {n} | {mode} |"))
+            cells = [c.strip() for c in row.split("|")[1:-1]]
+            assert cells[4] == "1.0" and float(cells[5]) > 0 and float(cells[8]) > 0, row  # fwd/step, ms, x floor
+            assert cells[12] not in ("-", "?"), row  # the attention kernel seen
+    assert "measured on `tiny-a` at batch 1" in text
+    assert "- tiny, context 24: AR step" in text and "targets do not apply" in text
+    assert "Loading: `load_model` on a random tiny checkpoint" in text and "failed" not in text
+
+
+def test_step_floor_counts_weights_kv_and_compute():
+    from trimode.bench import gpu as g
+    from trimode.engine.engine import ForwardShape
+    from trimode.model.config import NLDConfig
+    from trimode.model.transformer import NLDTransformer
+
+    cfg = NLDConfig(**g.SHAPES["8b"])
+    with torch.device("meta"):
+        net = NLDTransformer(cfg).to(torch.bfloat16)
+    costs = g.NetCosts.of(net)
+    assert costs.weights == 2 * (sum(p.numel() for p in net.parameters()) - cfg.vocab_size * cfg.hidden_size)
+    assert costs.kv_token == 2 * 34 * 8 * 128 * 2
+    dev = g.DeviceInfo("test", torch.device("cuda"), torch.bfloat16, 4e12, 1e15, "test")
+    ar = ForwardShape(1, 1, 2048, ("causal",), (False,), 1)
+    seconds, bound = g.step_floor([ar], cfg, costs, dev, 32)
+    expected = costs.weights + 2048 * costs.kv_token + 2 * costs.kv_token + cfg.vocab_size * 2
+    assert bound == "memory" and seconds == pytest.approx(expected / 4e12)
+    # 64 quadratic passes: compute-bound, and the weights count once however the engine splits the rows
+    quad = [ForwardShape(8, 1056, 2048, (g.QuadraticStep(32),) * 8, (False,) * 8, 8 * 1056)] * 8
+    seconds, bound = g.step_floor(quad, cfg, costs, dev, 32)
+    assert bound == "compute" and seconds > 64 * 1056 * 2 * costs.body / 1e15
+    # drafts and verifies packed in one step: the adapter's bytes once, each group's K/V
+    mixed = [ForwardShape(2, 32, 100, ("bidirectional",) * 2, (True,) * 2, 64),
+             ForwardShape(3, 32, 200, ("causal",) * 3, (False,) * 3, 96)]
+    seconds, bound = g.step_floor(mixed, cfg, costs, dev, 32)
+    kv = (2 * 100 + 3 * 200 + 2 * 5 * 32) * costs.kv_token
+    assert bound == "memory" and seconds == pytest.approx((costs.weights_lora + kv + 160 * cfg.vocab_size * 2) / 4e12)
+
+
+def test_attention_kernel_probe_sees_the_math_fallback():
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from trimode.bench.gpu import AttentionKernels
+
+    q, k = torch.randn(1, 4, 8, 16), torch.randn(1, 2, 12, 16)
+    mask = torch.rand(1, 1, 8, 12) > 0.3
+    with sdpa_kernel([SDPBackend.MATH]), AttentionKernels() as probe:
+        F.scaled_dot_product_attention(q, k, k, attn_mask=mask, enable_gqa=True)
+    assert probe.summary() == "MATH"
+    with AttentionKernels() as probe:
+        F.scaled_dot_product_attention(q, k, k, attn_mask=mask, enable_gqa=True)
+    assert "MATH" not in probe.summary() and probe.summary() != "?"
 
 
 def test_bench_gpu_refuses_big_shapes_without_cuda():
@@ -109,3 +161,18 @@ def test_bench_gpu_refuses_big_shapes_without_cuda():
     assert r.exit_code == 2 and "need a CUDA GPU" in r.output and "Traceback" not in r.output
     r = CliRunner().invoke(app, ["bench", "gpu", "--shapes", "70b", "--device", "cpu"])
     assert r.exit_code == 2 and "unknown shape" in r.output
+    r = CliRunner().invoke(app, ["bench", "gpu", "--shapes", "tiny", "--device", "cpu", "--modes", "auto"])
+    assert r.exit_code == 2 and "unknown mode" in r.output
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the GPU bench needs a CUDA device")
+def test_bench_gpu_runs_the_engine_on_cuda(tmp_path):
+    out = tmp_path / "gpu.md"
+    r = CliRunner().invoke(app, ["bench", "gpu", "--shapes", "tiny", "--contexts", "256", "--requests", "1,4",
+                                 "--block", "8", "--lora-rank", "8", "--steps", "2", "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    text = out.read_text()
+    assert "**Device: GPU, " in text and "Not a GPU" not in text
+    rows = [line for line in text.splitlines() if line.startswith("| tiny (0.61M) | 256 |")]
+    assert len(rows) == 8 and not any("Error" in row for row in rows), rows
+    assert "device peak" in text and "- failed" not in text

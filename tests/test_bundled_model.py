@@ -43,6 +43,22 @@ def test_speculation_is_ar_and_parallel_modes_commit_more_than_one_token_per_for
     assert tpf["linear_spec"] > 1.5 and tpf["quadratic_spec"] > 2.0 and tpf["diffusion"] > 2.0, tpf
 
 
+def test_statistics_count_only_what_is_emitted(bundled):
+    # "7" then EOS: the model keeps predicting EOS after the answer, and drafts past EOS agree with it; such
+    # tokens are not output, so they count neither as accepted nor as committed.
+    prompt = bundled.tokenizer.apply_chat_template([{"role": "user", "content": "What is 3 plus 4?"}])
+    r = bundled.generate(prompt, mode="linear_spec", max_new_tokens=8)
+    assert r.text == "7" and len(r.token_ids) == 2
+    assert r.stats.forward_passes == 3 and r.stats.acceptance == [1] and r.stats.mean_acceptance == 1.0
+    q = bundled.generate(prompt, mode="quadratic_spec", max_new_tokens=8)
+    assert sum(q.stats.acceptance) == len(q.token_ids)
+    d = bundled.generate(prompt, mode="diffusion", max_new_tokens=8)
+    assert sum(d.stats.step_commits) <= len(d.token_ids)
+    for stops in (["7"], None):  # a stop string: the tokens after it are dropped from the statistics too
+        s = bundled.generate(prompt, mode="linear_spec", max_new_tokens=8, stop=stops)
+        assert sum(s.stats.acceptance) + 1 == len(s.token_ids)
+
+
 def test_bundled_model_fills_holes_and_fixes_a_wrong_item(bundled):
     """Stage 4 (recipes/default_model_stage4.yaml): infill of a one- or two-item hole and revision of one wrong
     item, on held-out items the model card's table does not use (seed 1), with a margin under the card's rates."""

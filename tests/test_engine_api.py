@@ -6,9 +6,9 @@ import threading
 import pytest
 
 from tests.conftest import random_model
+from tests.invariance import alone, flat_cost
 from trimode.api import Delta, GenerationResult, TriMode
 from trimode.engine import Engine, EngineRequest, EngineStopped, QueueFull
-from tests.invariance import alone, flat_cost
 
 
 @pytest.fixture(scope="module")
@@ -45,9 +45,9 @@ def test_a_request_larger_than_the_kv_budget_is_rejected(tm):
 
 
 def test_queue_full(tm):
-    # Capacity is the running rows plus the waiting room beyond them, whether the loop admitted them yet or not.
-    engine = Engine(tm, max_queue=2, max_running=3, cost=flat_cost())
-    for _ in range(5):
+    # Capacity is max_running + max_queue, counted before the loop admits anything (here: no loop at all).
+    engine = Engine(tm, max_queue=2, max_running=1, cost=flat_cost())
+    for _ in range(3):
         engine.submit(req())
     with pytest.raises(QueueFull):
         engine.submit(req())
@@ -155,3 +155,18 @@ def test_asyncio_clients(tm):
         results = asyncio.run(main())
     for k, r in zip(range(20, 26), results, strict=True):
         assert r.token_ids == alone(tm, req((9, k), max_new_tokens=8, mode="quadratic_spec")).token_ids
+
+
+def test_one_loop_thread_however_many_requests_run(tm):
+    before = threading.active_count()
+    engine = Engine(tm, cost=flat_cost()).start()
+    try:
+        handles = [engine.submit(req((7 + i, 20, 30), mode=("ar", "linear_spec", "diffusion")[i % 3],
+                                     max_new_tokens=40)) for i in range(32)]
+        alive = threading.active_count()
+        while engine.stats()["running_requests"] < 8 and not all(h.done for h in handles):
+            alive = max(alive, threading.active_count())
+        assert alive <= before + 1  # the step loop; no thread per request
+        assert all(h.result().finish_reason in ("stop", "length") for h in handles)
+    finally:
+        engine.stop()

@@ -8,13 +8,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tests.conftest import random_model
+from tests.invariance import flat_cost, run_mix
 from trimode.api import TriMode
 from trimode.decode.driver import decode, drive
 from trimode.decode.sampling import SamplingParams
 from trimode.decode.stopping import StopRule, ThinkingBudget
 from trimode.engine import AutoConfig, CostModel, Engine, EngineRequest
 from trimode.engine.auto import AR, AutoPolicy, AutoSteer, label, measure_slowdowns
-from tests.invariance import flat_cost, run_mix
 
 L4, Q4 = ("linear_spec", 4), ("quadratic_spec", 4)
 

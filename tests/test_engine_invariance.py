@@ -15,9 +15,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tests.conftest import TINY_A, random_model
+from tests.invariance import alone, check, flat_cost, random_request, run_mix
 from trimode.api import TriMode
 from trimode.engine import Engine, EngineRequest
-from tests.invariance import alone, check, flat_cost, random_request, run_mix
 from trimode.model.loading import load_lora, load_model
 
 

@@ -1,7 +1,9 @@
 """Checkpoint loading: single file vs shards, the drafter adapter, Hub ids through the local cache, clear errors."""
 
 import json
+import os
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -141,3 +143,89 @@ def test_bad_config_values():
 def test_not_a_directory_or_repo():
     with pytest.raises(CheckpointError, match="no checkpoint directory"):
         resolve_checkpoint("/definitely/not/here")
+
+
+LOAD_AND_REPORT_RSS = """
+import json, sys, threading, time, torch
+from pathlib import Path
+torch.set_num_threads(1)
+from trimode.model.loading import load_model
+load_model(Path(sys.argv[2]), dtype=torch.bfloat16)  # first use pays torch's lazy set-up, not counted below
+def anon_kib():  # anonymous memory only: pages of the file mapped for reading are page cache, not copies
+    return next(int(x.split()[1]) for x in open("/proc/self/status") if x.startswith("RssAnon"))
+before = anon_kib()
+peak = [before]
+done = threading.Event()
+def sample():
+    while not done.is_set():
+        peak[0] = max(peak[0], anon_kib())
+        time.sleep(0.001)
+t = threading.Thread(target=sample)
+t.start()
+net = load_model(Path(sys.argv[1]), dtype=torch.bfloat16)
+done.set()
+t.join()
+peak[0] = max(peak[0], anon_kib())
+print(json.dumps({"before": before, "peak": peak[0], "dtype": str(net.dtype),
+                  "inv_freq": str(net.inv_freq.dtype)}))
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").is_file(), reason="reads VmRSS from /proc (Linux)")
+def test_bf16_load_peak_memory_is_close_to_checkpoint_size(tmp_path):
+    """Weights go straight into bf16: no float32 network, no whole-file copy next to the loaded one."""
+    import subprocess
+    import sys
+
+    from trimode.model.loading import write_weights
+    from trimode.model.transformer import NLDTransformer
+
+    cfg = NLDConfig(vocab_size=8192, hidden_size=1024, intermediate_size=2816, num_hidden_layers=11,
+                    num_attention_heads=8, num_key_value_heads=2, head_dim=128)
+    with torch.device("meta"):
+        shapes = {k: v.shape for k, v in NLDTransformer(cfg).state_dict().items()}
+    gen = torch.Generator().manual_seed(0)
+    state = {k: torch.empty(s, dtype=torch.bfloat16).normal_(0, 0.02, generator=gen) for k, s in shapes.items()}
+    ckpt = tmp_path / "big"
+    ckpt.mkdir()
+    cfg.save(ckpt / "config.json")
+    write_weights(state, ckpt)
+    del state
+    size = (ckpt / "model.safetensors").stat().st_size
+    assert size > 250 * 2**20
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, "-c", LOAD_AND_REPORT_RSS, str(ckpt), str(TINY_A)], cwd=root,
+                         env={**os.environ, "PYTHONPATH": str(root)}, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    r = json.loads(out.stdout.strip().splitlines()[-1])
+    assert r["dtype"] == "torch.bfloat16" and r["inv_freq"] == "torch.float32"
+    grew = (r["peak"] - r["before"]) * 1024
+    # Before direct loading this was ~2x (a float32 network, then its bf16 cast).
+    print(f"peak anonymous RSS grew {grew / 2**20:.0f} MiB for a {size / 2**20:.0f} MiB checkpoint "
+          f"({grew / size:.2f}x)")
+    assert grew < 1.3 * size, f"loading grew peak RSS by {grew / size:.2f}x the checkpoint size"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="loading onto a GPU needs CUDA")
+def test_bf16_load_onto_cuda_allocates_the_network_once(tmp_path):
+    """On the device: no float32 network first, no second copy; only RoPE's inv_freq stays float32."""
+    cfg = NLDConfig(vocab_size=8192, hidden_size=1024, intermediate_size=2816, num_hidden_layers=4,
+                    num_attention_heads=8, num_key_value_heads=2, head_dim=128)
+    ckpt = tmp_path / "c"
+    ckpt.mkdir()
+    cfg.save(ckpt / "config.json")
+    from trimode.model.loading import write_weights
+    from trimode.model.transformer import NLDTransformer
+
+    with torch.device("meta"):
+        shapes = {k: v.shape for k, v in NLDTransformer(cfg).state_dict().items()}
+    write_weights({k: torch.randn(s).to(torch.bfloat16) for k, s in shapes.items()}, ckpt)
+    torch.cuda.empty_cache()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    loaded = load_model(ckpt, dtype=torch.bfloat16, device="cuda")
+    tensors = [*loaded.named_parameters(), *loaded.named_buffers()]
+    size = sum(t.numel() * t.element_size() for _, t in tensors)
+    assert [n for n, t in tensors if t.dtype == torch.float32] == ["inv_freq"]
+    assert all(t.device.type == "cuda" for _, t in tensors)
+    assert torch.cuda.max_memory_allocated() - base < 1.15 * size

@@ -14,8 +14,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tests.conftest import random_model
-from trimode.decode.sampling import SamplingParams
 from trimode.decode.driver import decode, drive
+from trimode.decode.sampling import SamplingParams
 from trimode.decode.step import Committed
 from trimode.decode.stopping import StopRule, ThinkingBudget
 

@@ -24,8 +24,8 @@ import pytest
 import torch
 
 import trimode
-from trimode.engine import Engine, EngineRequest
 from tests.invariance import flat_cost
+from trimode.engine import Engine, EngineRequest
 
 pytestmark = pytest.mark.slow
 

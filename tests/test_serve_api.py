@@ -228,7 +228,7 @@ def test_every_knob_is_reachable_over_http(client, tm):
     r = client.completions.create(model=MODEL, prompt=prompt, max_tokens=10,
                                   extra_body={"mode": "diffusion", "block_length": 4, "steps": 2})
     assert r.model_extra["trimode"]["knobs"] == {"block_length": 4, "threshold": None, "steps": 2,
-                                                 "causal_context": True}
+                                                 "remask_threshold": None, "causal_context": True}
 
 
 def test_completion_token_prompts_batch_and_echo(client, tm):
@@ -471,7 +471,7 @@ def test_routes_decide_the_mode_and_reviewed_routes_are_audited(served, client, 
                                        extra_headers={"X-Trimode-Route": "coding_autocomplete"})
     s = r.model_extra["trimode"]
     assert s["mode"] == "diffusion" and s["knobs"]["threshold"] == 0.5 and s["knobs"]["block_length"] == 4
-    assert s["review"] == {"route": "coding_autocomplete", "level": "optional", "flagged": False}
+    assert s["review"] == {"route": "coding_autocomplete", "level": "optional", "flagged": False, "risk": None}
     assert len(audit_lines(served)) == before  # optional review: not audited
 
     r = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Summarise"}],

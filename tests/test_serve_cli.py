@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import socket
 import subprocess
@@ -36,7 +37,10 @@ class Served:
     def __init__(self, args: list[str], cwd: Path) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.proc = subprocess.Popen(trimode_cmd("serve", "--port", str(self.port), *args), cwd=cwd,
+        # One torch thread, as the in-process tests use (conftest): with two threads on a CPU that other jobs
+        # keep busy, the engine's start-up timings spin for minutes.
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        self.proc = subprocess.Popen(trimode_cmd("serve", "--port", str(self.port), *args), cwd=cwd, env=env,
                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
     def wait_ready(self, timeout: float = 120) -> bool:
@@ -98,6 +102,40 @@ def test_serve_command_end_to_end(tmp_path):
     assert "serving 'tiny-ckpt' on http://127.0.0.1" in err
 
 
+ARTICLE = Path(__file__).parent.parent / "docs" / "policy.article.yaml"
+
+
+def test_serve_with_the_articles_policy_and_limits(tmp_path):
+    """The issue's start-up failure: the article's policy stops the server. Now it serves its four routes; and
+    --max-queue 0 is no waiting room (not reject-all), --max-body-mb bounds the body."""
+    ckpt = build_checkpoint(tmp_path / "tiny-ckpt")
+    srv = Served(["--model", str(ckpt), "--policy", str(ARTICLE), "--audit-log", "audit.jsonl", "--max-tokens", "4",
+                  "--max-queue", "0", "--max-running", "4", "--max-body-mb", "1", "--log-level", "warning"],
+                 cwd=tmp_path)
+    try:
+        assert srv.wait_ready(), srv.stop()[1]
+        health = httpx.get(srv.url + "/health").json()
+        assert (health["max_running"], health["max_queue"]) == (4, 0)
+        client = openai.OpenAI(base_url=srv.url + "/v1", api_key="none", max_retries=0, timeout=120)
+        expected = {"coding_autocomplete": "latency", "internal_summary": "cost_and_speed",
+                    "legal_contract_clause": "accuracy_and_auditability", "customer_response": "balanced"}
+        for route, priority in expected.items():
+            r = client.completions.create(model="tiny-ckpt", prompt="def add(a, b):", max_tokens=4,
+                                          extra_body={"route": route, "risk": "high"})
+            policy = r.model_extra["trimode"]["policy"]
+            assert (policy["route"], policy["priority"]) == (route, priority)
+            assert r.model_extra["trimode"]["mode"] == policy["decision"]["mode"]
+        entries = [json.loads(line) for line in (tmp_path / "audit.jsonl").read_text().splitlines()]
+        legal = [e for e in entries if e["route"] == "legal_contract_clause"]
+        assert len(legal) == 1 and legal[0]["review_flag"] and legal[0]["risk"] == "high" and legal[0]["logprobs"]
+        big = httpx.post(srv.url + "/v1/completions", content=b"x" * (2 << 20), timeout=60)
+        assert big.status_code == 413
+    finally:
+        code, err = srv.stop()
+    assert "Traceback" not in err, err
+    assert "policy" in err and "4 routes" in err
+
+
 def serve_cli(*args: str):
     """`trimode serve ARGS` in this process (for the errors raised before anything is served)."""
     return CliRunner().invoke(app, ["serve", *args], env={"COLUMNS": "200"})
@@ -119,6 +157,9 @@ def test_bad_model_and_options_are_one_line_errors(tmp_path):
                          (["--mode", "fast"], "unknown --mode 'fast'"),
                          (["--threshold", "2"], "--threshold must be in [0, 1]"),
                          (["--block-length", "0"], "--block-length must be >= 1"),
+                         (["--max-running", "0"], "--max-running must be >= 1"),
+                         (["--max-queue", "-1"], "--max-queue >= 0"),
+                         (["--max-body-mb", "0"], "--max-body-mb must allow at least 1 KiB"),
                          (["--auto-config", "{"], "--auto-config is not valid JSON"),
                          (["--auto-config", "[]"], "--auto-config must be a JSON object"),
                          (["--auto-config", '{"margin": 1}'], "unknown setting(s) margin; known: cost_sizes"),
@@ -147,7 +188,8 @@ def test_new_user_serve_with_no_model_named(tmp_path):
 def test_help_lists_serve():
     result = serve_cli("--help")
     assert result.exit_code == 0
-    for option in ("--model", "--host", "--port", "--api-key", "--policy", "--audit-log", "--mode", "--max-queue"):
+    for option in ("--model", "--host", "--port", "--api-key", "--policy", "--audit-log", "--mode", "--max-queue",
+                   "--max-running", "--max-body-mb"):
         assert option in result.stdout
 
 

@@ -14,6 +14,7 @@ stops the work.
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Generator
 from importlib import resources
@@ -22,6 +23,7 @@ from pathlib import Path
 import torch
 
 from trimode.decode.driver import run
+from trimode.decode.edit import EditBlock
 from trimode.decode.modes import MODES as MODE_SPECS
 from trimode.decode.modes import ModelDefaults, mode_spec, resolve_knobs
 from trimode.decode.result import BlockState, Delta, GenerationResult
@@ -35,9 +37,24 @@ from trimode.model.loading import LORA_DIR, load_lora, load_model, resolve_check
 from trimode.model.tokenizer import NLDTokenizer
 from trimode.model.transformer import NLDTransformer
 
-# The modes `generate` runs (auto steers by load, so it runs in the engine only).
-MODES = tuple(name for name, spec in MODE_SPECS.items() if not spec.engine_only)
-__all__ = ["MODES", "BlockState", "Delta", "GenerationResult", "TriMode", "Prepared", "load", "default_model_path"]
+# The modes `generate` runs (auto steers by load, so it runs in the engine only; edits have their own methods).
+MODES = tuple(name for name, spec in MODE_SPECS.items() if not spec.engine_only and not spec.editing)
+HOLE = "[[hole]]"  # a template's placeholder; "[[hole:N]]" gives the hole N tokens (default: fill's hole_tokens)
+_HOLE_RE = re.compile(r"\[\[hole(?::(\d+))?\]\]")
+__all__ = ["HOLE", "MODES", "BlockState", "Delta", "EditPlan", "GenerationResult", "TriMode", "Prepared", "load",
+           "default_model_path"]
+
+
+def _runs(holes: list[bool]) -> list[tuple[str, int]]:
+    """Segments of a revision with spans: runs of hole and kept tokens."""
+    segments: list[tuple[str, int]] = []
+    for h in holes:
+        kind = "hole" if h else "keep"
+        if segments and segments[-1][0] == kind:
+            segments[-1] = (kind, segments[-1][1] + 1)
+        else:
+            segments.append((kind, 1))
+    return segments
 
 
 def default_model_path() -> Path:
@@ -48,9 +65,10 @@ class Prepared:
     """A validated request: its prompt ids, stop rule, sampling, thinking budget and effective knobs."""
 
     def __init__(self, prompt_ids: list[int], mode: str, knobs, rule: StopRule, sampling: SamplingParams,
-                 thinking: ThinkingBudget | None, stop: list[str] | None) -> None:
+                 thinking: ThinkingBudget | None, stop: list[str] | None, edit: EditPlan | None = None) -> None:
         self.prompt_ids, self.mode, self.knobs = prompt_ids, mode, knobs
         self.rule, self.sampling, self.thinking, self.stop = rule, sampling, thinking, stop
+        self.edit = edit
 
     @property
     def knob_dict(self) -> dict:
@@ -58,6 +76,53 @@ class Prepared:
 
     def kv_slots(self) -> int:
         return mode_spec(self.mode).kv_slots(len(self.prompt_ids), self.rule.max_new_tokens, self.knobs)
+
+
+class EditPlan:
+    """An edit's block, built from text, and how its filled tokens become the result: the token ids and text
+    the caller sees, and the character spans of that text which the edit wrote.
+
+    `segments` cover the block in order: (kind, token count) with kind "keep" (given text), "hole" (a hole: the
+    empty token is stripped from it) or "draft" (revisable text)."""
+
+    def __init__(self, tm: TriMode, block: EditBlock, segments: list[tuple[str, int]], show: str) -> None:
+        self.tm, self.block, self.segments, self.show = tm, block, segments, show
+
+    @property
+    def empty_id(self) -> int:
+        """The token a hole is padded with where its answer is shorter: pad, or EOS where there is none."""
+        c = self.tm.config
+        return c.pad_token_id if c.pad_token_id is not None else c.eos_token_id
+
+    def render(self, tokens: list[int]) -> tuple[list[int], str, list[tuple[int, int]]]:
+        """(token ids, text, written spans) of a filled block. `show`: "holes" (the middle of an infill: only the
+        holes' tokens) or "all" (the whole block: a revised draft, a filled template)."""
+        ids: list[int] = []
+        spans: list[tuple[int, int]] = []
+        text = ""
+        at = 0
+        for kind, n in self.segments:
+            part, given = tokens[at : at + n], self.block.tokens[at : at + n]
+            at += n
+            if kind == "hole":
+                part = [t for t in part if t != self.empty_id]
+            if self.show == "holes" and kind != "hole":
+                continue
+            before = len(text)
+            ids += part
+            text = self.tm.decode(ids) or ""
+            if kind == "hole" or (kind == "draft" and part != given):
+                spans.append((before, len(text)) if kind == "hole" else _changed(self.tm, given, part, before))
+        return ids, text, [s for s in spans if s is not None]
+
+
+def _changed(tm: TriMode, old: list[int], new: list[int], offset: int) -> tuple[int, int]:
+    """The character span of `new`'s text (at `offset`) from its first to its last token that differs."""
+    first = next(i for i, (a, b) in enumerate(zip(old, new)) if a != b)
+    last = max(i for i, (a, b) in enumerate(zip(old, new)) if a != b)
+    start = len(tm.decode(new[:first]) or "")
+    end = len(tm.decode(new[: last + 1]) or "")
+    return offset + start, offset + end
 
 
 class TriMode:
@@ -150,14 +215,166 @@ class TriMode:
         """The step machine of a prepared request (one sequence)."""
         ids = torch.tensor([req.prompt_ids], dtype=torch.long, device=self.net.device)
         return mode_spec(req.mode).machine(ids, req.rule, req.sampling, self.config.mask_token_id, req.knobs,
-                                           req.thinking, provisional, steer)
+                                           req.thinking, provisional, steer, req.edit.block if req.edit else None)
 
-    def events(self, req: Prepared, text: TextStream, event,
+    # -- editing ---------------------------------------------------------------------------------------------
+    def _ids(self, text: str | list[int], what: str) -> list[int]:
+        if isinstance(text, str):
+            return self.encode(text) if text else []
+        if not all(isinstance(t, int) and not isinstance(t, bool) for t in text):
+            raise ValueError(f"{what} must be text or a list of token ids")
+        return list(text)
+
+    def prepare_edit(self, prefix: list[int], plan: EditPlan, temperature: float = 0.0, top_p: float = 1.0,
+                     top_k: int = 0, seed: int | None = None, **knobs) -> Prepared:
+        """Validate an edit (ValueError naming the problem) and resolve what it runs with."""
+        if self.config.mask_token_id is None or self.config.mask_token_id < 0:
+            raise ValueError("this checkpoint has no mask token, so it cannot fill or revise text")
+        k = resolve_knobs("edit", self.defaults, **knobs)
+        if not prefix:
+            raise ValueError("an edit needs some text before the first hole or the draft (a prompt or a prefix)")
+        n = len(plan.block.tokens)
+        vocab = self.config.vocab_size
+        if any(not 0 <= t < vocab for t in prefix + plan.block.tokens):
+            raise ValueError(f"token ids must be in [0, {vocab})")
+        if len(prefix) + n > self.max_context:
+            raise ValueError(f"the text before the edit ({len(prefix)} tokens) and the edited block ({n} tokens) "
+                             f"exceed the context length {self.max_context}")
+        sampling = SamplingParams(temperature, top_p, top_k, seed).with_seed()
+        return Prepared(list(prefix), "edit", k, StopRule(n), sampling, None, None, plan)
+
+    def infill_request(self, prefix: str | list[int], suffix: str | list[int], max_new_tokens: int = 32,
+                       **kwargs) -> Prepared:
+        """The middle between `prefix` and `suffix`, at most `max_new_tokens` tokens (see `infill`)."""
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+        pre, suf = self._ids(prefix, "prefix"), self._ids(suffix, "suffix")
+        block = EditBlock([0] * max_new_tokens + suf, [True] * max_new_tokens + [False] * len(suf),
+                          [False] * (max_new_tokens + len(suf)))
+        plan = EditPlan(self, block, [("hole", max_new_tokens), ("keep", len(suf))], "holes")
+        return self.prepare_edit(pre, plan, **kwargs)
+
+    def revise_request(self, prompt: str | list[int], draft: str | list[int],
+                       spans: list[tuple[int, int]] | None = None, **kwargs) -> Prepared:
+        """Revise `draft` (see `revise`)."""
+        pre, ids = self._ids(prompt, "prompt"), self._ids(draft, "draft")
+        if not ids:
+            raise ValueError("the draft is empty")
+        if spans is None:
+            if kwargs.get("rounds") is None:
+                kwargs["rounds"] = 4  # the default budget of detect-and-rewrite rounds
+            holes = [False] * len(ids)
+            block = EditBlock(ids, holes, [True] * len(ids))
+            return self.prepare_edit(pre, EditPlan(self, block, [("draft", len(ids))], "all"), **kwargs)
+        if not isinstance(draft, str):
+            raise ValueError("spans are character ranges of a text draft; give the draft as text")
+        holes = self._span_tokens(draft, ids, spans)
+        block = EditBlock(ids, holes, [False] * len(ids))
+        segments = _runs(holes)
+        return self.prepare_edit(pre, EditPlan(self, block, segments, "all"), **kwargs)
+
+    def fill_request(self, template: str, hole_tokens: int = 8, **kwargs) -> Prepared:
+        """Fill the holes of `template` (see `fill`)."""
+        if not isinstance(template, str):
+            raise ValueError("a template is text with [[hole]] or [[hole:N]] placeholders")
+        pieces = _HOLE_RE.split(template)  # text, length, text, length, ..., text
+        if len(pieces) == 1:
+            raise ValueError(f"the template has no hole: mark them with {HOLE} or [[hole:N]] (N tokens)")
+        prefix = self._ids(pieces[0], "template")
+        tokens: list[int] = []
+        holes: list[bool] = []
+        segments: list[tuple[str, int]] = []
+        for i in range(1, len(pieces), 2):
+            n = int(pieces[i]) if pieces[i] is not None else hole_tokens
+            if n < 1:
+                raise ValueError("a hole needs at least 1 token ([[hole:N]] with N >= 1)")
+            tokens += [0] * n
+            holes += [True] * n
+            segments.append(("hole", n))
+            text = self._ids(pieces[i + 1], "template")
+            tokens += text
+            holes += [False] * len(text)
+            if text:
+                segments.append(("keep", len(text)))
+        block = EditBlock(tokens, holes, [False] * len(tokens))
+        plan = EditPlan(self, block, segments, "all")
+        plan.lead = pieces[0]
+        return self.prepare_edit(prefix, plan, **kwargs)
+
+    def _span_tokens(self, draft: str, ids: list[int], spans) -> list[bool]:
+        """Which draft tokens overlap the character `spans` (validated: in range, not overlapping)."""
+        try:
+            ranges = sorted((int(a), int(b)) for a, b in spans)
+        except (TypeError, ValueError):
+            raise ValueError("spans must be [start, end] character ranges") from None
+        if not ranges:
+            raise ValueError("spans is empty (leave it out to let the model find what to rewrite)")
+        for (a, b), nxt in zip(ranges, ranges[1:] + [None]):
+            if not 0 <= a < b <= len(draft):
+                raise ValueError(f"span [{a}, {b}] is out of range for a draft of {len(draft)} characters")
+            if nxt is not None and nxt[0] < b:
+                raise ValueError(f"spans [{a}, {b}] and [{nxt[0]}, {nxt[1]}] overlap")
+        ends = [len(self.decode(ids[: i + 1]) or "") for i in range(len(ids))]
+        starts = [0] + ends[:-1]
+        return [any(s < b and a < e for a, b in ranges) for s, e in zip(starts, ends)]
+
+    def _edit(self, req: Prepared, provisional: bool) -> Generator[Delta | BlockState, None, GenerationResult]:
+        stats = DecodeStats("edit")
+        t0 = time.perf_counter()
+        out: list[int] = []
+        events = run(self.net, self.machine(req, provisional), req.kv_slots())
+        for event in events:
+            if event.stats is not None:
+                stats = event.stats
+            if isinstance(event, Committed):
+                out = event.tokens[0]
+            yield from self.events(req, None, event, stats)
+        return self.result(req, None, stats, seconds=time.perf_counter() - t0, block=out)
+
+    def _run_edit(self, req: Prepared) -> GenerationResult:
+        gen = self._edit(req, False)
+        while True:
+            try:
+                next(gen)
+            except StopIteration as done:
+                return done.value
+
+    def infill(self, prefix: str | list[int], suffix: str | list[int], max_new_tokens: int = 32,
+               **kwargs) -> GenerationResult:
+        """Fill the middle between `prefix` and `suffix`: `.text` / `.token_ids` are the middle only, at most
+        `max_new_tokens` tokens (the model ends it early by writing the empty token, which is stripped). The
+        middle sees the whole suffix. Keywords: threshold, temperature, top_p, top_k, seed."""
+        return self._run_edit(self.infill_request(prefix, suffix, max_new_tokens, **kwargs))
+
+    def revise(self, prompt: str | list[int], draft: str | list[int], spans: list[tuple[int, int]] | None = None,
+               **kwargs) -> GenerationResult:
+        """Revise `draft` (written after `prompt`): `.text` is the whole revised draft, `.spans` the character
+        ranges of it that changed. With `spans` (character ranges of the draft) those are remasked and refilled;
+        without, the model finds what to rewrite itself: up to `rounds` (default 4) rounds, each rewriting the
+        tokens it predicts differently with confidence >= `revise_threshold`. Keywords: threshold, rounds,
+        revise_threshold, temperature, top_p, top_k, seed."""
+        return self._run_edit(self.revise_request(prompt, draft, spans, **kwargs))
+
+    def fill(self, template: str, hole_tokens: int = 8, **kwargs) -> GenerationResult:
+        """Fill every hole of `template` in parallel: holes are `[[hole]]` (`hole_tokens` tokens) or `[[hole:N]]`
+        (N tokens); a hole may end early. `.text` is the template with its holes filled (the text before the first
+        hole is the context and is returned too), `.spans` where the holes' text is."""
+        return self._run_edit(self.fill_request(template, hole_tokens, **kwargs))
+
+    def events(self, req: Prepared, text: TextStream | None, event,
                stats: DecodeStats | None = None) -> Generator[Delta | BlockState, None, None]:
         """What the caller sees of one machine event (shared with the engine); `stats`: the live statistics."""
         if event.stats is not None:
             stats = event.stats
         passes = stats.forward_passes if stats is not None else None
+        if req.edit is not None:  # an edit shows its whole block while it fills, and the result at the end
+            if isinstance(event, Provisional):
+                block = [None if t == self.config.mask_token_id else t for t in event.block[0]]
+                yield BlockState(block, self.decode([t for t in block if t is not None]) or "", passes)
+            elif isinstance(event, Committed):
+                ids, shown, _ = req.edit.render(event.tokens[0])
+                yield Delta(ids, shown, passes)
+            return
         if isinstance(event, Provisional):
             block = [None if t == self.config.mask_token_id else t for t in event.block[0]]
             yield BlockState(block, self.decode([t for t in block if t is not None]) or "", passes)
@@ -167,8 +384,18 @@ class TriMode:
                 delta.forward_passes = passes
                 yield delta
 
-    def result(self, req: Prepared, text: TextStream, stats: DecodeStats, finish: str | None = None,
-               seconds: float = 0.0) -> GenerationResult:
+    def result(self, req: Prepared, text: TextStream | None, stats: DecodeStats, finish: str | None = None,
+               seconds: float = 0.0, block: list[int] | None = None) -> GenerationResult:
+        if req.edit is not None:
+            ids, shown, spans = req.edit.render(block) if block else ([], "", [])
+            lead = getattr(req.edit, "lead", "")
+            if lead:
+                shown = lead + shown
+                spans = [(a + len(lead), b + len(lead)) for a, b in spans]
+            stats.mode, stats.prompt_tokens, stats.generated_tokens = "edit", len(req.prompt_ids), len(ids)
+            stats.seconds = seconds
+            return GenerationResult(ids, shown, stats, finish or ("stop" if block else "cancelled"), "edit",
+                                    req.knob_dict, spans)
         stats.mode, stats.prompt_tokens, stats.generated_tokens = req.mode, len(req.prompt_ids), len(text.tokens)
         stats.drop_tail(text.cut_tokens)
         stats.seconds = seconds
@@ -183,6 +410,8 @@ class TriMode:
         knobs (see `trimode.decode.modes`). Abandoning the stream stops the work."""
         if mode_spec(mode).engine_only:
             raise ValueError(f"mode {mode} chooses by load: it runs in the engine (trimode serve, trimode.engine)")
+        if mode_spec(mode).editing:
+            raise ValueError(f"mode {mode} rewrites given text: use infill, revise or fill")
         req = self.prepare(prompt, mode, **kwargs)
         text = TextStream(self.tokenizer, req.rule, req.stop)
         stats = DecodeStats(mode)

@@ -109,6 +109,76 @@ def generate(
     )
 
 
+def _chat_prefix(tm, chat: str | None) -> str:
+    """The chat template around a user message, up to where the assistant's answer starts ("" without chat)."""
+    if chat is None:
+        return ""
+    if tm.tokenizer is None:
+        fail("this model has no tokenizer / chat template")
+    return tm.tokenizer.apply_chat_template([{"role": "user", "content": chat}])
+
+
+def _print_edit(result, what: str) -> None:
+    typer.echo(result.text)
+    s = result.stats
+    spans = ", ".join(f"[{a}, {b}]" for a, b in result.spans) or "none"
+    typer.echo(f"[{what}] {len(result.token_ids)} tokens, {s.forward_passes} forward passes; changed: {spans}",
+               err=True)
+
+
+@app.command()
+def infill(
+    prefix: str = typer.Argument(..., help="Text before the hole."),
+    suffix: str = typer.Argument(..., help="Text after the hole."),
+    model: str | None = typer.Option(None, "--model", "-m", help="Checkpoint directory or Hub repo id (default: the bundled model)."),
+    max_new_tokens: int = typer.Option(16, "--max-new-tokens", "-n", help="The hole's budget; the model may write less."),
+    threshold: float | None = typer.Option(None, help="Commit threshold of each denoising pass (default 0.9)."),
+    chat: str | None = typer.Option(None, help="A user message: the hole is in the assistant's answer to it (chat template)."),
+    temperature: float = typer.Option(0.0, help="0 = greedy."),
+    seed: int | None = typer.Option(None, help="Seed for sampling."),
+    dtype: str | None = typer.Option(None, help="float32 / bfloat16."),
+    device: str | None = typer.Option(None, help="cpu / cuda."),
+) -> None:
+    """Fill in the middle between PREFIX and SUFFIX; prints the middle only."""
+    tm = load_or_fail(model, dtype, device)
+    try:
+        r = tm.infill(_chat_prefix(tm, chat) + prefix, suffix, max_new_tokens=max_new_tokens, threshold=threshold,
+                      temperature=temperature, seed=seed)
+    except ValueError as e:
+        fail(str(e))
+    _print_edit(r, "infill")
+
+
+@app.command()
+def revise(
+    draft: str = typer.Argument(..., help="The text to revise."),
+    prompt: str = typer.Option("", help="Text before the draft (context)."),
+    chat: str | None = typer.Option(None, help="A user message the draft answers (chat template)."),
+    span: list[str] = typer.Option([], "--span", help="START:END character range of the draft to rewrite (repeatable); none: the model finds what to rewrite."),
+    rounds: int | None = typer.Option(None, help="Most revision rounds without --span (default 4)."),
+    revise_threshold: float | None = typer.Option(None, "--revise-threshold", help="Rewrite a token the model predicts otherwise with at least this confidence (default 0.9)."),
+    model: str | None = typer.Option(None, "--model", "-m", help="Checkpoint directory or Hub repo id (default: the bundled model)."),
+    dtype: str | None = typer.Option(None, help="float32 / bfloat16."),
+    device: str | None = typer.Option(None, help="cpu / cuda."),
+) -> None:
+    """Revise DRAFT: rewrite the given spans, or what the model predicts differently; prints the revised text."""
+    spans = None
+    if span:
+        try:
+            spans = [tuple(int(x) for x in s.split(":")) for s in span]
+        except ValueError:
+            fail("--span takes START:END character offsets, e.g. --span 6:7")
+        if any(len(s) != 2 for s in spans):
+            fail("--span takes START:END character offsets, e.g. --span 6:7")
+    tm = load_or_fail(model, dtype, device)
+    try:
+        r = tm.revise(_chat_prefix(tm, chat) + prompt, draft, spans=spans, rounds=rounds,
+                      revise_threshold=revise_threshold)
+    except ValueError as e:
+        fail(str(e))
+    _print_edit(r, "revise")
+
+
 def _register_subcommands() -> None:
     """Each layer above the engine adds its own commands (`register(app)`), importing heavy modules lazily."""
     import importlib

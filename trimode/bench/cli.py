@@ -1,16 +1,17 @@
-"""`trimode bench {quality,speed,gpu}` and `trimode export`. Heavy imports happen inside the commands.
+"""`trimode bench {quality,speed,gpu,soak}` and `trimode export`. Heavy imports happen inside the commands.
 
 `bench_app` is the typer group; other layers may attach commands to it (`bench serve`).
 """
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import typer
 
 bench_app = typer.Typer(
-    help="Benchmarks: accuracy against speed per mode, decode and pass speed, the GPU fast path.",
+    help="Benchmarks: accuracy against speed per mode, decode and pass speed, the GPU fast path, a server soak.",
     no_args_is_help=True,
 )
 
@@ -83,6 +84,9 @@ def quality(
     thresholds: str = typer.Option("0.5,0.7,0.9", help="Diffusion commit thresholds to sweep ('' for none)."),
     steps: str | None = typer.Option(None, help="Diffusion fixed-step schedules to sweep: steps per block, e.g. "
                                                 "'8,16,32' (default: none)."),
+    remask: str | None = typer.Option(None, help="Diffusion remask thresholds to sweep with each threshold, e.g. "
+                                                 "'0.3,0.6' (default: none)."),
+    edits: bool = typer.Option(True, "--edits/--no-edits", help="Infill and revision rows for the list tasks."),
     max_new_tokens: int | None = typer.Option(None, "--max-new-tokens", help="Token budget (default: per task)."),
     seed: int = typer.Option(0, help="Seed choosing the generated tasks' held-out items."),
     out: Path | None = typer.Option(None, help="Also write the markdown report here."),
@@ -102,10 +106,10 @@ def quality(
         typer.echo(f"  {o.task:>16} {o.config.label:<28} acc {o.accuracy:.3f}  TPF {o.tpf:.2f}", err=True)
 
     lists = (_split(tasks, name="tasks"), _split(modes, name="modes"), _split(block_lengths, int, "block-lengths"),
-             _split(thresholds, float, "thresholds"), _split(steps, int, "steps"))
+             _split(thresholds, float, "thresholds"), _split(steps, int, "steps"), _split(remask, float, "remask"))
     try:
         report, _ = q.run(model, lists[0], n, lists[1], lists[2], lists[3], max_new_tokens, seed, plot, device, dtype,
-                          progress, lists[4])
+                          progress, lists[4], lists[5], edits)
     except ERRORS as e:
         _fail(str(e))
     _emit(report, out, ctx)
@@ -190,17 +194,28 @@ def engine(
 def gpu(
     ctx: typer.Context,
     shapes: str = typer.Option("8b", help="Comma-separated model shapes: 3b, 8b, 14b (CUDA), tiny (any device)."),
-    context: int = typer.Option(512, help="Tokens already in the KV cache."),
-    block: int = typer.Option(32, help="Block length (block step / verify size; quadratic pass = B(B+1))."),
-    lora_rank: int = typer.Option(128, "--lora-rank", help="Drafter adapter rank for the draft step (0: none)."),
-    iters: int = typer.Option(20, help="Passes per timing sample."),
-    tpf: str | None = typer.Option(None, help="TPF per mode for the projection, e.g. 'linear_spec=4.5' "
-                                              "(default: the paper's)."),
+    contexts: str = typer.Option("2048,8192", help="Comma-separated context lengths (tokens in each request's "
+                                                  "KV cache when the timed steps start)."),
+    requests: str = typer.Option("1,16,64", help="Comma-separated numbers of concurrent requests."),
+    modes: str = typer.Option(",".join(("ar", "diffusion", "linear_spec", "quadratic_spec")),
+                              help="Comma-separated modes."),
+    block: int = typer.Option(32, help="Block length of diffusion and speculation (quadratic pass = B(B+1))."),
+    lora_rank: int = typer.Option(128, "--lora-rank", help="Drafter adapter rank for linear_spec drafts (0: none)."),
+    steps: int = typer.Option(8, help="Decode steps timed per cell (rounded up to whole cycles of the mode)."),
+    model: str | None = typer.Option(None, "--model", "-m", help="A trained checkpoint (dir or Hub id) to measure "
+                                     "TPF on (default: the paper's TPF, stated as assumed)."),
+    tpf: str | None = typer.Option(None, help="TPF per mode, e.g. 'linear_spec=4.5' (overrides --model / paper)."),
+    peak_tflops: float | None = typer.Option(None, "--peak-tflops", help="Peak FLOP/s of the device for the "
+                                             "compute floor (default: datasheet for known GPUs, else measured)."),
+    max_batch_tokens: int = typer.Option(8192, "--max-batch-tokens", help="The engine's most tokens per forward."),
+    loading: bool = typer.Option(True, "--loading/--no-loading", help="Also write a random checkpoint (3b shape "
+                                 "with the real shapes, else tiny) and report the memory load_model takes for it."),
     device: str | None = typer.Option(None, help="cuda / cpu (default: cuda when available)."),
     out: Path | None = typer.Option(None, help="Also write the markdown report here."),
     threads: int | None = typer.Option(None, help="CPU threads for torch (default: torch's choice)."),
 ) -> None:
-    """Time per pass kind at the released 3B/8B/14B shapes (random weights) against the bandwidth floor."""
+    """Engine decode steps at the released 3B/8B/14B shapes (random weights) per mode, context and load, against
+    a weight + KV bandwidth / compute floor; tok/s from measured (--model) or assumed TPF."""
     from trimode.bench import gpu as g
 
     _set_threads(threads)
@@ -211,12 +226,66 @@ def gpu(
             given[mode.strip()] = float(value)
         except ValueError:
             _fail(f"--tpf: expected mode=value pairs, got {item!r}")
-    shape_list = _split(shapes, name="shapes") or []
+    lists = (_split(shapes, name="shapes") or [], _split(contexts, int, "contexts") or [],
+             _split(requests, int, "requests") or [], _split(modes, name="modes") or [])
+
+    def progress(c) -> None:
+        what = c.error or f"{c.seconds * 1e3:.2f} ms/step, {c.over_floor:.2f}x floor, {c.attention}"
+        typer.echo(f"  {c.shape} ctx {c.context} x{c.requests:<3} {c.mode:>15}: {what}", err=True)
+
+    def partial(report: str) -> None:  # a run cut short (a GPU session's time limit) keeps what it measured
+        if out is not None:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text(f"Command: `{_command_line(ctx)}` (incomplete: still running)\n\n{report}")
+
     try:
-        report = g.run(shape_list, device, context, block, lora_rank, iters, given)
+        report = g.run(lists[0], lists[1], lists[2], lists[3], block, lora_rank, steps, given, model, device,
+                       peak_tflops, max_batch_tokens, loading, progress, partial)
     except ERRORS as e:
         _fail(str(e))
     _emit(report, out, ctx)
+
+
+@bench_app.command()
+def soak(
+    ctx: typer.Context,
+    model: str | None = typer.Option(None, "--model", "-m", help="Checkpoint directory (default: the bundled model); "
+                                     "a `trimode serve` at default settings is started on it in a child process."),
+    url: str | None = typer.Option(None, help="Soak a running server instead, e.g. http://127.0.0.1:8000 (its model "
+                                   "must be served as 'bench': --served-model-name bench)."),
+    clients: int = typer.Option(64, help="Concurrent clients."),
+    duration: float = typer.Option(60, help="Seconds the clients keep sending."),
+    max_tokens: int = typer.Option(16, "--max-tokens", help="max_tokens of the generation requests."),
+    seed: int = typer.Option(0, help="Seed of the clients' request mix."),
+    threads: int | None = typer.Option(None, help="torch intra-op threads of the started server (OMP_NUM_THREADS)."),
+    api_key: str = typer.Option("none", "--api-key", envvar="TRIMODE_API_KEY", help="Bearer key, if needed."),
+    out: Path | None = typer.Option(None, help="Also write the markdown report here."),
+) -> None:
+    """Clients for a fixed time, every kind of traffic mixed (all modes, streams, disconnects, hostile requests):
+    outcomes by status, p50 / p99 latency, server memory before and after, health afterwards."""
+    import platform
+
+    from trimode.bench import soak as sk
+
+    if clients < 1 or duration <= 0 or max_tokens < 1:
+        _fail("--clients and --max-tokens must be >= 1 and --duration > 0")
+    if model is not None and url is not None:
+        _fail("give --model or --url, not both")
+    if model is not None and not Path(model).is_dir():
+        _fail(f"no checkpoint directory {model}")
+    try:
+        result = sk.run(model, url, clients, duration, max_tokens, api_key, threads, seed,
+                        echo=lambda line: typer.echo(line, err=True))
+    except ERRORS as e:
+        _fail(str(e))
+    mix = ", ".join(f"{kind} {weight}%" for kind, weight in sk.MIX)
+    header = (f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores; "
+              f"{'a running server' if url else 'a `trimode serve` child process at default settings'} "
+              f"({model or url or 'bundled model'}); max_tokens {max_tokens}, modes {', '.join(sk.MODES)} at random; "
+              f"mix: {mix}.")
+    _emit(sk.report(result, header), out, ctx)
+    if result.errors():
+        _fail(f"{sum(result.errors().values())} request(s) got an answer they should not (see the report)")
 
 
 def export(

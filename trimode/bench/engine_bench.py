@@ -70,9 +70,11 @@ def run_engine(tm: TriMode, mode: str, prompts: list[list[int]], max_new_tokens:
 
 
 @torch.no_grad()
-def replay(tm: TriMode, shapes: list[ForwardShape]) -> float:
-    """Seconds the bare network takes for the same forwards over contiguous caches."""
+def replay(tm: TriMode, forwards: list[list[ForwardShape]]) -> float:
+    """Seconds the bare network takes for the same forwards over contiguous caches (a forward that packed rows
+    of several widths is one bare forward per width: the bare network cannot pack them)."""
     net = tm.net
+    shapes = [s for groups in forwards for s in groups]
     widest = max(s.past + s.tokens for s in shapes)
     caches = {r: net.new_cache(r, widest) for r in {s.rows for s in shapes}}  # allocated outside the timing
     g = torch.Generator().manual_seed(0)

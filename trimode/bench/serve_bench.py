@@ -23,7 +23,10 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-FIXED_MODES = ("ar", "diffusion", "linear_spec", "quadratic_spec")
+from trimode.decode.modes import MODES
+
+# The modes a request can name that decide nothing by themselves (auto does), from the registry.
+FIXED_MODES = tuple(n for n, spec in MODES.items() if not spec.engine_only and not spec.editing)
 
 
 @dataclass
@@ -158,7 +161,6 @@ def free_port() -> int:
 def start_server(model: str | None, port: int, block_length: int | None, dtype: str | None, device: str | None,
                  max_queue: int, threads: int | None = None, timeout: float = 300,
                  auto_config: str | None = None) -> subprocess.Popen:
-    import httpx
 
     cmd = [sys.executable, "-m", "trimode.cli", "serve", "--port", str(port), "--log-level", "warning",
            "--max-queue", str(max_queue), "--served-model-name", "bench"]
@@ -170,10 +172,18 @@ def start_server(model: str | None, port: int, block_length: int | None, dtype: 
     if threads is not None:
         env["OMP_NUM_THREADS"] = str(threads)  # torch's intra-op threads in the server
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
+    return wait_until_healthy(proc, port, timeout, lambda: proc.stderr.read())
+
+
+def wait_until_healthy(proc: subprocess.Popen, port: int, timeout: float, stderr) -> subprocess.Popen:
+    """Poll a started `trimode serve` until /health answers; RuntimeError with its last words if it exits or
+    does not answer within `timeout` seconds (`stderr()` returns what it wrote)."""
+    import httpx
+
     deadline = time.time() + timeout
     while time.time() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"the server exited: {proc.stderr.read().strip()[-500:]}")
+            raise RuntimeError(f"the server exited: {stderr().strip()[-500:]}")
         try:
             if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
                 return proc
@@ -222,7 +232,7 @@ def report(cells: list[Cell], header: str, auto: dict | None = None) -> str:
     return "\n".join(lines) + "\n"
 
 
-LOSSLESS_MODES = ("ar", "linear_spec", "quadratic_spec")  # auto's candidates: their output is AR's
+LOSSLESS_MODES = tuple(m for m in FIXED_MODES if MODES[m].lossless)  # auto's candidates: their output is AR's
 
 
 def auto_verdicts(cells: list[Cell]) -> list[str]:

@@ -9,7 +9,7 @@ import typer
 
 from trimode.decode.modes import MODES as _REGISTRY
 
-MODES = tuple(_REGISTRY)
+MODES = tuple(name for name, spec in _REGISTRY.items() if not spec.editing)  # what a chat request may run
 
 
 def register(app: typer.Typer) -> None:

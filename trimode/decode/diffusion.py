@@ -29,14 +29,27 @@ def _eos_done(generated: list[int], block: torch.Tensor, masked: torch.Tensor, s
     return eos is not None and not bool(masked[:eos].any())
 
 
+REMASKS_PER_SLOT = 2  # with remask_threshold: how often one slot of a block may be remasked
+
+
 def diffusion(prompt_ids: torch.Tensor, stop: StopRule, sampling: SamplingParams, mask_id: int,
               block_length: int = 32, threshold: float | None = 0.9, causal_context: bool = True,
               steps: int | None = None, thinking: ThinkingBudget | None = None,
-              provisional: bool = False) -> Machine:
+              provisional: bool = False, remask_threshold: float | None = None) -> Machine:
     """`threshold=None` selects the fixed-step schedule: `steps` denoising passes per block (default
-    `block_length`, as the reference), the block's masks split evenly over them."""
-    # A threshold step commits at least one token, so block_length passes always finish a block.
+    `block_length`, as the reference), the block's masks split evenly over them.
+
+    `remask_threshold`: after each step, a token committed earlier in this block whose probability under the
+    step's logits fell below it is masked again (at most REMASKS_PER_SLOT times per slot), so a token committed
+    too early can be revisited. The block's tokens are then final only when the block is: none is streamed
+    before."""
+    if remask_threshold is not None and threshold is None:
+        raise ValueError("remask_threshold works with the threshold schedule, not with fixed steps")
+    # A threshold step commits at least one token, so block_length passes always finish a block (each remask
+    # of a slot can cost one more).
     steps_per_block = block_length if threshold is not None or steps is None else steps
+    if remask_threshold is not None:
+        steps_per_block = block_length * (1 + REMASKS_PER_SLOT)
     if steps_per_block < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
     dev = prompt_ids.device
@@ -67,6 +80,8 @@ def diffusion(prompt_ids: torch.Tensor, stop: StopRule, sampling: SamplingParams
         if causal_context:
             masked[:, 0] = False
         committed_at = torch.full_like(block, -1)  # the step that committed each slot (for honest step counts)
+        remasks = torch.zeros_like(block)
+        fixed = ~masked  # the seed and a forced end-think token are never remasked
         schedule = transfer_schedule(masked.sum(-1), steps_per_block)
         positions = torch.arange(start, start + block_length, device=dev)
         steps_run = 0
@@ -88,8 +103,17 @@ def diffusion(prompt_ids: torch.Tensor, stop: StopRule, sampling: SamplingParams
             block[transfer] = proposal[transfer]
             committed_at[transfer] = step
             masked &= ~transfer
+            if remask_threshold is not None:
+                doubtful = ~masked & ~fixed & ~transfer & (remasks < REMASKS_PER_SLOT)
+                doubtful &= confidence(logits, block) < remask_threshold
+                block[doubtful] = mask_id
+                masked |= doubtful
+                remasks += doubtful.long()
+                committed_at[doubtful] = -1
             if provisional:
                 yield Provisional(block.masked_fill(masked, mask_id).tolist(), stats)
+            if remask_threshold is not None and masked.any():
+                continue  # a committed token may still be remasked: nothing is final before the block is
             settled = [generated[r] + _settled_prefix(block[r], masked[r]) for r in range(batch)]
             new = [stop.finish(settled[r])[0][streamed[r] :] for r in range(batch)]
             if any(new):

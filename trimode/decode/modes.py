@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from trimode.decode import ar as _ar
 from trimode.decode import auto as _auto
 from trimode.decode import diffusion as _diffusion
+from trimode.decode import edit as _edit
 from trimode.decode import linear_spec as _linear
 from trimode.decode import quadratic_spec as _quadratic
 
@@ -64,10 +65,14 @@ class DiffusionKnobs:
     threshold: float | None = 0.9  # None: the fixed-step schedule
     steps: int | None = None  # denoising passes per block with the fixed-step schedule (default block_length)
     causal_context: bool = True
+    remask_threshold: float | None = None  # remask a committed token of the block whose confidence falls below
 
     def check(self, defaults: ModelDefaults) -> None:
         _check_block("diffusion", self.block_length, 1)
         _check_threshold(self.threshold)
+        _check_threshold(self.remask_threshold)
+        if self.remask_threshold is not None and self.threshold is None:
+            raise ValueError("remask_threshold works with the threshold schedule, not with steps")
         _check_bool("causal_context", self.causal_context)
         if self.steps is not None and (isinstance(self.steps, bool) or not isinstance(self.steps, int)
                                        or self.steps < 1):
@@ -113,6 +118,19 @@ class AutoKnobs:
 
 
 @dataclass(frozen=True)
+class EditKnobs:
+    threshold: float = 0.9  # a pass commits the masked slots at least this confident (at least one)
+    rounds: int = 1  # revision rounds after the holes are filled (1: fill only)
+    revise_threshold: float = 0.9  # a revision remasks a slot whose other prediction is at least this confident
+
+    def check(self, defaults: ModelDefaults) -> None:
+        _check_threshold(self.threshold)
+        _check_threshold(self.revise_threshold)
+        if isinstance(self.rounds, bool) or not isinstance(self.rounds, int) or not 1 <= self.rounds <= 64:
+            raise ValueError(f"rounds must be an integer in [1, 64], got {self.rounds!r}")
+
+
+@dataclass(frozen=True)
 class ModeSpec:
     name: str
     summary: str
@@ -121,18 +139,25 @@ class ModeSpec:
     lossless: bool  # the output is AR's output (greedy, and sampled with the same seed)
     batch_rows: bool = False  # decodes several prompt rows of one length together (batch-1 driver only)
     engine_only: bool = False  # needs the engine (auto steers by load)
+    editing: bool = False  # rewrites a given block (`TriMode.infill` / `revise` / `fill`), does not append
     knob_names: tuple[str, ...] = field(init=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "knob_names", tuple(f.name for f in dataclasses.fields(self.knobs)))
 
-    def machine(self, prompt_ids, stop, sampling, mask_id, knobs, thinking=None, provisional=False, steer=None):
+    def machine(self, prompt_ids, stop, sampling, mask_id, knobs, thinking=None, provisional=False, steer=None,
+                block=None):
+        if self.name == "edit":
+            if block is None:
+                raise ValueError("an edit needs its block (holes, or a draft to revise)")
+            return _edit.edit(prompt_ids, block, sampling, mask_id, knobs.threshold, knobs.rounds,
+                              knobs.revise_threshold, provisional)
         return self.build(prompt_ids, stop, sampling, mask_id, knobs, thinking, provisional, steer)
 
     def kv_slots(self, prompt_len: int, max_new_tokens: int, knobs) -> int:
         """The most KV cache slots a request uses: committed tokens plus the widest pass's scratch."""
         b = getattr(knobs, "block_length", 1)
-        if self.name == "ar":
+        if self.name in ("ar", "edit"):  # an edit's block is its max_new_tokens
             return prompt_len + max_new_tokens
         if self.name == "diffusion":
             return prompt_len + math.ceil(max_new_tokens / b) * b
@@ -143,6 +168,8 @@ class ModeSpec:
     def widest_pass(self, prompt_len: int, knobs) -> int:
         """Tokens in the widest single pass (besides a causal prompt pass, which the engine runs in chunks)."""
         b = getattr(knobs, "block_length", 1)
+        if self.name == "edit":
+            return prompt_len  # the block is at most the budget; see peak_activation_bytes
         if self.name in ("quadratic_spec", "auto"):
             return max(b * (b + 1), prompt_len + b)  # the init pass [prompt, MASK x B] is not causal: one piece
         return b
@@ -153,6 +180,8 @@ class ModeSpec:
         and mask over the whole context (float32, as the math kernel keeps them), the MLP activations and the
         logits. The KV cache is not included (the pool holds it)."""
         t = max(self.widest_pass(prompt_len, knobs), min(prompt_len, prefill_chunk))
+        if self.name == "edit":
+            t = max(min(prompt_len, prefill_chunk), max_new_tokens)
         keys = self.kv_slots(prompt_len, max_new_tokens, knobs)
         heads, hidden = config.num_attention_heads, config.hidden_size
         scores = 3 * heads * t * keys * 4 + t * keys  # scores, softmax and its copy in float32; the boolean mask
@@ -167,7 +196,7 @@ def _build_ar(ids, stop, sampling, mask_id, k, thinking, provisional, steer):
 
 def _build_diffusion(ids, stop, sampling, mask_id, k, thinking, provisional, steer):
     return _diffusion.diffusion(ids, stop, sampling, mask_id, k.block_length, k.threshold, k.causal_context,
-                                k.steps, thinking, provisional)
+                                k.steps, thinking, provisional, k.remask_threshold)
 
 
 def _build_linear(ids, stop, sampling, mask_id, k, thinking, provisional, steer):
@@ -196,6 +225,8 @@ MODES: dict[str, ModeSpec] = {
                  _build_quadratic, lossless=True),
         ModeSpec("auto", "per cycle AR, linear or quadratic speculation, whichever the load favours", AutoKnobs,
                  _build_auto, lossless=True, engine_only=True),
+        ModeSpec("edit", "fill holes and revise a draft in one bidirectional block (infill, revise, fill)",
+                 EditKnobs, None, lossless=False, editing=True),
     )
 }
 KNOB_NAMES: tuple[str, ...] = tuple(dict.fromkeys(n for s in MODES.values() for n in s.knob_names))

@@ -18,6 +18,7 @@ class GenerationResult:
     finish_reason: str  # "stop" (EOS or a stop string), "length" or "cancelled"
     mode: str = "ar"
     knobs: dict = field(default_factory=dict)
+    spans: list[tuple[int, int]] = field(default_factory=list)  # edits: the character ranges of `text` written
 
 
 @dataclass

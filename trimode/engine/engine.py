@@ -31,7 +31,7 @@ from trimode.decode.stats import DecodeStats
 from trimode.engine.auto import AutoConfig, AutoPolicy, AutoSteer, CostModel, measure_slowdowns
 from trimode.engine.kv_pool import KVPool
 from trimode.engine.request import EngineRequest, EngineStopped, QueueFull, RequestCancelled, RequestHandle
-from trimode.engine.runner import run_rows
+from trimode.engine.runner import run_step
 from trimode.engine.scheduler import Scheduler
 from trimode.engine.sequence import Sequence
 
@@ -40,8 +40,8 @@ log = logging.getLogger("trimode.engine")
 
 @dataclass(frozen=True)
 class ForwardShape:
-    """What one fused forward ran: rows, tokens per row, the longest prefix, its mask kinds, the adapter, and
-    how many positions went through the LM head (a benchmark replays these on the bare network)."""
+    """One width group of a fused forward: rows, tokens per row, the longest prefix, its mask kinds, the adapter,
+    and how many positions went through the LM head (a benchmark replays these on the bare network)."""
 
     rows: int
     tokens: int
@@ -51,10 +51,14 @@ class ForwardShape:
     logits: int
 
     @classmethod
-    def of(cls, rows) -> ForwardShape:
-        return cls(len(rows), rows[0].tokens, max(r.cache.length for r in rows),
-                   tuple("tensor" if isinstance(r.mask, torch.Tensor) else r.mask for r in rows),
-                   tuple(r.lora for r in rows), sum(r.tokens if r.read is None else len(r.read) for r in rows))
+    def of(cls, rows) -> list[ForwardShape]:
+        widths: dict[int, list] = {}
+        for r in rows:
+            widths.setdefault(r.tokens, []).append(r)
+        return [cls(len(g), t, max(r.cache.length for r in g),
+                    tuple("tensor" if isinstance(r.mask, torch.Tensor) else r.mask for r in g),
+                    tuple(r.lora for r in g), sum(r.tokens if r.read is None else len(r.read) for r in g))
+                for t, g in widths.items()]
 DEFAULT_KV_BYTES = {"cuda": 0.5, "cpu": 1 << 30}  # CUDA: half the free memory; CPU: 1 GiB
 DEFAULT_PASS_BYTES = {"cuda": 0.25, "cpu": 2 << 30}  # the widest pass's activations: CUDA a quarter of free memory
 
@@ -133,8 +137,11 @@ class Engine:
         """The request as it will run (`Prepared`); ValueError naming the problem when it can never run here."""
         if not isinstance(request.prompt_ids, list):
             raise ValueError("prompt_ids must be a list of token ids")
-        req = self.tm.prepare(request.prompt_ids, request.mode, request.max_new_tokens, request.temperature,
-                              request.top_p, request.top_k, request.seed, request.stop, **request.knobs)
+        if request.edit is not None or request.mode == "edit":
+            req = self._prepare_edit(request)
+        else:
+            req = self.tm.prepare(request.prompt_ids, request.mode, request.max_new_tokens, request.temperature,
+                                  request.top_p, request.top_k, request.seed, request.stop, **request.knobs)
         spec = mode_spec(req.mode)
         needed = req.kv_slots()
         if self.pool.pages_for(needed) > self.pool.num_pages:
@@ -150,6 +157,21 @@ class Engine:
                              f"pass; this engine allows {self.max_pass_bytes / 2**20:.0f} MiB (max_pass_bytes): "
                              f"lower {what}")
         return req
+
+    def _prepare_edit(self, request: EngineRequest):
+        if request.mode != "edit" or not (isinstance(request.edit, tuple) and len(request.edit) == 2):
+            raise ValueError('an edit runs in mode "edit" with edit=(kind, arguments)')
+        kind, args = request.edit
+        sampling = dict(temperature=request.temperature, top_p=request.top_p, top_k=request.top_k,
+                        seed=request.seed, **request.knobs)
+        if kind == "infill":
+            return self.tm.infill_request(request.prompt_ids, args.get("suffix", []), request.max_new_tokens,
+                                          **sampling)
+        if kind == "revise":
+            return self.tm.revise_request(request.prompt_ids, args.get("draft", []), args.get("spans"), **sampling)
+        if kind == "fill":
+            return self.tm.fill_request(args.get("template"), args.get("hole_tokens", 8), **sampling)
+        raise ValueError(f"unknown edit {kind!r}; use infill, revise or fill")
 
     def submit(self, request: EngineRequest) -> RequestHandle:
         """Queue a request (ValueError when invalid, QueueFull when at capacity, EngineStopped when stopped)."""
@@ -216,7 +238,7 @@ class Engine:
             t1 = time.perf_counter()
             rows = [row for _, row in batch]
             try:
-                logits = run_rows(self.tm.net, self.pool, rows)
+                logits = run_step(self.tm.net, self.pool, rows)
                 if logits[0].device.type == "cuda":
                     torch.cuda.synchronize(logits[0].device)  # so the forward's time is measured, not its launch
             except Exception as e:  # a failed forward fails its rows' requests, not the engine
@@ -227,7 +249,7 @@ class Engine:
             tokens = sum(r.tokens for r in rows)
             timings.append((tokens, time.perf_counter() - t1))
             if self.trace is not None:
-                self.trace.append(ForwardShape.of(rows))
+                self.trace.append(ForwardShape.of(rows))  # one list per fused forward
             self._counters["forwards"] += 1
             self._counters["forward_rows"] += len(rows)
             self._counters["forward_tokens"] += tokens

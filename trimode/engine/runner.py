@@ -1,9 +1,12 @@
 """One fused forward over rows of many requests: the inputs, the per-row masks and the paged cache view.
 
-A row is one request's pending pass (or one chunk of a long causal prompt pass). Rows that share a forward have
-the same number of tokens T; everything else is per row: positions, cache length, mask kind, the drafter adapter
-(applied per row, so drafts and verifies share a pass) and which positions' logits it reads (only those go
-through the LM head). Built with a handful of batched tensor ops however many rows there are.
+A row is one request's pending pass (or one chunk of a long causal prompt pass). Everything is per row:
+positions, cache length, mask kind, the drafter adapter (applied per row, so drafts and verifies share a pass)
+and which positions' logits it reads (only those go through the LM head). Rows of one width T form a group,
+laid out [R, T] with keys [prefix | T tokens | padding] per row (`RowsView`, `row_masks`); rows of different
+widths share the forward too (`run_step`): their tokens are packed into one sequence for every per-token
+operation (embeddings, projections, MLP, LM head: the weights are read once per step), and only attention runs
+per group (`PackedView.attend`). Built with a handful of batched tensor ops however many rows there are.
 """
 
 from __future__ import annotations
@@ -11,10 +14,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch.nn.utils.rnn import pad_sequence
 
 from trimode.engine.kv_pool import KVPool, PagedCache
-from trimode.model.masks import MaskSpec, pass_pattern
+from trimode.model.masks import MaskSpec, pass_pattern, resolve
 from trimode.model.transformer import NLDTransformer
 
 
@@ -103,6 +107,85 @@ def single_row_mask(row: Row, past: int):
     if isinstance(row.mask, torch.Tensor):
         return row.mask
     return "bidirectional" if row.tokens == 1 else row.mask  # one token sees its prefix and itself
+
+
+@dataclass
+class _Group:
+    rows: list[Row]
+    view: RowsView
+    mask: object
+    start: int  # its tokens in the packed sequence: start .. start + len(rows) * T
+    t: int
+
+
+class PackedView:
+    """The cache of a forward whose tokens are several row groups packed as one sequence [1, N]: it writes each
+    group's K/V into the pool and runs each group's attention over its own keys and mask."""
+
+    length = 0
+
+    def __init__(self, pool: KVPool, groups: list[list[Row]]) -> None:
+        self.groups: list[_Group] = []
+        start = 0
+        for rows in groups:
+            t = rows[0].tokens
+            view = RowsView(pool, [r.cache for r in rows], t)
+            mask = (single_row_mask(rows[0], view.length) if view.first_slot is not None
+                    else row_masks(rows, view.pasts, view.length + t))
+            self.groups.append(_Group(rows, view, mask, start, t))
+            start += len(rows) * t
+
+    def reserve(self, total: int) -> None:
+        """Every row's pages were reserved at admission for its widest pass."""
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gqa: bool) -> torch.Tensor:
+        """q [1, H, N, D], k / v [1, Hkv, N, D] of the packed tokens -> attention output [1, H, N, D]."""
+        outs = []
+        for g in self.groups:
+            r, end = len(g.rows), g.start + len(g.rows) * g.t
+
+            def rows_of(x: torch.Tensor, g=g, r=r, end=end) -> torch.Tensor:  # [1, H, R*T, D] -> [R, H, T, D]
+                return x[0, :, g.start : end].reshape(x.shape[1], r, g.t, x.shape[-1]).transpose(0, 1)
+
+            keys, values = g.view.write_scratch(layer, rows_of(k), rows_of(v))
+            mask, is_causal = resolve(g.mask, g.t, g.view.length, q.device)
+            out = F.scaled_dot_product_attention(rows_of(q), keys, values, attn_mask=mask, is_causal=is_causal,
+                                                 enable_gqa=gqa)
+            outs.append(out.transpose(0, 1).reshape(out.shape[1], r * g.t, out.shape[-1]))
+        return torch.cat(outs, 1)[None]
+
+
+@torch.no_grad()
+def run_step(net: NLDTransformer, pool: KVPool, rows: list[Row]) -> list[torch.Tensor]:
+    """Run rows of any widths in one forward; returns each row's logits ([T, V] or [len(read), V]) in order."""
+    by_width: dict[int, list[int]] = {}
+    for i, r in enumerate(rows):
+        by_width.setdefault(r.tokens, []).append(i)
+    if len(by_width) == 1:
+        return run_rows(net, pool, rows)
+    order = [i for idx in by_width.values() for i in idx]
+    packed = [rows[i] for i in order]
+    dev = net.device
+    view = PackedView(pool, [[rows[i] for i in idx] for idx in by_width.values()])
+    ids = torch.cat([r.ids for r in packed]).to(dev)[None]
+    positions = torch.cat([r.positions if r.positions is not None
+                           else r.cache.length + torch.arange(r.tokens) for r in packed]).to(dev)[None]
+    lora = False
+    if any(r.lora for r in packed):
+        lora = torch.cat([torch.full((r.tokens,), r.lora) for r in packed]).to(dev)[None]
+    index, counts, at = [], [], 0
+    for r in packed:
+        read = torch.arange(r.tokens) if r.read is None else torch.tensor(r.read, dtype=torch.long)
+        index.append(read + at)
+        counts.append(len(read))
+        at += r.tokens
+    logits = net(ids, mask="bidirectional", cache=view, positions=positions, lora=lora,
+                 logits_at=torch.cat(index))
+    out = list(logits.split(counts))
+    result: list[torch.Tensor] = [None] * len(rows)  # type: ignore[list-item]
+    for i, logit in zip(order, out):
+        result[i] = logit
+    return result
 
 
 @torch.no_grad()

@@ -11,7 +11,7 @@
 
 from __future__ import annotations
 
-from collections import defaultdict, deque
+from collections import deque
 
 from trimode.engine.kv_pool import KVPool, PagedCache
 from trimode.engine.request import QueueFull
@@ -63,14 +63,16 @@ class Scheduler:
         self.running.remove(seq)
 
     def plan(self) -> list[list[tuple[Sequence, Row]]]:
-        """This step's forwards: every running request's pending pass (or its next chunk), grouped by width."""
-        groups: dict[int, list[tuple[Sequence, Row]]] = defaultdict(list)
-        for seq in self.running:
-            if seq.pending is not None:
-                row = seq.next_row(self.prefill_chunk)
-                groups[row.tokens].append((seq, row))
-        batches = []
-        for t, rows in sorted(groups.items()):
-            per_forward = max(1, self.max_batch_tokens // t)
-            batches += [rows[i : i + per_forward] for i in range(0, len(rows), per_forward)]
+        """This step's forwards: every running request's pending pass (or its next chunk), rows of all widths
+        together (narrow first), a new forward only where `max_batch_tokens` is reached."""
+        rows = sorted(((seq, seq.next_row(self.prefill_chunk)) for seq in self.running if seq.pending is not None),
+                      key=lambda sr: sr[1].tokens)
+        batches: list[list[tuple[Sequence, Row]]] = []
+        tokens = 0
+        for seq, row in rows:
+            if not batches or tokens + row.tokens > self.max_batch_tokens:
+                batches.append([])
+                tokens = 0
+            batches[-1].append((seq, row))
+            tokens += row.tokens
         return batches

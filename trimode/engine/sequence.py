@@ -36,6 +36,7 @@ class Sequence:
     text: TextStream | None = None
     stats: DecodeStats = field(default_factory=lambda: DecodeStats("ar"))
     started: float = 0.0
+    block: list[int] | None = None  # an edit's filled block
 
     @property
     def request(self) -> EngineRequest:
@@ -68,7 +69,9 @@ class Sequence:
                 continue
             if op.stats is not None:
                 self.stats = op.stats
-            if isinstance(op, Committed):  # the common event, without the generator of `tm.events`
+            if isinstance(op, Committed) and self.prepared.edit is not None:
+                self.block = op.tokens[0]
+            if isinstance(op, Committed) and self.prepared.edit is None:  # the common event, without a generator
                 delta = self.text.add(op.tokens[0])
                 if delta is not None:
                     delta.forward_passes = self.stats.forward_passes
@@ -76,7 +79,7 @@ class Sequence:
             else:
                 for event in tm.events(self.prepared, self.text, op, self.stats):
                     self.handle._put(event)
-            if self.text.stop_hit:
+            if self.prepared.edit is None and self.text.stop_hit:
                 self.machine.close()
                 return self.result(tm)
 
@@ -114,5 +117,6 @@ class Sequence:
         import time
 
         self.status = Status.FINISHED
-        result = tm.result(self.prepared, self.text, self.stats, finish, time.perf_counter() - self.started)
+        result = tm.result(self.prepared, self.text, self.stats, finish, time.perf_counter() - self.started,
+                           self.block)
         return result

@@ -18,7 +18,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from trimode.model.config import CheckpointError, NLDConfig
-from trimode.model.transformer import NLDTransformer
+from trimode.model.transformer import NLDTransformer, yarn_inv_freq
 
 WEIGHTS = "model.safetensors"
 INDEX = "model.safetensors.index.json"
@@ -67,6 +67,7 @@ def _weight_files(ckpt: Path) -> list[Path]:
 
 
 def read_tensors(files: list[Path]) -> dict[str, torch.Tensor]:
+    """Every tensor of `files` on the CPU (memory-mapped until touched). For small files: adapters, tests."""
     tensors: dict[str, torch.Tensor] = {}
     for f in files:
         try:
@@ -78,13 +79,30 @@ def read_tensors(files: list[Path]) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def load_state(model: NLDTransformer, tensors: dict[str, torch.Tensor], source: str) -> None:
-    """Copy `tensors` into `model`, with clear errors for missing, unexpected or misshapen tensors."""
-    expected = {k: v for k, v in model.state_dict().items() if ".lora_" not in k}
-    if model.config.tie_word_embeddings and "diffusion_head.weight" not in tensors:
-        tensors = {**tensors, "diffusion_head.weight": tensors.get("encoder.embed_tokens.weight")}
-    missing = sorted(set(expected) - set(tensors))
-    unexpected = sorted(set(tensors) - set(expected))
+def read_shapes(files: list[Path]) -> dict[str, tuple[Path, tuple[int, ...]]]:
+    """Each tensor's file and shape, from the safetensors headers alone (no tensor data is read)."""
+    found: dict[str, tuple[Path, tuple[int, ...]]] = {}
+    for f in files:
+        try:
+            with safe_open(str(f), framework="pt") as fh:
+                for k in fh.keys():
+                    found[k] = (f, tuple(fh.get_slice(k).get_shape()))
+        except Exception as e:  # safetensors raises its own error types for corrupt headers
+            raise CheckpointError(f"{f} is not a readable safetensors file: {e}") from None
+    return found
+
+
+def match_names(model: NLDTransformer, shapes: dict[str, tuple[int, ...]], source: str) -> dict[str, str]:
+    """Map each of `model`'s tensors to the checkpoint name it is read from, or raise a clear CheckpointError
+    for missing, unexpected or misshapen tensors. A tied checkpoint without `diffusion_head.weight` fills the
+    head from `encoder.embed_tokens.weight` (a copy: the loaded network keeps two parameters)."""
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items() if ".lora_" not in k}
+    names = {k: k for k in shapes}
+    head, embed = "diffusion_head.weight", "encoder.embed_tokens.weight"
+    if model.config.tie_word_embeddings and head not in shapes and embed in shapes:
+        names[head] = embed
+    missing = sorted(set(expected) - set(names))
+    unexpected = sorted(set(names) - set(expected))
     if missing:
         more = " ..." if len(missing) > 8 else ""
         raise CheckpointError(f"{source}: missing tensors: {', '.join(missing[:8])}{more}")
@@ -92,23 +110,53 @@ def load_state(model: NLDTransformer, tensors: dict[str, torch.Tensor], source: 
         raise CheckpointError(
             f"{source}: unexpected tensors: {', '.join(unexpected[:8])}" + (" ..." if len(unexpected) > 8 else "")
         )
-    for k, v in expected.items():
-        if tuple(tensors[k].shape) != tuple(v.shape):
+    for k, shape in expected.items():
+        if tuple(shapes[names[k]]) != shape:
             raise CheckpointError(
-                f"{source}: tensor {k} has shape {list(tensors[k].shape)}, the config implies {list(v.shape)}"
+                f"{source}: tensor {k} has shape {list(shapes[names[k]])}, the config implies {list(shape)}"
             )
+    return {k: names[k] for k in expected}
+
+
+def load_state(model: NLDTransformer, tensors: dict[str, torch.Tensor], source: str) -> None:
+    """Copy `tensors` into `model` (already materialised), with the checks of `match_names`."""
+    names = match_names(model, {k: tuple(v.shape) for k, v in tensors.items()}, source)
     with torch.no_grad():
-        for k, v in expected.items():
-            v.copy_(tensors[k].to(v.dtype))
+        for k, v in model.state_dict().items():
+            if k in names:
+                v.copy_(tensors[names[k]].to(v.dtype))
 
 
 def load_model(ckpt: Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> NLDTransformer:
+    """The network of `ckpt`, its weights read straight into `dtype` on `device`.
+
+    The network is built on the meta device; each parameter is then allocated once, in its final dtype on its
+    final device, and filled from the memory-mapped checkpoint file, one tensor at a time. The file is reopened
+    per tensor so the pages one tensor touched are unmapped before the next: peak memory is the loaded network
+    plus its largest tensor, not the network plus a float32 (or on-device) copy plus the whole file.
+    """
     cfg = NLDConfig.from_json(ckpt / "config.json")
     files = _weight_files(ckpt)
+    found = read_shapes(files)
     with torch.device("meta"):
         model = NLDTransformer(cfg)
-    model = model.to_empty(device=device).to(dtype)
-    load_state(model, read_tensors(files), str(ckpt))
+    names = match_names(model, {k: shape for k, (_, shape) in found.items()}, str(ckpt))
+    device = torch.device(device)
+    state: dict[str, torch.Tensor] = {}
+    with torch.no_grad():
+        for k, name in names.items():
+            f, shape = found[name]
+            out = torch.empty(shape, dtype=dtype, device=device)
+            try:
+                with safe_open(str(f), framework="pt") as fh:
+                    out.copy_(fh.get_tensor(name))  # cast (and host-to-device copy) of this one tensor
+            except Exception as e:
+                raise CheckpointError(f"{f}: cannot read tensor {name}: {e}") from None
+            state[k] = out
+    model.load_state_dict(state, strict=True, assign=True)
+    # RoPE frequencies are not in the checkpoint (still on meta): derived from the config, always float32,
+    # exactly as NLDTransformer._apply recomputes them after a .to().
+    model.inv_freq = yarn_inv_freq(cfg)[0].to(device)
     return model.eval()
 
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Literal, Union
+from typing import Literal
 
 import torch
 
@@ -31,7 +31,7 @@ class QuadraticStep:
     block: int
 
 
-MaskSpec = Union[Literal["causal", "bidirectional"], QuadraticInit, QuadraticStep, torch.Tensor]
+MaskSpec = Literal["causal", "bidirectional"] | QuadraticInit | QuadraticStep | torch.Tensor
 
 
 @lru_cache(maxsize=256)
@@ -42,7 +42,8 @@ def _pattern(kind, t: int, device: str) -> torch.Tensor:
         return torch.ones(t, t, dtype=torch.bool, device=device)
     if isinstance(kind, QuadraticStep):
         if t != kind.block * (kind.block + 1):
-            raise ValueError(f"a quadratic pass of block {kind.block} has {kind.block * (kind.block + 1)} tokens, got {t}")
+            raise ValueError(f"a quadratic pass of block {kind.block} has {kind.block * (kind.block + 1)} tokens, "
+                             f"got {t}")
         return quadratic_step_mask(kind.block, 0, device)
     if isinstance(kind, QuadraticInit):
         return quadratic_init_mask(kind.prompt_len, t - kind.prompt_len, device)

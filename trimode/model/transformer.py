@@ -95,7 +95,8 @@ class LoRALinear(nn.Module):
         self.lora_scale = scale
 
     def forward(self, x: torch.Tensor, lora: bool | torch.Tensor = False) -> torch.Tensor:
-        """`lora`: for the whole batch (bool) or per row (bool tensor [B]: drafts and verifies share a pass)."""
+        """`lora`: for the whole batch (bool), per row (bool tensor [B]) or per token ([B, T]): drafts and
+        verifies of different requests share a pass."""
         y = F.linear(x, self.weight)
         if isinstance(lora, torch.Tensor) and not bool(lora.any()):
             return y
@@ -103,7 +104,9 @@ class LoRALinear(nn.Module):
             if self.lora_A is None:
                 raise RuntimeError("a drafter pass asked for the LoRA adapter but none is loaded")
             delta = self.lora_scale * F.linear(F.linear(x, self.lora_A), self.lora_B)
-            y = y + (delta * lora.to(delta.dtype)[:, None, None] if isinstance(lora, torch.Tensor) else delta)
+            if isinstance(lora, torch.Tensor):
+                delta = delta * (lora[:, None, None] if lora.dim() == 1 else lora[..., None]).to(delta.dtype)
+            y = y + delta
         return y
 
 
@@ -125,6 +128,9 @@ class Attention(nn.Module):
         k = k * cos + rotate_half(k) * sin
         if q_scale is not None:
             q = q * q_scale
+        if hasattr(cache, "attend"):  # a packed forward of several row groups: the view runs their attention
+            out = cache.attend(layer, q, k, v, self.n_kv != self.n_heads)
+            return self.o_proj(out.transpose(1, 2).reshape(b, t, -1), lora)
         past = 0
         if cache is not None:
             past = cache.length

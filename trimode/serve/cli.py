@@ -6,7 +6,9 @@ from pathlib import Path
 
 import typer
 
-SERVE_MODES = ("ar", "diffusion", "linear_spec", "quadratic_spec", "auto")
+from trimode.decode.modes import MODES as _REGISTRY
+
+SERVE_MODES = tuple(name for name, spec in _REGISTRY.items() if not spec.editing)  # a server's default mode
 
 
 def register(app: typer.Typer) -> None:
@@ -32,7 +34,15 @@ def serve(
     threshold: float | None = typer.Option(None, help="Default commit threshold (diffusion 0.9, linear_spec 0)."),
     max_tokens: int = typer.Option(256, "--max-tokens", help="Tokens generated when a request gives no max_tokens."),
     temperature: float = typer.Option(0.0, help="Temperature when a request gives none (0 = greedy)."),
-    max_queue: int = typer.Option(64, "--max-queue", help="Waiting requests before new ones get 429."),
+    max_running: int = typer.Option(64, "--max-running", help="Requests decoding at once (engine rows)."),
+    max_queue: int = typer.Option(64, "--max-queue", help="Requests that may wait beyond the running ones; more "
+                                  "get 429 with Retry-After (0: no waiting room)."),
+    max_body_mb: float = typer.Option(16, "--max-body-mb", help="Largest request body in MiB; larger gets 413."),
+    max_block_length: int = typer.Option(64, "--max-block-length", help="Largest block_length a request may ask "
+                                         "for (a quadratic pass is B(B+1) tokens per row); larger gets 400."),
+    max_pass_mb: float | None = typer.Option(None, "--max-pass-mb", help="Most activation memory (MiB) one "
+                                             "request's widest pass may need; more gets 400 (default: a quarter "
+                                             "of free GPU memory, 2048 on CPU)."),
     auto_config: str | None = typer.Option(None, "--auto-config", help="`mode: auto` settings as a JSON object, "
                                            "e.g. '{\"spec_margin\": 0.05, \"smaller_blocks\": false}' (fields of "
                                            "AutoConfig, docs/engine.md)."),
@@ -49,8 +59,15 @@ def serve(
         fail(f"--threshold must be in [0, 1], got {threshold}")
     if block_length is not None and block_length < 1:
         fail(f"--block-length must be >= 1, got {block_length}")
-    if max_tokens < 1 or max_queue < 0 or not 0 < port < 65536:
-        fail("--max-tokens must be >= 1, --max-queue >= 0 and --port in 1..65535")
+    if max_block_length < 2:
+        fail(f"--max-block-length must be >= 2, got {max_block_length}")
+    if max_pass_mb is not None and max_pass_mb <= 0:
+        fail(f"--max-pass-mb must be > 0, got {max_pass_mb}")
+    if max_tokens < 1 or max_running < 1 or max_queue < 0 or not 0 < port < 65536:
+        fail("--max-tokens and --max-running must be >= 1, --max-queue >= 0 and --port in 1..65535")
+    max_body_bytes = int(max_body_mb * 2**20)
+    if max_body_bytes < 1024:
+        fail(f"--max-body-mb must allow at least 1 KiB, got {max_body_mb}")
     auto = None if auto_config is None else parse_auto_config(auto_config)
 
     from trimode.serve.policy import AuditLog, PolicyError, load_policy
@@ -61,7 +78,7 @@ def serve(
             routing = load_policy(policy)  # before the model: a bad policy fails in a second, with its line
         except PolicyError as e:
             fail(str(e))
-        if any(r.human_review != "optional" for r in routing.routes.values()):
+        if any(r.audited for r in routing.routes.values()):
             try:
                 audit = AuditLog(audit_log)
             except OSError as e:
@@ -76,12 +93,15 @@ def serve(
     name = served_model_name or _model_name(model)
     knobs = {k: v for k, v in (("block_length", block_length), ("threshold", threshold)) if v is not None}
     try:
-        config = ServerConfig(name, mode, knobs, max_tokens, temperature, api_key, routing, audit)
+        config = ServerConfig(name, mode, knobs, max_tokens, temperature, api_key, routing, audit, max_body_bytes,
+                              max_block_length)
         if mode != "auto":
             tm.knobs_for(mode, **knobs)  # reject bad defaults now rather than on every request
     except ValueError as e:
         fail(str(e))
-    app = create_app(Engine(tm, max_queue=max_queue, auto=auto), config)
+    max_pass_bytes = None if max_pass_mb is None else int(max_pass_mb * 2**20)
+    app = create_app(Engine(tm, max_queue=max_queue, max_running=max_running, auto=auto,
+                            max_pass_bytes=max_pass_bytes), config)
     if host not in ("127.0.0.1", "localhost", "::1") and api_key is None:
         typer.echo(f"warning: serving on {host} without --api-key: anyone who can reach it can use it", err=True)
     extra = f", policy {policy} ({len(routing.routes)} routes), audit log {audit_log}" if routing else ""

@@ -16,8 +16,10 @@ from dataclasses import dataclass
 import torch
 
 from trimode.api import TriMode
+from trimode.decode.modes import MODES
 
-LOGPROB_MODES = frozenset({"ar", "linear_spec", "quadratic_spec", "auto"})  # auto emits exactly the AR output
+# The modes whose tokens are AR's choices (the registry's lossless modes; auto emits exactly the AR output).
+LOGPROB_MODES = frozenset(name for name, spec in MODES.items() if spec.lossless)
 
 
 @dataclass

@@ -1,22 +1,28 @@
 """The routing policy (`--policy FILE`) and the audit log.
 
-A policy file maps route names to a decoding mode, default knobs and a human-review level:
+A policy file maps route names to a decoding mode, default knobs, a priority and a human-review level
+(docs/policy.article.yaml is the article's file):
 
     ai_generation_policy:
       coding_autocomplete:   {mode: diffusion, priority: latency, human_review: optional}
       internal_summary:      {mode: self_speculative, priority: cost_and_speed, human_review: sample_based}
       legal_contract_clause: {mode: autoregressive_verified, priority: accuracy_and_auditability,
-                              human_review: required}
+                              human_review: required_for_high_risk_cases}
     default_route: internal_summary        # optional: the route of requests that name none
 
-Route fields: `mode` (required), `priority` (recorded, free text), `human_review` (optional | sample_based |
-required; default optional), `allow_modes` (modes a request may ask for explicitly; default only the route's),
-`knobs` (any mode's knobs from the registry `trimode.decode.modes`: the route's defaults),
-`review_sample_rate` (share of sample_based requests flagged for review; default 0.1).
+Route fields: `mode` (required), `allow_modes` (other modes the route allows: a request may name them, and the
+priority chooses among them; default only the route's), `priority` (latency | cost_and_speed |
+accuracy_and_auditability | balanced: how the mode is chosen when the request names none, see
+`trimode.serve.priority`), `human_review` (optional | sample_based | required | required_for_high_risk_cases;
+default optional), `knobs` (any mode's knobs from the registry `trimode.decode.modes`: the route's
+defaults), `review_sample_rate` (share of sample_based requests flagged for review; default 0.1).
 
 `autoregressive_verified` guarantees output identical to AR decoding: the route runs `ar`, and may allow the
 self-speculative modes (`linear_spec`, `quadratic_spec`, `auto`), which then run at temperature 0, where they
-emit exactly the AR tokens. `diffusion` cannot be allowed there.
+emit exactly the AR tokens. `diffusion` cannot be allowed there. Priority `accuracy_and_auditability` makes a
+route verified the same way and keeps each answer's log-probabilities in its audit record.
+`required_for_high_risk_cases` flags a request for review when its risk (`risk` in the body or the
+X-Trimode-Risk header) is high, or not given.
 Every error names the file and the line at fault, so a bad policy stops the server at start-up.
 """
 
@@ -48,7 +54,9 @@ MODE_ALIASES = {
 # Modes whose output is exactly the AR output: self-speculation verifies every token against the AR choice, and
 # the engine's `auto` switches between AR and self-speculation. The server runs them greedy on verified routes.
 VERIFIED_MODES = frozenset(name for name, spec in MODES.items() if spec.lossless)
-REVIEW_LEVELS = ("optional", "sample_based", "required")
+REVIEW_LEVELS = ("optional", "sample_based", "required", "required_for_high_risk_cases")
+PRIORITIES = ("latency", "cost_and_speed", "accuracy_and_auditability", "balanced")
+RISKS = ("low", "medium", "high")
 ROUTE_FIELDS = ("mode", "priority", "human_review", "allow_modes", "knobs", "review_sample_rate")
 
 
@@ -70,10 +78,24 @@ class Route:
     def permits(self, mode: str) -> bool:
         return mode == self.mode or mode in self.allow_modes
 
-    def flags_for_review(self, request_id: str) -> bool:
-        """Required: always; sample_based: a stable `review_sample_rate` share keyed by the request id."""
+    @property
+    def modes(self) -> list[str]:
+        """Every mode the route allows, its own first."""
+        return [self.mode, *sorted(self.allow_modes - {self.mode})]
+
+    @property
+    def audited(self) -> bool:
+        """Whether each request of the route gets an audit record."""
+        return self.human_review != "optional" or self.priority == "accuracy_and_auditability"
+
+    def flags_for_review(self, request_id: str, risk: str | None = None) -> bool:
+        """Required: always; required_for_high_risk_cases: when the risk is high or not given (a request that
+        does not say is not known to be low-risk); sample_based: a stable `review_sample_rate` share keyed by
+        the request id."""
         if self.human_review == "required":
             return True
+        if self.human_review == "required_for_high_risk_cases":
+            return risk in (None, "high")
         if self.human_review == "sample_based":
             draw = int(hashlib.sha256(request_id.encode()).hexdigest()[:8], 16) / 2**32
             return draw < self.review_sample_rate
@@ -145,9 +167,13 @@ def _parse_route(source: str, name: str, node: yaml.Node) -> Route:
 
     priority = None
     if "priority" in fields:
-        priority = _value(source, fields["priority"][1])
-        if priority is not None:
-            priority = str(priority)
+        priority_node = fields["priority"][1]
+        priority = _value(source, priority_node)
+        if priority not in PRIORITIES:
+            raise _fail(source, priority_node,
+                        f"route {name!r}: priority must be one of {', '.join(PRIORITIES)}, got {priority!r}")
+        # Exact AR output is what the priority promises: the route is verified like autoregressive_verified.
+        verified = verified or priority == "accuracy_and_auditability"
 
     allow: set[str] = set()
     if "allow_modes" in fields:
@@ -163,8 +189,10 @@ def _parse_route(source: str, name: str, node: yaml.Node) -> Route:
     if verified:
         bad = sorted((allow | {mode}) - VERIFIED_MODES)
         if bad:
+            what = "autoregressive_verified" if raw_mode == "autoregressive_verified" else \
+                "priority accuracy_and_auditability"
             raise _fail(source, fields["allow_modes"][1] if "allow_modes" in fields else mode_node,
-                        f"route {name!r}: autoregressive_verified cannot allow {', '.join(bad)} "
+                        f"route {name!r}: {what} cannot allow {', '.join(bad)} "
                         f"(its output is not the AR output); allowed: {', '.join(sorted(VERIFIED_MODES))}")
 
     knobs: dict = {}
@@ -244,7 +272,11 @@ class AuditLog:
             pass  # fail at start-up, not on the first reviewed request, when the file cannot be written
 
     def record(self, *, route: str, mode: str, request_id: str, prompts: list[str], outputs: list[str], review: str,
-               flagged: bool, finish_reasons: list[str], endpoint: str, model: str) -> dict:
+               flagged: bool, finish_reasons: list[str], endpoint: str, model: str, priority: str | None = None,
+               decision: dict | None = None, risk: str | None = None,
+               logprobs: list[list[float]] | None = None) -> dict:
+        """One line; `logprobs` (per choice, the log-probability of each output token under the AR distribution)
+        for routes whose priority is accuracy_and_auditability."""
         entry = {
             "time": datetime.now(timezone.utc).isoformat(timespec="milliseconds"),
             "route": route,
@@ -257,7 +289,12 @@ class AuditLog:
             "finish_reasons": finish_reasons,
             "human_review": review,
             "review_flag": flagged,
+            "risk": risk,
+            "priority": priority,
+            "decision": decision,
         }
+        if logprobs is not None:
+            entry["logprobs"] = logprobs
         line = json.dumps(entry, ensure_ascii=False) + "\n"
         with self._lock, open(self.path, "a", encoding="utf-8") as f:
             f.write(line)

@@ -1,23 +1,42 @@
 """The wire format: OpenAI request bodies (strict pydantic models, trimode's extra fields included) and the
 OpenAI-style error body. Responses are plain dicts built in `app.py`.
 
-Extra body fields (sent with the `openai` client as `extra_body={...}`): `mode`, `route`, every mode's knobs
-(the registry `trimode.decode.modes`: `block_length`, `threshold`, `steps`, `causal_context`, `use_drafter`,
-`ar_mix_weight`), the thinking budget `max_thinking_tokens` / `end_think_token_id`, and `provisional` (stream
-the diffusion block before it is committed). Unknown fields are rejected with a 400 that names them.
+Extra body fields (sent with the `openai` client as `extra_body={...}`): `mode`, `route`, `risk`, every mode's
+knobs (the registry `trimode.decode.modes`: `block_length`, `threshold`, `steps`, `causal_context`,
+`remask_threshold`, `use_drafter`, `ar_mix_weight`), the thinking budget `max_thinking_tokens` /
+`end_think_token_id`, and `provisional` (stream the diffusion block before it is committed). Unknown fields are
+rejected with a 400 that names them.
+
+Types are strict: an integer field takes a JSON integer (not "5", not true, not 5.0), a number field a finite
+JSON number (NaN and infinities are named as such), a boolean field true or false. `parse_body` turns raw bytes
+into a request or a 400: invalid JSON, nesting deeper than 200 levels, and strings that are not valid Unicode
+(a lone surrogate escape such as "\\ud800", invalid UTF-8) are refused by the parser, so nothing downstream
+(the tokenizer, the JSON encoder of an error message) meets them.
 """
 
 from __future__ import annotations
 
-from typing import Any, Literal
+import re
+from typing import Any, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, FiniteFloat, ValidationError, field_validator, model_validator
+from pydantic_core import from_json
 
 from trimode.decode.modes import KNOB_NAMES, MODES
 
-RequestMode = Literal[tuple(MODES)]  # type: ignore[valid-type]
+# What a request's `mode` may name (edits have their own fields and route: `suffix`, /v1/edits).
+RequestMode = Literal[tuple(name for name, spec in MODES.items() if not spec.editing)]  # type: ignore[valid-type]
+Risk = Literal["low", "medium", "high"]
 MAX_N = 16
 MAX_STOPS = 8
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
+STRICT = ConfigDict(extra="forbid", strict=True)
+# What the OpenAPI schema says of the fields validated by hand (their Python type is Any).
+_TEXT = {"type": "string", "minLength": 1}
+_IDS = {"type": "array", "items": {"type": "integer", "minimum": 0}, "minItems": 1}
+_TEXT_PART = {"type": "object", "required": ["type", "text"], "additionalProperties": False,
+              "properties": {"type": {"const": "text"}, "text": {"type": "string"}}}
+Model = TypeVar("Model", bound=BaseModel)
 
 
 class APIError(Exception):
@@ -33,6 +52,31 @@ class APIError(Exception):
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
 
+def parse_body(raw: bytes, model: type[Model]) -> Model:
+    """The request body as `model`, or an APIError (400) that says what is wrong with it.
+
+    pydantic-core's JSON parser, not the standard library's: it refuses strings that are not valid Unicode
+    (lone surrogate escapes, invalid UTF-8) and nesting beyond 200 levels, where `json.loads` accepts the first
+    and raises RecursionError on the second; it is several times faster on a body of millions of tokens, and
+    lets other threads (the event loop) run meanwhile. Still linear in the body: the server calls this off the
+    event loop."""
+    try:
+        data = from_json(raw)
+    except ValueError as e:
+        message = str(e)
+        if "recursion limit" in message:
+            message = "it nests too deeply"
+        elif "surrogate" in message or _SURROGATE_ESCAPE.search(raw):
+            message += " (a string holds a lone UTF-16 surrogate escape such as \\ud800: not valid Unicode)"
+        raise APIError(400, f"the request body is not valid JSON: {message}", code="invalid_json") from None
+    if not isinstance(data, dict):
+        raise APIError(400, "the request body must be a JSON object", code="invalid_json")
+    try:
+        return model.model_validate(data)
+    except ValidationError as e:
+        raise validation_error(e) from None
+
+
 def validation_error(e: ValidationError) -> APIError:
     """The first pydantic error as a 400 naming the field (OpenAI answers invalid parameters with 400)."""
     err = e.errors(include_url=False)[0]
@@ -41,6 +85,8 @@ def validation_error(e: ValidationError) -> APIError:
         message = f"unknown field {loc!r}"
     elif err["type"] == "missing":
         message = f"missing required field {loc!r}"
+    elif err["type"] == "finite_number":
+        message = f"{loc}: must be a finite number (not NaN or infinity)"
     else:
         msg = err["msg"].removeprefix("Value error, ")
         message = f"{loc}: {msg}" if loc else msg
@@ -48,42 +94,46 @@ def validation_error(e: ValidationError) -> APIError:
 
 
 class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    include_usage: StrictBool = False
+    model_config = STRICT
+    include_usage: bool = False
 
 
 class GenerationFields(BaseModel):
     """Fields shared by /v1/completions and /v1/chat/completions."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = STRICT
 
     model: str
     max_tokens: int | None = Field(None, ge=1)
-    temperature: float | None = Field(None, ge=0, le=2)
-    top_p: float | None = Field(None, gt=0, le=1)
+    temperature: FiniteFloat | None = Field(None, ge=0, le=2)
+    top_p: FiniteFloat | None = Field(None, gt=0, le=1)
     top_k: int | None = Field(None, ge=0)
-    seed: int | None = Field(None, ge=-(2**63), lt=2**63)
-    stop: Any = None  # a string or a list of strings; checked below for a clear message
+    seed: int | None = Field(None, ge=-(2**63), lt=2**63 - MAX_N)  # n choices use seed, seed + 1, ...
+    stop: Any = Field(None, json_schema_extra={"anyOf": [  # checked below, for a clear message
+        {"type": "string", "minLength": 1}, {"type": "array", "items": {"type": "string", "minLength": 1},
+                                             "maxItems": MAX_STOPS}, {"type": "null"}]})
     n: int = Field(1, ge=1, le=MAX_N)
-    stream: StrictBool = False
+    stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
     # Accepted for compatibility at their neutral values only: a request relying on them gets a clear 400.
-    frequency_penalty: float = 0.0
-    presence_penalty: float = 0.0
-    logit_bias: dict[str, float] | None = None
+    frequency_penalty: FiniteFloat = 0.0
+    presence_penalty: FiniteFloat = 0.0
+    logit_bias: dict[str, FiniteFloat] | None = None
     # trimode's extra fields.
     mode: RequestMode | None = None
     route: str | None = None
+    risk: Risk | None = None  # for routes whose review depends on it (or the X-Trimode-Risk header)
     block_length: int | None = Field(None, ge=1)
-    threshold: float | None = Field(None, ge=0, le=1)
-    causal_context: StrictBool | None = None
+    threshold: FiniteFloat | None = Field(None, ge=0, le=1)
+    causal_context: bool | None = None
     steps: int | None = Field(None, ge=1)
-    use_drafter: StrictBool | None = None
-    ar_mix_weight: float | None = Field(None, ge=0, le=1)
+    use_drafter: bool | None = None
+    ar_mix_weight: FiniteFloat | None = Field(None, ge=0, le=1)
+    remask_threshold: FiniteFloat | None = Field(None, ge=0, le=1)
     max_thinking_tokens: int | None = Field(None, ge=0)
     end_think_token_id: int | None = Field(None, ge=0)
-    provisional: StrictBool = False
+    provisional: bool = False
 
     @field_validator("stop")
     @classmethod
@@ -118,7 +168,7 @@ class GenerationFields(BaseModel):
     @property
     def knobs(self) -> dict:
         """The mode knobs the request sets (the registry's names; each is a field above)."""
-        return {k: getattr(self, k) for k in KNOB_NAMES if getattr(self, k) is not None}
+        return {k: getattr(self, k) for k in KNOB_NAMES if getattr(self, k, None) is not None}
 
     @property
     def thinking(self) -> dict:
@@ -131,10 +181,12 @@ def _is_ids(x) -> bool:
 
 
 class CompletionRequest(GenerationFields):
-    prompt: Any  # a string, a token-id list, or a list of those; normalised to a list of prompts below
+    # A string, a token-id list, or a list of those; normalised to a list of prompts below.
+    prompt: Any = Field(json_schema_extra={"anyOf": [_TEXT, _IDS, {"type": "array", "minItems": 1,
+                                                                   "items": {"anyOf": [_TEXT, _IDS]}}]})
     logprobs: int | None = Field(None, ge=0, le=20)
-    echo: StrictBool = False
-    suffix: None = None
+    echo: bool = False
+    suffix: str | None = None  # fill in the middle: the text after the hole (max_tokens is the hole's budget)
     best_of: int | None = None
 
     @field_validator("prompt")
@@ -159,15 +211,16 @@ class CompletionRequest(GenerationFields):
 
 
 class TextPart(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = STRICT
     type: Literal["text"]
     text: str
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = STRICT
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: Any = None  # a string, or a list of {"type": "text", "text": ...} parts
+    content: Any = Field(None, json_schema_extra={"anyOf": [  # a string, or a list of text parts
+        {"type": "string"}, {"type": "array", "items": _TEXT_PART}, {"type": "null"}]})
     name: str | None = None
 
     @field_validator("content")
@@ -192,7 +245,7 @@ class ChatMessage(BaseModel):
 class ChatCompletionRequest(GenerationFields):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
-    logprobs: StrictBool = False
+    logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
 
     @model_validator(mode="after")
@@ -206,3 +259,58 @@ class ChatCompletionRequest(GenerationFields):
     @property
     def token_budget(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+
+class EditRequest(BaseModel):
+    """POST /v1/edits: revise a draft or fill a template (fill in the middle is `suffix` on /v1/completions).
+
+    kind "revise": `draft` written after the context (`prompt`, or `messages` rendered with the chat template as
+    the assistant's turn); `spans` ([start, end] character ranges of the draft) to rewrite, or none to let the
+    model find what to rewrite (`rounds`, `revise_threshold`). kind "fill": `template` with `[[hole]]` /
+    `[[hole:N]]` placeholders (`hole_tokens` for a hole without N)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    model: str
+    kind: Literal["revise", "fill"]
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+    draft: str | None = None
+    spans: list[list[int]] | None = None
+    template: str | None = None
+    hole_tokens: int = Field(8, ge=1, le=4096)
+    threshold: FiniteFloat | None = Field(None, ge=0, le=1)
+    rounds: int | None = Field(None, ge=1, le=64)
+    revise_threshold: FiniteFloat | None = Field(None, ge=0, le=1)
+    temperature: FiniteFloat | None = Field(None, ge=0, le=2)
+    top_p: FiniteFloat | None = Field(None, gt=0, le=1)
+    top_k: int | None = Field(None, ge=0)
+    seed: int | None = Field(None, ge=-(2**63), lt=2**63)
+    stream: bool = False
+    provisional: bool = False
+    user: str | None = None
+
+    @model_validator(mode="after")
+    def _fields(self):
+        if self.kind == "revise":
+            if self.draft is None:
+                raise ValueError("a revision needs a draft")
+            if self.template is not None:
+                raise ValueError("template belongs to kind fill")
+            if self.prompt is not None and self.messages is not None:
+                raise ValueError("give prompt or messages as the draft's context, not both")
+            if self.spans is not None and any(len(s) != 2 for s in self.spans):
+                raise ValueError("spans are [start, end] character ranges")
+        else:
+            if self.template is None:
+                raise ValueError("kind fill needs a template")
+            if self.draft is not None or self.spans is not None or self.messages is not None:
+                raise ValueError("draft, spans and messages belong to kind revise")
+        if self.provisional and not self.stream:
+            raise ValueError("provisional events need stream=true")
+        return self
+
+    @property
+    def knobs(self) -> dict:
+        names = ("threshold", "rounds", "revise_threshold")
+        return {k: getattr(self, k) for k in names if getattr(self, k) is not None}

@@ -6,8 +6,9 @@
 (() => {
   const $ = (id) => document.getElementById(id);
   const BASE = new URL(".", document.baseURI); // the page is <prefix>/ or <prefix>/playground
-  const MODES = ["ar", "diffusion", "linear_spec", "quadratic_spec", "auto"];
-  const LOSSLESS = new Set(["ar", "linear_spec", "quadratic_spec", "auto"]); // = AR's output at temperature 0
+  // Until the server's model card arrives (its `modes` and `lossless_modes` come from the mode registry).
+  let MODES = ["ar", "diffusion", "linear_spec", "quadratic_spec", "auto"];
+  let LOSSLESS = new Set(["ar", "linear_spec", "quadratic_spec", "auto"]); // = AR's output at temperature 0
   // The knobs each mode reads (the server drops the others; steps would be refused outside diffusion).
   const MODE_KNOBS = {
     ar: [],
@@ -74,6 +75,7 @@
     clearError();
     const drafter = model.has_drafter ? "drafter" : "no drafter";
     $("server-info").textContent = `${model.id} · context ${model.context_length} tokens · ${drafter} · default mode ${model.default_mode}`;
+    if (model.lossless_modes) LOSSLESS = new Set(model.lossless_modes);
     const modes = model.modes || MODES;
     fillModes($("mode-a"), modes, $("mode-a").value || "ar");
     fillModes($("mode-b"), modes, $("mode-b").value || "linear_spec");

@@ -1,0 +1,139 @@
+"""Editing: infill, revision and templates keep what they must, batch like the other modes, and reject bad input;
+remasking inside diffusion is bounded."""
+
+import dataclasses
+
+import pytest
+import torch
+
+from tests.conftest import random_model
+from tests.invariance import flat_cost
+from trimode.api import TriMode, default_model_path, load
+from trimode.decode.driver import decode, drive
+from trimode.decode.stopping import StopRule
+from trimode.engine import Engine, EngineRequest
+
+
+@pytest.fixture(scope="module")
+def tm():
+    return TriMode(random_model(3))
+
+
+@pytest.fixture(scope="module")
+def bundled():
+    return load(default_model_path())
+
+
+def test_infill_keeps_prefix_and_suffix_and_returns_the_middle_only(tm):
+    prefix, suffix = [9, 12, 30, 31], [40, 41, 42]
+    r = tm.infill(prefix, suffix, max_new_tokens=5)
+    assert r.mode == "edit" and r.finish_reason == "stop"
+    assert len(r.token_ids) <= 5 and tm.config.pad_token_id not in r.token_ids
+    # The machine's block holds the middle then the suffix, unchanged.
+    req = tm.infill_request(prefix, suffix, max_new_tokens=5)
+    assert req.edit.block.tokens[5:] == suffix and req.prompt_ids == prefix
+
+
+def test_empty_token_is_stripped_from_holes(tm):
+    req = tm.infill_request([9, 12], [40, 41], max_new_tokens=4)
+    empty = req.edit.empty_id
+    ids, _, _ = req.edit.render([20, 21, empty, empty, 40, 41])
+    assert ids == [20, 21]
+
+
+def test_revise_with_spans_changes_only_those_tokens(bundled):
+    prompt = bundled.tokenizer.apply_chat_template([{"role": "user", "content": "Sort: 7 3 9 1 4 2"}])
+    draft = "1 2 3 5 7 9"
+    r = bundled.revise(prompt, draft, spans=[(6, 7)])
+    assert r.text[:6] == draft[:6] and r.text[7:] == draft[7:]
+    assert all(6 <= a and b <= len(r.text) for a, b in r.spans)
+
+
+def test_revise_without_spans_fixes_a_wrong_item(bundled):
+    prompt = bundled.tokenizer.apply_chat_template([{"role": "user", "content": "Sort: 7 3 9 1 4 2"}])
+    r = bundled.revise(prompt, "1 2 3 5 7 9")
+    assert r.text == "1 2 3 4 7 9"
+    assert r.spans == [(6, 7)]
+    unchanged = bundled.revise(prompt, "1 2 3 4 7 9")
+    assert unchanged.text == "1 2 3 4 7 9" and unchanged.spans == []
+
+
+def test_fill_template_holes(bundled):
+    r = bundled.fill("Sort: 3 1 2\n[[hole:2]] 2 [[hole:2]]")
+    assert r.text.startswith("Sort: 3 1 2\n")
+    assert len(r.spans) == 2 and r.text.count(" 2 ") >= 1
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda tm: tm.revise([9, 12], "1 2 3", spans=[(0, 2), (1, 3)]), "overlap"),
+    (lambda tm: tm.revise([9, 12], "1 2 3", spans=[(2, 9)]), "out of range"),
+    (lambda tm: tm.revise([9, 12], "", spans=None), "draft is empty"),
+    (lambda tm: tm.fill("no holes here"), "no hole"),
+    (lambda tm: tm.infill([9], [10], max_new_tokens=0), "max_new_tokens"),
+    (lambda tm: tm.infill([9] * 10, [10], max_new_tokens=5000), "context length"),
+    (lambda tm: tm.infill([9], [10], threshold=2.0), "threshold must be in"),
+])
+def test_bad_edits_raise_value_errors(bundled, call, message):
+    with pytest.raises(ValueError, match=message):
+        call(bundled)
+
+
+def test_a_checkpoint_without_a_mask_token_cannot_edit():
+    net = random_model(1)
+    net.config = dataclasses.replace(net.config, mask_token_id=-1)
+    with pytest.raises(ValueError, match="no mask token"):
+        TriMode(net).infill([9, 12], [40], max_new_tokens=3)
+
+
+def test_edits_batched_with_other_modes_equal_their_runs_alone(tm):
+    engine = Engine(tm, cost=flat_cost())
+    prefix, suffix = [9, 12, 30], [40, 41]
+    requests = [
+        EngineRequest(prefix, mode="edit", max_new_tokens=4, edit=("infill", {"suffix": suffix})),
+        EngineRequest([9, 12], mode="edit", edit=("revise", {"draft": [20, 21, 22, 23]}), knobs={"rounds": 3}),
+        EngineRequest([7, 8, 9], mode="ar", max_new_tokens=6),
+        EngineRequest([7, 8, 9], mode="diffusion", max_new_tokens=6, knobs={"block_length": 3}),
+    ]
+    handles = [engine.submit(r) for r in requests]
+    while engine.step():
+        pass
+    got = [h.result() for h in handles]
+    assert got[0].token_ids == tm.infill(prefix, suffix, max_new_tokens=4).token_ids
+    assert got[1].token_ids == tm.revise([9, 12], [20, 21, 22, 23], rounds=3).token_ids
+    assert got[2].token_ids == tm.generate([7, 8, 9], max_new_tokens=6).token_ids
+
+
+def test_remasking_is_bounded_and_off_by_default():
+    net = random_model(5)
+    ids = torch.tensor([[10, 20, 30]])
+    plain = drive(decode(net, "diffusion", ids, StopRule(12), block_length=6, threshold=1.0))
+    same = drive(decode(net, "diffusion", ids, StopRule(12), block_length=6, threshold=1.0, remask_threshold=None))
+    assert plain.tokens == same.tokens
+    remasked = drive(decode(net, "diffusion", ids, StopRule(12), block_length=6, threshold=1.0,
+                            remask_threshold=0.99))
+    assert len(remasked.tokens[0]) == 12
+    # Each slot is remasked at most twice: at most 3 x 5 denoising passes per block, plus prefill and refresh.
+    assert plain.stats.forward_passes < remasked.stats.forward_passes <= 1 + 2 * 15 + 1
+    with pytest.raises(ValueError, match="remask_threshold"):
+        drive(decode(net, "diffusion", ids, StopRule(12), steps=2, remask_threshold=0.5))
+
+
+def test_cli_infill_and_revise():
+    import subprocess
+    import sys
+
+    def cli(*args):
+        return subprocess.run([sys.executable, "-m", "trimode.cli", *args], capture_output=True, text=True,
+                              timeout=300)
+
+    r = cli("revise", "--chat", "Sort: 7 3 9 1 4 2", "1 2 3 5 7 9")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "1 2 3 4 7 9" and "changed: [6, 7]" in r.stderr
+    r = cli("infill", "--chat", "Sort: 7 3 9 1 4 2", "1 2 ", " 4 7 9", "-n", "2")
+    assert r.returncode == 0 and "[infill]" in r.stderr
+    for bad, message in ((("revise", "x", "--span", "5:9"), "out of range"),
+                         (("revise", "x", "--span", "nope"), "START:END"),
+                         (("infill", "a", "b", "-n", "0"), "max_new_tokens")):
+        r = cli(*bad)
+        assert r.returncode == 2 and r.stderr.startswith("error:") and message in r.stderr, r.stderr
+        assert "Traceback" not in r.stderr

@@ -235,7 +235,7 @@ def test_split_words_keeps_the_whitespace_before_each_word():
 
 
 def test_an_infill_cut_is_words_with_a_suffix_that_is_never_empty():
-    opts = InfillOptions(share=1.0, max_hole=2, max_pad=6, max_suffix=32, tail=0.0)
+    opts = InfillOptions(share=1.0, max_hole=2, max_pad=6, max_suffix=32, tail=0.0, prefix_space=0.0)
     text = "0 2 3 6 8"
     seen = set()
     for seed in range(300):
@@ -257,6 +257,16 @@ def test_an_infill_cut_is_words_with_a_suffix_that_is_never_empty():
         else:
             assert c.n_suffix is None
     assert cut_infill("  ", random.Random(0), opts, len) is None
+
+
+def test_some_holes_leave_their_leading_space_in_the_prefix():
+    opts = InfillOptions(share=1.0, max_hole=2, tail=0.0, prefix_space=0.5)
+    cuts = [cut_infill("a b c d", random.Random(seed), opts, len) for seed in range(200)]
+    assert all(c.before + c.middle + c.rest == "a b c d" for c in cuts)
+    inside = [c for c in cuts if c.before and c.middle.startswith(" ")]
+    outside = [c for c in cuts if c.before.endswith(" ")]
+    assert inside and outside and len(inside) + len(outside) == sum(1 for c in cuts if c.before)
+    assert all(not c.middle.startswith(" ") for c in outside)
 
 
 def test_tails_end_the_text_with_eos_and_nothing_after(tok):
@@ -299,7 +309,7 @@ def test_infill_examples_are_mixed_in_seeded_and_tokenised_like_a_caller(tok):
     from trimode.train.data import Document, tokenize
 
     docs = [Document(t, prompt="say: ") for t in toy_texts(12)]
-    opts = InfillOptions(share=0.5, max_hole=2, max_pad=4, tail=0.0)
+    opts = InfillOptions(share=0.5, max_hole=2, max_pad=4, tail=0.0, prefix_space=0.5)
     mixed = infill_examples(docs, tok, 2, opts, seed=1, pad_id=PAD, seq_len=48)
     assert mixed == infill_examples(docs, tok, 2, opts, seed=1, pad_id=PAD, seq_len=48)
     assert mixed != infill_examples(docs, tok, 2, opts, seed=2, pad_id=PAD, seq_len=48)

@@ -200,6 +200,7 @@ class InfillOptions:
     max_pad: int = 8  # pad tokens after the middle: uniform in 0..max_pad
     max_suffix: int = 32  # the visible suffix: the rest of the text when it is this short, else 0..max_suffix tokens
     tail: float = 0.25  # share of tails: the last 1..max_hole words, EOS, then EOS x k, with nothing after
+    prefix_space: float = 0.5  # share of holes whose leading whitespace stays in the prefix ("a b " | "c" | " d")
 
 
 WORD = re.compile(r"\s*\S+")
@@ -236,6 +237,10 @@ def cut_infill(text: str, rng: random.Random, options: InfillOptions, count_toke
     suffix is never empty, so a hole is never an all-mask block with nothing after it (such a block is plain
     diffusion decoding, whose answer ends in EOS, not in pads).
 
+    A share `options.prefix_space` of the holes leave the whitespace before the middle in the prefix, as a caller
+    who cuts after a space does ("a b " | "c d" | " e"): tokenised apart, that whitespace is a token of its own
+    (byte-level BPE writes " c" as one token), so both ways of cutting must be trained.
+
     A share `options.tail` of the cuts are tails instead: that very block, the last 1..max_hole words of the
     text then EOS and 0..max_pad more EOS, with nothing after; without them, the pads of infill examples also
     fill a block of plain diffusion decoding.
@@ -248,12 +253,16 @@ def cut_infill(text: str, rng: random.Random, options: InfillOptions, count_toke
         return InfillCut("".join(words[:-w]), "".join(words[-w:]), "", rng.randint(0, options.max_pad), None,
                          False, tail=True)
     a = rng.randint(0, len(words) - w)
+    before, middle = "".join(words[:a]), "".join(words[a : a + w])
+    if rng.random() < options.prefix_space:
+        word = middle.lstrip()
+        if before and word and len(word) < len(middle):
+            before, middle = before + middle[: len(middle) - len(word)], word
     rest = "".join(words[a + w :])
     whole = (count_tokens(rest) if rest else 0) <= options.max_suffix
     n_suffix = None if whole else rng.randint(0, options.max_suffix)
     eos = whole and (not rest or rng.random() < 0.5)
-    return InfillCut("".join(words[:a]), "".join(words[a : a + w]), rest, rng.randint(0, options.max_pad),
-                     n_suffix, eos)
+    return InfillCut(before, middle, rest, rng.randint(0, options.max_pad), n_suffix, eos)
 
 
 def infill_example(prompt_ids: list[int], before: list[int], middle: list[int], suffix: list[int], pads: int,

@@ -430,7 +430,9 @@ def edit_weights(recipe: Recipe) -> EditWeights:
 
 def infill_options(recipe: Recipe) -> InfillOptions | None:
     f = recipe.data.infill
-    return InfillOptions(f.share, f.max_hole, f.max_pad, f.max_suffix, f.tail) if f.share > 0 else None
+    if f.share <= 0:
+        return None
+    return InfillOptions(f.share, f.max_hole, f.max_pad, f.max_suffix, f.tail, f.prefix_space)
 
 
 def run_eval_tasks(objective: JointObjective, sharded: bool, tokenizer: NLDTokenizer, recipe: Recipe,

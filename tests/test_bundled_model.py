@@ -71,3 +71,20 @@ def test_bundled_model_fills_holes_and_fixes_a_wrong_item(bundled):
     # With one mask after the draft (the proposed contract), revision remasks about the one wrong token only.
     tail = evaluate_editing(bundled, ("copy", "sort"), n=10, seed=1, trailing_mask=True)
     assert all(r["revision_fix_rate"] >= 0.8 and r["revision_remasked"] <= 2.0 for r in tail), tail
+
+
+def test_the_editing_evaluation_is_what_tm_infill_and_tm_revise_do(bundled):
+    """trimode.train.evaluate writes infill and revision with plain forward passes; the API's edit machine gives
+    the same tokens (greedy), so the card's editing table is what `tm.infill` / `tm.revise` return."""
+    from trimode.train.evaluate import infill_tokens, revise_tokens
+
+    tok = bundled.tokenizer
+    chat = bundled.tokenizer.apply_chat_template([{"role": "user", "content": "Copy: q w e r t y"}])
+    for before, after in (("q w", " t y"), ("", " e r t y"), ("q w e r", "")):
+        ids = tok.encode(chat + before)
+        suffix = tok.encode(after) if after else [bundled.config.eos_token_id]
+        mine, _ = infill_tokens(bundled.net, ids, suffix, 8)
+        assert bundled.infill(ids, suffix, max_new_tokens=8).token_ids == mine
+    for draft in ("q w e x t y", "q w e r t y", "a w e r t y"):
+        mine, _, _ = revise_tokens(bundled.net, tok.encode(chat), tok.encode(draft))
+        assert bundled.revise(chat, draft).text == tok.decode(mine)

@@ -14,7 +14,8 @@ Chat items are wrapped in the model's chat template (when it has one); raw-compl
 `--editing` evaluates the editing skills instead (`evaluate_editing`), on held-out copy / reverse / sort items:
 - infill: a hole of one or two items of the answer, filled with `infill_tokens` (the prefix in the KV cache,
   one bidirectional block `[MASK x N] + suffix`, pads stripped; the suffix of a hole at the end of the answer is
-  [EOS]); right = prefix + middle + suffix is the answer;
+  [EOS]); right = prefix + middle + suffix is the answer. The hole is cut before the space of its first item
+  ("1 2" | " 3 4" | " 7 9"), and again after it ("1 2 " | "3 4" | " 7 9", the "cut after the space" column);
 - revision: one item of the answer replaced by another item (a digit by another digit, a letter by another
   letter); `revise_tokens` remasks the tokens the model would change and refills them; fixed = the answer.
 Both are written here with plain forward passes of the network, to the inference contract of issue #12.
@@ -230,7 +231,7 @@ def infill_tokens(net: NLDTransformer, prefix: list[int], suffix: list[int], bud
 
 
 @torch.no_grad()
-def revise_tokens(net: NLDTransformer, prompt: list[int], draft: list[int], knob: float = 0.5, rounds: int = 3,
+def revise_tokens(net: NLDTransformer, prompt: list[int], draft: list[int], knob: float = 0.9, rounds: int = 4,
                   threshold: float = 0.9, trailing_mask: bool = False) -> tuple[list[int], int, int]:
     """(revised draft, forward passes, tokens remasked over all rounds).
 
@@ -277,7 +278,7 @@ def _other_item(item: str, rng: random.Random) -> str:
 
 
 def evaluate_editing(tm: TriMode, tasks: tuple[str, ...] | list[str] = EDIT_TASKS, n: int = 30, seed: int = 0,
-                     budget: int = 8, threshold: float = 0.9, knob: float = 0.5, rounds: int = 3,
+                     budget: int = 8, threshold: float = 0.9, knob: float = 0.9, rounds: int = 4,
                      split: str = "heldout", trailing_mask: bool = False) -> list[dict]:
     """One row per task: infill accuracy (a hole of 1 or 2 items, `budget` slots), revision fix rate (one item
     replaced by another), the tokens revision remasked, right answers kept by revision, and the forward passes
@@ -292,7 +293,7 @@ def evaluate_editing(tm: TriMode, tasks: tuple[str, ...] | list[str] = EDIT_TASK
     rows = []
     for name in tasks:
         items = load_tasks(name, n, seed, split)
-        infill_ok = fixed = kept = 0
+        infill_ok = infill_after_space = fixed = kept = 0
         infill_fw = revise_fw = remasked = remasked_right = 0
         for i, task in enumerate(items):
             rng = random.Random(f"editing:{seed}:{name}:{i}")
@@ -307,6 +308,11 @@ def evaluate_editing(tm: TriMode, tasks: tuple[str, ...] | list[str] = EDIT_TASK
             got, fw = infill_tokens(net, prompt + enc(before), suffix, budget, threshold)
             infill_ok += before + tok.decode(got) + after == task.answer
             infill_fw += fw
+            if before:  # the same hole cut after the space: "1 2 " | "3 4" | " 7 9"
+                got, _ = infill_tokens(net, prompt + enc(before + " "), suffix, budget, threshold)
+                infill_after_space += before + " " + tok.decode(got) + after == task.answer
+            else:
+                infill_after_space += before + tok.decode(got) + after == task.answer
 
             k = rng.randrange(len(pieces))
             item = pieces[k].strip()
@@ -319,6 +325,7 @@ def evaluate_editing(tm: TriMode, tasks: tuple[str, ...] | list[str] = EDIT_TASK
             kept += tok.decode(out) == task.answer
             remasked_right += changed
         rows.append({"task": name, "items": n, "infill_accuracy": infill_ok / n, "infill_forwards": infill_fw / n,
+                     "infill_accuracy_after_space": infill_after_space / n,
                      "revision_fix_rate": fixed / n, "revision_forwards": revise_fw / n,
                      "revision_remasked": remasked / n, "revision_kept": kept / n,
                      "revision_remasked_right": remasked_right / n})
@@ -326,11 +333,12 @@ def evaluate_editing(tm: TriMode, tasks: tuple[str, ...] | list[str] = EDIT_TASK
 
 
 def markdown_editing_table(rows: list[dict]) -> str:
-    lines = ["| task | infill accuracy | forwards / infill | revision fix rate | forwards / revision | "
-             "tokens remasked / revision | right answers kept | tokens remasked / right answer |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| task | infill accuracy | cut after the space | forwards / infill | revision fix rate | "
+             "forwards / revision | tokens remasked / revision | right answers kept | tokens remasked / right answer |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['task']} | {100 * r['infill_accuracy']:.0f}% | {r['infill_forwards']:.1f} | "
+        lines.append(f"| {r['task']} | {100 * r['infill_accuracy']:.0f}% | "
+                     f"{100 * r['infill_accuracy_after_space']:.0f}% | {r['infill_forwards']:.1f} | "
                      f"{100 * r['revision_fix_rate']:.0f}% | {r['revision_forwards']:.1f} | "
                      f"{r['revision_remasked']:.1f} | {100 * r['revision_kept']:.0f}% | "
                      f"{r['revision_remasked_right']:.1f} |")
@@ -353,9 +361,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="evaluate infill and revision on copy / reverse / sort instead of the modes")
     ap.add_argument("--hole-budget", type=int, default=8, help="--editing: infill slots N (default 8)")
     ap.add_argument("--threshold", type=float, default=0.9, help="--editing: denoising threshold (default 0.9)")
-    ap.add_argument("--revise-knob", type=float, default=0.5,
-                    help="--editing: confidence needed to remask a token in revision (default 0.5)")
-    ap.add_argument("--revise-rounds", type=int, default=3, help="--editing: revision rounds (default 3)")
+    ap.add_argument("--revise-knob", type=float, default=0.9,
+                    help="--editing: confidence needed to remask a token in revision (default 0.9, as tm.revise)")
+    ap.add_argument("--revise-rounds", type=int, default=4, help="--editing: revision rounds (default 4, as tm.revise)")
     ap.add_argument("--revise-trailing-mask", action="store_true",
                     help="--editing: revise the block draft + [MASK] (a proposed contract change)")
     args = ap.parse_args(argv)

@@ -60,17 +60,16 @@ def test_statistics_count_only_what_is_emitted(bundled):
 
 
 def test_bundled_model_fills_holes_and_fixes_a_wrong_item(bundled):
-    """Stage 4 (recipes/default_model_stage4.yaml): infill of a one- or two-item hole and revision of one wrong
-    item, on held-out items the model card's table does not use (seed 1), with a margin under the card's rates."""
+    """Stage 4 (recipes/default_model_stage4.yaml): infill of a one- or two-item hole (cut before and after the
+    space) and revision of one wrong item, on held-out items the model card's table does not use (seed 1), with
+    a margin under the card's rates."""
     from trimode.train.evaluate import evaluate_editing
 
     rows = evaluate_editing(bundled, ("copy", "sort"), n=10, seed=1)
     for r in rows:
-        assert r["infill_accuracy"] >= 0.6, r
-        assert r["revision_fix_rate"] >= 0.6 and r["revision_kept"] >= 0.8, r
-    # With one mask after the draft (the proposed contract), revision remasks about the one wrong token only.
-    tail = evaluate_editing(bundled, ("copy", "sort"), n=10, seed=1, trailing_mask=True)
-    assert all(r["revision_fix_rate"] >= 0.8 and r["revision_remasked"] <= 2.0 for r in tail), tail
+        assert r["infill_accuracy"] >= 0.6 and r["infill_accuracy_after_space"] >= 0.6, r
+        assert r["revision_fix_rate"] >= 0.8 and r["revision_kept"] >= 0.9, r
+        assert r["revision_remasked"] <= 2.0 and r["revision_remasked_right"] <= 0.5, r  # the wrong token, not all
 
 
 def test_the_editing_evaluation_is_what_tm_infill_and_tm_revise_do(bundled):
@@ -85,6 +84,13 @@ def test_the_editing_evaluation_is_what_tm_infill_and_tm_revise_do(bundled):
         suffix = tok.encode(after) if after else [bundled.config.eos_token_id]
         mine, _ = infill_tokens(bundled.net, ids, suffix, 8)
         assert bundled.infill(ids, suffix, max_new_tokens=8).token_ids == mine
+    # Text cut after a space: tm.infill heals the boundary, and so does the evaluation's second column.
+    ids = tok.encode(chat + "q w ")
+    kept, space, first = tok.heal_trailing_space(ids)
+    assert kept == ids[:-1] and space == " "
+    mine, _ = infill_tokens(bundled.net, kept, tok.encode(" t y"), 9, first=first)
+    got = bundled.infill(chat + "q w ", " t y", max_new_tokens=8)
+    assert got.token_ids == mine and got.text == tok.decode(mine)[1:]
     for draft in ("q w e x t y", "q w e r t y", "a w e r t y"):
         mine, _, _ = revise_tokens(bundled.net, tok.encode(chat), tok.encode(draft))
         assert bundled.revise(chat, draft).text == tok.decode(mine)

@@ -8,7 +8,7 @@ import torch
 
 from tests.conftest import random_model
 from tests.invariance import flat_cost
-from trimode.api import TriMode, default_model_path, load
+from trimode.api import BlockState, TriMode, default_model_path, load
 from trimode.decode.driver import decode, drive
 from trimode.decode.stopping import StopRule
 from trimode.engine import Engine, EngineRequest
@@ -39,6 +39,53 @@ def test_empty_token_is_stripped_from_holes(tm):
     empty = req.edit.empty_id
     ids, _, _ = req.edit.render([20, 21, empty, empty, 40, 41])
     assert ids == [20, 21]
+
+
+def test_a_hole_grows_from_its_window_while_the_model_fills_it_to_the_end(tm):
+    """A random model rarely writes the empty token, so its hole doubles 2 -> 4 -> 8 slots; the last attempt is the
+    whole budget filled from scratch, so the tokens are those of no window, after more passes."""
+    prefix, suffix = [9, 12, 30, 31], [40, 41, 42]
+    whole = tm.infill(prefix, suffix, max_new_tokens=8, hole_window=0)
+    assert tm.config.pad_token_id not in whole.token_ids and len(whole.token_ids) == 8
+    grown = tm.infill(prefix, suffix, max_new_tokens=8, hole_window=2)
+    assert grown.token_ids == whole.token_ids
+    assert grown.stats.forward_passes > whole.stats.forward_passes
+    req = tm.infill_request(prefix, suffix, max_new_tokens=8, hole_window=2)
+    widths = [len(e.token_ids) for e in tm._edit(req, provisional=True) if isinstance(e, BlockState)]
+    assert widths and widths[0] == 2 + 3 and widths[-1] == 8 + 3 and sorted(set(widths)) == [5, 7, 11]
+
+
+def test_a_hole_the_model_ends_stays_in_its_window(bundled):
+    """The bundled model ends a one-item hole with pads in the first window: one attempt, 6 slots, whatever the
+    budget; the slots past the window are the empty token, stripped like the others."""
+    prompt = bundled.tokenizer.apply_chat_template([{"role": "user", "content": "Sort: 7 3 9 1 4 2"}])
+    suffix = bundled.encode(" 4 7 9")
+    req = bundled.infill_request(bundled.encode(prompt + "1 2"), suffix, max_new_tokens=32)
+    widths = {len(e.token_ids) for e in bundled._edit(req, provisional=True) if isinstance(e, BlockState)}
+    assert widths == {6 + len(suffix)}
+    r = bundled.infill(bundled.encode(prompt + "1 2"), bundled.encode(" 4 7 9"), max_new_tokens=32)
+    assert r.text == " 3" and r.stats.forward_passes <= 4
+
+
+def test_a_prefix_cut_after_a_space_is_healed(bundled):
+    """'q w ' ends in a token of its own (' '), where the text 'q w e' has ' e': the hole's first slot takes the
+    space's place and must start with it, and the middle comes back without it."""
+    tok = bundled.tokenizer
+    chat = tok.apply_chat_template([{"role": "user", "content": "Copy: q w e r t y"}])
+    ids = tok.encode(chat + "q w ")
+    kept, space, first = tok.heal_trailing_space(ids)
+    assert kept == ids[:-1] and space == " " and tok.encode(" e")[0] in first
+    assert all(tok.token_texts[t].startswith(" ") for t in first)
+    assert tok.heal_trailing_space(tok.encode(chat + "q w")) is None  # no trailing space
+    assert tok.heal_trailing_space(tok.encode(chat)) is None  # a newline ends tokens anyway: not healed
+    r = bundled.infill(chat + "q w ", " t y", max_new_tokens=8)
+    assert r.text == "e r" and r.spans == [(0, 3)] and tok.decode(r.token_ids) == " e r"
+    # As token ids the caller chose the tokens: no healing unless asked for.
+    assert bundled.infill_request(ids, " t y").edit.healed_prefix == ""
+    assert bundled.infill_request(ids, " t y", heal=True).edit.healed_prefix == " "
+    # Templates heal the text before each hole too; the spans are the holes' words, without the space.
+    f = bundled.fill(chat + "q w [[hole:4]] t y")
+    assert f.text == chat + "q w e r t y" and [f.text[a:b] for a, b in f.spans] == ["e r"]
 
 
 def test_revise_with_spans_changes_only_those_tokens(bundled):

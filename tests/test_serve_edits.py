@@ -44,6 +44,13 @@ def test_suffix_is_infill_and_gives_what_the_api_gives(srv, bundled):
         ref = bundled.infill(prompt + prefix, suffix, max_new_tokens=budget)
         assert r.json()["choices"][0]["text"] == ref.text
         assert r.json()["trimode"]["mode"] == "edit"
+    # A text prompt cut after a space is healed as tm.infill heals it; the hole's window is a request field.
+    r = post(srv, "/v1/completions", {"prompt": prompt + "1 2 ", "suffix": " 4 7 9", "max_tokens": 16,
+                                      "hole_window": 0})
+    assert r.status_code == 200, r.text
+    assert r.json()["choices"][0]["text"] == bundled.infill(prompt + "1 2 ", " 4 7 9", 16, hole_window=0).text
+    r = post(srv, "/v1/completions", {"prompt": prompt + "1 2 ", "suffix": " 4 7 9", "hole_window": -1})
+    assert r.status_code == 400 and "hole_window" in r.text
 
 
 def test_revise_and_fill_routes(srv):

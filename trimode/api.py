@@ -83,10 +83,15 @@ class EditPlan:
     the caller sees, and the character spans of that text which the edit wrote.
 
     `segments` cover the block in order: (kind, token count) with kind "keep" (given text), "hole" (a hole: the
-    empty token is stripped from it) or "draft" (revisable text)."""
+    empty token is stripped from it), "draft" (revisable text) or "open" (the open end after a revised draft:
+    one mask slot, never written, never shown). `heals`: segment index -> the text of the token before that hole
+    which token healing moved into the hole (its first slot rewrites it); `healed_prefix`: that text when the
+    token came from the prefix, outside the block, so the shown text drops it."""
 
-    def __init__(self, tm: TriMode, block: EditBlock, segments: list[tuple[str, int]], show: str) -> None:
+    def __init__(self, tm: TriMode, block: EditBlock, segments: list[tuple[str, int]], show: str,
+                 heals: dict[int, str] | None = None, healed_prefix: str = "") -> None:
         self.tm, self.block, self.segments, self.show = tm, block, segments, show
+        self.heals, self.healed_prefix = heals or {}, healed_prefix
 
     @property
     def empty_id(self) -> int:
@@ -101,19 +106,23 @@ class EditPlan:
         spans: list[tuple[int, int]] = []
         text = ""
         at = 0
-        for kind, n in self.segments:
+        for i, (kind, n) in enumerate(self.segments):
             part, given = tokens[at : at + n], self.block.tokens[at : at + n]
             at += n
+            if kind == "open" or (self.show == "holes" and kind != "hole"):
+                continue
             if kind == "hole":
                 part = [t for t in part if t != self.empty_id]
-            if self.show == "holes" and kind != "hole":
-                continue
             before = len(text)
             ids += part
             text = self.tm.decode(ids) or ""
-            if kind == "hole" or (kind == "draft" and part != given):
-                spans.append((before, len(text)) if kind == "hole" else _changed(self.tm, given, part, before))
-        return ids, text, [s for s in spans if s is not None]
+            if kind == "hole":
+                spans.append((min(before + len(self.heals.get(i, "")), len(text)), len(text)))
+            elif kind == "draft" and part != given:
+                spans.append(_changed(self.tm, given, part, before))
+        cut = len(self.healed_prefix) if text.startswith(self.healed_prefix) else 0
+        text = text[cut:]
+        return ids, text, [(max(a - cut, 0), b - cut) for a, b in spans if b > a]
 
 
 def _changed(tm: TriMode, old: list[int], new: list[int], offset: int) -> tuple[int, int]:
@@ -244,14 +253,22 @@ class TriMode:
         return Prepared(list(prefix), "edit", k, StopRule(n), sampling, None, None, plan)
 
     def infill_request(self, prefix: str | list[int], suffix: str | list[int], max_new_tokens: int = 32,
-                       **kwargs) -> Prepared:
-        """The middle between `prefix` and `suffix`, at most `max_new_tokens` tokens (see `infill`)."""
+                       heal: bool | None = None, **kwargs) -> Prepared:
+        """The middle between `prefix` and `suffix`, at most `max_new_tokens` tokens (see `infill`). `heal`:
+        token healing of a prefix that ends in a space token (default: when the prefix is given as text)."""
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
         pre, suf = self._ids(prefix, "prefix"), self._ids(suffix, "suffix")
-        block = EditBlock([0] * max_new_tokens + suf, [True] * max_new_tokens + [False] * len(suf),
-                          [False] * (max_new_tokens + len(suf)))
-        plan = EditPlan(self, block, [("hole", max_new_tokens), ("keep", len(suf))], "holes")
+        n, allowed, healed = max_new_tokens, {}, ""
+        if heal is None:
+            heal = isinstance(prefix, str)
+        heal = self.tokenizer.heal_trailing_space(pre) if heal and self.tokenizer is not None else None
+        if heal is not None:  # the first slot rewrites the prefix's trailing space token (token healing)
+            pre, healed, allowed = heal[0], heal[1], {0: heal[2]}
+            n += 1
+        block = EditBlock([0] * n + suf, [True] * n + [False] * len(suf), [False] * (n + len(suf)), allowed)
+        plan = EditPlan(self, block, [("hole", n), ("keep", len(suf))], "holes", {0: healed}, healed)
+        block.empty = plan.empty_id
         return self.prepare_edit(pre, plan, **kwargs)
 
     def revise_request(self, prompt: str | list[int], draft: str | list[int],
@@ -263,9 +280,12 @@ class TriMode:
         if spans is None:
             if kwargs.get("rounds") is None:
                 kwargs["rounds"] = 4  # the default budget of detect-and-rewrite rounds
-            holes = [False] * len(ids)
-            block = EditBlock(ids, holes, [True] * len(ids))
-            return self.prepare_edit(pre, EditPlan(self, block, [("draft", len(ids))], "all"), **kwargs)
+            # The draft, then one mask slot that is never written: with every token of the block visible, the
+            # last ones would see just what the causal stream sees there, where the AR loss taught the model to
+            # predict the *next* token; the open end tells the two apart (docs/editing.md, measured there).
+            block = EditBlock(ids + [self.config.mask_token_id], [False] * (len(ids) + 1), [True] * len(ids) + [False])
+            segments = [("draft", len(ids)), ("open", 1)]
+            return self.prepare_edit(pre, EditPlan(self, block, segments, "all"), **kwargs)
         if not isinstance(draft, str):
             raise ValueError("spans are character ranges of a text draft; give the draft as text")
         holes = self._span_tokens(draft, ids, spans)
@@ -280,25 +300,40 @@ class TriMode:
         pieces = _HOLE_RE.split(template)  # text, length, text, length, ..., text
         if len(pieces) == 1:
             raise ValueError(f"the template has no hole: mark them with {HOLE} or [[hole:N]] (N tokens)")
+        if self.tokenizer is None:
+            raise ValueError("this checkpoint has no tokenizer.json: a template needs one")
         prefix = self._ids(pieces[0], "template")
         tokens: list[int] = []
         holes: list[bool] = []
         segments: list[tuple[str, int]] = []
+        allowed: dict[int, list[int]] = {}
+        heals: dict[int, str] = {}
+        healed_prefix = ""
+        heal = self.tokenizer.heal_trailing_space(prefix)
+        if heal is not None:  # token healing: the first hole's first slot rewrites the lead's trailing space
+            prefix, healed_prefix = heal[0], heal[1]
+            allowed[0], heals[0] = heal[2], heal[1]
         for i in range(1, len(pieces), 2):
             n = int(pieces[i]) if pieces[i] is not None else hole_tokens
             if n < 1:
                 raise ValueError("a hole needs at least 1 token ([[hole:N]] with N >= 1)")
+            n += len(tokens) in allowed
             tokens += [0] * n
             holes += [True] * n
             segments.append(("hole", n))
             text = self._ids(pieces[i + 1], "template")
+            heal = self.tokenizer.heal_trailing_space(text) if i + 2 < len(pieces) else None
+            if heal is not None:  # the same between holes: the next hole's first slot rewrites the space token
+                text = heal[0]
+                allowed[len(tokens) + len(text)], heals[len(segments) + 1] = heal[2], heal[1]
             tokens += text
             holes += [False] * len(text)
             if text:
                 segments.append(("keep", len(text)))
-        block = EditBlock(tokens, holes, [False] * len(tokens))
-        plan = EditPlan(self, block, segments, "all")
-        plan.lead = pieces[0]
+        block = EditBlock(tokens, holes, [False] * len(tokens), allowed)
+        plan = EditPlan(self, block, segments, "all", heals)
+        block.empty = plan.empty_id
+        plan.lead = pieces[0][: len(pieces[0]) - len(healed_prefix)]  # the block's first token writes the rest
         return self.prepare_edit(prefix, plan, **kwargs)
 
     def _span_tokens(self, draft: str, ids: list[int], spans) -> list[bool]:
@@ -343,7 +378,11 @@ class TriMode:
                **kwargs) -> GenerationResult:
         """Fill the middle between `prefix` and `suffix`: `.text` / `.token_ids` are the middle only, at most
         `max_new_tokens` tokens (the model ends it early by writing the empty token, which is stripped). The
-        middle sees the whole suffix. Keywords: threshold, temperature, top_p, top_k, seed."""
+        middle sees the whole suffix. The hole starts `hole_window` (6) slots long and doubles, up to
+        `max_new_tokens`, while the model fills it to the end. A text prefix that ends in a space token is healed:
+        that token becomes the hole's first slot, which may only take a token starting with it (`.token_ids` then
+        start with that token; `.text` leaves its space out, as the prefix has it). Keywords: threshold,
+        hole_window, heal, temperature, top_p, top_k, seed."""
         return self._run_edit(self.infill_request(prefix, suffix, max_new_tokens, **kwargs))
 
     def revise(self, prompt: str | list[int], draft: str | list[int], spans: list[tuple[int, int]] | None = None,
@@ -358,7 +397,8 @@ class TriMode:
     def fill(self, template: str, hole_tokens: int = 8, **kwargs) -> GenerationResult:
         """Fill every hole of `template` in parallel: holes are `[[hole]]` (`hole_tokens` tokens) or `[[hole:N]]`
         (N tokens); a hole may end early. `.text` is the template with its holes filled (the text before the first
-        hole is the context and is returned too), `.spans` where the holes' text is."""
+        hole is the context and is returned too), `.spans` where the holes' text is. Text before a hole that ends in
+        a space token is healed as in `infill`. Keywords: threshold, hole_window, temperature, top_p, top_k, seed."""
         return self._run_edit(self.fill_request(template, hole_tokens, **kwargs))
 
     def events(self, req: Prepared, text: TextStream | None, event,

@@ -133,6 +133,7 @@ def infill(
     model: str | None = typer.Option(None, "--model", "-m", help="Checkpoint directory or Hub repo id (default: the bundled model)."),
     max_new_tokens: int = typer.Option(16, "--max-new-tokens", "-n", help="The hole's budget; the model may write less."),
     threshold: float | None = typer.Option(None, help="Commit threshold of each denoising pass (default 0.9)."),
+    hole_window: int | None = typer.Option(None, "--hole-window", help="The hole starts this many slots long and doubles while the model fills it to the end (default 6; 0: the whole budget at once)."),
     chat: str | None = typer.Option(None, help="A user message: the hole is in the assistant's answer to it (chat template)."),
     temperature: float = typer.Option(0.0, help="0 = greedy."),
     seed: int | None = typer.Option(None, help="Seed for sampling."),
@@ -143,7 +144,7 @@ def infill(
     tm = load_or_fail(model, dtype, device)
     try:
         r = tm.infill(_chat_prefix(tm, chat) + prefix, suffix, max_new_tokens=max_new_tokens, threshold=threshold,
-                      temperature=temperature, seed=seed)
+                      hole_window=hole_window, temperature=temperature, seed=seed)
     except ValueError as e:
         fail(str(e))
     _print_edit(r, "infill")

@@ -122,12 +122,15 @@ class EditKnobs:
     threshold: float = 0.9  # a pass commits the masked slots at least this confident (at least one)
     rounds: int = 1  # revision rounds after the holes are filled (1: fill only)
     revise_threshold: float = 0.9  # a revision remasks a slot whose other prediction is at least this confident
+    hole_window: int = 6  # a hole starts this many slots long, doubling while filled to the end (0: all at once)
 
     def check(self, defaults: ModelDefaults) -> None:
         _check_threshold(self.threshold)
         _check_threshold(self.revise_threshold)
         if isinstance(self.rounds, bool) or not isinstance(self.rounds, int) or not 1 <= self.rounds <= 64:
             raise ValueError(f"rounds must be an integer in [1, 64], got {self.rounds!r}")
+        if isinstance(self.hole_window, bool) or not isinstance(self.hole_window, int) or self.hole_window < 0:
+            raise ValueError(f"hole_window must be an integer >= 0, got {self.hole_window!r}")
 
 
 @dataclass(frozen=True)
@@ -151,7 +154,7 @@ class ModeSpec:
             if block is None:
                 raise ValueError("an edit needs its block (holes, or a draft to revise)")
             return _edit.edit(prompt_ids, block, sampling, mask_id, knobs.threshold, knobs.rounds,
-                              knobs.revise_threshold, provisional)
+                              knobs.revise_threshold, provisional, knobs.hole_window)
         return self.build(prompt_ids, stop, sampling, mask_id, knobs, thinking, provisional, steer)
 
     def kv_slots(self, prompt_len: int, max_new_tokens: int, knobs) -> int:

@@ -166,7 +166,7 @@ class Engine:
                         seed=request.seed, **request.knobs)
         if kind == "infill":
             return self.tm.infill_request(request.prompt_ids, args.get("suffix", []), request.max_new_tokens,
-                                          **sampling)
+                                          heal=bool(args.get("heal", False)), **sampling)
         if kind == "revise":
             return self.tm.revise_request(request.prompt_ids, args.get("draft", []), args.get("spans"), **sampling)
         if kind == "fill":

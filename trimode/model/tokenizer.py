@@ -7,6 +7,7 @@ sandboxed environment: a checkpoint's template cannot reach Python objects or th
 from __future__ import annotations
 
 import json
+from functools import cached_property
 from pathlib import Path
 
 from jinja2.sandbox import ImmutableSandboxedEnvironment
@@ -59,6 +60,28 @@ class NLDTokenizer:
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return self.tok.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    @cached_property
+    def token_texts(self) -> list[str]:
+        """The text of every token id alone (special tokens: empty)."""
+        return self.tok.decode_batch([[i] for i in range(self.vocab_size)], skip_special_tokens=True)
+
+    def heal_trailing_space(self, ids: list[int]) -> tuple[list[int], str, list[int]] | None:
+        """Token healing for text cut after a space, as a caller cuts a prefix before a hole ("a b " | "c").
+
+        Byte-level BPE writes a word with the space before it as one token (" c"), so a cut text that ends in a
+        space ends in a token of its own, which the model rarely saw before a word. Healing backs up over that
+        token: returns (the ids without it, its text, the ids whose text starts with that text, which the first
+        written token must be one of), or None when the ids do not end in a token of spaces only, or that token
+        is all they are. A newline is never healed: pre-tokenizers split there, so it ends tokens anyway."""
+        if len(ids) < 2 or not 0 <= ids[-1] < self.vocab_size:
+            return None
+        texts = self.token_texts
+        last = texts[ids[-1]]
+        if not last or last.strip(" ") != "":
+            return None
+        allowed = [i for i, t in enumerate(texts) if t.startswith(last)]
+        return (ids[:-1], last, allowed) if len(allowed) > 1 else None
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
         if not self.chat_template:

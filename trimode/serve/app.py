@@ -114,7 +114,8 @@ class Plan:
     decision: Decision | None = None  # how the route's priority chose the mode (routed requests)
     rows: int = 1  # rows running or waiting in the engine when it arrived, itself included
     created: int = field(default_factory=lambda: int(time.time()))
-    edit: tuple[str, dict] | None = None  # fill in the middle (`suffix`): ("infill", {"suffix": ids})
+    # Fill in the middle (`suffix`): ("infill", {"suffix": ids, "heal": [whether each prompt was text]}).
+    edit: tuple[str, dict] | None = None
 
     @property
     def audit_logprobs(self) -> bool:
@@ -124,11 +125,14 @@ class Plan:
     def engine_requests(self) -> list[EngineRequest]:
         out = []
         for p, ids in enumerate(self.prompts):
+            edit = self.edit
+            if edit is not None and isinstance(edit[1].get("heal"), list):
+                edit = (edit[0], {**edit[1], "heal": edit[1]["heal"][p]})  # a text prompt is healed as tm.infill's
             for j in range(self.n):
                 seed = None if self.seed is None else self.seed + j  # n samples, n different derived seeds
                 out.append(EngineRequest(ids, self.mode, self.max_tokens[p], self.temperature, self.top_p,
                                          self.top_k, seed, self.stop, self.provisional, dict(self.knobs),
-                                         edit=self.edit))
+                                         edit=edit))
         return out
 
     def review(self) -> dict | None:
@@ -187,7 +191,7 @@ class Server:
             if body.echo or body.logprobs is not None:
                 raise APIError(400, "suffix does not combine with echo or logprobs", param="suffix")
             mode, verified = "edit", False
-            knobs = {"threshold": body.threshold} if body.threshold is not None else {}
+            knobs = {k: v for k, v in body.knobs.items() if k in MODE_SPECS["edit"].knob_names}
             decision = Decision("edit", "suffix: fill in the middle", rows) if route is not None else None
         else:
             mode, knobs, verified, decision = self._mode(body, route, rows)
@@ -242,7 +246,7 @@ class Server:
                     body.top_p if body.top_p is not None else 1.0, body.top_k or 0, body.seed, body.stop_list,
                     body.n, route, None, logprobs, body.provisional, echo, risk, decision, rows)
         if suffix is not None:
-            plan.edit = ("infill", {"suffix": suffix_ids})
+            plan.edit = ("infill", {"suffix": suffix_ids, "heal": [isinstance(p, str) for p in body.prompts]})
         if route is not None:
             plan.review_flag = route.flags_for_review(request_id, risk)
         return plan

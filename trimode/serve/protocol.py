@@ -131,6 +131,7 @@ class GenerationFields(BaseModel):
     use_drafter: bool | None = None
     ar_mix_weight: FiniteFloat | None = Field(None, ge=0, le=1)
     remask_threshold: FiniteFloat | None = Field(None, ge=0, le=1)
+    hole_window: int | None = Field(None, ge=0, le=4096)  # `suffix`: the hole's first window (see the edit mode)
     max_thinking_tokens: int | None = Field(None, ge=0)
     end_think_token_id: int | None = Field(None, ge=0)
     provisional: bool = False
@@ -267,7 +268,8 @@ class EditRequest(BaseModel):
     kind "revise": `draft` written after the context (`prompt`, or `messages` rendered with the chat template as
     the assistant's turn); `spans` ([start, end] character ranges of the draft) to rewrite, or none to let the
     model find what to rewrite (`rounds`, `revise_threshold`). kind "fill": `template` with `[[hole]]` /
-    `[[hole:N]]` placeholders (`hole_tokens` for a hole without N)."""
+    `[[hole:N]]` placeholders (`hole_tokens` for a hole without N; `hole_window`: a hole starts that many slots
+    long and doubles while the model fills it to the end)."""
 
     model_config = ConfigDict(extra="forbid", strict=True)
 
@@ -282,6 +284,7 @@ class EditRequest(BaseModel):
     threshold: FiniteFloat | None = Field(None, ge=0, le=1)
     rounds: int | None = Field(None, ge=1, le=64)
     revise_threshold: FiniteFloat | None = Field(None, ge=0, le=1)
+    hole_window: int | None = Field(None, ge=0, le=4096)
     temperature: FiniteFloat | None = Field(None, ge=0, le=2)
     top_p: FiniteFloat | None = Field(None, gt=0, le=1)
     top_k: int | None = Field(None, ge=0)
@@ -312,5 +315,5 @@ class EditRequest(BaseModel):
 
     @property
     def knobs(self) -> dict:
-        names = ("threshold", "rounds", "revise_threshold")
+        names = ("threshold", "rounds", "revise_threshold", "hole_window")
         return {k: getattr(self, k) for k in names if getattr(self, k) is not None}

@@ -15,9 +15,11 @@ Chat items are wrapped in the model's chat template (when it has one); raw-compl
 - infill: a hole of one or two items of the answer, filled with `infill_tokens` (the prefix in the KV cache,
   one bidirectional block `[MASK x N] + suffix`, pads stripped; the suffix of a hole at the end of the answer is
   [EOS]); right = prefix + middle + suffix is the answer. The hole is cut before the space of its first item
-  ("1 2" | " 3 4" | " 7 9"), and again after it ("1 2 " | "3 4" | " 7 9", the "cut after the space" column);
+  ("1 2" | " 3 4" | " 7 9"), and again after it ("1 2 " | "3 4" | " 7 9", the "cut after the space" column,
+  with token healing as `tm.infill` does it: the prefix's trailing space token becomes the hole's first slot);
 - revision: one item of the answer replaced by another item (a digit by another digit, a letter by another
-  letter); `revise_tokens` remasks the tokens the model would change and refills them; fixed = the answer.
+  letter); `revise_tokens` remasks the tokens the model would change and refills them (the block is the draft
+  and one mask slot after it, its open end); fixed = the answer.
 Both are written here with plain forward passes of the network, to the inference contract of issue #12.
 """
 
@@ -187,7 +189,8 @@ def markdown_tpf_table(rows: list[dict]) -> str:
 # ---------------------------------------------------------------------------------------------- editing
 
 
-def _fill(net: NLDTransformer, cache, block: torch.Tensor, fill: torch.Tensor, threshold: float) -> int:
+def _fill(net: NLDTransformer, cache, block: torch.Tensor, fill: torch.Tensor, threshold: float,
+          first: list[int] | None = None) -> int:
     """Denoise the masked slots of `block` [T] (`fill` [T] bool: the slots that may be written) in place: each
     pass commits every masked slot whose top-1 confidence is >= threshold, and at least the best one. Passes read
     the cache and never write it. Returns the number of passes."""
@@ -196,6 +199,10 @@ def _fill(net: NLDTransformer, cache, block: torch.Tensor, fill: torch.Tensor, t
     while bool((fill & (block == mask_id)).any()):
         logits = net(block[None], mask="bidirectional", cache=cache)[0].float()
         logits[:, mask_id] = float("-inf")
+        if first is not None:
+            allowed = torch.zeros(logits.shape[-1], dtype=torch.bool, device=logits.device)
+            allowed[first] = True
+            logits[0, ~allowed] = float("-inf")
         conf, pred = logits.softmax(-1).max(-1)
         open_ = fill & (block == mask_id)
         conf = torch.where(open_, conf, torch.full_like(conf, -1.0))
@@ -214,39 +221,47 @@ def _prefilled(net: NLDTransformer, prefix: list[int], extra: int):
 
 
 @torch.no_grad()
-def infill_tokens(net: NLDTransformer, prefix: list[int], suffix: list[int], budget: int, threshold: float = 0.9
-                  ) -> tuple[list[int], int]:
+def infill_tokens(net: NLDTransformer, prefix: list[int], suffix: list[int], budget: int, threshold: float = 0.9,
+                  first: list[int] | None = None, window: int = 6) -> tuple[list[int], int]:
     """(middle tokens, forward passes) of a hole of at most `budget` tokens between `prefix` and `suffix`.
 
-    The contract: the cache holds the causal prefix; one block `[MASK x budget] + suffix` at the positions after
-    it, bidirectional over itself and the cache; the suffix never changes; masks are filled over passes (commit
-    confidence >= threshold, at least one per pass); pad tokens in the filled slots are dropped.
+    The contract: the cache holds the causal prefix; one block `[MASK x N] + suffix` at the positions after it,
+    bidirectional over itself and the cache; the suffix never changes; masks are filled over passes (commit
+    confidence >= threshold, at least one per pass); pad tokens in the filled slots are dropped. N starts at
+    `window` (0: the budget) and doubles, up to the budget, while the model writes no pad in the hole. `first`:
+    the only tokens the first slot may take (token healing: the caller took a trailing space token off the prefix
+    and gave the hole one more slot, see `NLDTokenizer.heal_trailing_space`).
     """
     pad = net.config.pad_token_id
     cache = _prefilled(net, prefix, budget + len(suffix))
-    block = torch.tensor([net.config.mask_token_id] * budget + list(suffix), device=net.device)
-    fill = torch.arange(block.numel(), device=net.device) < budget
-    passes = _fill(net, cache, block, fill, threshold)
-    return [t for t in block[:budget].tolist() if t != pad], 1 + passes
+    size, passes = (min(window, budget) if window else budget), 1
+    while True:
+        block = torch.tensor([net.config.mask_token_id] * size + list(suffix), device=net.device)
+        fill = torch.arange(block.numel(), device=net.device) < size
+        passes += _fill(net, cache, block, fill, threshold, first)
+        middle = block[:size].tolist()
+        if size == budget or pad in middle:
+            return [t for t in middle if t != pad], passes
+        size = min(2 * size, budget)
 
 
 @torch.no_grad()
 def revise_tokens(net: NLDTransformer, prompt: list[int], draft: list[int], knob: float = 0.9, rounds: int = 4,
-                  threshold: float = 0.9, trailing_mask: bool = False) -> tuple[list[int], int, int]:
+                  threshold: float = 0.9, open_end: bool = True) -> tuple[list[int], int, int]:
     """(revised draft, forward passes, tokens remasked over all rounds).
 
-    The contract: the cache holds the prompt; the draft is one bidirectional block with no mask; each round, the
-    tokens where the model's top prediction differs from the present token with confidence >= `knob` are
-    remasked and refilled by denoising; at most `rounds` rounds (a round that changes nothing ends it).
+    The contract: the cache holds the prompt; the block is the draft and one mask slot after it (its open end,
+    never written), bidirectional; each round, the draft tokens where the model's top prediction differs from
+    the present token with confidence >= `knob` are remasked and refilled by denoising; at most `rounds` rounds
+    (a round that changes nothing ends it).
 
-    `trailing_mask`: the block is `draft + [MASK]` instead (a proposed change of the contract; the extra slot is
-    never written). With every draft token visible, the last tokens of a block see exactly what the causal
-    stream sees at the same positions, and a model trained with the AR loss tends to predict the *next* token
-    there; one mask in the block tells the two apart.
+    `open_end=False` drops the mask slot (the block is the draft alone: the ablation of docs/editing.md). With
+    every token visible, the last tokens of the block see exactly what the causal stream sees at the same
+    positions, where a model trained with the AR loss predicts the *next* token; the open end tells them apart.
     """
     mask_id = net.config.mask_token_id
     cache = _prefilled(net, prompt, len(draft) + 1)
-    block = torch.tensor(list(draft) + [mask_id] * trailing_mask, device=net.device)
+    block = torch.tensor(list(draft) + [mask_id] * open_end, device=net.device)
     editable = torch.arange(block.numel(), device=net.device) < len(draft)
     forwards, remasked = 1, 0
     for _ in range(rounds):
@@ -278,8 +293,8 @@ def _other_item(item: str, rng: random.Random) -> str:
 
 
 def evaluate_editing(tm: TriMode, tasks: tuple[str, ...] | list[str] = EDIT_TASKS, n: int = 30, seed: int = 0,
-                     budget: int = 8, threshold: float = 0.9, knob: float = 0.9, rounds: int = 4,
-                     split: str = "heldout", trailing_mask: bool = False) -> list[dict]:
+                     budget: int = 32, threshold: float = 0.9, knob: float = 0.9, rounds: int = 4,
+                     split: str = "heldout", open_end: bool = True, window: int = 6) -> list[dict]:
     """One row per task: infill accuracy (a hole of 1 or 2 items, `budget` slots), revision fix rate (one item
     replaced by another), the tokens revision remasked, right answers kept by revision, and the forward passes
     (prefill counted). Deterministic."""
@@ -305,23 +320,30 @@ def evaluate_editing(tm: TriMode, tasks: tuple[str, ...] | list[str] = EDIT_TASK
             # A hole that ends the answer has the suffix [EOS] (the text ends there): an empty suffix would make the
             # block plain diffusion decoding, which writes the answer's end and EOS, not pads.
             suffix = enc(after) if after else [tm.config.eos_token_id]
-            got, fw = infill_tokens(net, prompt + enc(before), suffix, budget, threshold)
+            got, fw = infill_tokens(net, prompt + enc(before), suffix, budget, threshold, window=window)
             infill_ok += before + tok.decode(got) + after == task.answer
             infill_fw += fw
-            if before:  # the same hole cut after the space: "1 2 " | "3 4" | " 7 9"
-                got, _ = infill_tokens(net, prompt + enc(before + " "), suffix, budget, threshold)
-                infill_after_space += before + " " + tok.decode(got) + after == task.answer
+            if before:  # the same hole cut after the space: "1 2 " | "3 4" | " 7 9", with token healing as tm.infill
+                cut = prompt + enc(before + " ")
+                heal = tok.heal_trailing_space(cut)
+                if heal is None:
+                    got, _ = infill_tokens(net, cut, suffix, budget, threshold, window=window)
+                    middle = tok.decode(got)
+                else:
+                    got, _ = infill_tokens(net, heal[0], suffix, budget + 1, threshold, heal[2], window)
+                    middle = tok.decode(got)[len(heal[1]) :]
+                infill_after_space += before + " " + middle + after == task.answer
             else:
                 infill_after_space += before + tok.decode(got) + after == task.answer
 
             k = rng.randrange(len(pieces))
             item = pieces[k].strip()
             wrong = pieces[:k] + [pieces[k].replace(item, _other_item(item, rng))] + pieces[k + 1 :]
-            out, fw, changed = revise_tokens(net, prompt, enc("".join(wrong)), knob, rounds, threshold, trailing_mask)
+            out, fw, changed = revise_tokens(net, prompt, enc("".join(wrong)), knob, rounds, threshold, open_end)
             fixed += tok.decode(out) == task.answer
             revise_fw += fw
             remasked += changed
-            out, _, changed = revise_tokens(net, prompt, enc(task.answer), knob, rounds, threshold, trailing_mask)
+            out, _, changed = revise_tokens(net, prompt, enc(task.answer), knob, rounds, threshold, open_end)
             kept += tok.decode(out) == task.answer
             remasked_right += changed
         rows.append({"task": name, "items": n, "infill_accuracy": infill_ok / n, "infill_forwards": infill_fw / n,
@@ -359,13 +381,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--progress", action="store_true", help="print progress to stderr")
     ap.add_argument("--editing", action="store_true",
                     help="evaluate infill and revision on copy / reverse / sort instead of the modes")
-    ap.add_argument("--hole-budget", type=int, default=8, help="--editing: infill slots N (default 8)")
+    ap.add_argument("--hole-budget", type=int, default=32,
+                    help="--editing: infill budget, max_new_tokens (default 32, as tm.infill)")
+    ap.add_argument("--hole-window", type=int, default=6,
+                    help="--editing: infill holes start this long and double while filled (default 6, as tm.infill; 0: all)")
     ap.add_argument("--threshold", type=float, default=0.9, help="--editing: denoising threshold (default 0.9)")
     ap.add_argument("--revise-knob", type=float, default=0.9,
                     help="--editing: confidence needed to remask a token in revision (default 0.9, as tm.revise)")
     ap.add_argument("--revise-rounds", type=int, default=4, help="--editing: revision rounds (default 4, as tm.revise)")
-    ap.add_argument("--revise-trailing-mask", action="store_true",
-                    help="--editing: revise the block draft + [MASK] (a proposed contract change)")
+    ap.add_argument("--revise-closed", action="store_true",
+                    help="--editing: revise the draft alone, without the mask slot after it (an ablation)")
     args = ap.parse_args(argv)
 
     import trimode
@@ -417,11 +442,11 @@ def _main_editing(tm: TriMode, args) -> int:
         raise ValueError(f"--editing evaluates {', '.join(EDIT_TASKS)}, not {', '.join(bad)}")
     start = time.perf_counter()
     rows = evaluate_editing(tm, names, args.n, args.seed, args.hole_budget, args.threshold, args.revise_knob,
-                            args.revise_rounds, trailing_mask=args.revise_trailing_mask)
+                            args.revise_rounds, open_end=not args.revise_closed, window=args.hole_window)
     where = tm.path if tm.path is not None else "(in memory)"
-    block = " (block: draft + [MASK])" if args.revise_trailing_mask else ""
+    block = " (revision block: the draft alone, no open end)" if args.revise_closed else ""
     print(f"model {where}: {args.n} held-out items per task (seed {args.seed}); infill: a 1- or 2-item hole, "
-          f"{args.hole_budget} slots, threshold {args.threshold}; revision: one wrong item, knob "
+          f"{args.hole_budget} slots (window {args.hole_window}), threshold {args.threshold}; revision: one wrong item, knob "
           f"{args.revise_knob}, {args.revise_rounds} rounds{block}; {torch.get_num_threads()} torch thread(s), "
           f"{time.perf_counter() - start:.0f}s")
     print()

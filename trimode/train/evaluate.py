@@ -384,7 +384,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--hole-budget", type=int, default=32,
                     help="--editing: infill budget, max_new_tokens (default 32, as tm.infill)")
     ap.add_argument("--hole-window", type=int, default=6,
-                    help="--editing: infill holes start this long and double while filled (default 6, as tm.infill; 0: all)")
+                    help="--editing: infill holes start this long and double while filled (default 6, as tm.infill)")
     ap.add_argument("--threshold", type=float, default=0.9, help="--editing: denoising threshold (default 0.9)")
     ap.add_argument("--revise-knob", type=float, default=0.9,
                     help="--editing: confidence needed to remask a token in revision (default 0.9, as tm.revise)")
@@ -446,8 +446,9 @@ def _main_editing(tm: TriMode, args) -> int:
     where = tm.path if tm.path is not None else "(in memory)"
     block = " (revision block: the draft alone, no open end)" if args.revise_closed else ""
     print(f"model {where}: {args.n} held-out items per task (seed {args.seed}); infill: a 1- or 2-item hole, "
-          f"{args.hole_budget} slots (window {args.hole_window}), threshold {args.threshold}; revision: one wrong item, knob "
-          f"{args.revise_knob}, {args.revise_rounds} rounds{block}; {torch.get_num_threads()} torch thread(s), "
+          f"{args.hole_budget} slots (window {args.hole_window}), threshold {args.threshold}; revision: one wrong "
+          f"item, knob {args.revise_knob}, {args.revise_rounds} rounds{block}; {torch.get_num_threads()} torch "
+          f"thread(s), "
           f"{time.perf_counter() - start:.0f}s")
     print()
     print(markdown_editing_table(rows))

@@ -200,7 +200,7 @@ class InfillOptions:
     max_pad: int = 8  # pad tokens after the middle: uniform in 0..max_pad
     max_suffix: int = 32  # the visible suffix: the rest of the text when it is this short, else 0..max_suffix tokens
     tail: float = 0.25  # share of tails: the last 1..max_hole words, EOS, then EOS x k, with nothing after
-    prefix_space: float = 0.5  # share of holes whose leading whitespace stays in the prefix ("a b " | "c" | " d")
+    prefix_space: float = 0.0  # share of holes whose leading whitespace stays in the prefix ("a b " | "c" | " d")
 
 
 WORD = re.compile(r"\s*\S+")

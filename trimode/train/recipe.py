@@ -51,7 +51,7 @@ class InfillSection:
     max_pad: int = 8  # pad tokens after the middle: 0..max_pad
     max_suffix: int = 32  # visible suffix: the rest of the text if at most this long, else 0..max_suffix tokens
     tail: float = 0.25  # share of tails: end of the text + EOS x (1 + 0..max_pad), nothing after (see data.py)
-    prefix_space: float = 0.5  # share of holes whose leading whitespace stays in the prefix ("a b " | "c" | " d")
+    prefix_space: float = 0.0  # share of holes whose leading whitespace stays in the prefix ("a b " | "c" | " d")
 
 
 @dataclass

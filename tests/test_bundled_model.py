@@ -94,3 +94,17 @@ def test_the_editing_evaluation_is_what_tm_infill_and_tm_revise_do(bundled):
     for draft in ("q w e x t y", "q w e r t y", "a w e r t y"):
         mine, _, _ = revise_tokens(bundled.net, tok.encode(chat), tok.encode(draft))
         assert bundled.revise(chat, draft).text == tok.decode(mine)
+
+
+def test_the_suffix_span_study_scores_the_same_suffix_the_same(bundled):
+    """`evaluate --editing --suffix-span`: a suffix that fits one block is not cut, so both columns agree there;
+    longer ones are cut to block_size - window tokens."""
+    from trimode.train.evaluate import SUFFIX_LENGTHS, evaluate_suffix_span
+
+    rows = evaluate_suffix_span(bundled, n=4, window=6)
+    assert [r["suffix_tokens"] for r in rows] == list(SUFFIX_LENGTHS)
+    for r in rows:
+        assert r["cut_to"] == min(r["suffix_tokens"], bundled.config.block_size - 6)
+        assert 0 < r["whole_ce"] < 20 and 0 <= r["whole_top1"] <= 1
+        if r["suffix_tokens"] <= r["cut_to"]:
+            assert r["whole_ce"] == r["cut_ce"] and r["whole_top1"] == r["cut_top1"]

@@ -354,6 +354,32 @@ def evaluate_editing(tm: TriMode, tasks: tuple[str, ...] | list[str] = EDIT_TASK
     return rows
 
 
+def evaluate_templates(tm: TriMode, tasks: tuple[str, ...] | list[str] = EDIT_TASKS, n: int = 30, seed: int = 0,
+                       window: int = 6) -> list[dict]:
+    """Templates through `tm.fill`: the answer with two of its items (not next to each other) as holes, after the
+    chat prompt; right = the filled answer. Two ways to size a hole: `[[hole]]` (8 tokens, the model decides the
+    length) and `[[hole:N]]` with N the item's own token count."""
+    rows = []
+    for name in tasks:
+        free = exact = 0
+        items = load_tasks(name, n, seed, "heldout")
+        for i, task in enumerate(items):
+            rng = random.Random(f"template:{seed}:{name}:{i}")
+            words = task.answer.split(" ")
+            first = rng.randrange(len(words) - 2)
+            second = rng.randrange(first + 2, len(words))
+            prompt = prompt_text(tm, task)
+            for sized in (False, True):
+                parts = [(f"[[hole:{len(tm.encode(w))}]]" if sized else "[[hole]]") if k in (first, second) else w
+                         for k, w in enumerate(words)]
+                r = tm.fill(prompt + " ".join(parts), hole_window=window)
+                ok = r.text == prompt + task.answer
+                exact += ok and sized
+                free += ok and not sized
+        rows.append({"task": name, "items": n, "free": free / n, "sized": exact / n})
+    return rows
+
+
 SUFFIX_LENGTHS = (8, 12, 16, 24, 32, 40)
 
 
@@ -517,6 +543,13 @@ def _main_editing(tm: TriMode, args) -> int:
           f"{time.perf_counter() - start:.0f}s")
     print()
     print(markdown_editing_table(rows))
+    print()
+    print("Templates (`tm.fill`): two items of the answer as holes")
+    print()
+    print("| task | holes `[[hole]]` (8 tokens) | holes `[[hole:N]]` (the item's length) |")
+    print("|---|---|---|")
+    for r in evaluate_templates(tm, names, args.n, args.seed, args.hole_window):
+        print(f"| {r['task']} | {100 * r['free']:.0f}% | {100 * r['sized']:.0f}% |")
     return 0
 
 

@@ -87,6 +87,28 @@ def test_stream_chunks_carry_token_ids_and_block_pieces(served, tm):
         assert all(p == tm.tokenizer.decode([t], skip_special_tokens=False) for t, p in zip(ids, pieces) if t)
 
 
+def test_edit_streams_carry_block_pieces(served, tm):
+    """Infill (`suffix` on /v1/completions) and revision (/v1/edits) stream their block slot by slot, as the page
+    draws it: each slot's text, and the forward passes so far."""
+    auth = {"Authorization": f"Bearer {API_KEY}"}
+    infill = {"model": MODEL, "prompt": "Hello, ", "suffix": " world", "max_tokens": 4, "threshold": 1.0,
+              "stream": True, "provisional": True}
+    revise = {"model": MODEL, "kind": "revise", "messages": [{"role": "user", "content": "Hello"}],
+              "draft": "abc def", "threshold": 1.0, "stream": True, "provisional": True}
+    for path, body in (("/v1/completions", infill), ("/v1/edits", revise)):
+        with httpx.stream("POST", served.url + path, json=body, headers=auth, timeout=60) as r:
+            assert r.status_code == 200
+            events = sse_events(r)
+        chunks = [e["choices"][0] if e.get("choices") else e for e in events[:-1]]  # an edit's block: top level
+        blocks = [c for c in chunks if "provisional" in c]
+        assert blocks, events
+        for b in blocks:
+            ids, pieces = b["provisional"]["token_ids"], b["trimode"]["pieces"]
+            assert len(pieces) == len(ids) and b["trimode"]["forward_passes"] >= 1
+            assert all((p is None) == (t is None) for t, p in zip(ids, pieces))
+            assert all(p == tm.tokenizer.decode([t], skip_special_tokens=False) for t, p in zip(ids, pieces) if t)
+
+
 @dataclass
 class CountedDelta(Delta):  # what trimode.api's events would be once they report the forward passes so far
     forward_passes: int = 0

@@ -59,6 +59,19 @@ def test_the_page_loads_nothing_from_elsewhere():
     assert "innerHTML" not in js  # model output is inserted as text only
 
 
+def test_the_editing_controls_are_live():
+    """Infill and revise are enabled, with their text fields; their requests go to this server's routes for edits
+    (a completion with `suffix`, v1/edits). In a browser: tests/test_playground_browser.py."""
+    html = (STATIC / "index.html").read_text()
+    editing = re.search(r"<fieldset id=\"editing\"([^>]*)>(.*?)</fieldset>", html, re.S)
+    assert editing and "disabled" not in editing[1]
+    assert 'id="infill"' in editing[2] and 'id="revise"' in editing[2]
+    for field in ("suffix", "draft"):
+        assert re.search(f'<label for="{field}">', html) and f'<textarea id="{field}"' in html
+    js = (STATIC / "playground.js").read_text()
+    assert '"v1/edits"' in js and "suffix: run.suffix" in js and 'kind: "revise"' in js
+
+
 def test_static_files_are_package_data():
     pyproject = (Path(__file__).parents[1] / "pyproject.toml").read_text()
     assert '"serve/static/*"' in pyproject

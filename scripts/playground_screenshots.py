@@ -1,9 +1,11 @@
 """Screenshots of the playground for the docs: the bundled model served in-process, the page in headless
 Chromium (Debian's `chromium`, driven by Playwright), a laptop and a phone-width window.
 
-    python scripts/playground_screenshots.py   # docs/playground.png, playground-phone.png, playground-denoising.png
+    python scripts/playground_screenshots.py   # docs/playground.png, playground-phone.png, playground-denoising.png,
+                                               # playground-editing.png, playground-infill.png
 
-The third one is taken mid-run, with every forward pass slowed down, to catch a diffusion block half filled in.
+The third one is taken mid-run, with every forward pass slowed down, to catch a diffusion block half filled in;
+the fourth is a revised draft (what changed marked), the fifth an infill caught mid-way the same way.
 """
 
 from __future__ import annotations
@@ -83,11 +85,11 @@ def main() -> None:
             page.fill("#prompt", "Sort: 9 8 7 6 5 4")
             page.select_option("#mode-a", "diffusion")
             page.set_checked("#compare", False)
-            page.fill("#threshold", "0.99")
+            page.fill("#threshold", "1")  # one slot per pass (at 0.99 the bundled model fills this block in two)
             SLOW.set()
             try:
                 page.click("#run")
-                # Mid-run, after the second pass: slots filled by earlier passes, by the latest one, still masked.
+                # Mid-run: slots filled by earlier passes, by the latest one, still masked.
                 earlier, latest = page.locator(".block .cell:not(.mask):not(.new)"), page.locator(".block .new")
                 masked = page.locator(".block .mask")
                 deadline = time.time() + 60
@@ -96,6 +98,38 @@ def main() -> None:
                     time.sleep(0.05)
                 page.locator(".panel").screenshot(path=str(args.out / "playground-denoising.png"))
                 print(args.out / "playground-denoising.png")
+            finally:
+                SLOW.clear()
+            page.close()
+
+            page = browser.new_page(viewport={"width": 1280, "height": 900}, device_scale_factor=1)
+            page.goto(url)
+            page.wait_for_selector("#server-info:has-text('trimode-default')")
+            page.check("#revise")
+            page.fill("#prompt", "Sort: 7 3 9 1 4 2")
+            page.fill("#draft", "1 2 3 5 7 9")
+            for _ in range(2):  # the second run is the one shown, as above
+                page.click("#run")
+                page.wait_for_selector(".panel[data-state='done']", timeout=60_000)
+            page.screenshot(path=str(args.out / "playground-editing.png"), full_page=True)
+            print(args.out / "playground-editing.png")
+            # Infill at threshold 1 (one slot per pass), slowed down: caught with slots filled and still masked.
+            page.check("#infill")
+            chat = tm.tokenizer.apply_chat_template([{"role": "user", "content": "Sort: 7 3 9 1 4 2"}])
+            page.fill("#prompt", chat + "1 2")
+            page.fill("#suffix", " 4 7 9")
+            page.fill("#max-tokens", "8")
+            page.fill("#threshold", "1")
+            SLOW.set()
+            try:
+                page.click("#run")
+                filled = page.locator(".block .cell:not(.mask):not(.given)")
+                deadline = time.time() + 60
+                while not (filled.count() >= 3 and page.locator(".middle .gap").count() >= 2):
+                    assert time.time() < deadline, "no half-filled hole seen"
+                    time.sleep(0.05)
+                page.locator(".panel").screenshot(path=str(args.out / "playground-infill.png"))
+                print(args.out / "playground-infill.png")
             finally:
                 SLOW.clear()
             page.close()

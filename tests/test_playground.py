@@ -59,6 +59,19 @@ def test_the_page_loads_nothing_from_elsewhere():
     assert "innerHTML" not in js  # model output is inserted as text only
 
 
+def test_the_editing_controls_are_live():
+    """Infill and revise are enabled, with their text fields; their requests go to this server's routes for edits
+    (a completion with `suffix`, v1/edits). In a browser: tests/test_playground_browser.py."""
+    html = (STATIC / "index.html").read_text()
+    editing = re.search(r"<fieldset id=\"editing\"([^>]*)>(.*?)</fieldset>", html, re.S)
+    assert editing and "disabled" not in editing[1]
+    assert 'id="infill"' in editing[2] and 'id="revise"' in editing[2]
+    for field in ("suffix", "draft"):
+        assert re.search(f'<label for="{field}">', html) and f'<textarea id="{field}"' in html
+    js = (STATIC / "playground.js").read_text()
+    assert '"v1/edits"' in js and "suffix: run.suffix" in js and 'kind: "revise"' in js
+
+
 def test_static_files_are_package_data():
     pyproject = (Path(__file__).parents[1] / "pyproject.toml").read_text()
     assert '"serve/static/*"' in pyproject
@@ -85,6 +98,28 @@ def test_stream_chunks_carry_token_ids_and_block_pieces(served, tm):
         assert len(pieces) == len(ids)
         assert all((p is None) == (t is None) for t, p in zip(ids, pieces))
         assert all(p == tm.tokenizer.decode([t], skip_special_tokens=False) for t, p in zip(ids, pieces) if t)
+
+
+def test_edit_streams_carry_block_pieces(served, tm):
+    """Infill (`suffix` on /v1/completions) and revision (/v1/edits) stream their block slot by slot, as the page
+    draws it: each slot's text, and the forward passes so far."""
+    auth = {"Authorization": f"Bearer {API_KEY}"}
+    infill = {"model": MODEL, "prompt": "Hello, ", "suffix": " world", "max_tokens": 4, "threshold": 1.0,
+              "stream": True, "provisional": True}
+    revise = {"model": MODEL, "kind": "revise", "messages": [{"role": "user", "content": "Hello"}],
+              "draft": "abc def", "threshold": 1.0, "stream": True, "provisional": True}
+    for path, body in (("/v1/completions", infill), ("/v1/edits", revise)):
+        with httpx.stream("POST", served.url + path, json=body, headers=auth, timeout=60) as r:
+            assert r.status_code == 200
+            events = sse_events(r)
+        chunks = [e["choices"][0] if e.get("choices") else e for e in events[:-1]]  # an edit's block: top level
+        blocks = [c for c in chunks if "provisional" in c]
+        assert blocks, events
+        for b in blocks:
+            ids, pieces = b["provisional"]["token_ids"], b["trimode"]["pieces"]
+            assert len(pieces) == len(ids) and b["trimode"]["forward_passes"] >= 1
+            assert all((p is None) == (t is None) for t, p in zip(ids, pieces))
+            assert all(p == tm.tokenizer.decode([t], skip_special_tokens=False) for t, p in zip(ids, pieces) if t)
 
 
 @dataclass

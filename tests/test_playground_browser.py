@@ -1,17 +1,20 @@
 """The playground page in a real browser: headless Chromium (Debian's, driven by Playwright) against a real
 server on a free port, the page served behind a path prefix. The page loads, runs a prompt in two modes at
 once, shows the diffusion block before it is committed, shows the server's errors, and cancels its requests
-when stopped or closed.
+when stopped or closed. Its editing controls run on the bundled model: infill writes the middle `tm.infill`
+writes, revise marks what `tm.revise` changed.
 
 Needs a `chromium` binary (`.ci/run` installs Debian's); without one these tests are skipped, except in CI
 (`CI` set), where that is a failure."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import threading
 import time
+from contextlib import contextmanager
 
 import httpx
 import pytest
@@ -43,6 +46,8 @@ if (why := _missing()) is not None:
 
 from playwright.sync_api import Page, expect, sync_playwright  # noqa: E402
 
+BUNDLED = "trimode-default"
+SORT = "Sort: 7 3 9 1 4 2"
 SLOW = threading.Event()  # while set, every forward pass takes 20 ms longer: runs long enough to stop them
 
 
@@ -73,16 +78,43 @@ def browser():
         b.close()
 
 
-@pytest.fixture
-def page(browser, served):
+@pytest.fixture(scope="module")
+def bundled():
+    """The bundled model served as `trimode serve` serves it (no API key): it sorts, so edits have a right answer."""
+    tm = trimode.load()
+    app = create_app(Engine(tm, max_queue=16), ServerConfig(BUNDLED))
+    with ServerThread(app) as srv:
+        srv.tm = tm
+        srv.page = srv.url + "/playground"
+        yield srv
+
+
+@contextmanager
+def opened(browser, url: str):
+    """The page in a fresh browser context; no JavaScript errors by the end."""
     context = browser.new_context(viewport={"width": 1280, "height": 900})
     page = context.new_page()
     errors: list[str] = []
     page.on("pageerror", lambda e: errors.append(str(e)))
-    page.goto(served.page)
-    yield page
-    context.close()
+    page.goto(url)
+    try:
+        yield page
+    finally:
+        context.close()
     assert not errors, f"JavaScript errors: {errors}"
+
+
+@pytest.fixture
+def page(browser, served):
+    with opened(browser, served.page) as page:
+        yield page
+
+
+@pytest.fixture
+def bundled_page(browser, bundled):
+    with opened(browser, bundled.page) as page:
+        expect(page.locator("#server-info")).to_contain_text(BUNDLED)
+        yield page
 
 
 def connect(page: Page) -> None:
@@ -215,3 +247,100 @@ def test_the_page_fits_a_phone(browser, served):
     boxes = [panel(page, m).bounding_box() for m in ("ar", "quadratic_spec")]
     assert boxes[1]["y"] >= boxes[0]["y"] + boxes[0]["height"]  # stacked, not squeezed side by side
     context.close()
+
+
+def kind(page: Page) -> str:
+    return page.locator('input[name="kind"]:checked').get_attribute("value")
+
+
+def test_editing_controls_exclude_each_other_and_the_modes(page):
+    connect(page)
+    chat = page.locator('input[name="kind"][value="chat"]')
+    mode_controls = [page.locator(s) for s in ("#mode-a", "#compare", "#mode-b")]
+    expect(page.locator("#suffix-field")).to_be_hidden()
+    expect(page.locator("#draft-field")).to_be_hidden()
+    page.check("#infill")  # chat messages cannot be a completion prompt: the kind becomes completion
+    assert kind(page) == "completion"
+    expect(chat).to_be_disabled()
+    expect(page.locator("#edit-hint")).to_contain_text("the kind is now completion")
+    expect(page.locator("#suffix-field")).to_be_visible()
+    expect(page.locator("#mode-hint")).to_be_visible()
+    for control in mode_controls:
+        expect(control).to_be_disabled()
+    page.check("#revise")  # one edit at a time; the kind infill replaced comes back
+    assert not page.is_checked("#infill") and kind(page) == "chat"
+    expect(chat).to_be_enabled()
+    expect(page.locator("#suffix-field")).to_be_hidden()
+    expect(page.locator("#draft-field")).to_be_visible()
+    for control in mode_controls:
+        expect(control).to_be_disabled()
+    page.uncheck("#revise")  # the page as it was
+    for control in mode_controls:
+        expect(control).to_be_enabled()
+    assert page.is_checked("#compare")
+    expect(page.locator("#mode-hint")).to_be_hidden()
+    expect(page.locator("#draft-field")).to_be_hidden()
+
+
+# Records each render of an edit's middle while it fills: its masked gaps and its text.
+MIDDLE_OBSERVER = """() => {
+  window.middles = [];
+  new MutationObserver((records) => {
+    for (const r of records)
+      if (r.target.classList && r.target.classList.contains("middle"))
+        window.middles.push([r.target.querySelectorAll(".gap").length, r.target.textContent]);
+  }).observe(document.getElementById("results"), {childList: true, subtree: true});
+}"""
+
+
+def test_infill_writes_the_middle_tm_infill_writes(bundled_page, bundled):
+    page, tm = bundled_page, bundled.tm
+    prompt = tm.tokenizer.apply_chat_template([{"role": "user", "content": SORT}]) + "1 2"
+    suffix = " 4 7 9"
+    page.check("#infill")
+    page.fill("#prompt", prompt)
+    page.fill("#suffix", suffix)
+    page.fill("#max-tokens", "8")
+    for threshold in ("", "1"):  # the default, then one slot per pass: the hole fills before our eyes
+        expected = tm.infill(prompt, suffix, max_new_tokens=8, **({"threshold": 1.0} if threshold else {}))
+        page.fill("#threshold", threshold)
+        page.evaluate(MIDDLE_OBSERVER)
+        with page.expect_request("**/v1/completions") as request:
+            page.click("#run")
+        sent = json.loads(request.value.post_data)
+        assert sent == {"model": BUNDLED, "prompt": prompt, "suffix": suffix, "max_tokens": 8, "stream": True,
+                        "provisional": True, "temperature": 0, **({"threshold": 1} if threshold else {})}
+        p = panel(page, "infill")
+        expect(p.locator(".state")).to_have_text("done: stop", timeout=60_000)
+        assert expected.text == " 3"
+        assert p.locator(".middle").text_content() == expected.text
+        assert p.locator(".text .given").all_text_contents() == [prompt, suffix]  # greyed around the middle
+        assert p.locator(".text").text_content() == prompt + expected.text + suffix
+        assert p.locator(".forwards").inner_text() == str(expected.stats.forward_passes)
+        assert p.locator(".tokens").inner_text() == str(len(expected.token_ids))
+        suffix_slots = p.locator(".block .cell.given")
+        assert "".join(suffix_slots.all_text_contents()).replace("\u2423", " ") == suffix
+    middles = page.evaluate("window.middles")
+    assert any(gaps > 0 for gaps, _ in middles), middles  # the hole, masks still in it, before the end
+    assert middles[-1] == [0, expected.text]
+
+
+def test_revise_marks_what_tm_revise_changed(bundled_page, bundled):
+    page, tm = bundled_page, bundled.tm
+    expected = tm.revise(tm.tokenizer.apply_chat_template([{"role": "user", "content": SORT}]), "1 2 3 5 7 9")
+    assert kind(page) == "chat"
+    page.check("#revise")
+    page.fill("#prompt", SORT)
+    page.fill("#draft", "1 2 3 5 7 9")
+    with page.expect_request("**/v1/edits") as request:
+        page.click("#run")
+    assert json.loads(request.value.post_data) == {
+        "model": BUNDLED, "kind": "revise", "messages": [{"role": "user", "content": SORT}],
+        "draft": "1 2 3 5 7 9", "stream": True, "provisional": True, "temperature": 0}
+    p = panel(page, "revise")
+    expect(p.locator(".state")).to_have_text("done: stop", timeout=60_000)
+    assert expected.text == "1 2 3 4 7 9" and expected.spans == [(6, 7)]
+    assert p.locator(".text").text_content() == expected.text
+    assert p.locator(".text mark").all_text_contents() == ["4"]
+    assert p.locator(".block .cell.changed").all_text_contents() == ["4"]  # the slot too
+    assert p.locator(".forwards").inner_text() == str(expected.stats.forward_passes)

@@ -592,7 +592,7 @@ async def edit(server: Server, request: Request) -> Response:
                 if isinstance(ev, BlockState):
                     yield _sse({**base, "object": "edit.chunk",
                                 "provisional": {"token_ids": ev.token_ids, "text": ev.text},
-                                "trimode": {"forward_passes": ev.forward_passes}})
+                                "trimode": event_fields(server.tm, ev)})  # each slot's text, as /v1/completions
                 elif isinstance(ev, GenerationResult):
                     yield _sse({**answer(ev), "object": "edit.chunk"})
         except Exception as e:  # the stream has started: report in-band

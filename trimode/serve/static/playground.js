@@ -1,6 +1,7 @@
 // The trimode playground: run a prompt in one or two modes over this server's streaming API and show the
-// text forming. Plain JavaScript, no dependencies; every URL is relative to the page, so it works behind a
-// path prefix. Model output is only ever inserted as text (textContent), never as HTML.
+// text forming, or an edit (fill a hole, revise a draft) and show its block filling. Plain JavaScript, no
+// dependencies; every URL is relative to the page, so it works behind a path prefix. Model output is only ever
+// inserted as text (textContent), never as HTML.
 "use strict";
 
 (() => {
@@ -24,9 +25,20 @@
     auto: "auto switches between AR and self-speculation per step: accepted tokens arrive together.",
   };
   const COLOURS = 8;
+  // The editing controls: what they do, said next to them, and the note under an edit's block.
+  const EDIT_HINTS = {
+    none: "infill: the model fills a hole between the prompt and a suffix; revise: it rewrites a draft. An edit runs alone.",
+    infill: "Infill is a completion with a suffix (v1/completions), so the kind is now completion: the page cannot render chat messages into a prompt. Max tokens is the hole's budget.",
+    revise: "Revise (v1/edits): the model rewrites the draft where it would write otherwise; what it changed is highlighted.",
+  };
+  const EDIT_NOTES = {
+    infill: "The hole (masked slots hatched) and the suffix (greyed: given, never changes) are one block; each pass fills some slots. A middle shorter than the hole ends in the empty token, which is stripped; the hole starts a few slots long and doubles while the model fills it to the end.",
+    revise: "The draft as one block (greyed: as the model first showed it; highlighted at the end: what changed). Slots the model would write otherwise are masked again (hatched) and refilled, in rounds. The last slot is the open end after the draft, never written.",
+  };
 
   let model = null; // the card from v1/models
   let runs = []; // the runs on screen: {mode, controller, panel, ...}
+  let kindBeforeInfill = null; // the kind infill switched away from, set back when it is switched off
 
   // -- talking to the server ----------------------------------------------------------------------------------
   function headers() {
@@ -81,9 +93,11 @@
     fillModes($("mode-b"), modes, $("mode-b").value || "linear_spec");
     $("drafter").disabled = !model.has_drafter;
     $("drafter").title = model.has_drafter ? "" : "this model has no drafter adapter";
-    const chat = document.querySelector('input[name="kind"][value="chat"]');
-    chat.disabled = !model.has_chat_template;
-    if (chat.disabled) document.querySelector('input[name="kind"][value="completion"]').checked = true;
+    if (!model.has_chat_template) {
+      kindRadio("completion").checked = true;
+      if (kindBeforeInfill !== null) kindBeforeInfill = "completion";
+    }
+    syncControls();
   }
 
   function fillModes(select, modes, chosen) {
@@ -95,8 +109,16 @@
     return v === "" ? null : Number(v);
   }
 
+  function kindRadio(kind) {
+    return document.querySelector(`input[name="kind"][value="${kind}"]`);
+  }
+
+  function chosenKind() {
+    return document.querySelector('input[name="kind"]:checked').value;
+  }
+
   function requestBody(mode) {
-    const chat = document.querySelector('input[name="kind"]:checked').value === "chat";
+    const chat = chosenKind() === "chat";
     const prompt = $("prompt").value;
     const body = { model: model.id, mode, stream: true };
     if (chat) body.messages = [{ role: "user", content: prompt }];
@@ -115,6 +137,28 @@
     if (reads.includes("use_drafter") && model.has_drafter) knobs.use_drafter = $("drafter").checked;
     for (const [k, v] of Object.entries(knobs)) if (v !== null) body[k] = v;
     if (mode === "diffusion") body.provisional = true; // the block being denoised, after every pass
+    return { chat, body };
+  }
+
+  // An edit has no mode: infill is a completion with a `suffix` (max tokens: the hole's budget), a revision is
+  // v1/edits. Both stream the block as it fills. The texts are the run's, taken when it started.
+  function editBody(run) {
+    const chat = run.edit === "revise" && chosenKind() === "chat";
+    const body = { model: model.id, stream: true, provisional: true };
+    if (run.edit === "infill") {
+      Object.assign(body, { prompt: run.prompt, suffix: run.suffix, max_tokens: number("max-tokens") });
+    } else {
+      Object.assign(body, { kind: "revise", draft: run.draft });
+      if (chat) body.messages = [{ role: "user", content: run.prompt }];
+      else body.prompt = run.prompt;
+    }
+    const knobs = {
+      temperature: number("temperature"),
+      seed: number("seed"),
+      threshold: $("rule").value === "threshold" ? number("threshold") : null,
+    };
+    for (const [k, v] of Object.entries(knobs)) if (v !== null) body[k] = v;
+    for (const [k, v] of Object.entries(body)) if (v === null) delete body[k];
     return { chat, body };
   }
 
@@ -137,17 +181,27 @@
   }
 
   async function execute(run) {
-    const { chat, body } = requestBody(run.mode);
+    const { chat, body } = run.edit ? editBody(run) : requestBody(run.mode);
     run.chat = chat;
     run.sampled = body.temperature > 0 && body.seed === undefined; // then even lossless modes may differ
-    const url = new URL(chat ? "v1/chat/completions" : "v1/completions", BASE);
-    const res = await fetch(url, { method: "POST", headers: headers(), body: JSON.stringify(body), signal: run.controller.signal });
+    const path = run.edit === "revise" ? "v1/edits" : chat ? "v1/chat/completions" : "v1/completions";
+    const res = await fetch(new URL(path, BASE), { method: "POST", headers: headers(), body: JSON.stringify(body), signal: run.controller.signal });
     if (!res.ok) throw await apiError(res);
     let finished = false;
     await readEvents(res, (data) => {
       if (data === "[DONE]") return;
       const obj = JSON.parse(data);
       if (obj.error) throw new APIError(0, obj.error.message); // an error after the stream started
+      if (obj.object === "edit.chunk") { // v1/edits: the block at the top level, the answer in the last chunk
+        if (obj.provisional) onProvisional(run, obj.provisional, obj.trimode || {});
+        const answer = obj.choices && obj.choices[0];
+        if (answer) {
+          finished = true;
+          onRevised(run, answer.text, answer.spans || [], obj.trimode || {});
+          onFinish(run, obj.trimode || {}, answer.finish_reason);
+        }
+        return;
+      }
       const choice = obj.choices && obj.choices[0];
       if (!choice) return; // the usage chunk
       const extra = choice.trimode || {};
@@ -171,9 +225,24 @@
     const run = {
       mode, panel, q, controller: new AbortController(), state: "running", text: "",
       tokens: 0, commits: 0, steps: 0, forwards: 0, exact: false, block: null, final: null,
-      started: performance.now(), ended: null,
+      started: performance.now(), ended: null, edit: EDIT_NOTES[mode] ? mode : null,
     };
-    if (mode === "diffusion") {
+    if (run.edit) {
+      run.prompt = $("prompt").value;
+      run.suffix = $("suffix").value;
+      run.draft = $("draft").value;
+      // The text: (infill) the prefix and suffix greyed around the middle, which shows the hole while it fills.
+      run.middle = document.createElement("span");
+      run.middle.className = "middle";
+      run.filling = true;
+      if (run.edit === "infill") q("text").append(given(run.prompt, "prefix"), run.middle, given(run.suffix, "suffix"));
+      else q("text").append(run.middle);
+      q("text-hint").textContent = run.edit === "infill"
+        ? "(prefix and suffix greyed; the middle coloured by the pass that wrote it)"
+        : "(highlighted: what the revision changed)";
+      q("block-heading").textContent = run.edit === "infill" ? "Block being filled" : "Block being revised";
+      q("block-note").textContent = EDIT_NOTES[run.edit];
+    } else if (mode === "diffusion") {
       q("block-note").textContent = "Masked slots are hatched; each pass fills some in (outlined: filled by the latest pass).";
     } else {
       q("block").hidden = true;
@@ -183,6 +252,14 @@
     return run;
   }
 
+  function given(text, what) {
+    const span = document.createElement("span");
+    span.className = "given";
+    span.textContent = text;
+    span.title = `the ${what}: given`;
+    return span;
+  }
+
   function setState(run, state, detail) {
     run.state = state;
     run.panel.dataset.state = state;
@@ -190,10 +267,10 @@
   }
 
   // The colour index of what a pass commits now: the forward pass when the server reports it, else the
-  // denoising pass (diffusion) or the commit (each commit of the other modes is one verifying pass).
+  // denoising pass (diffusion, edits) or the commit (each commit of the other modes is one verifying pass).
   function passIndex(run) {
     if (run.exact) return run.forwards;
-    return run.mode === "diffusion" ? run.steps : run.commits;
+    return run.mode === "diffusion" || run.edit ? run.steps : run.commits;
   }
 
   function onCommit(run, text, ids, extra) {
@@ -207,22 +284,66 @@
     }
     const pass = passIndex(run);
     run.text += text;
+    if (run.filling) { // the middle is final: it replaces the hole as it was filling
+      run.middle.replaceChildren();
+      run.filling = false;
+    }
     if (text) {
       const span = document.createElement("span");
       span.textContent = text;
       span.className = "c" + (pass % COLOURS);
       span.title = `pass ${pass}: ${ids.length} token${ids.length === 1 ? "" : "s"} (ids ${ids.join(" ")})`;
-      run.q("text").append(span);
+      (run.middle || run.q("text")).append(span);
     }
-    if (ids.length) {
-      const bar = document.createElement("span");
-      bar.className = "commit c" + (pass % COLOURS);
-      bar.style.flexGrow = String(ids.length);
-      bar.textContent = String(ids.length);
-      bar.title = `pass ${pass}: ${ids.length} token${ids.length === 1 ? "" : "s"}`;
-      run.q("commits").append(bar);
-    }
+    if (ids.length) commitBar(run, ids.length, pass);
     updateFigures(run);
+  }
+
+  function commitBar(run, tokens, pass) {
+    const bar = document.createElement("span");
+    bar.className = "commit c" + (pass % COLOURS);
+    bar.style.flexGrow = String(tokens);
+    bar.textContent = String(tokens);
+    bar.title = `pass ${pass}: ${tokens} token${tokens === 1 ? "" : "s"}`;
+    run.q("commits").append(bar);
+  }
+
+  // A revision's answer: the whole revised draft, the character ranges it changed marked.
+  function onRevised(run, text, spans, stats) {
+    if (stats.forward_passes != null) {
+      run.forwards = stats.forward_passes;
+      run.exact = true;
+    }
+    const chars = Array.from(text); // spans count characters (code points), as Python does
+    const parts = [];
+    let at = 0;
+    for (const [start, end] of [...spans].sort((a, b) => a[0] - b[0])) {
+      if (start > at) parts.push(chars.slice(at, start).join(""));
+      const mark = document.createElement("mark");
+      mark.textContent = chars.slice(start, end).join("");
+      mark.title = `changed by the revision (characters ${start}-${end})`;
+      parts.push(mark);
+      at = Math.max(at, end);
+    }
+    if (at < chars.length) parts.push(chars.slice(at).join(""));
+    run.text = text;
+    run.filling = false;
+    run.middle.replaceChildren(...parts);
+    markChangedSlots(run, text, spans);
+    if (stats.generated_tokens) commitBar(run, stats.generated_tokens, passIndex(run));
+  }
+
+  // The block's slots inside a changed range get the same highlight (when the slots spell the text exactly).
+  function markChangedSlots(run, text, spans) {
+    const slots = run.q("block").children;
+    const pieces = (run.block || []).slice(0, -1).map((c) => c.piece); // the open end aside
+    if (!pieces.length || pieces.some((p) => p === null) || pieces.join("") !== text) return;
+    let at = 0;
+    pieces.forEach((piece, i) => {
+      const start = at;
+      at += Array.from(piece).length;
+      if (spans.some(([s, e]) => s < at && e > start)) slots[i].classList.add("changed");
+    });
   }
 
   function visible(piece) {
@@ -241,21 +362,34 @@
     const ids = prov.token_ids;
     const pieces = extra.pieces || ids.map((t) => (t === null ? null : `#${t}`));
     const old = run.block;
-    const fresh = !old || old.length !== ids.length || old.every((c) => c.id !== null) ||
-      old.some((c, i) => c.id !== null && ids[i] === null);
+    // A new diffusion block: another length, the last one full, or a slot masked again. An edit keeps its
+    // block (slots masked again are refilled in place) unless its hole grows.
+    const fresh = !old || old.length !== ids.length || (!run.edit && (old.every((c) => c.id !== null) ||
+      old.some((c, i) => c.id !== null && ids[i] === null)));
     if (fresh) run.block = ids.map(() => ({ id: null, piece: null, pass: null }));
     const pass = passIndex(run);
+    const asRead = fresh && run.edit === "revise"; // the draft's first state: not told apart from what it was
     ids.forEach((t, i) => {
       const cell = run.block[i];
-      if (t !== null && cell.id === null) cell.pass = pass;
+      if (t !== null && cell.id !== t) cell.pass = asRead ? null : pass;
       cell.id = t;
       cell.piece = pieces[i];
     });
-    const cells = run.block.map((c) => {
+    // An edit's given slots: the suffix of an infill (its last slots), the open end of a revision (the last).
+    const givenFrom = run.edit === "infill" ? ids.length - suffixSlots(pieces, run.suffix) : ids.length;
+    const openAt = run.edit === "revise" ? ids.length - 1 : -1;
+    const cells = run.block.map((c, i) => {
       const el = document.createElement("span");
-      if (c.id === null) {
+      if (i === openAt) {
+        el.className = "cell open";
+        el.title = "the open end after the draft: never written";
+      } else if (c.id === null) {
         el.className = "cell mask";
         el.title = "masked";
+      } else if (i >= givenFrom || c.pass === null) {
+        el.className = "cell given";
+        el.textContent = visible(c.piece === null ? "" : c.piece);
+        el.title = `token ${c.id}, ${i >= givenFrom ? "the suffix: given" : "the draft"}`;
       } else {
         el.className = "cell c" + (c.pass % COLOURS) + (c.pass === pass ? " new" : "");
         el.textContent = visible(c.piece === null ? "" : c.piece);
@@ -265,11 +399,45 @@
     });
     const filled = run.block.filter((c) => c.id !== null).length;
     run.q("block").replaceChildren(...cells);
-    run.q("block").setAttribute("aria-label", `block being denoised: ${filled} of ${run.block.length} slots filled`);
+    run.q("block").setAttribute("aria-label", `block being ${run.edit ? "edited" : "denoised"}: ${filled} of ${run.block.length} slots filled`);
+    if (run.edit && run.filling) showFilling(run, Math.min(givenFrom, openAt < 0 ? ids.length : openAt));
     updateFigures(run);
   }
 
+  // How many of a block's last slots spell the suffix (0 when they do not, or not yet).
+  function suffixSlots(pieces, suffix) {
+    let rest = suffix;
+    let n = 0;
+    while (rest && n < pieces.length) {
+      const piece = pieces[pieces.length - 1 - n];
+      if (!piece || !rest.endsWith(piece)) return 0;
+      rest = rest.slice(0, -piece.length);
+      n += 1;
+    }
+    return rest ? 0 : n;
+  }
+
+  // An edit's text while it runs: the slots before `end` as text, masked ones as hatched gaps.
+  function showFilling(run, end) {
+    const parts = run.block.slice(0, end).map((c) => {
+      const el = document.createElement("span");
+      if (c.id === null) {
+        el.className = "gap";
+        el.title = "masked";
+      } else {
+        el.textContent = c.piece || "";
+        if (c.pass !== null) el.className = "c" + (c.pass % COLOURS);
+      }
+      return el;
+    });
+    run.middle.replaceChildren(...parts);
+  }
+
   function onFinish(run, stats, reason) {
+    if (run.filling) { // an empty middle: no text was committed
+      run.middle.replaceChildren();
+      run.filling = false;
+    }
     run.final = stats;
     run.ended = performance.now();
     if (stats.forward_passes != null) {
@@ -354,8 +522,9 @@
     clearError();
     if (!model) await loadModel();
     if (!model) return;
-    const modes = [$("mode-a").value];
-    if ($("compare").checked) modes.push($("mode-b").value);
+    const edit = editing();
+    const modes = edit ? [edit] : [$("mode-a").value];
+    if (!edit && $("compare").checked) modes.push($("mode-b").value);
     runs = modes.map(newRun);
     $("results").replaceChildren(...runs.map((r) => r.panel));
     $("results").dataset.count = String(runs.length);
@@ -388,6 +557,39 @@
     compare();
   }
 
+  // -- editing controls ---------------------------------------------------------------------------------------
+  function editing() {
+    return $("infill").checked ? "infill" : $("revise").checked ? "revise" : null;
+  }
+
+  // Infill and revise exclude each other. Infill needs a completion prompt: switching it on sets the kind to
+  // completion, switching it off sets back the kind it replaced.
+  function toggleEdit(box) {
+    const other = box.id === "infill" ? $("revise") : $("infill");
+    if (box.checked) other.checked = false;
+    if ($("infill").checked && kindBeforeInfill === null) {
+      kindBeforeInfill = chosenKind();
+      kindRadio("completion").checked = true;
+    } else if (!$("infill").checked && kindBeforeInfill !== null) {
+      kindRadio(kindBeforeInfill).checked = true;
+      kindBeforeInfill = null;
+    }
+    syncControls();
+  }
+
+  // What an edit rules out (the mode, side by side; for infill, chat) and the fields it adds.
+  function syncControls() {
+    const edit = editing();
+    kindRadio("chat").disabled = (model !== null && !model.has_chat_template) || edit === "infill";
+    $("mode-a").disabled = edit !== null;
+    $("compare").disabled = edit !== null;
+    $("mode-b").disabled = edit !== null || !$("compare").checked;
+    $("mode-hint").hidden = edit === null;
+    $("suffix-field").hidden = edit !== "infill";
+    $("draft-field").hidden = edit !== "revise";
+    $("edit-hint").textContent = EDIT_HINTS[edit || "none"];
+  }
+
   // -- wiring -------------------------------------------------------------------------------------------------
   function init() {
     fillModes($("mode-a"), MODES, "ar");
@@ -402,7 +604,9 @@
       start();
     });
     $("stop").addEventListener("click", stopAll);
-    $("compare").addEventListener("change", () => { $("mode-b").disabled = !$("compare").checked; });
+    $("compare").addEventListener("change", syncControls);
+    for (const box of [$("infill"), $("revise")]) box.addEventListener("change", () => toggleEdit(box));
+    syncControls();
     $("rule").addEventListener("change", () => {
       const steps = $("rule").value === "steps";
       $("steps-label").hidden = !steps;

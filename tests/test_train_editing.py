@@ -297,6 +297,34 @@ def test_an_infill_example_is_prefix_middle_pads_suffix():
     assert infill_example([1], [2], [3, 4], [5] * 8, 2, PAD, 11) is None  # the hole and suffix do not fit
 
 
+def test_an_example_with_two_holes_is_a_template_block():
+    e = infill_example([100], [200], [202], [204, 2], pads=1, pad_id=PAD, seq_len=64, more=[([300, 301], [302], 2)])
+    assert e.ids == [100, 200, 202, PAD, 300, 301, 302, PAD, PAD, 204, 2]
+    assert e.span == (2, 11)  # both holes, the text between them and the suffix: one block
+    assert e.loss == [False, True, True, True, False, False, True, True, True, False, False]
+    assert e.ar == [False, True, True] + [False] * 8  # no AR target after the first pad
+    assert infill_example([1], [2], [3], [4], 0, PAD, 64, more=[([5], [], 1)]) is None  # an empty second middle
+
+
+def test_cuts_with_up_to_two_holes_leave_given_text_between_them():
+    text = "a b c d e f g h"
+    one = InfillOptions(share=1.0, max_hole=2, tail=0.0)
+    two = InfillOptions(share=1.0, max_hole=2, tail=0.0, holes=2)
+    assert [cut_infill(text, random.Random(s), one, len) for s in range(50)] == [
+        cut_infill(text, random.Random(s), InfillOptions(share=1.0, max_hole=2, tail=0.0, holes=1), len)
+        for s in range(50)]
+    counts = set()
+    for seed in range(300):
+        c = cut_infill(text, random.Random(seed), two, len)
+        joined = c.before + c.middle + "".join(given + m for given, m, _ in c.more) + c.rest
+        assert joined == text
+        for given, m, pads in c.more:
+            assert given.strip() and 1 <= len(split_words(m)) <= 2 and 0 <= pads <= 8
+        assert one.holes == 1 and len(c.more) <= 1
+        counts.add(len(c.more))
+    assert counts == {0, 1}
+
+
 @pytest.fixture(scope="module")
 def tok(tmp_path_factory):
     from tests.test_train_support import make_tokenizer
@@ -363,7 +391,8 @@ def test_recipe_options_and_errors(tmp_path):
     for sections, message in [({"objective": {"substitute_rate": 1.5}}, "substitute_rate"),
                               ({"objective": {"substitute_from": "near"}}, "substitute_from"),
                               ({"data": {**data, "infill": {"max_hole": 0}}}, "data.infill"),
-                              ({"data": {**data, "infill": {"holes": 1}}}, "data.infill.holes")]:
+                              ({"data": {**data, "infill": {"holes": 0}}}, "data.infill"),
+                              ({"data": {**data, "infill": {"gaps": 1}}}, "data.infill.gaps")]:
         with pytest.raises(RecipeError, match=message):
             Recipe.load(tiny_recipe(tmp_path, **sections))
 

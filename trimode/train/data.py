@@ -29,7 +29,7 @@ import hashlib
 import json
 import random
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
@@ -201,6 +201,7 @@ class InfillOptions:
     max_suffix: int = 32  # the visible suffix: the rest of the text when it is this short, else 0..max_suffix tokens
     tail: float = 0.25  # share of tails: the last 1..max_hole words, EOS, then EOS x k, with nothing after
     prefix_space: float = 0.0  # share of holes whose leading whitespace stays in the prefix ("a b " | "c" | " d")
+    holes: int = 1  # holes per example: uniform in 1..holes (more than one: a template's holes, filled together)
 
 
 WORD = re.compile(r"\s*\S+")
@@ -228,6 +229,7 @@ class InfillCut:
     n_suffix: int | None
     eos: bool
     tail: bool = False
+    more: list[tuple[str, str, int]] = field(default_factory=list)  # further holes: (text before it, middle, pads)
 
 
 def cut_infill(text: str, rng: random.Random, options: InfillOptions, count_tokens) -> InfillCut | None:
@@ -258,32 +260,50 @@ def cut_infill(text: str, rng: random.Random, options: InfillOptions, count_toke
         word = middle.lstrip()
         if before and word and len(word) < len(middle):
             before, middle = before + middle[: len(middle) - len(word)], word
-    rest = "".join(words[a + w :])
+    more = []
+    after = words[a + w :]
+    count = rng.randint(1, options.holes) if options.holes > 1 else 1  # (no draw for one: the same cuts as before)
+    for _ in range(count - 1):  # a further hole in the rest, after 1-3 words of given text
+        if len(after) < 2:
+            break
+        gap = rng.randint(1, min(3, len(after) - 1))
+        w2 = rng.randint(1, min(options.max_hole, len(after) - gap))
+        more.append(("".join(after[:gap]), "".join(after[gap : gap + w2]), rng.randint(0, options.max_pad)))
+        after = after[gap + w2 :]
+    rest = "".join(after)
     whole = (count_tokens(rest) if rest else 0) <= options.max_suffix
     n_suffix = None if whole else rng.randint(0, options.max_suffix)
     eos = whole and (not rest or rng.random() < 0.5)
-    return InfillCut(before, middle, rest, rng.randint(0, options.max_pad), n_suffix, eos)
+    return InfillCut(before, middle, rest, rng.randint(0, options.max_pad), n_suffix, eos, more=more)
 
 
 def infill_example(prompt_ids: list[int], before: list[int], middle: list[int], suffix: list[int], pads: int,
-                   pad_id: int, seq_len: int) -> Example | None:
+                   pad_id: int, seq_len: int, more: list[tuple[list[int], list[int], int]] = ()) -> Example | None:
     """`prompt | before | middle | pad x pads | suffix` as an `Example`, the prefix (prompt + before) cut on the
-    left to fit `seq_len`; None when the middle is empty or the hole and suffix alone do not fit.
+    left to fit `seq_len`; None when a middle is empty or the holes and suffix alone do not fit. `more`: further
+    holes (given text, middle, pads), in order, between the first hole's pads and the suffix.
 
-    Loss: `before`, the middle and the pads (not the prompt, not the suffix); AR targets: `before` and the
-    middle (none on pads and suffix); span: middle + pads + suffix, one noisy block.
+    Loss: `before`, the middles and the pads (not the prompt, the given text or the suffix); AR targets: `before`
+    and the first middle (none after the first pad); span: from the first middle to the end, one noisy block.
     """
     h = len(middle)
-    room = seq_len - (h + pads + len(suffix))
+    block, loss, ar = middle + [pad_id] * pads, [True] * (h + pads), [True] * h + [False] * pads
+    for given, m, p in more:
+        if not m:
+            return None
+        block += given + m + [pad_id] * p
+        loss += [False] * len(given) + [True] * (len(m) + p)
+        ar += [False] * (len(given) + len(m) + p)
+    room = seq_len - (len(block) + len(suffix))
     if h == 0 or room < 0:
         return None
     prefix = prompt_ids + before
     prefix_loss = [False] * len(prompt_ids) + [True] * len(before)
     cut = max(0, len(prefix) - room)
     prefix, prefix_loss = prefix[cut:], prefix_loss[cut:]
-    ids = prefix + middle + [pad_id] * pads + suffix
-    return Example(ids=ids, loss=prefix_loss + [True] * (h + pads) + [False] * len(suffix),
-                   ar=prefix_loss + [True] * h + [False] * (pads + len(suffix)), span=(len(prefix), len(ids)))
+    ids = prefix + block + suffix
+    return Example(ids=ids, loss=prefix_loss + loss + [False] * len(suffix),
+                   ar=prefix_loss + ar + [False] * len(suffix), span=(len(prefix), len(ids)))
 
 
 def infill_examples(docs: list[Document], tokenizer: NLDTokenizer, eos_id: int, options: InfillOptions, seed: int,
@@ -311,16 +331,20 @@ def infill_examples(docs: list[Document], tokenizer: NLDTokenizer, eos_id: int, 
             c = cut_infill(d.text, rng, options, count_tokens)
             if c is not None:
                 cuts.append((i, c))
-    pieces = enc([t for _, c in cuts for t in (c.before, c.middle, c.rest)] + [d.prompt for d in docs])
-    prompts = pieces[3 * len(cuts) :]
+    texts = [[c.before, c.middle, c.rest] + [t for given, m, _ in c.more for t in (given, m)] for _, c in cuts]
+    pieces = enc([t for ts in texts for t in ts] + [d.prompt for d in docs])
+    prompts = pieces[sum(map(len, texts)) :]
     made: dict[int, list[Example]] = {}
-    for n, (i, c) in enumerate(cuts):
-        before, middle, rest = pieces[3 * n : 3 * n + 3]
+    at = 0
+    for ts, (i, c) in zip(texts, cuts):
+        (before, middle, rest), extra = pieces[at : at + 3], pieces[at + 3 : at + len(ts)]
+        at += len(ts)
         if c.tail:  # the end of the text, EOS, and EOS as the filler: plain diffusion decoding of a block
             e = infill_example(prompts[i], before, middle + [eos_id], [], c.pads, eos_id, seq_len)
         else:
             suffix = (rest if c.n_suffix is None else rest[: c.n_suffix]) + [eos_id] * c.eos
-            e = infill_example(prompts[i], before, middle, suffix, c.pads, pad_id, seq_len)
+            more = [(extra[2 * k], extra[2 * k + 1], p) for k, (_, _, p) in enumerate(c.more)]
+            e = infill_example(prompts[i], before, middle, suffix, c.pads, pad_id, seq_len, more)
         if e is not None:
             made.setdefault(i, []).append(e)
     out: list[tuple[list[int], list[bool]] | Example] = []

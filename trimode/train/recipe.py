@@ -52,6 +52,7 @@ class InfillSection:
     max_suffix: int = 32  # visible suffix: the rest of the text if at most this long, else 0..max_suffix tokens
     tail: float = 0.25  # share of tails: end of the text + EOS x (1 + 0..max_pad), nothing after (see data.py)
     prefix_space: float = 0.0  # share of holes whose leading whitespace stays in the prefix ("a b " | "c" | " d")
+    holes: int = 1  # holes per infill example: uniform in 1..holes (templates fill several at once)
 
 
 @dataclass
@@ -191,8 +192,8 @@ class Recipe:
         if o.substitute_weight < 0 or o.keep_weight < 0:
             raise bad("objective", "substitute_weight and keep_weight must be >= 0")
         f = d.infill
-        if f.share < 0 or f.max_hole < 1 or f.max_pad < 0 or f.max_suffix < 0:
-            raise bad("data.infill", "share, max_pad and max_suffix must be >= 0, max_hole >= 1")
+        if f.share < 0 or f.max_hole < 1 or f.max_pad < 0 or f.max_suffix < 0 or f.holes < 1:
+            raise bad("data.infill", "share, max_pad and max_suffix must be >= 0, max_hole and holes >= 1")
         if not (0 <= f.tail <= 1 and 0 <= f.prefix_space <= 1):
             raise bad("data.infill", "tail and prefix_space must be in [0, 1]")
         if len(op.betas) != 2 or not all(0 <= b < 1 for b in op.betas):

@@ -432,7 +432,7 @@ def infill_options(recipe: Recipe) -> InfillOptions | None:
     f = recipe.data.infill
     if f.share <= 0:
         return None
-    return InfillOptions(f.share, f.max_hole, f.max_pad, f.max_suffix, f.tail, f.prefix_space)
+    return InfillOptions(f.share, f.max_hole, f.max_pad, f.max_suffix, f.tail, f.prefix_space, f.holes)
 
 
 def run_eval_tasks(objective: JointObjective, sharded: bool, tokenizer: NLDTokenizer, recipe: Recipe,

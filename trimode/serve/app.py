@@ -883,6 +883,8 @@ class _BodyLimit:
     """ASGI middleware: a request body over `limit` bytes is a 413, by its Content-Length before anything is
     read, or (chunked uploads) as soon as the bytes received pass the limit."""
 
+    DRAIN_BYTES = 8 * 2**20  # the most of an oversized chunked body read after the limit before answering
+
     def __init__(self, app, limit: int) -> None:
         self.app = app
         self.limit = limit
@@ -906,6 +908,13 @@ class _BodyLimit:
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > self.limit:
+                    # Read (and drop) what the client is still sending, up to a bound: a server that answers and
+                    # closes with unread bytes in its socket resets the connection, and the client may lose the
+                    # 413 it was sent.
+                    drained = 0
+                    while message.get("more_body") and drained < self.DRAIN_BYTES:
+                        message = await receive()
+                        drained += len(message.get("body", b""))
                     raise self.error()  # raised inside the route's body read: answered by the APIError handler
             return message
 

@@ -140,6 +140,8 @@ def test_edits_batched_with_other_modes_equal_their_runs_alone(tm):
         EngineRequest([9, 12], mode="edit", edit=("revise", {"draft": [20, 21, 22, 23]}), knobs={"rounds": 3}),
         EngineRequest([7, 8, 9], mode="ar", max_new_tokens=6),
         EngineRequest([7, 8, 9], mode="diffusion", max_new_tokens=6, knobs={"block_length": 3}),
+        EngineRequest(prefix, mode="edit", max_new_tokens=8, edit=("infill", {"suffix": suffix}),
+                      knobs={"hole_window": 2}),  # a hole that grows 2 -> 4 -> 8: its passes change width
     ]
     handles = [engine.submit(r) for r in requests]
     while engine.step():
@@ -148,6 +150,9 @@ def test_edits_batched_with_other_modes_equal_their_runs_alone(tm):
     assert got[0].token_ids == tm.infill(prefix, suffix, max_new_tokens=4).token_ids
     assert got[1].token_ids == tm.revise([9, 12], [20, 21, 22, 23], rounds=3).token_ids
     assert got[2].token_ids == tm.generate([7, 8, 9], max_new_tokens=6).token_ids
+    alone = tm.infill(prefix, suffix, max_new_tokens=8, hole_window=2)
+    assert got[4].token_ids == alone.token_ids and got[4].stats.forward_passes == alone.stats.forward_passes
+    assert alone.stats.forward_passes > tm.infill(prefix, suffix, max_new_tokens=8, hole_window=0).stats.forward_passes
 
 
 def test_remasking_is_bounded_and_off_by_default():

@@ -880,14 +880,15 @@ def prompt_char_limit(tm: TriMode) -> int | None:
 
 
 class _BodyLimit:
-    """ASGI middleware: a request body over `limit` bytes is a 413, by its Content-Length before anything is
-    read, or (chunked uploads) as soon as the bytes received pass the limit."""
-
-    DRAIN_BYTES = 8 * 2**20  # the most of an oversized chunked body read after the limit before answering
+    """ASGI middleware: a request body over `limit` bytes is a 413, by its Content-Length before the route runs,
+    or (chunked uploads) as soon as the bytes received pass the limit; either way nothing of it is kept."""
 
     def __init__(self, app, limit: int) -> None:
         self.app = app
         self.limit = limit
+        # The most of an oversized body read (and dropped) past the limit before the 413: a server that answers
+        # and closes with unread bytes in its socket resets the connection, and the client may lose the answer.
+        self.drain_bytes = max(limit, 8 * 2**20)
 
     def error(self) -> APIError:
         return APIError(413, f"the request body is larger than this server's limit of {self.limit} bytes",
@@ -898,6 +899,12 @@ class _BodyLimit:
             return await self.app(scope, receive, send)
         length = Headers(scope=scope).get("content-length")
         if length is not None and length.isdigit() and int(length) > self.limit:
+            if int(length) <= self.limit + self.drain_bytes:  # read and drop it first (see `limited_receive`)
+                message = {"more_body": True}
+                while message.get("more_body"):
+                    message = await receive()
+                    if message["type"] != "http.request":
+                        break
             e = self.error()
             return await JSONResponse(e.body(), status_code=e.status, headers=e.headers)(scope, receive, send)
         received = 0
@@ -907,12 +914,9 @@ class _BodyLimit:
             message = await receive()
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
-                if received > self.limit:
-                    # Read (and drop) what the client is still sending, up to a bound: a server that answers and
-                    # closes with unread bytes in its socket resets the connection, and the client may lose the
-                    # 413 it was sent.
+                if received > self.limit:  # read (and drop) what the client is still sending, up to a bound
                     drained = 0
-                    while message.get("more_body") and drained < self.DRAIN_BYTES:
+                    while message.get("more_body") and drained < self.drain_bytes:
                         message = await receive()
                         drained += len(message.get("body", b""))
                     raise self.error()  # raised inside the route's body read: answered by the APIError handler

@@ -37,6 +37,21 @@ SHOTS = [
 SLOW = threading.Event()  # while set, each forward pass sleeps first: a run slow enough to catch mid-way
 
 
+def shoot_mid_run(page, seen, path: Path, what: str) -> None:
+    """Start a slowed run and screenshot its panel as soon as `seen()` holds (within a minute)."""
+    SLOW.set()
+    try:
+        page.click("#run")
+        deadline = time.time() + 60
+        while not seen():
+            assert time.time() < deadline, f"no {what} seen"
+            time.sleep(0.05)
+        page.locator(".panel").screenshot(path=str(path))
+        print(path)
+    finally:
+        SLOW.clear()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=DOCS, help="directory for the PNGs (default: docs/)")
@@ -86,20 +101,11 @@ def main() -> None:
             page.select_option("#mode-a", "diffusion")
             page.set_checked("#compare", False)
             page.fill("#threshold", "1")  # one slot per pass (at 0.99 the bundled model fills this block in two)
-            SLOW.set()
-            try:
-                page.click("#run")
-                # Mid-run: slots filled by earlier passes, by the latest one, still masked.
-                earlier, latest = page.locator(".block .cell:not(.mask):not(.new)"), page.locator(".block .new")
-                masked = page.locator(".block .mask")
-                deadline = time.time() + 60
-                while not (earlier.count() >= 4 and latest.count() >= 1 and masked.count() >= 1):
-                    assert time.time() < deadline, "no half-filled block seen"
-                    time.sleep(0.05)
-                page.locator(".panel").screenshot(path=str(args.out / "playground-denoising.png"))
-                print(args.out / "playground-denoising.png")
-            finally:
-                SLOW.clear()
+            # Mid-run: slots filled by earlier passes, by the latest one, still masked.
+            earlier, latest = page.locator(".block .cell:not(.mask):not(.new)"), page.locator(".block .new")
+            masked = page.locator(".block .mask")
+            shoot_mid_run(page, lambda: earlier.count() >= 4 and latest.count() >= 1 and masked.count() >= 1,
+                          args.out / "playground-denoising.png", "half-filled block")
             page.close()
 
             page = browser.new_page(viewport={"width": 1280, "height": 900}, device_scale_factor=1)
@@ -120,18 +126,9 @@ def main() -> None:
             page.fill("#suffix", " 4 7 9")
             page.fill("#max-tokens", "8")
             page.fill("#threshold", "1")
-            SLOW.set()
-            try:
-                page.click("#run")
-                filled = page.locator(".block .cell:not(.mask):not(.given)")
-                deadline = time.time() + 60
-                while not (filled.count() >= 3 and page.locator(".middle .gap").count() >= 2):
-                    assert time.time() < deadline, "no half-filled hole seen"
-                    time.sleep(0.05)
-                page.locator(".panel").screenshot(path=str(args.out / "playground-infill.png"))
-                print(args.out / "playground-infill.png")
-            finally:
-                SLOW.clear()
+            filled, gaps = page.locator(".block .cell:not(.mask):not(.given)"), page.locator(".middle .gap")
+            shoot_mid_run(page, lambda: filled.count() >= 3 and gaps.count() >= 2, args.out / "playground-infill.png",
+                          "half-filled hole")
             page.close()
             browser.close()
     finally:

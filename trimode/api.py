@@ -262,9 +262,9 @@ class TriMode:
         n, allowed, healed = max_new_tokens, {}, ""
         if heal is None:
             heal = isinstance(prefix, str)
-        heal = self.tokenizer.heal_trailing_space(pre) if heal and self.tokenizer is not None else None
-        if heal is not None:  # the first slot rewrites the prefix's trailing space token (token healing)
-            pre, healed, allowed = heal[0], heal[1], {0: heal[2]}
+        healing = self.tokenizer.heal_trailing_space(pre) if heal and self.tokenizer is not None else None
+        if healing is not None:  # the first slot rewrites the prefix's trailing space token (token healing)
+            pre, healed, allowed = healing[0], healing[1], {0: healing[2]}
             n += 1
         block = EditBlock([0] * n + suf, [True] * n + [False] * len(suf), [False] * (n + len(suf)), allowed)
         plan = EditPlan(self, block, [("hole", n), ("keep", len(suf))], "holes", {0: healed}, healed)

@@ -894,17 +894,20 @@ class _BodyLimit:
         return APIError(413, f"the request body is larger than this server's limit of {self.limit} bytes",
                         code="request_too_large", headers={"Connection": "close"})
 
+    async def drain(self, receive, message) -> None:
+        """Read and drop what the client is still sending after `message`, at most `drain_bytes`."""
+        drained = 0
+        while message["type"] == "http.request" and message.get("more_body") and drained < self.drain_bytes:
+            message = await receive()
+            drained += len(message.get("body", b""))
+
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         length = Headers(scope=scope).get("content-length")
         if length is not None and length.isdigit() and int(length) > self.limit:
-            if int(length) <= self.limit + self.drain_bytes:  # read and drop it first (see `limited_receive`)
-                message = {"more_body": True}
-                while message.get("more_body"):
-                    message = await receive()
-                    if message["type"] != "http.request":
-                        break
+            if int(length) <= self.limit + self.drain_bytes:
+                await self.drain(receive, {"type": "http.request", "more_body": True})
             e = self.error()
             return await JSONResponse(e.body(), status_code=e.status, headers=e.headers)(scope, receive, send)
         received = 0
@@ -914,11 +917,8 @@ class _BodyLimit:
             message = await receive()
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
-                if received > self.limit:  # read (and drop) what the client is still sending, up to a bound
-                    drained = 0
-                    while message.get("more_body") and drained < self.drain_bytes:
-                        message = await receive()
-                        drained += len(message.get("body", b""))
+                if received > self.limit:
+                    await self.drain(receive, message)
                     raise self.error()  # raised inside the route's body read: answered by the APIError handler
             return message
 

@@ -1,6 +1,6 @@
 """The article's routing policy (docs/policy.article.yaml) on the real server with the real `openai` client:
-its four routes load as written, each priority decides the mode as documented, the per-request risk decides the
-review of `required_for_high_risk_cases`, and the route, priority and decision reach the response and the audit
+its four routes load as written, each priority decides the mode as documented (`self_speculative` is the
+self-speculative family), the per-request risk decides the review of `required_for_high_risk_cases`, and the route, priority and decision reach the response and the audit
 log (with the log-probabilities of accuracy_and_auditability answers)."""
 
 from __future__ import annotations
@@ -62,54 +62,47 @@ def until_measured(client, route: str) -> list[dict]:
     raise AssertionError(f"{route}: still measuring after {len(seen)} requests: {seen[-1]['policy']}")
 
 
-def test_coding_autocomplete_runs_the_lowest_latency_mode(client, served):
+def test_coding_autocomplete_runs_diffusion_unaudited(client, served):
     before = len(audit_lines(served))
-    seen = until_measured(client, "coding_autocomplete")
-    for stats in seen:
-        policy = stats["policy"]
-        assert (policy["route"], policy["priority"]) == ("coding_autocomplete", "latency")
-        assert stats["mode"] == policy["decision"]["mode"] in ("linear_spec", "diffusion")
-    first = seen[0]["policy"]["decision"]
-    if first["reason"].startswith("measuring"):
-        assert first["mode"] == "diffusion"  # not measured yet: widest passes first
-    decision = seen[-1]["policy"]["decision"]
-    estimates = decision["estimates"]
-    assert decision["measure"] == "seconds_per_token" and set(estimates) == {"linear_spec", "diffusion"}
-    assert decision["mode"] == min(estimates, key=estimates.get) and decision["load"] >= 1
+    _, stats = ask(client, "coding_autocomplete")
+    policy = stats["policy"]
+    assert (policy["route"], policy["priority"]) == ("coding_autocomplete", "latency")
+    assert stats["mode"] == policy["decision"]["mode"] == "diffusion"
+    assert policy["decision"]["reason"] == "the only mode the route allows"
     assert len(audit_lines(served)) == before  # human_review optional, priority latency: no record
 
-    # A mode the route allows may be named; one it does not is refused.
+    # The route's mode may be named; a mode it does not allow is refused.
     _, stats = ask(client, "coding_autocomplete", mode="diffusion")
     assert stats["mode"] == "diffusion" and stats["policy"]["decision"]["reason"] == "named by the request"
     with pytest.raises(openai.PermissionDeniedError):
         ask(client, "coding_autocomplete", mode="ar")
 
 
-def test_internal_summary_runs_the_most_tokens_per_forward(client, served):
+def test_internal_summary_runs_the_self_speculative_mode_with_most_tokens_per_forward(client, served):
     seen = until_measured(client, "internal_summary")
     decision = seen[-1]["policy"]["decision"]
     estimates = decision["estimates"]
-    assert decision["measure"] == "tokens_per_forward" and set(estimates) == {"diffusion", "linear_spec"}
+    assert decision["measure"] == "tokens_per_forward"
+    assert set(estimates) == {"linear_spec", "quadratic_spec", "auto"}  # self_speculative: the family
     assert decision["mode"] == max(estimates, key=estimates.get) == seen[-1]["mode"]
     entry = audit_lines(served)[-1]  # sample_based review: every request recorded, a share flagged
     assert entry["request_id"] == seen[-1]["request_id"] and entry["route"] == "internal_summary"
     assert entry["priority"] == "cost_and_speed" and entry["decision"] == decision
     assert entry["mode"] == decision["mode"] and entry["human_review"] == "sample_based"
+    with pytest.raises(openai.PermissionDeniedError):
+        ask(client, "internal_summary", mode="diffusion")  # not lossless, not self-speculation
 
 
-def test_legal_contract_clause_is_exact_ar_reviewed_by_risk_with_logprobs_audited(client, served, tm):
+def test_legal_contract_clause_is_exact_ar_always_reviewed_with_logprobs_audited(client, served, tm):
     prompt = tm.tokenizer.apply_chat_template(MESSAGES)
     ar = tm.generate(prompt, mode="ar", max_new_tokens=8).text
-    flags = {}
-    for risk in ("low", "medium", "high", None):
+    for risk in ("low", "high", None):
         r, stats = ask(client, "legal_contract_clause", **({"risk": risk} if risk else {}))
         assert r.choices[0].message.content == ar and stats["mode"] == "ar" and stats["verified"]
         assert stats["policy"]["priority"] == "accuracy_and_auditability"
-        assert stats["review"]["risk"] == risk and stats["review"]["level"] == "required_for_high_risk_cases"
-        flags[risk] = stats["review"]["flagged"]
+        assert stats["review"]["level"] == "required" and stats["review"]["flagged"]
         entry = audit_lines(served)[-1]
-        assert entry["request_id"] == r.id and entry["risk"] == risk and entry["review_flag"] == flags[risk]
-    assert flags == {"low": False, "medium": False, "high": True, None: True}
+        assert entry["request_id"] == r.id and entry["review_flag"]
 
     # The audit record keeps each output token's logprob: the same numbers the API reports when asked.
     r = client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=8, logprobs=True,
@@ -128,9 +121,20 @@ def test_legal_contract_clause_is_exact_ar_reviewed_by_risk_with_logprobs_audite
     assert entry["logprobs"] == [[t.logprob for t in r.choices[0].logprobs.content]]  # the same answer
 
 
+def test_customer_response_review_follows_the_risk(client, served):
+    flags = {}
+    for risk in ("low", "medium", "high", None):
+        r, stats = ask(client, "customer_response", **({"risk": risk} if risk else {}))
+        assert stats["review"]["risk"] == risk and stats["review"]["level"] == "required_for_high_risk_cases"
+        flags[risk] = stats["review"]["flagged"]
+        entry = audit_lines(served)[-1]
+        assert entry["request_id"] == r.id and entry["risk"] == risk and entry["review_flag"] == flags[risk]
+    assert flags == {"low": False, "medium": False, "high": True, None: True}
+
+
 def test_risk_header_and_body_the_higher_counts(served):
     url = served.url + "/v1/chat/completions"
-    body = {"model": MODEL, "messages": MESSAGES, "max_tokens": 4, "route": "legal_contract_clause"}
+    body = {"model": MODEL, "messages": MESSAGES, "max_tokens": 4, "route": "customer_response"}
     for header, field, risk in (("high", "low", "high"), ("low", "high", "high"), ("medium", None, "medium")):
         sent = {**body, **({"risk": field} if field else {})}
         r = httpx.post(url, json=sent, headers={"X-Trimode-Risk": header}, timeout=60)
@@ -140,7 +144,7 @@ def test_risk_header_and_body_the_higher_counts(served):
     assert r.status_code == 400 and "X-Trimode-Risk header must be one of low, medium, high" in r.text
 
 
-def test_customer_response_runs_auto(client, served, tm):
+def test_customer_response_runs_auto(client, served, tm):  # balanced, and the family allows auto
     r, stats = ask(client, "customer_response")
     assert stats["mode"] == "auto" and stats["policy"]["decision"]["mode"] == "auto"
     assert stats["policy"]["priority"] == "balanced"

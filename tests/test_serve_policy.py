@@ -141,12 +141,15 @@ def test_the_articles_policy_loads_as_written():
     routes = policy.routes
     assert list(routes) == ["coding_autocomplete", "internal_summary", "legal_contract_clause", "customer_response"]
     code, summary, legal, customer = routes.values()
-    assert (code.mode, code.priority, code.human_review, code.modes) == ("linear_spec", "latency", "optional",
-                                                                         ["linear_spec", "diffusion"])
-    assert (summary.mode, summary.priority, summary.human_review) == ("diffusion", "cost_and_speed", "sample_based")
+    assert (code.mode, code.priority, code.human_review, code.modes) == ("diffusion", "latency", "optional",
+                                                                         ["diffusion"])
+    family = ["linear_spec", "auto", "quadratic_spec"]  # self_speculative: the route's mode first, then the rest
+    assert (summary.mode, summary.priority, summary.human_review, summary.modes) == (
+        "linear_spec", "cost_and_speed", "sample_based", family)
     assert (legal.mode, legal.priority, legal.verified) == ("ar", "accuracy_and_auditability", True)
-    assert legal.human_review == "required_for_high_risk_cases" and legal.audited
-    assert (customer.mode, customer.priority, customer.human_review) == ("auto", "balanced", "sample_based")
+    assert legal.human_review == "required" and legal.audited
+    assert (customer.mode, customer.priority, customer.human_review, customer.modes) == (
+        "linear_spec", "balanced", "required_for_high_risk_cases", family)
     assert not code.audited and summary.audited and customer.audited
 
 
@@ -185,7 +188,7 @@ def test_accuracy_priority_makes_the_route_verified():
 ROUTES = parse_policy("""\
 ai_generation_policy:
   fast: {mode: linear_spec, allow_modes: [diffusion, ar], priority: latency}
-  cheap: {mode: diffusion, allow_modes: [self_speculative], priority: cost_and_speed}
+  cheap: {mode: diffusion, allow_modes: [linear_spec], priority: cost_and_speed}
   exact: {mode: autoregressive_verified, allow_modes: [linear_spec], priority: accuracy_and_auditability}
   mixed: {mode: linear_spec, allow_modes: [auto], priority: balanced}
   plain: {mode: quadratic_spec, allow_modes: [auto], priority: balanced}

@@ -7,6 +7,8 @@ A policy file maps route names to a decoding mode, default knobs, a priority and
       coding_autocomplete:   {mode: diffusion, priority: latency, human_review: optional}
       internal_summary:      {mode: self_speculative, priority: cost_and_speed, human_review: sample_based}
       legal_contract_clause: {mode: autoregressive_verified, priority: accuracy_and_auditability,
+                              human_review: required}
+      customer_response:     {mode: self_speculative, priority: balanced,
                               human_review: required_for_high_risk_cases}
     default_route: internal_summary        # optional: the route of requests that name none
 
@@ -23,6 +25,8 @@ emit exactly the AR tokens. `diffusion` cannot be allowed there. Priority `accur
 route verified the same way and keeps each answer's log-probabilities in its audit record.
 `required_for_high_risk_cases` flags a request for review when its risk (`risk` in the body or the
 X-Trimode-Risk header) is high, or not given.
+`self_speculative` (as a mode or in allow_modes) is the self-speculative family: the route runs `linear_spec`
+and allows `quadratic_spec` and `auto` too.
 Every error names the file and the line at fault, so a bad policy stops the server at start-up.
 """
 
@@ -51,6 +55,10 @@ MODE_ALIASES = {
     "quadratic_spec": "quadratic_spec",
     "auto": "auto",
 }
+# `self_speculative` names the family, not one variant: the route runs `linear_spec` and also allows the other
+# self-speculative modes, so its priority can choose among them (cost_and_speed: the most tokens per forward;
+# balanced: `auto`, which picks AR or a speculative variant every step from the load). All are lossless.
+FAMILIES = {"self_speculative": frozenset({"linear_spec", "quadratic_spec", "auto"})}
 # Modes whose output is exactly the AR output: self-speculation verifies every token against the AR choice, and
 # the engine's `auto` switches between AR and self-speculation. The server runs them greedy on verified routes.
 VERIFIED_MODES = frozenset(name for name, spec in MODES.items() if spec.lossless)
@@ -156,6 +164,7 @@ def _parse_route(source: str, name: str, node: yaml.Node) -> Route:
         raise _fail(source, mode_node,
                     f"route {name!r}: unknown mode {raw_mode!r} (choose from {', '.join(MODE_ALIASES)})")
     mode, verified = MODE_ALIASES[raw_mode], raw_mode == "autoregressive_verified"
+    family = set(FAMILIES.get(raw_mode, ()))
 
     review = "optional"
     if "human_review" in fields:
@@ -175,7 +184,7 @@ def _parse_route(source: str, name: str, node: yaml.Node) -> Route:
         # Exact AR output is what the priority promises: the route is verified like autoregressive_verified.
         verified = verified or priority == "accuracy_and_auditability"
 
-    allow: set[str] = set()
+    allow: set[str] = family
     if "allow_modes" in fields:
         allow_node = fields["allow_modes"][1]
         items = allow_node.value if isinstance(allow_node, yaml.SequenceNode) else None
@@ -185,7 +194,7 @@ def _parse_route(source: str, name: str, node: yaml.Node) -> Route:
             m = _value(source, item)
             if m not in MODE_ALIASES:
                 raise _fail(source, item, f"route {name!r}: unknown mode {m!r} in allow_modes")
-            allow.add(MODE_ALIASES[m])
+            allow |= {MODE_ALIASES[m], *FAMILIES.get(m, ())}
     if verified:
         bad = sorted((allow | {mode}) - VERIFIED_MODES)
         if bad:

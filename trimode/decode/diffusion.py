@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from trimode.decode.sampling import SamplingParams, choose, confidence
+from trimode.decode.spec import ModeSpec, check_block, check_bool, check_threshold
 from trimode.decode.stats import DecodeStats
 from trimode.decode.step import Committed, DecodeOutput, Forward, Machine, Provisional
 from trimode.decode.stopping import StopRule, ThinkingBudget
@@ -212,3 +213,42 @@ def _settled_prefix(block: torch.Tensor, masked: torch.Tensor) -> list[int]:
     undecided = masked.nonzero()
     end = int(undecided[0]) if len(undecided) else block.numel()
     return block[:end].tolist()
+
+
+@dataclass(frozen=True)
+class DiffusionKnobs:
+    block_length: int = 0  # 0: the model's block size
+    threshold: float | None = 0.9  # None: the fixed-step schedule
+    steps: int | None = None  # denoising passes per block with the fixed-step schedule (default block_length)
+    causal_context: bool = True
+    remask_threshold: float | None = None  # remask a committed token of the block whose confidence falls below
+
+    @staticmethod
+    def settle(values: dict, given: dict) -> None:
+        """A step count selects the fixed-step schedule."""
+        if values.get("steps") is not None:
+            if given.get("threshold") is not None:
+                raise ValueError("give either threshold or steps for diffusion, not both")
+            values["threshold"] = None
+
+    def check(self, defaults) -> None:
+        check_block("diffusion", self.block_length, 1)
+        check_threshold(self.threshold)
+        check_threshold(self.remask_threshold)
+        if self.remask_threshold is not None and self.threshold is None:
+            raise ValueError("remask_threshold works with the threshold schedule, not with steps")
+        check_bool("causal_context", self.causal_context)
+        if self.steps is not None and (isinstance(self.steps, bool) or not isinstance(self.steps, int)
+                                       or self.steps < 1):
+            raise ValueError(f"steps must be an integer >= 1, got {self.steps!r}")
+
+
+def _build(ids, stop, sampling, mask_id, k, thinking, provisional, steer, block):
+    return diffusion(ids, stop, sampling, mask_id, k.block_length, k.threshold, k.causal_context, k.steps, thinking,
+                     provisional, k.remask_threshold)
+
+
+SPEC = ModeSpec("diffusion", "block diffusion, seed token + post-block cache refresh", DiffusionKnobs, _build,
+                lossless=False, kv_scratch=lambda max_new, b: math.ceil(max_new / b) * b, pass_tokens=lambda b: b,
+                forwards_per_cycle=lambda steps: steps + 1,  # a block's denoising steps and its refresh
+                least_block=1, try_rank=0, batch_rows=True)

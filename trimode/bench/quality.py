@@ -17,9 +17,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from trimode.api import MODES, TriMode
+from trimode.api import TriMode
 from trimode.bench.edits import EDIT_TASKS
 from trimode.bench.timing import machine_name
+from trimode.decode.modes import names
 
 HUMANEVAL = "humaneval"
 
@@ -196,10 +197,11 @@ def run(model: str | None = None, tasks: list[str] | None = None, n: int = 20, m
     """Run the sweep; return the markdown report and the outcomes (and write the PNG when `plot` is given)."""
     import trimode
 
-    modes = modes or list(MODES)
-    bad = [m for m in modes if m not in MODES]
+    known = names(engine_only=False, editing=False)  # what `TriMode.generate` runs
+    modes = modes or list(known)
+    bad = [m for m in modes if m not in known]
     if bad:
-        raise ValueError(f"unknown mode(s) {', '.join(bad)}; choose from {', '.join(MODES)}")
+        raise ValueError(f"unknown mode(s) {', '.join(bad)}; choose from {', '.join(known)}")
     if n < 1:
         raise ValueError(f"n must be >= 1, got {n}")
     thresholds = thresholds if thresholds is not None else [0.5, 0.7, 0.9]
@@ -267,7 +269,7 @@ def plot_tradeoff(outcomes: list[Outcome], path: Path, title: str) -> None:
     axes = fig.subplots(1, len(tasks), squeeze=False)
     markers = {"ar": "s", "diffusion": "o", "linear_spec": "^", "quadratic_spec": "D"}
     for ax, task in zip(axes[0], tasks, strict=True):
-        for mode, drafter in [(m, d) for m in MODES for d in (False, True)]:
+        for mode, drafter in [(m, d) for m in names(engine_only=False, editing=False) for d in (False, True)]:
             pts = sorted((o.tpf, o.accuracy, o.config.label) for o in outcomes
                          if o.task == task and o.config.mode == mode and o.config.use_drafter == drafter)
             if not pts:

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import typer
 
-from trimode.decode.modes import MODES as _REGISTRY
+from trimode.decode.modes import names
 
-MODES = tuple(name for name, spec in _REGISTRY.items() if not spec.editing)  # what a chat request may run
+MODES = names(editing=False)  # what a chat request may run
 
 
 def register(app: typer.Typer) -> None:

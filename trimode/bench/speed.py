@@ -16,8 +16,9 @@ from pathlib import Path
 
 import torch
 
-from trimode.api import MODES, TriMode
+from trimode.api import TriMode
 from trimode.bench.timing import machine_name, synchronize, time_per_call
+from trimode.decode.modes import names
 
 DEFAULT_TEXT_PROMPT = "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n"
 DEFAULT_ID_PROMPT = [1, 17, 42, 99, 3, 250, 7, 64, 128, 5]
@@ -162,10 +163,11 @@ def run(model: str | None = None, prompt: str | None = None, ids: list[int] | No
     import trimode
     from trimode.model.static import StaticModel
 
-    modes = modes or list(MODES)
-    unknown = [m for m in modes if m not in MODES]
+    known = names(engine_only=False, editing=False)  # what `TriMode.generate` runs
+    modes = modes or list(known)
+    unknown = [m for m in modes if m not in known]
     if unknown:
-        raise ValueError(f"unknown mode(s) {', '.join(unknown)}; choose from {', '.join(MODES)}")
+        raise ValueError(f"unknown mode(s) {', '.join(unknown)}; choose from {', '.join(known)}")
     counts = sorted(set(token_counts or TOKEN_COUNTS))
     if counts[0] < 1 or max_new_tokens < 1 or repeats < 1 or context < 1:
         raise ValueError("token counts, max_new_tokens, repeats and context must be >= 1")

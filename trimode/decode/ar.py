@@ -6,9 +6,12 @@ after the last token, so forward_passes == generated tokens (the reference's nfe
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from trimode.decode.sampling import SamplingParams, choose
+from trimode.decode.spec import ModeSpec
 from trimode.decode.stats import DecodeStats
 from trimode.decode.step import Committed, DecodeOutput, Forward, Machine
 from trimode.decode.stopping import StopRule, ThinkingBudget
@@ -49,3 +52,18 @@ def ar(prompt_ids: torch.Tensor, stop: StopRule, sampling: SamplingParams = Samp
 
     stats.generated_tokens = sum(len(o) for o in out)
     return DecodeOutput(out, stats)
+
+
+@dataclass(frozen=True)
+class ARKnobs:
+    def check(self, defaults) -> None:
+        pass
+
+
+def _build(ids, stop, sampling, mask_id, k, thinking, provisional, steer, block):
+    return ar(ids, stop, sampling, thinking)
+
+
+SPEC = ModeSpec("ar", "causal prefill, one token per forward", ARKnobs, _build, lossless=True,
+                kv_scratch=lambda max_new, b: max_new, pass_tokens=lambda b: 1, forwards_per_cycle=lambda steps: 1,
+                try_rank=4, batch_rows=True)

@@ -15,26 +15,20 @@ every token but the last emitted one (`pending`), plus optional draft guesses `t
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Protocol
 
 import torch
 
-from trimode.decode.cycles import (
-    DRAFT_STEP_KEY,
-    accepted_length,
-    draft_block,
-    quadratic_pass,
-    verify_block,
-)
+from trimode.decode.cycles import accepted_length, draft_block, quadratic_init, quadratic_pass, verify_block
 from trimode.decode.sampling import SamplingParams, choose
+from trimode.decode.spec import ModeSpec, check_block, check_drafter
 from trimode.decode.stats import DecodeStats
 from trimode.decode.step import Commit, Committed, DecodeOutput, Forward, Machine
 from trimode.decode.stopping import StopRule, ThinkingBudget
-from trimode.model.masks import QuadraticInit
 
 Choice = tuple[str, int]  # (mode, block length of its cycle); AR's block is 1
 AR: Choice = ("ar", 1)
-FORWARDS_PER_CYCLE = {"ar": 1, "linear_spec": 2, "quadratic_spec": 1}
 
 
 class Steer(Protocol):
@@ -69,17 +63,11 @@ def auto(prompt_ids: torch.Tensor, stop: StopRule, sampling: SamplingParams, mas
     tail: list[int] = []  # guesses for the tokens after `pending`
     mode, b = steer.pick()
     if mode == "quadratic_spec":  # the prefill also drafts, as quadratic_spec's first pass does
-        masks = torch.full((1, b), mask_id, dtype=torch.long, device=dev)
-        read = [prompt_len - 1, *range(prompt_len + 1, prompt_len + b)]
-        logits = yield Forward(torch.cat([prompt_ids, masks], 1), mask=QuadraticInit(prompt_len), logits=read)
-        yield Commit(prompt_len)
-        tail = choose(logits[0, 1:], torch.arange(prompt_len + 1, prompt_len + b), sampling,
-                      step=DRAFT_STEP_KEY).tolist()
-        logits = logits[0, :1]
+        pending, *tail = yield from quadratic_init(prompt_ids, b, mask_id, sampling, stats)
     else:
         logits = yield Forward(prompt_ids, mask="causal", cache="append", logits="last")
-    stats.forward_passes += 1
-    pending = int(choose(logits, prompt_len, sampling))
+        stats.forward_passes += 1
+        pending = int(choose(logits, prompt_len, sampling))
     if thinking is not None and thinking.max_thinking_tokens == 0:
         pending = thinking.end_think_token_id
     out, over = stop.finish([pending])
@@ -132,3 +120,25 @@ def auto(prompt_ids: torch.Tensor, stop: StopRule, sampling: SamplingParams, mas
 
     stats.generated_tokens = len(out)
     return DecodeOutput([out], stats)
+
+
+@dataclass(frozen=True)
+class AutoKnobs:
+    block_length: int = 0
+    use_drafter: bool | None = None
+
+    def check(self, defaults) -> None:
+        check_block("auto", self.block_length, 2)
+        check_drafter(self.use_drafter, defaults)
+
+
+def _build(ids, stop, sampling, mask_id, k, thinking, provisional, steer, block):
+    if steer is None:
+        raise ValueError("mode auto chooses by the engine's load: run it through the engine (trimode serve)")
+    return auto(ids, stop, sampling, mask_id, steer, k.block_length, k.use_drafter, thinking)
+
+
+SPEC = ModeSpec("auto", "per cycle AR, linear or quadratic speculation, whichever the load favours", AutoKnobs,
+                _build, lossless=True, kv_scratch=lambda max_new, b: max_new + max(b * (b + 1), b),
+                pass_tokens=lambda b: b * (b + 1), forwards_per_cycle=None,  # that of the cycle's choice
+                init_tokens=lambda prompt_len, b: prompt_len + b, least_block=2, try_rank=3, engine_only=True)

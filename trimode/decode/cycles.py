@@ -1,4 +1,4 @@
-"""Pieces shared by the speculative modes and `auto`: draft a block, verify it, accept, the quadratic pass.
+"""Pieces shared by the speculative modes and `auto`: draft a block, verify it, accept, the quadratic passes.
 
 Each is written once and used by `linear_spec`, `quadratic_spec` and `auto`. The ones that need a forward pass
 are sub-generators (`drafts = yield from draft_block(...)`); they count their passes in `stats`.
@@ -12,10 +12,10 @@ import torch
 
 from trimode.decode.sampling import SamplingParams, choose, confidence
 from trimode.decode.stats import DecodeStats
-from trimode.decode.step import Forward
+from trimode.decode.step import Commit, Forward
 from trimode.decode.stopping import ThinkingBudget
 from trimode.decode.transfer import commit_by_threshold, masked_confidence
-from trimode.model.masks import QuadraticStep
+from trimode.model.masks import QuadraticInit, QuadraticStep
 
 DRAFT_STEP_KEY = 1 << 12  # keeps draft sampling noise apart from the verify noise at the same position
 
@@ -117,3 +117,19 @@ def quadratic_pass(leaders: list[int], start: int, mask_id: int, sampling: Sampl
     pred_pos = positions + (group == 0).long()
     verified = choose(logits[:, 0], pred_pos[:, 0], sampling).tolist()
     return QuadraticPass(verified, logits, pred_pos, sampling)
+
+
+def quadratic_init(prompt_ids: torch.Tensor, block: int, mask_id: int, sampling: SamplingParams,
+                   stats: DecodeStats):
+    """The first quadratic pass (spec 2.4 init): [prompt, MASK x B], the prompt causal, the masks seeing
+    everything; the cache keeps the prompt. Returns the draft [d_0, .., d_{B-1}]: d_0 the causal choice after
+    the prompt (as AR's), d_1.. the diffusion choices at mask slots 1..B-1."""
+    prompt_len = prompt_ids.shape[1]
+    masks = torch.full((1, block), mask_id, dtype=torch.long, device=prompt_ids.device)
+    read = [prompt_len - 1, *range(prompt_len + 1, prompt_len + block)]  # the causal next token, mask slots 1..
+    logits = yield Forward(torch.cat([prompt_ids, masks], 1), mask=QuadraticInit(prompt_len), logits=read)
+    yield Commit(prompt_len)
+    stats.forward_passes += 1
+    first = choose(logits[0, :1], prompt_len, sampling)
+    rest = choose(logits[0, 1:], torch.arange(prompt_len + 1, prompt_len + block), sampling, step=DRAFT_STEP_KEY)
+    return [int(first)] + rest.tolist()

@@ -2,23 +2,202 @@
 
 Per block: slot 0 holds the seed (the causal prediction after the prefix) when `causal_context`; each
 denoising step runs the block bidirectionally over the read-only cache and commits the masked positions the
-transfer rule picks (threshold: top-1 plus all >= threshold; fixed steps: an even top-k schedule). After the
-block, one refresh pass writes its causal K/V and yields the next seed; after the last block it is skipped
-(the reference runs it anyway and counts it in nfe; `trimode.compat` adds it back). `max_new_tokens` need not be
-a multiple of `block_length`: the last block is cut (the reference requires a multiple).
+schedule picks (threshold: top-1 plus all >= threshold; fixed steps: an even top-k split). After the block, one
+refresh pass writes its causal K/V and yields the next seed; after the last block it is skipped (the reference
+runs it anyway and counts it in nfe; `trimode.compat` adds it back). `max_new_tokens` need not be a multiple of
+`block_length`: the last block is cut (the reference requires a multiple). A block with no masked slot (one
+slot holding the seed, or a seed and a forced end-think token) needs no denoising step: its tokens are output
+as they are.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
 from trimode.decode.sampling import SamplingParams, choose, confidence
+from trimode.decode.spec import ModeSpec, check_block, check_bool, check_threshold
 from trimode.decode.stats import DecodeStats
 from trimode.decode.step import Committed, DecodeOutput, Forward, Machine, Provisional
 from trimode.decode.stopping import StopRule, ThinkingBudget
 from trimode.decode.transfer import commit_by_threshold, commit_top_k, masked_confidence, transfer_schedule
+
+REMASKS_PER_SLOT = 2  # with remask_threshold: how often one slot of a block may be remasked
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """Which masked slots a denoising step commits (spec 2.2 step 4): with `threshold`, the most confident one
+    plus every one at least that confident; without, an even split of the block's masks over `steps` passes."""
+
+    threshold: float | None
+    steps: int  # the most denoising passes a block may take
+
+    @classmethod
+    def of(cls, block_length: int, threshold: float | None, steps: int | None,
+           remask_threshold: float | None) -> Schedule:
+        if remask_threshold is not None and threshold is None:
+            raise ValueError("remask_threshold works with the threshold schedule, not with fixed steps")
+        # A threshold step commits at least one token, so block_length passes always finish a block (each remask
+        # of a slot can cost one more).
+        most = block_length if threshold is not None or steps is None else steps
+        if remask_threshold is not None:
+            most = block_length * (1 + REMASKS_PER_SLOT)
+        if most < 1:
+            raise ValueError(f"steps must be >= 1, got {steps}")
+        return cls(threshold, most)
+
+    def plan(self, masked: torch.Tensor) -> torch.Tensor | None:
+        """Per row, how many slots each step commits (the fixed-step schedule; None with a threshold)."""
+        return None if self.threshold is not None else transfer_schedule(masked.sum(-1), self.steps)
+
+    def transfer(self, conf: torch.Tensor, masked: torch.Tensor, plan: torch.Tensor, step: int) -> torch.Tensor:
+        if self.threshold is None:
+            return commit_top_k(conf, masked, plan[:, step])
+        return commit_by_threshold(conf, masked, self.threshold)
+
+
+class Remasking:
+    """After each step, mask again a token committed earlier in the block whose probability under the step's
+    logits fell below `threshold`, at most REMASKS_PER_SLOT times per slot; the seed and a forced end-think
+    token (`fixed`) never."""
+
+    def __init__(self, threshold: float, mask_id: int, fixed: torch.Tensor) -> None:
+        self.threshold, self.mask_id, self.fixed = threshold, mask_id, fixed
+        self.remasks = torch.zeros(fixed.shape, dtype=torch.long, device=fixed.device)
+
+    def __call__(self, logits, block, masked, transfer, committed_at) -> None:
+        doubtful = ~masked & ~self.fixed & ~transfer & (self.remasks < REMASKS_PER_SLOT)
+        doubtful &= confidence(logits, block) < self.threshold
+        block[doubtful] = self.mask_id
+        masked |= doubtful
+        self.remasks += doubtful.long()
+        committed_at[doubtful] = -1
+
+
+def diffusion(prompt_ids: torch.Tensor, stop: StopRule, sampling: SamplingParams, mask_id: int,
+              block_length: int = 32, threshold: float | None = 0.9, causal_context: bool = True,
+              steps: int | None = None, thinking: ThinkingBudget | None = None,
+              provisional: bool = False, remask_threshold: float | None = None) -> Machine:
+    """`threshold=None` selects the fixed-step schedule: `steps` denoising passes per block (default
+    `block_length`, as the reference), the block's masks split evenly over them.
+
+    `remask_threshold`: see `Remasking`. The block's tokens are then final only when the block is: none is
+    streamed before."""
+    schedule = Schedule.of(block_length, threshold, steps, remask_threshold)
+    dev = prompt_ids.device
+    batch, prompt_len = prompt_ids.shape
+    stats = DecodeStats("diffusion", prompt_tokens=prompt_len, prefill_passes=1)
+    context_mask = "causal" if causal_context else "bidirectional"
+    generated: list[list[int]] = [[] for _ in range(batch)]
+    streamed = [0] * batch
+
+    # 2. Prefill the prompt into the cache; its last logit gives the seed.
+    logits = yield Forward(prompt_ids, mask=context_mask, cache="append", logits="last")
+    stats.forward_passes += 1
+    seed = choose(logits, torch.full((batch,), prompt_len), sampling, rows=torch.arange(batch))
+
+    for b in range(math.ceil(stop.max_new_tokens / block_length)):
+        start = prompt_len + b * block_length
+        positions = torch.arange(start, start + block_length, device=dev)
+        # 3. A block of masks: the seed in slot 0, the end-think token where the thinking budget forces it.
+        block, masked = new_block(batch, block_length, mask_id, seed if causal_context else None, thinking,
+                                  b * block_length, generated, dev)
+        remasking = None if remask_threshold is None else Remasking(remask_threshold, mask_id, ~masked)
+        # 4. Denoise it; the steps stream what settles.
+        committed_at, steps_run = yield from denoise_block(
+            block, masked, positions, b * block_length, schedule, sampling, mask_id, remasking, provisional,
+            stop, generated, streamed, stats)
+
+        before = [len(g) for g in generated]
+        for r in range(batch):
+            generated[r] += block[r].tolist()
+        finished = [stop.finish(g) for g in generated]
+        # A step's commits count only the slots that are output (before EOS and within the budget).
+        emitted = [len(out) - n for (out, _), n in zip(finished, before)]
+        for s in range(steps_run):
+            stats.step_commits.append(sum(int((committed_at[r, : emitted[r]] == s).sum()) for r in range(batch)))
+        # What no step streamed: all of a block that had no masked slot, so no step.
+        yield from _stream(finished, streamed, stats)
+        if all(over for _, over in finished):
+            break
+        # 5. Refresh: the block's causal K/V into the cache; its last logit gives the next seed.
+        logits = yield Forward(block, mask=context_mask, positions=positions, cache="append", logits="last")
+        stats.forward_passes += 1
+        seed = choose(logits, torch.full((batch,), start + block_length), sampling, rows=torch.arange(batch))
+
+    out = [stop.finish(g)[0] for g in generated]
+    stats.generated_tokens = sum(len(o) for o in out)
+    return DecodeOutput(out, stats)
+
+
+def new_block(batch: int, block_length: int, mask_id: int, seed: torch.Tensor | None,
+              thinking: ThinkingBudget | None, offset: int, generated: list[list[int]], device):
+    """[batch, block_length] masks, slot 0 the seed (when given); with a thinking budget that ends inside the
+    block, the end-think token at generated index `max_thinking_tokens` of every row that has not emitted it.
+    `offset` is the block's first generated index. Returns the block and its undecided slots."""
+    block = torch.full((batch, block_length), mask_id, dtype=torch.long, device=device)
+    if seed is not None:
+        block[:, 0] = seed
+    if thinking is not None and offset + block_length > thinking.max_thinking_tokens:
+        at = max(0, thinking.max_thinking_tokens - offset)
+        for r in range(batch):
+            if thinking.end_think_token_id not in generated[r]:
+                block[r, at] = thinking.end_think_token_id
+    # Undecided slots are tracked explicitly: the seed or a committed token may itself be the mask id.
+    masked = block == mask_id
+    if seed is not None:
+        masked[:, 0] = False
+    return block, masked
+
+
+def denoise_block(block: torch.Tensor, masked: torch.Tensor, positions: torch.Tensor, offset: int,
+                  schedule: Schedule, sampling: SamplingParams, mask_id: int, remasking: Remasking | None,
+                  provisional: bool,
+                  stop: StopRule, generated: list[list[int]], streamed: list[int], stats: DecodeStats):
+    """Spec 2.2 step 4 on `block` and `masked` (in place): bidirectional passes over the read-only cache, each
+    committing the slots the schedule picks, until no slot is masked or every row holds a settled EOS. Streams
+    each row's settled prefix as it grows. Returns (the step that committed each slot, -1 for none; steps run)."""
+    batch, block_length = block.shape
+    rows = torch.arange(batch).repeat_interleave(block_length)
+    committed_at = torch.full_like(block, -1)  # the step that committed each slot (for honest step counts)
+    plan = schedule.plan(masked)
+    steps_run = 0
+    for step in range(schedule.steps):
+        if not masked.any():
+            break
+        logits = yield Forward(block.clone(), mask="bidirectional", positions=positions)
+        stats.forward_passes += 1
+        steps_run += 1
+        proposal = choose(logits.flatten(0, 1), positions.repeat(batch), sampling, step=1 + offset + step,
+                          rows=rows).view(batch, block_length)
+        conf = masked_confidence(confidence(logits, proposal), masked)
+        transfer = schedule.transfer(conf, masked, plan, step)
+        block[transfer] = proposal[transfer]
+        committed_at[transfer] = step
+        masked &= ~transfer
+        if remasking is not None:
+            remasking(logits, block, masked, transfer, committed_at)
+        if provisional:
+            yield Provisional(block.masked_fill(masked, mask_id).tolist(), stats)
+        if remasking is not None and masked.any():
+            continue  # a committed token may still be remasked: nothing is final before the block is
+        settled = [generated[r] + _settled_prefix(block[r], masked[r]) for r in range(batch)]
+        yield from _stream([stop.finish(s) for s in settled], streamed, stats)
+        if all(_eos_done(generated[r], block[r], masked[r], stop) for r in range(batch)):
+            break
+    return committed_at, steps_run
+
+
+def _stream(finished: list[tuple[list[int], bool]], streamed: list[int], stats: DecodeStats):
+    """Yield each row's output tokens past those already streamed (nothing when no row has new ones)."""
+    new = [out[streamed[r]:] for r, (out, _) in enumerate(finished)]
+    if any(new):
+        for r, tokens in enumerate(new):
+            streamed[r] += len(tokens)
+        yield Committed(new, stats)
 
 
 def _eos_done(generated: list[int], block: torch.Tensor, masked: torch.Tensor, stop: StopRule) -> bool:
@@ -29,121 +208,47 @@ def _eos_done(generated: list[int], block: torch.Tensor, masked: torch.Tensor, s
     return eos is not None and not bool(masked[:eos].any())
 
 
-REMASKS_PER_SLOT = 2  # with remask_threshold: how often one slot of a block may be remasked
-
-
-def diffusion(prompt_ids: torch.Tensor, stop: StopRule, sampling: SamplingParams, mask_id: int,
-              block_length: int = 32, threshold: float | None = 0.9, causal_context: bool = True,
-              steps: int | None = None, thinking: ThinkingBudget | None = None,
-              provisional: bool = False, remask_threshold: float | None = None) -> Machine:
-    """`threshold=None` selects the fixed-step schedule: `steps` denoising passes per block (default
-    `block_length`, as the reference), the block's masks split evenly over them.
-
-    `remask_threshold`: after each step, a token committed earlier in this block whose probability under the
-    step's logits fell below it is masked again (at most REMASKS_PER_SLOT times per slot), so a token committed
-    too early can be revisited. The block's tokens are then final only when the block is: none is streamed
-    before."""
-    if remask_threshold is not None and threshold is None:
-        raise ValueError("remask_threshold works with the threshold schedule, not with fixed steps")
-    # A threshold step commits at least one token, so block_length passes always finish a block (each remask
-    # of a slot can cost one more).
-    steps_per_block = block_length if threshold is not None or steps is None else steps
-    if remask_threshold is not None:
-        steps_per_block = block_length * (1 + REMASKS_PER_SLOT)
-    if steps_per_block < 1:
-        raise ValueError(f"steps must be >= 1, got {steps}")
-    dev = prompt_ids.device
-    batch, prompt_len = prompt_ids.shape
-    stats = DecodeStats("diffusion", prompt_tokens=prompt_len, prefill_passes=1)
-    num_blocks = math.ceil(stop.max_new_tokens / block_length)
-    rows = torch.arange(batch).repeat_interleave(block_length)
-    context_mask = "causal" if causal_context else "bidirectional"
-
-    logits = yield Forward(prompt_ids, mask=context_mask, cache="append", logits="last")
-    stats.forward_passes += 1
-    seed = choose(logits, torch.full((batch,), prompt_len), sampling, rows=torch.arange(batch))
-
-    generated: list[list[int]] = [[] for _ in range(batch)]
-    streamed = [0] * batch
-    for b in range(num_blocks):
-        start = prompt_len + b * block_length
-        block = torch.full((batch, block_length), mask_id, dtype=torch.long, device=dev)
-        if causal_context:
-            block[:, 0] = seed
-        if thinking is not None and (b + 1) * block_length > thinking.max_thinking_tokens:
-            offset = max(0, thinking.max_thinking_tokens - b * block_length)
-            for r in range(batch):
-                if thinking.end_think_token_id not in generated[r]:
-                    block[r, offset] = thinking.end_think_token_id
-        # Undecided slots are tracked explicitly: the seed or a committed token may itself be the mask id.
-        masked = block == mask_id
-        if causal_context:
-            masked[:, 0] = False
-        committed_at = torch.full_like(block, -1)  # the step that committed each slot (for honest step counts)
-        remasks = torch.zeros_like(block)
-        fixed = ~masked  # the seed and a forced end-think token are never remasked
-        schedule = transfer_schedule(masked.sum(-1), steps_per_block)
-        positions = torch.arange(start, start + block_length, device=dev)
-        steps_run = 0
-
-        for step in range(steps_per_block):
-            if not masked.any():
-                break
-            logits = yield Forward(block.clone(), mask="bidirectional", positions=positions)
-            stats.forward_passes += 1
-            steps_run += 1
-            proposal = choose(logits.flatten(0, 1), positions.repeat(batch), sampling,
-                              step=1 + b * block_length + step, rows=rows)
-            proposal = proposal.view(batch, block_length)
-            conf = masked_confidence(confidence(logits, proposal), masked)
-            if threshold is None:
-                transfer = commit_top_k(conf, masked, schedule[:, step])
-            else:
-                transfer = commit_by_threshold(conf, masked, threshold)
-            block[transfer] = proposal[transfer]
-            committed_at[transfer] = step
-            masked &= ~transfer
-            if remask_threshold is not None:
-                doubtful = ~masked & ~fixed & ~transfer & (remasks < REMASKS_PER_SLOT)
-                doubtful &= confidence(logits, block) < remask_threshold
-                block[doubtful] = mask_id
-                masked |= doubtful
-                remasks += doubtful.long()
-                committed_at[doubtful] = -1
-            if provisional:
-                yield Provisional(block.masked_fill(masked, mask_id).tolist(), stats)
-            if remask_threshold is not None and masked.any():
-                continue  # a committed token may still be remasked: nothing is final before the block is
-            settled = [generated[r] + _settled_prefix(block[r], masked[r]) for r in range(batch)]
-            new = [stop.finish(settled[r])[0][streamed[r] :] for r in range(batch)]
-            if any(new):
-                for r in range(batch):
-                    streamed[r] += len(new[r])
-                yield Committed(new, stats)
-            if all(_eos_done(generated[r], block[r], masked[r], stop) for r in range(batch)):
-                break
-
-        before = [len(g) for g in generated]
-        for r in range(batch):
-            generated[r] += block[r].tolist()
-        finished = [stop.finish(g) for g in generated]
-        # A step's commits count only the slots that are output (before EOS and within the budget).
-        emitted = [len(out) - n for (out, _), n in zip(finished, before)]
-        for s in range(steps_run):
-            stats.step_commits.append(sum(int((committed_at[r, : emitted[r]] == s).sum()) for r in range(batch)))
-        if all(over for _, over in finished):
-            break
-        logits = yield Forward(block, mask=context_mask, positions=positions, cache="append", logits="last")
-        stats.forward_passes += 1
-        seed = choose(logits, torch.full((batch,), start + block_length), sampling, rows=torch.arange(batch))
-
-    out = [stop.finish(g)[0] for g in generated]
-    stats.generated_tokens = sum(len(o) for o in out)
-    return DecodeOutput(out, stats)
-
-
 def _settled_prefix(block: torch.Tensor, masked: torch.Tensor) -> list[int]:
     """The block's tokens before its first undecided slot."""
     undecided = masked.nonzero()
     end = int(undecided[0]) if len(undecided) else block.numel()
     return block[:end].tolist()
+
+
+@dataclass(frozen=True)
+class DiffusionKnobs:
+    block_length: int = 0  # 0: the model's block size
+    threshold: float | None = 0.9  # None: the fixed-step schedule
+    steps: int | None = None  # denoising passes per block with the fixed-step schedule (default block_length)
+    causal_context: bool = True
+    remask_threshold: float | None = None  # remask a committed token of the block whose confidence falls below
+
+    @staticmethod
+    def settle(values: dict, given: dict) -> None:
+        """A step count selects the fixed-step schedule."""
+        if values.get("steps") is not None:
+            if given.get("threshold") is not None:
+                raise ValueError("give either threshold or steps for diffusion, not both")
+            values["threshold"] = None
+
+    def check(self, defaults) -> None:
+        check_block("diffusion", self.block_length, 1)
+        check_threshold(self.threshold)
+        check_threshold(self.remask_threshold)
+        if self.remask_threshold is not None and self.threshold is None:
+            raise ValueError("remask_threshold works with the threshold schedule, not with steps")
+        check_bool("causal_context", self.causal_context)
+        if self.steps is not None and (isinstance(self.steps, bool) or not isinstance(self.steps, int)
+                                       or self.steps < 1):
+            raise ValueError(f"steps must be an integer >= 1, got {self.steps!r}")
+
+
+def _build(ids, stop, sampling, mask_id, k, thinking, provisional, steer, block):
+    return diffusion(ids, stop, sampling, mask_id, k.block_length, k.threshold, k.causal_context, k.steps, thinking,
+                     provisional, k.remask_threshold)
+
+
+SPEC = ModeSpec("diffusion", "block diffusion, seed token + post-block cache refresh", DiffusionKnobs, _build,
+                lossless=False, kv_scratch=lambda max_new, b: math.ceil(max_new / b) * b, pass_tokens=lambda b: b,
+                forwards_per_cycle=lambda steps: steps + 1,  # a block's denoising steps and its refresh
+                least_block=1, try_rank=0, batch_rows=True)

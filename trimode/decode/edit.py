@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 import torch
 
 from trimode.decode.sampling import SamplingParams, choose, confidence
+from trimode.decode.spec import ModeSpec, check_threshold
 from trimode.decode.stats import DecodeStats
 from trimode.decode.step import Committed, DecodeOutput, Forward, Machine, Provisional
 from trimode.decode.transfer import commit_by_threshold, masked_confidence
@@ -145,3 +146,30 @@ def edit(prefix_ids: torch.Tensor, block: EditBlock, sampling: SamplingParams, m
     stats.generated_tokens = n
     yield Committed([out], stats)
     return DecodeOutput([out], stats)
+
+
+@dataclass(frozen=True)
+class EditKnobs:
+    threshold: float = 0.9  # a pass commits the masked slots at least this confident (at least one)
+    rounds: int = 1  # revision rounds after the holes are filled (1: fill only)
+    revise_threshold: float = 0.9  # a revision remasks a slot whose other prediction is at least this confident
+    hole_window: int = 6  # a hole starts this many slots long, doubling while filled to the end (0: all at once)
+
+    def check(self, defaults) -> None:
+        check_threshold(self.threshold)
+        check_threshold(self.revise_threshold)
+        if isinstance(self.rounds, bool) or not isinstance(self.rounds, int) or not 1 <= self.rounds <= 64:
+            raise ValueError(f"rounds must be an integer in [1, 64], got {self.rounds!r}")
+        if isinstance(self.hole_window, bool) or not isinstance(self.hole_window, int) or self.hole_window < 0:
+            raise ValueError(f"hole_window must be an integer >= 0, got {self.hole_window!r}")
+
+
+def _build(ids, stop, sampling, mask_id, k, thinking, provisional, steer, block):
+    if block is None:
+        raise ValueError("an edit needs its block (holes, or a draft to revise)")
+    return edit(ids, block, sampling, mask_id, k.threshold, k.rounds, k.revise_threshold, provisional, k.hole_window)
+
+
+SPEC = ModeSpec("edit", "fill holes and revise a draft in one bidirectional block (infill, revise, fill)", EditKnobs,
+                _build, lossless=False, kv_scratch=lambda max_new, b: max_new,  # the block is its max_new_tokens
+                pass_tokens=None, forwards_per_cycle=None, editing=True)

@@ -14,10 +14,13 @@ AR output for greedy decoding and for sampling with the same seed.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from trimode.decode.cycles import accepted_length, draft_block, force_end_think, verify_block
 from trimode.decode.sampling import SamplingParams, choose
+from trimode.decode.spec import ModeSpec, check_block, check_drafter, check_threshold
 from trimode.decode.stats import DecodeStats
 from trimode.decode.step import Commit, Committed, DecodeOutput, Forward, Machine
 from trimode.decode.stopping import StopRule, ThinkingBudget
@@ -70,3 +73,25 @@ def linear_spec(prompt_ids: torch.Tensor, stop: StopRule, sampling: SamplingPara
 
     stats.generated_tokens = len(out)
     return DecodeOutput([out], stats)
+
+
+@dataclass(frozen=True)
+class LinearSpecKnobs:
+    block_length: int = 0
+    threshold: float = 0.0  # draft threshold: 0 fills every mask in one pass
+    use_drafter: bool | None = None  # None: on when the model has a drafter adapter
+
+    def check(self, defaults) -> None:
+        check_block("linear_spec", self.block_length, 2)
+        check_threshold(self.threshold)
+        check_drafter(self.use_drafter, defaults)
+
+
+def _build(ids, stop, sampling, mask_id, k, thinking, provisional, steer, block):
+    return linear_spec(ids, stop, sampling, mask_id, k.block_length, k.threshold, k.use_drafter, thinking)
+
+
+SPEC = ModeSpec("linear_spec", "diffusion draft (LoRA drafter) + causal verify, longest agreeing prefix + bonus",
+                LinearSpecKnobs, _build, lossless=True, kv_scratch=lambda max_new, b: max_new + b,
+                pass_tokens=lambda b: b, forwards_per_cycle=lambda steps: 2,  # draft, verify
+                least_block=2, try_rank=2)

@@ -15,14 +15,16 @@ agree wherever the scale is 1 (positions below `original_max_position_embeddings
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
-from trimode.decode.cycles import DRAFT_STEP_KEY, accepted_length, force_end_think, quadratic_pass
-from trimode.decode.sampling import SamplingParams, choose
+from trimode.decode.cycles import accepted_length, force_end_think, quadratic_init, quadratic_pass
+from trimode.decode.sampling import SamplingParams
+from trimode.decode.spec import ModeSpec, check_block
 from trimode.decode.stats import DecodeStats
-from trimode.decode.step import Commit, Committed, DecodeOutput, Forward, Machine
+from trimode.decode.step import Commit, Committed, DecodeOutput, Machine
 from trimode.decode.stopping import StopRule, ThinkingBudget
-from trimode.model.masks import QuadraticInit
 
 
 def quadratic_spec(prompt_ids: torch.Tensor, stop: StopRule, sampling: SamplingParams, mask_id: int,
@@ -36,14 +38,7 @@ def quadratic_spec(prompt_ids: torch.Tensor, stop: StopRule, sampling: SamplingP
     prompt_len = prompt_ids.shape[1]
     stats = DecodeStats("quadratic_spec", prompt_tokens=prompt_len)
 
-    masks = torch.full((1, B), mask_id, dtype=torch.long, device=dev)
-    read = [prompt_len - 1, *range(prompt_len + 1, prompt_len + B)]  # the causal next token, mask slots 1..B-1
-    logits = yield Forward(torch.cat([prompt_ids, masks], 1), mask=QuadraticInit(prompt_len), logits=read)
-    yield Commit(prompt_len)
-    stats.forward_passes += 1
-    first = choose(logits[0, :1], prompt_len, sampling)
-    rest = choose(logits[0, 1:], torch.arange(prompt_len + 1, prompt_len + B), sampling, step=DRAFT_STEP_KEY)
-    draft = [int(first)] + rest.tolist()
+    draft = yield from quadratic_init(prompt_ids, B, mask_id, sampling, stats)
     if thinking is not None and thinking.max_thinking_tokens == 0:
         draft[0] = thinking.end_think_token_id
 
@@ -67,3 +62,25 @@ def quadratic_spec(prompt_ids: torch.Tensor, stop: StopRule, sampling: SamplingP
 
     stats.generated_tokens = len(out)
     return DecodeOutput([out], stats)
+
+
+@dataclass(frozen=True)
+class QuadraticSpecKnobs:
+    block_length: int = 0
+    ar_mix_weight: float | None = None  # None: lossless; l mixes l * causal + (1 - l) * diffusion logits
+
+    def check(self, defaults) -> None:
+        check_block("quadratic_spec", self.block_length, 2)
+        w = self.ar_mix_weight
+        if w is not None and (isinstance(w, bool) or not isinstance(w, int | float) or not 0 <= w <= 1):
+            raise ValueError(f"ar_mix_weight must be in [0, 1], got {w!r}")
+
+
+def _build(ids, stop, sampling, mask_id, k, thinking, provisional, steer, block):
+    return quadratic_spec(ids, stop, sampling, mask_id, k.block_length, k.ar_mix_weight, thinking)
+
+
+SPEC = ModeSpec("quadratic_spec", "B(B+1)-token pass that verifies and redrafts at once", QuadraticSpecKnobs, _build,
+                lossless=True, kv_scratch=lambda max_new, b: max_new + max(b * (b + 1), b),
+                pass_tokens=lambda b: b * (b + 1), forwards_per_cycle=lambda steps: 1,
+                init_tokens=lambda prompt_len, b: prompt_len + b, least_block=2, try_rank=1)

@@ -51,7 +51,10 @@ class SamplingParams:
 
 
 def filter_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
-    """Temperature, top-k and top-p applied to float32 logits [N, V]; removed entries become -inf."""
+    """Temperature, top-k and top-p applied to float32 logits [N, V]; removed entries become -inf.
+
+    A temperature so small that a row's top logit / temperature overflows float32 leaves that row's top entry
+    infinite (`choose` then takes the argmax: the limit of sampling as the temperature goes to 0)."""
     logits = logits.float() / params.temperature
     if params.top_k and params.top_k < logits.shape[-1]:
         kth = torch.topk(logits, params.top_k, dim=-1).values[..., -1:]
@@ -59,8 +62,10 @@ def filter_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     if params.top_p < 1.0:
         sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
         probs = sorted_logits.softmax(-1)
-        # Drop a token when the mass strictly before it already reaches top_p (the top-1 always stays).
+        # Drop a token when the mass strictly before it already reaches top_p. The top-1 always stays: a top_p
+        # below float32's smallest value would round to 0 and drop it too.
         drop_sorted = probs.cumsum(-1) - probs >= params.top_p
+        drop_sorted[..., 0] = False
         drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
         logits = logits.masked_fill(drop, float("-inf"))
     return logits
@@ -99,7 +104,8 @@ def gumbel_noise(seed: int, positions: torch.Tensor, step: int, vocab: int, devi
 def choose(
     logits: torch.Tensor, positions: torch.Tensor | int, params: SamplingParams, step: int = 0, rows=None
 ) -> torch.Tensor:
-    """Tokens [N] for logits [N, V]: argmax when greedy, else a keyed sample of the filtered distribution.
+    """Tokens [N] for logits [N, V]: argmax when greedy, else a keyed sample of the filtered distribution (argmax
+    too in a row where logits / temperature overflows float32: see `filter_logits`).
 
     `positions` [N] are the absolute positions of the tokens being chosen (an int: all at that position), `rows`
     [N] their batch rows.
@@ -110,7 +116,10 @@ def choose(
         positions = torch.full((logits.shape[0],), positions, device=logits.device)
     filtered = filter_logits(logits, params).double()
     noise = gumbel_noise(params.seed, positions, step, logits.shape[-1], logits.device, rows)
-    return (filtered + noise).argmax(-1)
+    sampled = (filtered + noise).argmax(-1)
+    # A row whose top logit / temperature overflowed (a temperature near 0) is greedy, the limit it tends to.
+    overflowed = ~torch.isfinite(filtered.max(-1).values)
+    return torch.where(overflowed, logits.argmax(-1), sampled)
 
 
 def confidence(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:

@@ -38,13 +38,14 @@ from dataclasses import dataclass
 
 import torch
 
-from trimode.decode.auto import AR, FORWARDS_PER_CYCLE, Choice, FixedChoice
+from trimode.decode import modes as registry
+from trimode.decode.auto import AR, Choice, FixedChoice
 from trimode.decode.driver import decode
 from trimode.decode.sampling import SamplingParams
 from trimode.decode.stopping import StopRule
 from trimode.model.transformer import NLDTransformer
 
-CANDIDATES = ("ar", "linear_spec", "quadratic_spec")
+CANDIDATES = registry.names(lossless=True, engine_only=False)  # what a cycle of auto may run
 SMALLER_BLOCKS = (2, 4, 8, 16, 32, 64)
 
 
@@ -55,7 +56,7 @@ def label(choice: Choice) -> str:
 
 
 def tokens_per_row(mode: str, block: int) -> int:
-    return {"ar": 1, "linear_spec": block, "quadratic_spec": block * (block + 1)}[mode]
+    return registry.pass_tokens(mode, block)
 
 
 @dataclass
@@ -225,7 +226,8 @@ class AutoPolicy:
         """Predicted seconds of one cycle when all `rows` rows run it: the cost curve and overhead."""
         mode, block = choice
         rows = max(1, self.load() if rows is None else rows)
-        return FORWARDS_PER_CYCLE[mode] * (self.cost(rows * tokens_per_row(mode, block)) + self.overhead_per_row * rows)
+        forward = self.cost(rows * tokens_per_row(mode, block)) + self.overhead_per_row * rows
+        return registry.forwards_per_cycle(mode) * forward
 
     def slowdown(self, choice: Choice) -> float:
         """How much longer than the cost curve predicts a cycle takes: measured for this choice, else for the

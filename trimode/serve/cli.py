@@ -6,9 +6,9 @@ from pathlib import Path
 
 import typer
 
-from trimode.decode.modes import MODES as _REGISTRY
+from trimode.decode.modes import names
 
-SERVE_MODES = tuple(name for name, spec in _REGISTRY.items() if not spec.editing)  # a server's default mode
+SERVE_MODES = names(editing=False)  # a server's default mode
 
 
 def register(app: typer.Typer) -> None:

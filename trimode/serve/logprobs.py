@@ -16,10 +16,10 @@ from dataclasses import dataclass
 import torch
 
 from trimode.api import TriMode
-from trimode.decode.modes import MODES
+from trimode.decode.modes import names
 
 # The modes whose tokens are AR's choices (the registry's lossless modes; auto emits exactly the AR output).
-LOGPROB_MODES = frozenset(name for name, spec in MODES.items() if spec.lossless)
+LOGPROB_MODES = frozenset(names(lossless=True))
 
 
 @dataclass

@@ -42,9 +42,9 @@ from pathlib import Path
 
 import yaml
 
-from trimode.decode.modes import KNOB_NAMES, MODES, ModelDefaults, resolve_knobs
+from trimode.decode.modes import KNOB_NAMES, MODES, ModelDefaults, names, resolve_knobs
 
-REQUEST_MODES = tuple(MODES)
+REQUEST_MODES = names()
 MODE_ALIASES = {
     "ar": "ar",
     "autoregressive": "ar",
@@ -61,7 +61,7 @@ MODE_ALIASES = {
 FAMILIES = {"self_speculative": frozenset({"linear_spec", "quadratic_spec", "auto"})}
 # Modes whose output is exactly the AR output: self-speculation verifies every token against the AR choice, and
 # the engine's `auto` switches between AR and self-speculation. The server runs them greedy on verified routes.
-VERIFIED_MODES = frozenset(name for name, spec in MODES.items() if spec.lossless)
+VERIFIED_MODES = frozenset(names(lossless=True))
 REVIEW_LEVELS = ("optional", "sample_based", "required", "required_for_high_risk_cases")
 PRIORITIES = ("latency", "cost_and_speed", "accuracy_and_auditability", "balanced")
 RISKS = ("low", "medium", "high")

@@ -24,11 +24,12 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from trimode.decode.modes import try_order
 from trimode.serve.policy import Route
 
-# Cold-start order: the order modes are tried in before each has `min_samples` measurements. Latency tries the
-# widest passes (most tokens per forward) first; cost_and_speed the same, as its measure is tokens per forward.
-TRY_ORDER = ("diffusion", "quadratic_spec", "linear_spec", "auto", "ar")
+# Cold-start order (`trimode.decode.modes.try_order`): the order modes are tried in before each has `min_samples`
+# measurements. Latency tries the widest passes (most tokens per forward) first; cost_and_speed the same, as its
+# measure is tokens per forward.
 Setting = tuple[str, tuple]  # (mode, its knobs as sorted items): what a measurement is of
 
 
@@ -108,7 +109,7 @@ class ModeMeter:
                 return Decision("auto", "auto: the engine picks a lossless mode every step from the load", rows)
             return Decision(route.mode, "the route's mode (it does not allow auto)", rows)
 
-        candidates = sorted(route.modes, key=TRY_ORDER.index)
+        candidates = try_order(route.modes)
         if len(candidates) == 1:
             return Decision(route.mode, "the only mode the route allows", rows)
         if priority == "latency":

@@ -17,8 +17,6 @@ one exactly (weights, AdamW state, step, data position, RNG state). Trainer stat
 from __future__ import annotations
 
 import contextlib
-import importlib
-import importlib.util
 import json
 import os
 import shutil
@@ -31,12 +29,15 @@ import torch.distributed as dist
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from trimode.api import TriMode
 from trimode.model.config import NLD_MODEL_TYPE, NLDConfig
 from trimode.model.loading import INDEX, WEIGHTS, load_model, resolve_checkpoint, save_checkpoint
 from trimode.model.tokenizer import NLDTokenizer
 from trimode.model.transformer import NLDTransformer
 from trimode.train import convert
+from trimode.train.corpus import load_corpus
 from trimode.train.data import BatchStream, Document, InfillOptions, PackedData, pack_documents, read_jsonl
+from trimode.train.evaluate import evaluate_modes
 from trimode.train.objective import (
     EditWeights,
     JointObjective,
@@ -49,6 +50,7 @@ from trimode.train.objective import (
 )
 from trimode.train.recipe import Recipe, RecipeError
 from trimode.train.schedule import WSD
+from trimode.train.tokenizer_train import train_tokenizer
 
 CHECKPOINTS = "checkpoints"
 STATE_JSON = "trainer_state.json"
@@ -118,10 +120,7 @@ def load_documents(recipe: Recipe, split: str, files: list[str]) -> list[Documen
     """JSONL files plus, when the recipe names sources, `trimode.train.corpus.load_corpus(sources, split, seed)`."""
     docs = [d for f in files for d in read_jsonl(f)]
     if recipe.data.sources:
-        if importlib.util.find_spec("trimode.train.corpus") is None:
-            raise RecipeError("data.sources needs trimode.train.corpus, which is not in this installation")
-        corpus = importlib.import_module("trimode.train.corpus")
-        docs += corpus.load_corpus(recipe.data.sources, split, recipe.train.seed)
+        docs += load_corpus(recipe.data.sources, split, recipe.train.seed)
     return docs
 
 
@@ -134,13 +133,9 @@ def build_tokenizer(recipe: Recipe, procs: Processes, train_docs: list[Document]
         tok = NLDTokenizer.from_dir(Path(recipe.tokenizer.path))
         where = f"tokenizer.path {recipe.tokenizer.path}"
     elif recipe.tokenizer.train_vocab_size is not None:
-        if importlib.util.find_spec("trimode.train.tokenizer_train") is None:
-            raise RecipeError("tokenizer.train_vocab_size needs trimode.train.tokenizer_train, which is not in "
-                              "this installation")
         out = Path(recipe.output_dir) / "tokenizer"
         if procs.main:  # trained once, read by every rank
-            module = importlib.import_module("trimode.train.tokenizer_train")
-            module.train_tokenizer(train_docs, recipe.tokenizer.train_vocab_size, out)
+            train_tokenizer(train_docs, recipe.tokenizer.train_vocab_size, out)
         procs.barrier()
         tok = NLDTokenizer.from_dir(out)
         where = f"the trained tokenizer in {out}"
@@ -437,15 +432,12 @@ def infill_options(recipe: Recipe) -> InfillOptions | None:
 
 def run_eval_tasks(objective: JointObjective, sharded: bool, tokenizer: NLDTokenizer, recipe: Recipe,
                    procs: Processes) -> dict | None:
-    """`trimode.train.evaluate.evaluate_modes(tm, **eval.tasks)` on the main rank when that module exists."""
-    if recipe.eval.tasks is None or importlib.util.find_spec("trimode.train.evaluate") is None:
+    """`trimode.train.evaluate.evaluate_modes(tm, **eval.tasks)` on the main rank, when the recipe asks for it."""
+    if recipe.eval.tasks is None:
         return None
     net = full_network(objective, sharded, procs)
     result = None
     if procs.main:
-        from trimode.api import TriMode
-
-        evaluate_modes = importlib.import_module("trimode.train.evaluate").evaluate_modes
         was_training = net.training
         net.eval()
         result = evaluate_modes(TriMode(net, tokenizer), **recipe.eval.tasks)

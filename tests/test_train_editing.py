@@ -435,8 +435,8 @@ def test_infill_needs_a_pad_token(tmp_path):
 # ------------------------------------------------------------------------------------------- editing evaluation
 
 
-def test_infill_and_revision_evaluation_follow_the_contract():
-    from trimode.train.evaluate import infill_tokens, revise_tokens
+def test_the_reference_infill_and_revision_follow_the_contract():
+    from tests.edit_oracle import infill_tokens, revise_tokens
 
     net = random_model(15)
     net.config.pad_token_id = 7

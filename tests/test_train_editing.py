@@ -1,4 +1,4 @@
-"""The editing options of the objective and the data (issue #12): substituted tokens to correct (revision) and
+"""The editing options of the objective and the data (the infill and revision skills, docs/editing.md): substituted tokens to correct (revision) and
 infill examples whose `middle + pads + suffix` is one noisy block. Off by default: the reference objective."""
 
 import random

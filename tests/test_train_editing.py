@@ -1,5 +1,6 @@
-"""The editing options of the objective and the data (the infill and revision skills, docs/editing.md): substituted tokens to correct (revision) and
-infill examples whose `middle + pads + suffix` is one noisy block. Off by default: the reference objective."""
+"""The editing options of the objective and the data (the infill and revision skills of docs/editing.md):
+substituted tokens to correct (revision) and infill examples whose `middle + pads + suffix` is one noisy block.
+Off by default: the reference objective."""
 
 import random
 

@@ -16,6 +16,15 @@ def _fmt_rate(x: float) -> str:
 
 def render(results: list[ShapeResult], dev: DeviceInfo, block: int, lora_rank: int, max_batch_tokens: int,
            tpf_source: str, load: dict | None, load_shape: str) -> str:
+    """The report: what ran, one table row per cell, the targets per shape and context, then loading."""
+    lines = cell_table(results, dev, block, lora_rank, max_batch_tokens, tpf_source) + target_lines(results, dev)
+    if load is not None:
+        lines += loading_lines(load, load_shape, dev)
+    return "\n".join(lines) + "\n"
+
+
+def cell_table(results: list[ShapeResult], dev: DeviceInfo, block: int, lora_rank: int, max_batch_tokens: int,
+               tpf_source: str) -> list[str]:
     if dev.is_gpu:
         where = f"**Device: GPU, {dev.name}.**"
     else:
@@ -49,7 +58,12 @@ def render(results: list[ShapeResult], dev: DeviceInfo, block: int, lora_rank: i
                 f"{c.over_floor:.2f} | {c.tpf:.2f} | {_fmt_rate(c.tokens_per_s)} | "
                 f"{_fmt_rate(c.floor_tokens_per_s)} | {c.attention} | {peak} |"
             )
-    lines += ["", "Targets (GPU): the AR step at 1 request within 1.25x of its floor; a block step (B tokens, "
+    return lines
+
+
+def target_lines(results: list[ShapeResult], dev: DeviceInfo) -> list[str]:
+    """The targets, then per shape and context whether its cells meet them."""
+    lines = ["", "Targets (GPU): the AR step at 1 request within 1.25x of its floor; a block step (B tokens, "
               "bidirectional) within 1.3x of the AR step; AR at 64 requests within 1.5x of its floor tok/s; no "
               "math-kernel attention; no float32 copy of the weights.", ""]
     note = "" if dev.is_gpu else " (CPU run: targets do not apply)"
@@ -78,24 +92,25 @@ def render(results: list[ShapeResult], dev: DeviceInfo, block: int, lora_rank: i
                 ok = "ok" if f32 == 0 else "MISSED"
                 parts.append(f"float32 tensors besides RoPE {f32 / 2**20:.1f} MiB{alloc} [{ok}]")
             lines.append(f"- {r.shape}, context {context}: " + "; ".join(parts) + note)
-    if load is not None:
-        size = load["size"] / 2**20
-        lines += ["", f"Loading: `load_model` on a random {load_shape} checkpoint ({size:,.1f} MiB, bf16 on disk)"
-                  f" as {str(dev.dtype).removeprefix('torch.')} on {dev.device.type}, in a fresh process:"]
-        if "error" in load:
-            lines.append(f"- failed: {load['error']}")
-        else:
-            mib = 2**20
-            net = load["net_bytes"]
-            small = " (start-up allocations dominate at this size)" if load["size"] < 64 * mib else ""
-            lines.append(f"- host peak RSS grew {load['host_peak_growth'] / mib:,.1f} MiB{small}; the loaded network "
-                         f"holds {net / mib:,.1f} MiB")
-            if dev.dtype != torch.float32:
-                extra = [n for n in load["float32"] if n != "inv_freq"]
-                lines.append(f"- float32 tensors: {', '.join(load['float32']) or 'none'} "
-                             f"[{'MISSED' if extra else 'ok'}]")
-            if "device_peak" in load:
-                peak = load["device_peak"] / net
-                lines.append(f"- device peak {load['device_peak'] / mib:,.1f} MiB = {peak:.2f}x the loaded network, "
-                             f"{load['device_after'] / net:.2f}x once loaded [{'ok' if peak <= 1.15 else 'MISSED'}]")
-    return "\n".join(lines) + "\n"
+    return lines
+
+
+def loading_lines(load: dict, load_shape: str, dev: DeviceInfo) -> list[str]:
+    """What `load_model` took for a random checkpoint (trimode.bench.load_memory)."""
+    mib = 2**20
+    lines = ["", f"Loading: `load_model` on a random {load_shape} checkpoint ({load['size'] / mib:,.1f} MiB, bf16 on "
+             f"disk) as {str(dev.dtype).removeprefix('torch.')} on {dev.device.type}, in a fresh process:"]
+    if "error" in load:
+        return [*lines, f"- failed: {load['error']}"]
+    net = load["net_bytes"]
+    small = " (start-up allocations dominate at this size)" if load["size"] < 64 * mib else ""
+    lines.append(f"- host peak RSS grew {load['host_peak_growth'] / mib:,.1f} MiB{small}; the loaded network "
+                 f"holds {net / mib:,.1f} MiB")
+    if dev.dtype != torch.float32:
+        extra = [n for n in load["float32"] if n != "inv_freq"]
+        lines.append(f"- float32 tensors: {', '.join(load['float32']) or 'none'} [{'MISSED' if extra else 'ok'}]")
+    if "device_peak" in load:
+        peak = load["device_peak"] / net
+        lines.append(f"- device peak {load['device_peak'] / mib:,.1f} MiB = {peak:.2f}x the loaded network, "
+                     f"{load['device_after'] / net:.2f}x once loaded [{'ok' if peak <= 1.15 else 'MISSED'}]")
+    return lines

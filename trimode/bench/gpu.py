@@ -3,17 +3,13 @@
 For each shape (random weights, real sizes), context length, number of concurrent requests and mode, the real
 `Engine` runs that many requests whose prompts are `context` tokens long, and the bench times its decode steps
 (`Engine.step`: scheduling, the paged pool, the fused forwards, the step machines, sampling, events). Each
-step's fused forwards are recorded (`Engine.trace`) and priced by a floor:
+step's fused forwards are recorded (`Engine.traced_step`) and priced by a floor, max(bytes / bandwidth, FLOPs /
+peak FLOP/s) over the weights, the K/V read and written, the logits and the attended pairs (`roofline.py` has
+the formula; `--peak-tflops` overrides the device's peak). Activations are not counted: the floor is a lower
+bound.
 
-    floor of one step = max(bytes / bandwidth, FLOPs / peak FLOP/s)
-    bytes = the weights, read once (all but the embedding table; the drafter adapter when a row uses it)
-          + K/V read (every row's prefix) + K/V written and read back (the pass's own tokens)
-          + the logits written
-    FLOPs = 2 x body parameters x tokens + 2 x hidden x vocab x logits rows
-          + 4 x layers x heads x head_dim x attended (query, key) pairs (prefix + the mask's in-pass pattern)
-
-with the device's measured copy bandwidth and a peak FLOP/s figure (datasheet for known GPUs, else a measured
-matmul; `--peak-tflops` overrides). Activations are not counted: the floor is a lower bound.
+Modules: `roofline.py` (device facts, the floor), `gpu_cells.py` (shapes, one engine run per cell),
+`gpu_report.py` (the markdown), this file (`run`: every cell of every shape, then loading).
 
 What is not measured, on purpose:
 - The prompt pass. Its K/V are not computed: the pool is filled with random values and the network stands in

@@ -112,12 +112,14 @@ def test_bench_gpu_tiny_on_cpu(tmp_path):
 
 
 def test_step_floor_counts_weights_kv_and_compute():
-    from trimode.bench import gpu as g
+    from trimode.bench import roofline as g
+    from trimode.bench.gpu_cells import SHAPES
     from trimode.engine.engine import ForwardShape
     from trimode.model.config import NLDConfig
+    from trimode.model.masks import QuadraticStep
     from trimode.model.transformer import NLDTransformer
 
-    cfg = NLDConfig(**g.SHAPES["8b"])
+    cfg = NLDConfig(**SHAPES["8b"])
     with torch.device("meta"):
         net = NLDTransformer(cfg).to(torch.bfloat16)
     costs = g.NetCosts.of(net)
@@ -129,7 +131,7 @@ def test_step_floor_counts_weights_kv_and_compute():
     expected = costs.weights + 2048 * costs.kv_token + 2 * costs.kv_token + cfg.vocab_size * 2
     assert bound == "memory" and seconds == pytest.approx(expected / 4e12)
     # 64 quadratic passes: compute-bound, and the weights count once however the engine splits the rows
-    quad = [ForwardShape(8, 1056, 2048, (g.QuadraticStep(32),) * 8, (False,) * 8, 8 * 1056)] * 8
+    quad = [ForwardShape(8, 1056, 2048, (QuadraticStep(32),) * 8, (False,) * 8, 8 * 1056)] * 8
     seconds, bound = g.step_floor(quad, cfg, costs, dev, 32)
     assert bound == "compute" and seconds > 64 * 1056 * 2 * costs.body / 1e15
     # drafts and verifies packed in one step: the adapter's bytes once, each group's K/V
@@ -144,7 +146,7 @@ def test_attention_kernel_probe_sees_the_math_fallback():
     import torch.nn.functional as F
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    from trimode.bench.gpu import AttentionKernels
+    from trimode.bench.gpu_cells import AttentionKernels
 
     q, k = torch.randn(1, 4, 8, 16), torch.randn(1, 2, 12, 16)
     mask = torch.rand(1, 1, 8, 12) > 0.3

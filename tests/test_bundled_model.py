@@ -7,8 +7,9 @@ import sys
 import pytest
 
 import trimode
-from trimode.tasks import load_tasks
-from trimode.train.evaluate import prompt_text
+from tests.edit_oracle import infill_tokens, revise_tokens
+from trimode.tasks import load_tasks, prompt_text
+from trimode.train.evaluate import SUFFIX_LENGTHS, evaluate_editing, evaluate_suffix_span
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +30,7 @@ def test_speculation_is_ar_and_parallel_modes_commit_more_than_one_token_per_for
     tokens = {m: 0 for m in ("ar", "linear_spec", "quadratic_spec", "diffusion")}
     forwards = dict.fromkeys(tokens, 0)
     for task in items:
-        prompt = prompt_text(bundled, task)
+        prompt = prompt_text(task, bundled.tokenizer)
         ar = bundled.generate(prompt, mode="ar", max_new_tokens=task.max_new_tokens)
         assert task.check(ar.text)
         for mode in tokens:
@@ -63,8 +64,6 @@ def test_bundled_model_fills_holes_and_fixes_a_wrong_item(bundled):
     """Stage 4 (recipes/default_model_stage4.yaml): infill of a one- or two-item hole (cut before and after the
     space) and revision of one wrong item, on held-out items the model card's table does not use (seed 1), with
     a margin under the card's rates."""
-    from trimode.train.evaluate import evaluate_editing
-
     rows = evaluate_editing(bundled, ("copy", "sort"), n=10, seed=1)
     for r in rows:
         assert r["infill_accuracy"] >= 0.6 and r["infill_accuracy_after_space"] >= 0.6, r
@@ -72,11 +71,9 @@ def test_bundled_model_fills_holes_and_fixes_a_wrong_item(bundled):
         assert r["revision_remasked"] <= 2.0 and r["revision_remasked_right"] <= 0.5, r  # the wrong token, not all
 
 
-def test_the_editing_evaluation_is_what_tm_infill_and_tm_revise_do(bundled):
-    """trimode.train.evaluate writes infill and revision with plain forward passes; the API's edit machine gives
-    the same tokens (greedy), so the card's editing table is what `tm.infill` / `tm.revise` return."""
-    from trimode.train.evaluate import infill_tokens, revise_tokens
-
+def test_tm_infill_and_tm_revise_are_the_editing_contract(bundled):
+    """tests/edit_oracle.py writes infill and revision with plain forward passes of the network; the API's edit
+    machine (which `trimode.train.evaluate --editing` and the model card's table run) gives the same tokens."""
     tok = bundled.tokenizer
     chat = bundled.tokenizer.apply_chat_template([{"role": "user", "content": "Copy: q w e r t y"}])
     for before, after in (("q w", " t y"), ("", " e r t y"), ("q w e r", "")):
@@ -99,8 +96,6 @@ def test_the_editing_evaluation_is_what_tm_infill_and_tm_revise_do(bundled):
 def test_the_suffix_span_study_scores_the_same_suffix_the_same(bundled):
     """`evaluate --editing --suffix-span`: a suffix that fits one block is not cut, so both columns agree there;
     longer ones are cut to block_size - window tokens."""
-    from trimode.train.evaluate import SUFFIX_LENGTHS, evaluate_suffix_span
-
     rows = evaluate_suffix_span(bundled, n=4, window=6)
     assert [r["suffix_tokens"] for r in rows] == list(SUFFIX_LENGTHS)
     for r in rows:

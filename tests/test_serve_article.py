@@ -1,6 +1,7 @@
 """The article's routing policy (docs/policy.article.yaml) on the real server with the real `openai` client:
 its four routes load as written, each priority decides the mode as documented (`self_speculative` is the
-self-speculative family), the per-request risk decides the review of `required_for_high_risk_cases`, and the route, priority and decision reach the response and the audit
+self-speculative family), the per-request risk decides the review of `required_for_high_risk_cases`, and the
+route, priority and decision reach the response and the audit
 log (with the log-probabilities of accuracy_and_auditability answers)."""
 
 from __future__ import annotations

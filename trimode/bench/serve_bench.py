@@ -23,10 +23,10 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from trimode.decode.modes import MODES
+from trimode.decode.modes import names
 
 # The modes a request can name that decide nothing by themselves (auto does), from the registry.
-FIXED_MODES = tuple(n for n, spec in MODES.items() if not spec.engine_only and not spec.editing)
+FIXED_MODES = names(engine_only=False, editing=False)
 
 
 @dataclass
@@ -232,7 +232,7 @@ def report(cells: list[Cell], header: str, auto: dict | None = None) -> str:
     return "\n".join(lines) + "\n"
 
 
-LOSSLESS_MODES = tuple(m for m in FIXED_MODES if MODES[m].lossless)  # auto's candidates: their output is AR's
+LOSSLESS_MODES = names(lossless=True, engine_only=False, editing=False)  # auto's candidates: output is AR's
 
 
 def auto_verdicts(cells: list[Cell]) -> list[str]:

@@ -16,9 +16,11 @@ from pathlib import Path
 
 import torch
 
-from trimode.api import TriMode
+from trimode.api import TriMode, load
 from trimode.bench.timing import machine_name, synchronize, time_per_call
 from trimode.decode.modes import names
+from trimode.export import export_hf_causal_lm
+from trimode.model.static import StaticModel
 
 DEFAULT_TEXT_PROMPT = "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n"
 DEFAULT_ID_PROMPT = [1, 17, 42, 99, 3, 250, 7, 64, 128, 5]
@@ -112,8 +114,6 @@ def compare_with_transformers(tm: TriMode, ids: list[int], max_new_tokens: int, 
     import transformers
     from transformers import AutoModelForCausalLM
 
-    from trimode.export import export_hf_causal_lm
-
     if tm.path is None:
         raise ValueError("the model has no checkpoint directory to export")
     transformers.logging.set_verbosity_error()
@@ -160,9 +160,6 @@ def run(model: str | None = None, prompt: str | None = None, ids: list[int] | No
         device: str | None = None, dtype: str | None = None, workdir: Path | None = None,
         ignore_eos: bool = True) -> str:
     """Run the speed benchmark and return its markdown report."""
-    import trimode
-    from trimode.model.static import StaticModel
-
     known = names(engine_only=False, editing=False)  # what `TriMode.generate` runs
     modes = modes or list(known)
     unknown = [m for m in modes if m not in known]
@@ -171,7 +168,7 @@ def run(model: str | None = None, prompt: str | None = None, ids: list[int] | No
     counts = sorted(set(token_counts or TOKEN_COUNTS))
     if counts[0] < 1 or max_new_tokens < 1 or repeats < 1 or context < 1:
         raise ValueError("token counts, max_new_tokens, repeats and context must be >= 1")
-    tm = trimode.load(model, dtype=dtype, device=device)
+    tm = load(model, dtype=dtype, device=device)
     ids = prompt_ids(tm, prompt, ids)
     if static is None:
         static = tm.net.device.type == "cuda"

@@ -208,6 +208,30 @@ class Engine:
             out["auto"] = self.policy.as_dict()
         return out
 
+    # -- benchmark hooks (trimode bench gpu) -----------------------------------------------------------------
+    def fill_kv_random(self) -> None:
+        """Fill the K/V pool with random values (torch's global RNG; the null slot stays zero): a benchmark that
+        skips the prompt passes gets a cache as costly to read as a computed one."""
+        with torch.no_grad():
+            for buf in (self.pool.k, self.pool.v):
+                buf.normal_()
+                buf[:, 0] = 0
+
+    def prompts_pending(self) -> int:
+        """Requests waiting, or running with part of their prompt not in the cache yet."""
+        with self._lock:
+            s = self.scheduler
+            return len(s.waiting) + sum(q.cache.length < len(q.prepared.prompt_ids) for q in s.running)
+
+    def traced_step(self) -> list[list[ForwardShape]]:
+        """`step`, and the width groups of every fused forward it ran (one list per forward; none: nothing ran)."""
+        self.trace = []
+        try:
+            self.step()
+            return self.trace
+        finally:
+            self.trace = None
+
     # -- the step loop -----------------------------------------------------------------------------------
     def step(self) -> bool:
         """Admit, run one fused forward per group of pending passes, advance the machines, free the finished.

@@ -62,6 +62,14 @@ class Task:
         return self.target or self.answer
 
 
+def prompt_text(item, tokenizer) -> str:
+    """What a model is given for `item` (a `Task`, or any item with `.prompt` and `.chat`): a chat item's prompt
+    as a user turn when `tokenizer` (an `NLDTokenizer`, or None) has a chat template, else the prompt as is."""
+    if getattr(item, "chat", False) and tokenizer is not None and tokenizer.chat_template:
+        return tokenizer.apply_chat_template([{"role": "user", "content": item.prompt}])
+    return item.prompt
+
+
 @dataclass(frozen=True)
 class TaskSpec:
     name: str

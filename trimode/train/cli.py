@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
 from pathlib import Path
 
 import typer
+
+from trimode.train import drafter_cli
 
 
 def _fail(message: str) -> None:
@@ -15,8 +15,7 @@ def _fail(message: str) -> None:
 
 
 def register(app: typer.Typer) -> None:
-    if importlib.util.find_spec("trimode.train.drafter_cli") is not None:  # `trimode train-drafter`
-        importlib.import_module("trimode.train.drafter_cli").register(app)
+    drafter_cli.register(app)  # `trimode train-drafter`
 
     @app.command("train")
     def train_command(

@@ -11,16 +11,15 @@ reading the question: always answering the most frequent answer of the task's tr
 
 Chat items are wrapped in the model's chat template (when it has one); raw-completion items are fed as is.
 
-`--editing` evaluates the editing skills instead (`evaluate_editing`), on held-out copy / reverse / sort items:
-- infill: a hole of one or two items of the answer, filled with `infill_tokens` (the prefix in the KV cache,
-  one bidirectional block `[MASK x N] + suffix`, pads stripped; the suffix of a hole at the end of the answer is
-  [EOS]); right = prefix + middle + suffix is the answer. The hole is cut before the space of its first item
+`--editing` evaluates the editing skills instead (`evaluate_editing`), on held-out copy / reverse / sort items
+(`trimode.tasks.edits` cuts them), through `tm.infill` and `tm.revise`, greedy:
+- infill: a hole of one or two items of the answer (the suffix of a hole at the end of the answer is [EOS]);
+  right = prefix + middle + suffix is the answer. The hole is cut before the space of its first item
   ("1 2" | " 3 4" | " 7 9"), and again after it ("1 2 " | "3 4" | " 7 9", the "cut after the space" column,
-  with token healing as `tm.infill` does it: the prefix's trailing space token becomes the hole's first slot);
+  where `tm.infill` heals the prefix's trailing space token into the hole's first slot);
 - revision: one item of the answer replaced by another item (a digit by another digit, a letter by another
-  letter); `revise_tokens` remasks the tokens the model would change and refills them (the block is the draft
-  and one mask slot after it, its open end); fixed = the answer.
-Both are written here with plain forward passes of the network, to the inference contract of issue #12.
+  letter), revised with no spans given (the model finds what to rewrite); fixed = the answer. Right answers are
+  revised too: kept = unchanged.
 """
 
 from __future__ import annotations
@@ -28,16 +27,17 @@ from __future__ import annotations
 import argparse
 import platform
 import random
-import string
 import sys
 import time
 from collections import Counter
 
 import torch
 
-from trimode.api import TriMode
-from trimode.model.transformer import NLDTransformer
-from trimode.tasks import TASKS, Task, load_tasks
+from trimode.api import TriMode, load
+from trimode.tasks import EDIT_TASKS, TASKS, Task, cut_hole, load_tasks, prompt_text, wrong_draft
+from trimode.tasks.edits import Hole
+from trimode.train.corpus import load_corpus
+from trimode.train.data import split_words
 
 DEFAULT_TASKS = ("arithmetic", "copy", "reverse", "sort", "python_next_line")
 DEFAULT_MODES: list[dict] = [
@@ -78,12 +78,6 @@ def resolve_tasks(tasks: list[Task] | dict[str, int] | list[str] | None, n: int 
     return list(tasks)
 
 
-def prompt_text(tm: TriMode, task: Task) -> str:
-    if task.chat and tm.tokenizer.chat_template:
-        return tm.tokenizer.apply_chat_template([{"role": "user", "content": task.prompt}])
-    return task.prompt
-
-
 def evaluate_modes(tm: TriMode, tasks: list[Task] | dict[str, int] | list[str] | None = None,
                    modes: list[dict] | None = None, n: int = 20, seed: int = 0, split: str = "heldout",
                    progress: bool = False) -> list[dict]:
@@ -100,7 +94,7 @@ def evaluate_modes(tm: TriMode, tasks: list[Task] | dict[str, int] | list[str] |
         raise ValueError("no task items to evaluate")
     if modes is None:
         modes = [m for m in DEFAULT_MODES if not m.get("use_drafter") or tm.has_drafter]
-    prompts = [prompt_text(tm, t) for t in items]
+    prompts = [prompt_text(t, tm.tokenizer) for t in items]
     names = list(dict.fromkeys(t.name for t in items))
     rows = []
     for mode in modes:
@@ -189,169 +183,59 @@ def markdown_tpf_table(rows: list[dict]) -> str:
 # ---------------------------------------------------------------------------------------------- editing
 
 
-def _fill(net: NLDTransformer, cache, block: torch.Tensor, fill: torch.Tensor, threshold: float,
-          first: list[int] | None = None) -> int:
-    """Denoise the masked slots of `block` [T] (`fill` [T] bool: the slots that may be written) in place: each
-    pass commits every masked slot whose top-1 confidence is >= threshold, and at least the best one. Passes read
-    the cache and never write it. Returns the number of passes."""
-    mask_id = net.config.mask_token_id
-    passes = 0
-    while bool((fill & (block == mask_id)).any()):
-        logits = net(block[None], mask="bidirectional", cache=cache)[0].float()
-        logits[:, mask_id] = float("-inf")
-        if first is not None:
-            allowed = torch.zeros(logits.shape[-1], dtype=torch.bool, device=logits.device)
-            allowed[first] = True
-            logits[0, ~allowed] = float("-inf")
-        conf, pred = logits.softmax(-1).max(-1)
-        open_ = fill & (block == mask_id)
-        conf = torch.where(open_, conf, torch.full_like(conf, -1.0))
-        take = open_ & (conf >= threshold)
-        take[int(conf.argmax())] = True
-        block[take] = pred[take]
-        passes += 1
-    return passes
-
-
-def _prefilled(net: NLDTransformer, prefix: list[int], extra: int):
-    cache = net.new_cache(1, capacity=len(prefix) + extra + 8)
-    net(torch.tensor([prefix], device=net.device), mask="causal", cache=cache)
-    cache.commit(len(prefix))
-    return cache
-
-
-@torch.no_grad()
-def infill_tokens(net: NLDTransformer, prefix: list[int], suffix: list[int], budget: int, threshold: float = 0.9,
-                  first: list[int] | None = None, window: int = 6) -> tuple[list[int], int]:
-    """(middle tokens, forward passes) of a hole of at most `budget` tokens between `prefix` and `suffix`.
-
-    The contract: the cache holds the causal prefix; one block `[MASK x N] + suffix` at the positions after it,
-    bidirectional over itself and the cache; the suffix never changes; masks are filled over passes (commit
-    confidence >= threshold, at least one per pass); pad tokens in the filled slots are dropped. N starts at
-    `window` (0: the budget) and doubles, up to the budget, while the model writes no pad in the hole. `first`:
-    the only tokens the first slot may take (token healing: the caller took a trailing space token off the prefix
-    and gave the hole one more slot, see `NLDTokenizer.heal_trailing_space`).
-    """
-    pad = net.config.pad_token_id
-    cache = _prefilled(net, prefix, budget + len(suffix))
-    size, passes = (min(window, budget) if window else budget), 1
-    while True:
-        block = torch.tensor([net.config.mask_token_id] * size + list(suffix), device=net.device)
-        fill = torch.arange(block.numel(), device=net.device) < size
-        passes += _fill(net, cache, block, fill, threshold, first)
-        middle = block[:size].tolist()
-        if size == budget or pad in middle:
-            return [t for t in middle if t != pad], passes
-        size = min(2 * size, budget)
-
-
-@torch.no_grad()
-def revise_tokens(net: NLDTransformer, prompt: list[int], draft: list[int], knob: float = 0.9, rounds: int = 4,
-                  threshold: float = 0.9, open_end: bool = True) -> tuple[list[int], int, int]:
-    """(revised draft, forward passes, tokens remasked over all rounds).
-
-    The contract: the cache holds the prompt; the block is the draft and one mask slot after it (its open end,
-    never written), bidirectional; each round, the draft tokens where the model's top prediction differs from
-    the present token with confidence >= `knob` are remasked and refilled by denoising; at most `rounds` rounds
-    (a round that changes nothing ends it).
-
-    `open_end=False` drops the mask slot (the block is the draft alone: the ablation of docs/editing.md). With
-    every token visible, the last tokens of the block see exactly what the causal stream sees at the same
-    positions, where a model trained with the AR loss predicts the *next* token; the open end tells them apart.
-    """
-    mask_id = net.config.mask_token_id
-    cache = _prefilled(net, prompt, len(draft) + 1)
-    block = torch.tensor(list(draft) + [mask_id] * open_end, device=net.device)
-    editable = torch.arange(block.numel(), device=net.device) < len(draft)
-    forwards, remasked = 1, 0
-    for _ in range(rounds):
-        logits = net(block[None], mask="bidirectional", cache=cache)[0].float()
-        forwards += 1
-        logits[:, mask_id] = float("-inf")
-        conf, pred = logits.softmax(-1).max(-1)
-        wrong = (pred != block) & (conf >= knob) & editable
-        if not bool(wrong.any()):
-            break
-        block[wrong] = mask_id
-        remasked += int(wrong.sum())
-        forwards += _fill(net, cache, block, wrong, threshold)
-    return block[: len(draft)].tolist(), forwards, remasked
-
-
-EDIT_TASKS = ("copy", "reverse", "sort")
-
-
-def _pieces(answer: str) -> list[str]:
-    """The answer's items, each with the space before it: '1 2 3' -> ['1', ' 2', ' 3']."""
-    items = answer.split(" ")
-    return [items[0]] + [" " + it for it in items[1:]]
-
-
-def _other_item(item: str, rng: random.Random) -> str:
-    pool = string.digits if item.isdigit() else string.ascii_lowercase
-    return rng.choice([c for c in pool if c != item])
-
-
 def evaluate_editing(tm: TriMode, tasks: tuple[str, ...] | list[str] = EDIT_TASKS, n: int = 30, seed: int = 0,
                      budget: int = 32, threshold: float = 0.9, knob: float = 0.9, rounds: int = 4,
-                     split: str = "heldout", open_end: bool = True, window: int = 6) -> list[dict]:
+                     split: str = "heldout", window: int = 6) -> list[dict]:
     """One row per task: infill accuracy (a hole of 1 or 2 items, `budget` slots), revision fix rate (one item
     replaced by another), the tokens revision remasked, right answers kept by revision, and the forward passes
-    (prefill counted). Deterministic."""
+    (prefill counted). Deterministic: `tm.infill` and `tm.revise`, greedy."""
     if tm.tokenizer is None or tm.config.pad_token_id is None:
         raise ValueError("editing evaluation needs a tokenizer and a pad token")
-    net, tok = tm.net, tm.tokenizer
-
-    def enc(text: str) -> list[int]:
-        return tok.tok.encode(text, add_special_tokens=False).ids if text else []
-
     rows = []
     for name in tasks:
-        items = load_tasks(name, n, seed, split)
-        infill_ok = infill_after_space = fixed = kept = 0
-        infill_fw = revise_fw = remasked = remasked_right = 0
-        for i, task in enumerate(items):
+        counts: Counter[str] = Counter()
+        for i, task in enumerate(load_tasks(name, n, seed, split)):
             rng = random.Random(f"editing:{seed}:{name}:{i}")
-            prompt = enc(prompt_text(tm, task))
-            pieces = _pieces(task.answer)
-            size = min(rng.choice((1, 2)), len(pieces))
-            at = rng.randrange(len(pieces) - size + 1)
-            before, after = "".join(pieces[:at]), "".join(pieces[at + size :])
-            # A hole that ends the answer has the suffix [EOS] (the text ends there): an empty suffix would make the
-            # block plain diffusion decoding, which writes the answer's end and EOS, not pads.
-            suffix = enc(after) if after else [tm.config.eos_token_id]
-            got, fw = infill_tokens(net, prompt + enc(before), suffix, budget, threshold, window=window)
-            infill_ok += before + tok.decode(got) + after == task.answer
-            infill_fw += fw
-            if before:  # the same hole cut after the space: "1 2 " | "3 4" | " 7 9", with token healing as tm.infill
-                cut = prompt + enc(before + " ")
-                heal = tok.heal_trailing_space(cut)
-                if heal is None:
-                    got, _ = infill_tokens(net, cut, suffix, budget, threshold, window=window)
-                    middle = tok.decode(got)
-                else:
-                    got, _ = infill_tokens(net, heal[0], suffix, budget + 1, threshold, heal[2], window)
-                    middle = tok.decode(got)[len(heal[1]) :]
-                infill_after_space += before + " " + middle + after == task.answer
-            else:
-                infill_after_space += before + tok.decode(got) + after == task.answer
-
-            k = rng.randrange(len(pieces))
-            item = pieces[k].strip()
-            wrong = pieces[:k] + [pieces[k].replace(item, _other_item(item, rng))] + pieces[k + 1 :]
-            out, fw, changed = revise_tokens(net, prompt, enc("".join(wrong)), knob, rounds, threshold, open_end)
-            fixed += tok.decode(out) == task.answer
-            revise_fw += fw
-            remasked += changed
-            out, _, changed = revise_tokens(net, prompt, enc(task.answer), knob, rounds, threshold, open_end)
-            kept += tok.decode(out) == task.answer
-            remasked_right += changed
-        rows.append({"task": name, "items": n, "infill_accuracy": infill_ok / n, "infill_forwards": infill_fw / n,
-                     "infill_accuracy_after_space": infill_after_space / n,
-                     "revision_fix_rate": fixed / n, "revision_forwards": revise_fw / n,
-                     "revision_remasked": remasked / n, "revision_kept": kept / n,
-                     "revision_remasked_right": remasked_right / n})
+            prompt = tm.encode(prompt_text(task, tm.tokenizer))
+            counts += _infill_counts(tm, prompt, task.answer, cut_hole(task.answer, rng), budget, threshold, window)
+            counts += _revise_counts(tm, prompt, task.answer, wrong_draft(task.answer, rng), knob, rounds, threshold)
+        rows.append({"task": name, "items": n, "infill_accuracy": counts["infill_ok"] / n,
+                     "infill_forwards": counts["infill_fw"] / n,
+                     "infill_accuracy_after_space": counts["infill_after_space"] / n,
+                     "revision_fix_rate": counts["fixed"] / n, "revision_forwards": counts["revise_fw"] / n,
+                     "revision_remasked": counts["remasked"] / n, "revision_kept": counts["kept"] / n,
+                     "revision_remasked_right": counts["remasked_right"] / n})
     return rows
+
+
+def _infill_counts(tm: TriMode, prompt: list[int], answer: str, hole: Hole, budget: int, threshold: float,
+                   window: int) -> Counter[str]:
+    """The hole cut before the space of its first item ("1 2" | " 3 4" | " 7 9"), then after it ("1 2 " | "3 4" |
+    " 7 9": `tm.infill` heals the prefix's trailing space token into the hole's first slot)."""
+    knobs = {"max_new_tokens": budget, "threshold": threshold, "hole_window": window}
+    before, after = hole.head, hole.tail
+    # A hole that ends the answer has the suffix [EOS] (the text ends there): an empty suffix would make the
+    # block plain diffusion decoding, which writes the answer's end and EOS, not pads.
+    suffix = tm.encode(after) if after else [tm.config.eos_token_id]
+    r = tm.infill(prompt + tm.encode(before), suffix, **knobs)
+    ok = before + r.text + after == answer
+    after_space = ok
+    if before:
+        cut = tm.infill(prompt + tm.encode(before + " "), suffix, heal=True, **knobs)
+        after_space = before + " " + cut.text + after == answer
+    return Counter(infill_ok=ok, infill_fw=r.stats.forward_passes, infill_after_space=after_space)
+
+
+def _revise_counts(tm: TriMode, prompt: list[int], answer: str, draft: str, knob: float, rounds: int,
+                   threshold: float) -> Counter[str]:
+    """A wrong draft revised (fixed?), and the right answer revised (kept?). Every token revision remasks is
+    refilled once, so the tokens the fill passes commit are the tokens remasked."""
+    knobs = {"threshold": threshold, "rounds": rounds, "revise_threshold": knob}
+    wrong = tm.revise(prompt, tm.encode(draft), **knobs)
+    right = tm.revise(prompt, tm.encode(answer), **knobs)
+    return Counter(fixed=wrong.text == answer, revise_fw=wrong.stats.forward_passes,
+                   remasked=sum(wrong.stats.step_commits), kept=right.text == answer,
+                   remasked_right=sum(right.stats.step_commits))
 
 
 def evaluate_templates(tm: TriMode, tasks: tuple[str, ...] | list[str] = EDIT_TASKS, n: int = 30, seed: int = 0,
@@ -368,7 +252,7 @@ def evaluate_templates(tm: TriMode, tasks: tuple[str, ...] | list[str] = EDIT_TA
             words = task.answer.split(" ")
             first = rng.randrange(len(words) - 2)
             second = rng.randrange(first + 2, len(words))
-            prompt = prompt_text(tm, task)
+            prompt = prompt_text(task, tm.tokenizer)
             for sized in (False, True):
                 parts = [(f"[[hole:{len(tm.encode(w))}]]" if sized else "[[hole]]") if k in (first, second) else w
                          for k, w in enumerate(words)]
@@ -392,9 +276,6 @@ def evaluate_suffix_span(tm: TriMode, n: int = 200, seed: int = 0, window: int =
     window masked, against the target the model is trained to write there (the hole's tokens, then pads): the
     cross-entropy (nats per slot) and the share of slots whose top prediction is the target. (The bundled model
     fills almost no code hole exactly, so exact match would not tell the two apart.)"""
-    from trimode.train.corpus import load_corpus
-    from trimode.train.data import split_words
-
     net, tok = tm.net, tm.tokenizer
     mask_id, pad = tm.config.mask_token_id, tm.config.pad_token_id
     block = tm.config.block_size
@@ -413,7 +294,9 @@ def evaluate_suffix_span(tm: TriMode, n: int = 200, seed: int = 0, window: int =
             items.append((tok.encode("".join(words[:a]))[-96:], middle + [pad] * (window - len(middle)), rest))
 
     def score(prefix: list[int], target: list[int], suffix: list[int]) -> tuple[float, float]:
-        cache = _prefilled(net, prefix, window + len(suffix))
+        cache = net.new_cache(1, capacity=len(prefix) + window + len(suffix) + 8)
+        net(torch.tensor([prefix], device=net.device), mask="causal", cache=cache)
+        cache.commit(len(prefix))
         ids = torch.tensor([[mask_id] * window + suffix], device=net.device)
         logits = net(ids, mask="bidirectional", cache=cache)[0, :window].float()
         want = torch.tensor(target, device=net.device)
@@ -467,18 +350,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--revise-knob", type=float, default=0.9,
                     help="--editing: confidence needed to remask a token in revision (default 0.9, as tm.revise)")
     ap.add_argument("--revise-rounds", type=int, default=4, help="--editing: revision rounds (default 4, as tm.revise)")
-    ap.add_argument("--revise-closed", action="store_true",
-                    help="--editing: revise the draft alone, without the mask slot after it (an ablation)")
     args = ap.parse_args(argv)
-
-    import trimode
 
     try:
         if args.n < 1:
             raise ValueError("--n must be >= 1")
         if args.threads is not None:
             torch.set_num_threads(args.threads)
-        tm = trimode.load(args.model, device=args.device)
+        tm = load(args.model, device=args.device)
         if args.editing:
             return _main_editing(tm, args)
         names = [t for t in args.tasks.split(",") if t]
@@ -533,12 +412,11 @@ def _main_editing(tm: TriMode, args) -> int:
                   f"| {r['cut_ce']:.2f} / {100 * r['cut_top1']:.0f}% (first {r['cut_to']} tokens) |")
         return 0
     rows = evaluate_editing(tm, names, args.n, args.seed, args.hole_budget, args.threshold, args.revise_knob,
-                            args.revise_rounds, open_end=not args.revise_closed, window=args.hole_window)
+                            args.revise_rounds, window=args.hole_window)
     where = tm.path if tm.path is not None else "(in memory)"
-    block = " (revision block: the draft alone, no open end)" if args.revise_closed else ""
     print(f"model {where}: {args.n} held-out items per task (seed {args.seed}); infill: a 1- or 2-item hole, "
           f"{args.hole_budget} slots (window {args.hole_window}), threshold {args.threshold}; revision: one wrong "
-          f"item, knob {args.revise_knob}, {args.revise_rounds} rounds{block}; {torch.get_num_threads()} torch "
+          f"item, knob {args.revise_knob}, {args.revise_rounds} rounds; {torch.get_num_threads()} torch "
           f"thread(s), "
           f"{time.perf_counter() - start:.0f}s")
     print()

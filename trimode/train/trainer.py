@@ -17,26 +17,28 @@ one exactly (weights, AdamW state, step, data position, RNG state). Trainer stat
 from __future__ import annotations
 
 import contextlib
-import importlib
-import importlib.util
 import json
 import os
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from safetensors import safe_open
 from safetensors.torch import save_file
+from tqdm import tqdm
 
+from trimode.api import TriMode
 from trimode.model.config import NLD_MODEL_TYPE, NLDConfig
 from trimode.model.loading import INDEX, WEIGHTS, load_model, resolve_checkpoint, save_checkpoint
 from trimode.model.tokenizer import NLDTokenizer
 from trimode.model.transformer import NLDTransformer
 from trimode.train import convert
+from trimode.train.corpus import load_corpus
 from trimode.train.data import BatchStream, Document, InfillOptions, PackedData, pack_documents, read_jsonl
+from trimode.train.evaluate import evaluate_modes
 from trimode.train.objective import (
     EditWeights,
     JointObjective,
@@ -49,6 +51,7 @@ from trimode.train.objective import (
 )
 from trimode.train.recipe import Recipe, RecipeError
 from trimode.train.schedule import WSD
+from trimode.train.tokenizer_train import train_tokenizer
 
 CHECKPOINTS = "checkpoints"
 STATE_JSON = "trainer_state.json"
@@ -118,10 +121,7 @@ def load_documents(recipe: Recipe, split: str, files: list[str]) -> list[Documen
     """JSONL files plus, when the recipe names sources, `trimode.train.corpus.load_corpus(sources, split, seed)`."""
     docs = [d for f in files for d in read_jsonl(f)]
     if recipe.data.sources:
-        if importlib.util.find_spec("trimode.train.corpus") is None:
-            raise RecipeError("data.sources needs trimode.train.corpus, which is not in this installation")
-        corpus = importlib.import_module("trimode.train.corpus")
-        docs += corpus.load_corpus(recipe.data.sources, split, recipe.train.seed)
+        docs += load_corpus(recipe.data.sources, split, recipe.train.seed)
     return docs
 
 
@@ -134,13 +134,9 @@ def build_tokenizer(recipe: Recipe, procs: Processes, train_docs: list[Document]
         tok = NLDTokenizer.from_dir(Path(recipe.tokenizer.path))
         where = f"tokenizer.path {recipe.tokenizer.path}"
     elif recipe.tokenizer.train_vocab_size is not None:
-        if importlib.util.find_spec("trimode.train.tokenizer_train") is None:
-            raise RecipeError("tokenizer.train_vocab_size needs trimode.train.tokenizer_train, which is not in "
-                              "this installation")
         out = Path(recipe.output_dir) / "tokenizer"
         if procs.main:  # trained once, read by every rank
-            module = importlib.import_module("trimode.train.tokenizer_train")
-            module.train_tokenizer(train_docs, recipe.tokenizer.train_vocab_size, out)
+            train_tokenizer(train_docs, recipe.tokenizer.train_vocab_size, out)
         procs.barrier()
         tok = NLDTokenizer.from_dir(out)
         where = f"the trained tokenizer in {out}"
@@ -437,15 +433,12 @@ def infill_options(recipe: Recipe) -> InfillOptions | None:
 
 def run_eval_tasks(objective: JointObjective, sharded: bool, tokenizer: NLDTokenizer, recipe: Recipe,
                    procs: Processes) -> dict | None:
-    """`trimode.train.evaluate.evaluate_modes(tm, **eval.tasks)` on the main rank when that module exists."""
-    if recipe.eval.tasks is None or importlib.util.find_spec("trimode.train.evaluate") is None:
+    """`trimode.train.evaluate.evaluate_modes(tm, **eval.tasks)` on the main rank, when the recipe asks for it."""
+    if recipe.eval.tasks is None:
         return None
     net = full_network(objective, sharded, procs)
     result = None
     if procs.main:
-        from trimode.api import TriMode
-
-        evaluate_modes = importlib.import_module("trimode.train.evaluate").evaluate_modes
         was_training = net.training
         net.eval()
         result = evaluate_modes(TriMode(net, tokenizer), **recipe.eval.tasks)
@@ -464,52 +457,85 @@ def train(recipe: Recipe, resume: bool = False, stop_at: int | None = None, prog
 
 
 def _train(recipe: Recipe, procs: Processes, resume: bool, stop_at: int | None, progress: bool) -> Path:
-    out = Path(recipe.output_dir)
-    existing = checkpoint_dirs(out)
-    if resume and not existing:
-        raise RecipeError(f"--resume: no checkpoint in {out / CHECKPOINTS}")
-    if not resume and existing:
-        raise RecipeError(f"{out} already holds checkpoints; pass --resume to continue, or choose a new output_dir")
-    resume_dir = existing[-1] if resume else None
-    micro, accum = recipe.grad_accumulation(procs.world)
-    if procs.main:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "recipe.yaml").write_text(recipe.to_yaml())
-    procs.barrier()
+    run = setup(recipe, procs, resume)
+    total = recipe.train.steps
+    stop = total if stop_at is None else min(stop_at, total)
+    bar = tqdm(total=total, initial=run.step, disable=not (progress and procs.main), unit="step", dynamic_ncols=True)
+    window = Window()
+    where = run.out
+    while run.step < stop:
+        lr = run.schedule(run.step)
+        sums, grad_norm, tokens = train_step(run, lr)
+        window.add(sums, tokens)
+        if run.step % recipe.train.log_every == 0 or run.step == stop:
+            window = log_train_step(run, window, lr, grad_norm, bar)
+        bar.update(1)
+        if recipe.eval.every and (run.step % recipe.eval.every == 0 or run.step == total):
+            log_evaluation(run)
+        if (recipe.train.save_every and run.step % recipe.train.save_every == 0) or run.step == stop < total:
+            where = save(run)
+    bar.close()
+    return finish(run, where)
 
+
+# ---------------------------------------------------------------------------------------------- setup
+
+
+@dataclass
+class Run:
+    """A training run as `setup` builds it: what the step, the log, the evaluation and the checkpoints share."""
+
+    recipe: Recipe
+    procs: Processes
+    out: Path
+    micro: int  # rows per forward pass
+    tokenizer: NLDTokenizer
+    objective: JointObjective
+    model: torch.nn.Module  # what the training forward runs through: the objective, DDP around it, or FSDP's
+    sharded: bool  # FSDP: the objective's parameters are sharded over the ranks
+    optimizer: torch.optim.Optimizer
+    schedule: WSD
+    train_data: PackedData
+    eval_data: PackedData | None
+    fingerprint: str  # of the training data: a resume must see the same
+    stream: BatchStream
+    log: RunLog
+    step: int = 0
+    tokens_seen: int = 0
+
+    def autocast(self):
+        dtype = DTYPES.get(self.recipe.train.autocast or "", None)
+        return contextlib.nullcontext() if dtype is None else torch.autocast(self.procs.device.type, dtype=dtype)
+
+    def sync_grads(self, last: bool):
+        """Gradients are reduced over the ranks at the last micro-batch of a step only."""
+        if self.sharded:
+            self.objective.set_requires_gradient_sync(last)
+            return contextlib.nullcontext()
+        if self.procs.world > 1 and not last:
+            return self.model.no_sync()
+        return contextlib.nullcontext()
+
+
+def setup(recipe: Recipe, procs: Processes, resume: bool) -> Run:
+    """Output directory, data, tokenizer, model, optimizer, schedule and (on resume) the state to continue from."""
+    out = Path(recipe.output_dir)
+    resume_dir = output_dir(out, recipe, procs, resume)
+    micro, accum = recipe.grad_accumulation(procs.world)
     train_docs = load_documents(recipe, recipe.data.train_split, recipe.data.train_jsonl)
     if not train_docs:
         raise RecipeError("the training data is empty")
     tokenizer = build_tokenizer(recipe, procs, train_docs, resume_dir)
     net = build_model(recipe, tokenizer, resume_dir)
-    cfg = net.config
-    seq_len = recipe.data.seq_len
-    infill = infill_options(recipe)
-    if infill is not None and cfg.pad_token_id is None:
-        raise RecipeError("data.infill needs a pad token: the model config has no pad_token_id")
-    train_data = pack_documents(train_docs, tokenizer, seq_len, cfg.eos_token_id, recipe.data.packing, infill,
-                                recipe.train.seed, cfg.pad_token_id)
-    eval_data = None
-    if recipe.eval.every:
-        eval_docs = load_documents(recipe, recipe.data.eval_split, recipe.data.eval_jsonl)
-        if not eval_docs:
-            raise RecipeError(f"eval.every is set but the held-out data (split {recipe.data.eval_split!r}, "
-                              "data.eval_jsonl) is empty")
-        eval_data = pack_documents(eval_docs, tokenizer, seq_len, cfg.eos_token_id, recipe.data.packing, infill,
-                                   recipe.train.seed, cfg.pad_token_id)
-    fingerprint = train_data.fingerprint()
-    for name, data in (("training", train_data), ("held-out", eval_data)):
-        if data is not None and len(data) and int(data.input_ids.max()) >= cfg.vocab_size:
-            raise RecipeError(f"the {name} data has token ids >= the model's vocab_size {cfg.vocab_size}")
+    train_data, eval_data = datasets(recipe, tokenizer, net.config, train_docs)
 
-    objective = JointObjective(net.to(procs.device), recipe.objective.block_size or cfg.block_size)
+    objective = JointObjective(net.to(procs.device), recipe.objective.block_size or net.config.block_size)
     sharded = procs.world > 1 and recipe.train.parallel == "fsdp"
     model = wrap(objective, recipe, procs)
     optimizer = make_optimizer(objective, recipe)
-    total = recipe.train.steps
-    schedule = WSD(recipe.optim.lr, recipe.optim.min_lr, total, recipe.optim.warmup_steps,
-                   recipe.optim.decay_steps or 0, recipe.optim.decay)
-
+    o = recipe.optim
+    schedule = WSD(o.lr, o.min_lr, recipe.train.steps, o.warmup_steps, o.decay_steps or 0, o.decay)
+    fingerprint = train_data.fingerprint()
     step, tokens_seen, position = 0, 0, None
     if resume_dir is not None:
         state = load_trainer_state(resume_dir, objective, optimizer)
@@ -519,106 +545,161 @@ def _train(recipe: Recipe, procs: Processes, resume: bool, stop_at: int | None, 
         step, tokens_seen, position = state["step"], state["tokens_seen"], state["data_position"]
     stream = BatchStream(train_data, recipe.train.batch_size, recipe.train.seed, position)
     log = RunLog(out / LOG, procs.main, step if resume_dir is not None else None)
-
-    ac_dtype = DTYPES.get(recipe.train.autocast or "", None)
-
-    def autocast():
-        if ac_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(procs.device.type, dtype=ac_dtype)
-
-    def sync_grads(last: bool):
-        if sharded:
-            objective.set_requires_gradient_sync(last)
-            return contextlib.nullcontext()
-        if procs.world > 1 and not last:
-            return model.no_sync()
-        return contextlib.nullcontext()
-
     if procs.main:
-        n_params = sum(p.numel() for p in net.parameters())
-        print(f"trimode train: {n_params / 1e6:.2f}M parameters, {len(train_data)} rows x {seq_len} tokens, "
-              f"global batch {recipe.train.batch_size} = {procs.world} process(es) x {accum} x {micro} rows, "
-              f"{total} steps, from step {step}", flush=True)
-    from tqdm import tqdm
+        print(f"trimode train: {sum(p.numel() for p in net.parameters()) / 1e6:.2f}M parameters, {len(train_data)} "
+              f"rows x {recipe.data.seq_len} tokens, global batch {recipe.train.batch_size} = {procs.world} "
+              f"process(es) x {accum} x {micro} rows, {recipe.train.steps} steps, from step {step}", flush=True)
+    return Run(recipe, procs, out, micro, tokenizer, objective, model, sharded, optimizer, schedule, train_data,
+               eval_data, fingerprint, stream, log, step, tokens_seen)
 
-    bar = tqdm(total=total, initial=step, disable=not (progress and procs.main), unit="step", dynamic_ncols=True)
-    stop = total if stop_at is None else min(stop_at, total)
-    seed, alpha, weights = recipe.train.seed, recipe.objective.alpha, edit_weights(recipe)
-    tick, tick_tokens = time.perf_counter(), 0
-    window: LossSums | None = None
-    where = out
-    while step < stop:
-        lr = schedule(step)
-        for g in optimizer.param_groups:
-            g["lr"] = lr
-        batch = stream.next()
-        ids_global = batch.input_ids
-        mine = rank_rows(ids_global.shape[0], procs)
-        micros = []
-        for start in range(mine.start, mine.stop, micro):
-            rows = slice(start, min(start + micro, mine.stop))
-            ids, lm, extra = micro_rows(*batch, rows, procs.device)
-            keys = [noise_key(seed, step, row) for row in range(rows.start, rows.stop)]
-            micros.append((ids, lm, make_noise(ids, lm, keys, cfg, recipe), extra))
-        counts = torch.tensor([0.0] * 4, dtype=torch.float64)
-        for _, lm, noise, extra in micros:
-            counts += torch.tensor(step_counts(lm, noise, extra.get("ar_mask")), dtype=torch.float64)
-        ar_count, diff_count, sub_count, keep_count = procs.all_reduce(counts).tolist()
 
-        optimizer.zero_grad(set_to_none=True)
-        step_sums: LossSums | None = None
-        for i, (ids, lm, noise, extra) in enumerate(micros):
-            with sync_grads(i == len(micros) - 1):
-                with autocast():
-                    sums = model(ids, lm, noise, **extra)
-                # DDP and FSDP average gradients over ranks; the loss is a global sum, hence x world.
-                loss = global_loss(sums, alpha, ar_count, diff_count, sub_count, keep_count, weights)
-                (loss * procs.world).backward()
-            step_sums = sums.detach() if step_sums is None else step_sums + sums.detach()
-        grad_norm = torch.nn.utils.clip_grad_norm_(
-            objective.parameters(), recipe.optim.grad_clip if recipe.optim.grad_clip > 0 else float("inf"))
-        if hasattr(grad_norm, "full_tensor"):
-            grad_norm = grad_norm.full_tensor()
-        optimizer.step()
-        step += 1
-        tokens_seen += ids_global.numel()
-        tick_tokens += ids_global.numel()
-        reduced = LossSums.from_tensor(procs.all_reduce(step_sums.as_tensor()))
-        window = reduced if window is None else window + reduced
+def output_dir(out: Path, recipe: Recipe, procs: Processes, resume: bool) -> Path | None:
+    """Check `out` against `resume` (checkpoints there iff resuming), write recipe.yaml; the checkpoint to resume."""
+    existing = checkpoint_dirs(out)
+    if resume and not existing:
+        raise RecipeError(f"--resume: no checkpoint in {out / CHECKPOINTS}")
+    if not resume and existing:
+        raise RecipeError(f"{out} already holds checkpoints; pass --resume to continue, or choose a new output_dir")
+    if procs.main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "recipe.yaml").write_text(recipe.to_yaml())
+    procs.barrier()
+    return existing[-1] if resume else None
 
-        if step % recipe.train.log_every == 0 or step == stop:
-            now = time.perf_counter()
-            record = {"step": step, **losses(window, alpha, weights), "lr": lr, "grad_norm": float(grad_norm),
-                      "tokens": tokens_seen, "tokens_per_s": tick_tokens / max(now - tick, 1e-9)}
-            log.write(record)
-            bar.set_postfix(loss=f"{record['loss']:.4f}", ar=f"{record['ar_loss']:.4f}",
-                            diff=f"{record['diff_loss']:.4f}")
-            tick, tick_tokens, window = now, 0, None
-        bar.update(1)
 
-        if recipe.eval.every and (step % recipe.eval.every == 0 or step == total):
-            record = {"step": step, **evaluate(objective, eval_data, recipe, micro, procs, autocast)}
-            tasks = run_eval_tasks(objective, sharded, tokenizer, recipe, procs)
-            if tasks is not None:
-                record["eval_tasks"] = tasks
-            log.write(record)
-        if (recipe.train.save_every and step % recipe.train.save_every == 0) or step == stop < total:
-            state = {"step": step, "tokens_seen": tokens_seen, "data_position": stream.position,
-                     "data_fingerprint": fingerprint, "world_size": procs.world}
-            where = save_training_checkpoint(out, step, objective, optimizer, sharded, tokenizer, state, recipe,
-                                             procs)
-    bar.close()
+def datasets(recipe: Recipe, tokenizer: NLDTokenizer, cfg: NLDConfig, train_docs: list[Document]
+             ) -> tuple[PackedData, PackedData | None]:
+    """The packed training rows and (when the recipe evaluates) the packed held-out rows."""
+    infill = infill_options(recipe)
+    if infill is not None and cfg.pad_token_id is None:
+        raise RecipeError("data.infill needs a pad token: the model config has no pad_token_id")
 
-    if step >= total:
-        net_full = full_network(objective, sharded, procs)
+    def pack(docs: list[Document]) -> PackedData:
+        return pack_documents(docs, tokenizer, recipe.data.seq_len, cfg.eos_token_id, recipe.data.packing, infill,
+                              recipe.train.seed, cfg.pad_token_id)
+
+    train_data, eval_data = pack(train_docs), None
+    if recipe.eval.every:
+        eval_docs = load_documents(recipe, recipe.data.eval_split, recipe.data.eval_jsonl)
+        if not eval_docs:
+            raise RecipeError(f"eval.every is set but the held-out data (split {recipe.data.eval_split!r}, "
+                              "data.eval_jsonl) is empty")
+        eval_data = pack(eval_docs)
+    for name, data in (("training", train_data), ("held-out", eval_data)):
+        if data is not None and len(data) and int(data.input_ids.max()) >= cfg.vocab_size:
+            raise RecipeError(f"the {name} data has token ids >= the model's vocab_size {cfg.vocab_size}")
+    return train_data, eval_data
+
+
+# ---------------------------------------------------------------------------------------------- one step
+
+
+def train_step(run: Run, lr: float) -> tuple[LossSums, torch.Tensor, int]:
+    """One optimizer step on the next global batch: (its loss sums over all ranks, the gradient norm before
+    clipping, its tokens). The denominators of the loss are the whole global batch's, counted before any
+    backward pass."""
+    for g in run.optimizer.param_groups:
+        g["lr"] = lr
+    batch = run.stream.next()
+    micros = noised_micro_batches(run, batch)
+    counts = torch.tensor([0.0] * 4, dtype=torch.float64)
+    for _, lm, noise, extra in micros:
+        counts += torch.tensor(step_counts(lm, noise, extra.get("ar_mask")), dtype=torch.float64)
+    ar_count, diff_count, sub_count, keep_count = run.procs.all_reduce(counts).tolist()
+    alpha, weights = run.recipe.objective.alpha, edit_weights(run.recipe)
+
+    run.optimizer.zero_grad(set_to_none=True)
+    step_sums: LossSums | None = None
+    for i, (ids, lm, noise, extra) in enumerate(micros):
+        with run.sync_grads(i == len(micros) - 1):
+            with run.autocast():
+                sums = run.model(ids, lm, noise, **extra)
+            # DDP and FSDP average gradients over ranks; the loss is a global sum, hence x world.
+            loss = global_loss(sums, alpha, ar_count, diff_count, sub_count, keep_count, weights)
+            (loss * run.procs.world).backward()
+        step_sums = sums.detach() if step_sums is None else step_sums + sums.detach()
+    clip = run.recipe.optim.grad_clip
+    grad_norm = torch.nn.utils.clip_grad_norm_(run.objective.parameters(), clip if clip > 0 else float("inf"))
+    if hasattr(grad_norm, "full_tensor"):
+        grad_norm = grad_norm.full_tensor()
+    run.optimizer.step()
+    run.step += 1
+    tokens = batch.input_ids.numel()
+    run.tokens_seen += tokens
+    return LossSums.from_tensor(run.procs.all_reduce(step_sums.as_tensor())), grad_norm, tokens
+
+
+def noised_micro_batches(run: Run, batch) -> list[tuple[torch.Tensor, torch.Tensor, Noise, dict]]:
+    """This rank's rows of `batch` in micro-batches: (ids, loss mask, noise, the objective's extra keywords). The
+    noise of a row is keyed by (seed, step, the row's index in the global batch)."""
+    mine = rank_rows(batch.input_ids.shape[0], run.procs)
+    micros = []
+    for start in range(mine.start, mine.stop, run.micro):
+        rows = slice(start, min(start + run.micro, mine.stop))
+        ids, lm, extra = micro_rows(*batch, rows, run.procs.device)
+        keys = [noise_key(run.recipe.train.seed, run.step, row) for row in range(rows.start, rows.stop)]
+        micros.append((ids, lm, make_noise(ids, lm, keys, run.objective.net.config, run.recipe), extra))
+    return micros
+
+
+# ---------------------------------------------------------------------------------------------- log, eval, save
+
+
+@dataclass
+class Window:
+    """The training loss sums since the last log line, and the tokens and time since then."""
+
+    sums: LossSums | None = None
+    tokens: int = 0
+    since: float = field(default_factory=time.perf_counter)
+
+    def add(self, sums: LossSums, tokens: int) -> None:
+        self.sums = sums if self.sums is None else self.sums + sums
+        self.tokens += tokens
+
+
+def log_train_step(run: Run, window: Window, lr: float, grad_norm: torch.Tensor, bar) -> Window:
+    """One train_log.jsonl line of the window's mean losses; a fresh window."""
+    now = time.perf_counter()
+    record = {"step": run.step, **losses(window.sums, run.recipe.objective.alpha, edit_weights(run.recipe)),
+              "lr": lr, "grad_norm": float(grad_norm), "tokens": run.tokens_seen,
+              "tokens_per_s": window.tokens / max(now - window.since, 1e-9)}
+    run.log.write(record)
+    bar.set_postfix(loss=f"{record['loss']:.4f}", ar=f"{record['ar_loss']:.4f}", diff=f"{record['diff_loss']:.4f}")
+    return Window(since=now)
+
+
+def log_evaluation(run: Run) -> None:
+    """Held-out losses (and, when the recipe names them, task accuracies) as one train_log.jsonl line."""
+    record = {"step": run.step, **evaluate(run.objective, run.eval_data, run.recipe, run.micro, run.procs,
+                                           run.autocast)}
+    tasks = run_eval_tasks(run.objective, run.sharded, run.tokenizer, run.recipe, run.procs)
+    if tasks is not None:
+        record["eval_tasks"] = tasks
+    run.log.write(record)
+
+
+def save(run: Run) -> Path:
+    """checkpoints/step-N with everything a resume needs."""
+    state = {"step": run.step, "tokens_seen": run.tokens_seen, "data_position": run.stream.position,
+             "data_fingerprint": run.fingerprint, "world_size": run.procs.world}
+    return save_training_checkpoint(run.out, run.step, run.objective, run.optimizer, run.sharded, run.tokenizer,
+                                    state, run.recipe, run.procs)
+
+
+def finish(run: Run, where: Path) -> Path:
+    """After the last step, the final model in the output directory; after `stop_at`, the checkpoint to resume."""
+    procs = run.procs
+    if run.step >= run.recipe.train.steps:
+        net_full = full_network(run.objective, run.sharded, procs)
         if procs.main:
-            write_final(out, net_full, tokenizer, recipe)
-            print(f"trimode train: done, {step} steps; the model is in {out}", flush=True)
+            write_final(run.out, net_full, run.tokenizer, run.recipe)
+            print(f"trimode train: done, {run.step} steps; the model is in {run.out}", flush=True)
         procs.barrier()
-        return out
+        return run.out
     if procs.main:
-        print(f"trimode train: stopped after step {step}; continue with --resume (checkpoint {where})", flush=True)
+        print(f"trimode train: stopped after step {run.step}; continue with --resume (checkpoint {where})",
+              flush=True)
     return where
 
 

@@ -8,9 +8,9 @@
 Modes: the registry `trimode.decode.modes.MODES` (`ar`, `diffusion`, `linear_spec`, `quadratic_spec`; `auto` runs
 in the engine). Each is a step machine (`trimode/decode/`) that this class drives one sequence at a time over a
 contiguous KV cache; `trimode.engine` drives many over a paged pool. Both take their requests from the request
-core (`trimode.request`: validation, the edit builders, the outputs); this module is the facade over it. `stream(...)` yields the same generation as
-events (committed text deltas, optional provisional diffusion blocks) and can be abandoned at any point, which
-stops the work.
+core (`trimode.request`: validation, the edit builders, the outputs); this module is the facade over it.
+`stream(...)` yields the same generation as events (committed text deltas, optional provisional diffusion blocks)
+and can be abandoned at any point, which stops the work.
 """
 
 from __future__ import annotations
@@ -30,8 +30,16 @@ from trimode.model.config import CheckpointError
 from trimode.model.handle import ModelHandle
 from trimode.model.loading import LORA_DIR, load_lora, load_model, resolve_checkpoint
 from trimode.model.tokenizer import NLDTokenizer
-from trimode.request import HOLE, EditPlan, Prepared, fill_request, infill_request, model_defaults, prepare
-from trimode.request import revise_request
+from trimode.request import (
+    HOLE,
+    EditPlan,
+    Prepared,
+    fill_request,
+    infill_request,
+    model_defaults,
+    prepare,
+    revise_request,
+)
 
 # The modes `generate` runs (auto steers by load, so it runs in the engine only; edits have their own methods).
 MODES = tuple(name for name, spec in MODE_SPECS.items() if not spec.engine_only and not spec.editing)

@@ -1,4 +1,4 @@
-"""The request core, shared by the API (`trimode.api`) and the engine (`trimode.engine`): a validated request
+"""The request core, shared by the API facade (`TriMode`) and the engine (`trimode.engine`): a validated request
 (`Prepared`) and its preparation (`prepared`), the edit builders (`edits`) and the block plan they make
 (`edit_plan`), and the output objects that turn machine events into what the caller sees (`output`)."""
 

@@ -18,8 +18,16 @@ import re
 from trimode.decode.edit import EditBlock
 from trimode.model.handle import ModelHandle
 from trimode.request.edit_plan import EditPlan
-from trimode.request.prepared import (Prepared, check_count, check_edit_context, check_edit_model, check_text,
-                                      prepare_edit, show, token_ids)
+from trimode.request.prepared import (
+    Prepared,
+    check_count,
+    check_edit_context,
+    check_edit_model,
+    check_text,
+    prepare_edit,
+    show,
+    token_ids,
+)
 
 HOLE = "[[hole]]"  # a template's placeholder; "[[hole:N]]" gives the hole N tokens (default: fill's hole_tokens)
 _HOLE_RE = re.compile(r"\[\[hole(?::(\d+))?\]\]")

@@ -2,8 +2,8 @@
 
 `prepare` (a continuation in one of the modes) and `prepare_edit` (an edit's block, built by `trimode.request.edits`)
 check everything a request carries and raise ValueError naming the field; what they return runs as it is: the
-batch-1 driver (`trimode.api`) and the engine both build its step machine (`Prepared.machine`) and its output
-(`Prepared.output`) from it.
+batch-1 driver (the API facade, `TriMode.drive`) and the engine both build its step machine (`Prepared.machine`)
+and its output (`Prepared.output`) from it.
 """
 
 from __future__ import annotations

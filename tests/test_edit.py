@@ -12,6 +12,7 @@ from trimode.api import BlockState, TriMode, default_model_path, load
 from trimode.decode.driver import decode, drive
 from trimode.decode.stopping import StopRule
 from trimode.engine import Engine, EngineRequest
+from trimode.request import infill_request
 
 
 @pytest.fixture(scope="module")
@@ -27,17 +28,17 @@ def bundled():
 def test_infill_keeps_prefix_and_suffix_and_returns_the_middle_only(tm):
     prefix, suffix = [9, 12, 30, 31], [40, 41, 42]
     r = tm.infill(prefix, suffix, max_new_tokens=5)
-    assert r.mode == "edit" and r.finish_reason == "stop"
+    assert r.mode == "edit" and r.finish_reason == ("length" if len(r.token_ids) == 5 else "stop")  # hole ran full
     assert len(r.token_ids) <= 5 and tm.config.pad_token_id not in r.token_ids
     # The machine's block holds the middle then the suffix, unchanged.
-    req = tm.infill_request(prefix, suffix, max_new_tokens=5)
+    req = infill_request(tm, prefix, suffix, max_new_tokens=5)
     assert req.edit.block.tokens[5:] == suffix and req.prompt_ids == prefix
 
 
 def test_empty_token_is_stripped_from_holes(tm):
-    req = tm.infill_request([9, 12], [40, 41], max_new_tokens=4)
+    req = infill_request(tm, [9, 12], [40, 41], max_new_tokens=4)
     empty = req.edit.empty_id
-    ids, _, _ = req.edit.render([20, 21, empty, empty, 40, 41])
+    ids, _, _ = req.edit.render([20, 21, empty, empty, 40, 41], tm.decode)
     assert ids == [20, 21]
 
 
@@ -50,8 +51,8 @@ def test_a_hole_grows_from_its_window_while_the_model_fills_it_to_the_end(tm):
     grown = tm.infill(prefix, suffix, max_new_tokens=8, hole_window=2)
     assert grown.token_ids == whole.token_ids
     assert grown.stats.forward_passes > whole.stats.forward_passes
-    req = tm.infill_request(prefix, suffix, max_new_tokens=8, hole_window=2)
-    widths = [len(e.token_ids) for e in tm._edit(req, provisional=True) if isinstance(e, BlockState)]
+    req = infill_request(tm, prefix, suffix, max_new_tokens=8, hole_window=2)
+    widths = [len(e.token_ids) for e in tm.drive(req, provisional=True) if isinstance(e, BlockState)]
     assert widths and widths[0] == 2 + 3 and widths[-1] == 8 + 3 and sorted(set(widths)) == [5, 7, 11]
 
 
@@ -60,8 +61,8 @@ def test_a_hole_the_model_ends_stays_in_its_window(bundled):
     budget; the slots past the window are the empty token, stripped like the others."""
     prompt = bundled.tokenizer.apply_chat_template([{"role": "user", "content": "Sort: 7 3 9 1 4 2"}])
     suffix = bundled.encode(" 4 7 9")
-    req = bundled.infill_request(bundled.encode(prompt + "1 2"), suffix, max_new_tokens=32)
-    widths = {len(e.token_ids) for e in bundled._edit(req, provisional=True) if isinstance(e, BlockState)}
+    req = infill_request(bundled, bundled.encode(prompt + "1 2"), suffix, max_new_tokens=32)
+    widths = {len(e.token_ids) for e in bundled.drive(req, provisional=True) if isinstance(e, BlockState)}
     assert widths == {6 + len(suffix)}
     r = bundled.infill(bundled.encode(prompt + "1 2"), bundled.encode(" 4 7 9"), max_new_tokens=32)
     assert r.text == " 3" and r.stats.forward_passes <= 4
@@ -81,8 +82,8 @@ def test_a_prefix_cut_after_a_space_is_healed(bundled):
     r = bundled.infill(chat + "q w ", " t y", max_new_tokens=8)
     assert r.text == "e r" and r.spans == [(0, 3)] and tok.decode(r.token_ids) == " e r"
     # As token ids the caller chose the tokens: no healing unless asked for.
-    assert bundled.infill_request(ids, " t y").edit.healed_prefix == ""
-    assert bundled.infill_request(ids, " t y", heal=True).edit.healed_prefix == " "
+    assert infill_request(bundled, ids, " t y").edit.healed_prefix == ""
+    assert infill_request(bundled, ids, " t y", heal=True).edit.healed_prefix == " "
     # Templates heal the text before each hole too; the spans are the holes' words, without the space.
     f = bundled.fill(chat + "q w [[hole:4]] t y")
     assert f.text == chat + "q w e r t y" and [f.text[a:b] for a, b in f.spans] == ["e r"]

@@ -1,6 +1,6 @@
 """What a generation hands its caller: streaming events (`Delta`, `BlockState`) and the `GenerationResult`.
 
-Both drivers (batch 1 in `trimode.api`, many requests in `trimode.engine`) produce these same types.
+Both drivers (batch 1 in the API facade `TriMode`, many requests in `trimode.engine`) produce these same types.
 """
 
 from __future__ import annotations

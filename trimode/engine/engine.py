@@ -24,7 +24,6 @@ from dataclasses import dataclass
 
 import torch
 
-from trimode.api import TriMode
 from trimode.decode.modes import mode_spec
 from trimode.decode.result import GenerationResult
 from trimode.decode.stats import DecodeStats
@@ -34,6 +33,8 @@ from trimode.engine.request import EngineRequest, EngineStopped, QueueFull, Requ
 from trimode.engine.runner import run_step
 from trimode.engine.scheduler import Scheduler
 from trimode.engine.sequence import Sequence
+from trimode.model.handle import ModelHandle
+from trimode.request import Prepared, fill_request, infill_request, prepare, revise_request
 
 log = logging.getLogger("trimode.engine")
 
@@ -64,7 +65,8 @@ DEFAULT_PASS_BYTES = {"cuda": 0.25, "cpu": 2 << 30}  # the widest pass's activat
 
 
 class Engine:
-    """Runs submitted requests concurrently on `tm`; forwards of different requests share batches.
+    """Runs submitted requests concurrently on `tm` (a model handle: `trimode.load()`'s `TriMode` is one); forwards
+    of different requests share batches.
 
     max_queue: requests waiting beyond the running ones (more are rejected with QueueFull). kv_budget_tokens: KV
     pool size in tokens (None: half the free GPU memory, 1 GiB on CPU). max_running: rows decoding at once.
@@ -74,7 +76,7 @@ class Engine:
     curve and each choice's slowdown are measured at `start()`; pass `cost` to skip both).
     """
 
-    def __init__(self, tm: TriMode, max_queue: int = 64, kv_budget_tokens: int | None = None, max_running: int = 64,
+    def __init__(self, tm: ModelHandle, max_queue: int = 64, kv_budget_tokens: int | None = None, max_running: int = 64,
                  max_batch_tokens: int = 8192, prefill_chunk: int = 512, page_size: int = 16,
                  auto: AutoConfig | None = None, cost: CostModel | None = None,
                  max_pass_bytes: int | None = None) -> None:
@@ -133,14 +135,14 @@ class Engine:
     def __exit__(self, *exc) -> None:
         self.stop()
 
-    def validate(self, request: EngineRequest):
-        """The request as it will run (`Prepared`); ValueError naming the problem when it can never run here."""
+    def validate(self, request: EngineRequest) -> Prepared:
+        """The request as it will run; ValueError naming the problem when it can never run here."""
         if not isinstance(request.prompt_ids, list):
             raise ValueError("prompt_ids must be a list of token ids")
         if request.edit is not None or request.mode == "edit":
             req = self._prepare_edit(request)
         else:
-            req = self.tm.prepare(request.prompt_ids, request.mode, request.max_new_tokens, request.temperature,
+            req = prepare(self.tm, request.prompt_ids, request.mode, request.max_new_tokens, request.temperature,
                                   request.top_p, request.top_k, request.seed, request.stop, **request.knobs)
         spec = mode_spec(req.mode)
         needed = req.kv_slots()
@@ -158,19 +160,19 @@ class Engine:
                              f"lower {what}")
         return req
 
-    def _prepare_edit(self, request: EngineRequest):
+    def _prepare_edit(self, request: EngineRequest) -> Prepared:
         if request.mode != "edit" or not (isinstance(request.edit, tuple) and len(request.edit) == 2):
             raise ValueError('an edit runs in mode "edit" with edit=(kind, arguments)')
         kind, args = request.edit
         sampling = dict(temperature=request.temperature, top_p=request.top_p, top_k=request.top_k,
                         seed=request.seed, **request.knobs)
         if kind == "infill":
-            return self.tm.infill_request(request.prompt_ids, args.get("suffix", []), request.max_new_tokens,
-                                          heal=bool(args.get("heal", False)), **sampling)
+            return infill_request(self.tm, request.prompt_ids, args.get("suffix", []), request.max_new_tokens,
+                                  heal=bool(args.get("heal", False)), stop=request.stop, **sampling)
         if kind == "revise":
-            return self.tm.revise_request(request.prompt_ids, args.get("draft", []), args.get("spans"), **sampling)
+            return revise_request(self.tm, request.prompt_ids, args.get("draft", []), args.get("spans"), **sampling)
         if kind == "fill":
-            return self.tm.fill_request(args.get("template"), args.get("hole_tokens", 8), **sampling)
+            return fill_request(self.tm, args.get("template"), args.get("hole_tokens", 8), **sampling)
         raise ValueError(f"unknown edit {kind!r}; use infill, revise or fill")
 
     def submit(self, request: EngineRequest) -> RequestHandle:
@@ -288,7 +290,7 @@ class Engine:
 
     def _advance(self, seq: Sequence, reply) -> None:
         try:
-            result = seq.advance(self.tm, reply)
+            result = seq.advance(reply)
         except Exception as e:  # a failing machine fails its request, not the engine
             log.exception("request %s failed", seq.request.request_id)
             self._end(seq, error=e)
@@ -305,7 +307,7 @@ class Engine:
         if seq.machine is not None:
             seq.machine.close()
         if isinstance(error, RequestCancelled):
-            result, error = (seq.result(self.tm, "cancelled") if seq.text is not None
+            result, error = (seq.result("cancelled") if seq.output is not None
                              else _cancelled(seq.request, self.tm)), None
         outcome = "failed" if error is not None else ("cancelled" if result.finish_reason == "cancelled"
                                                        else "finished")
@@ -348,7 +350,7 @@ class Engine:
                                                           self.auto_config)
 
 
-def _cancelled(req: EngineRequest, tm: TriMode) -> GenerationResult:
+def _cancelled(req: EngineRequest, tm: ModelHandle) -> GenerationResult:
     """The result of a request cancelled before it started."""
     stats = DecodeStats(req.mode, prompt_tokens=len(req.prompt_ids))
     return GenerationResult([], "" if tm.tokenizer else None, stats, "cancelled", req.mode, dict(req.knobs))

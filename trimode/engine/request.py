@@ -1,7 +1,7 @@
 """What a client hands the engine (`EngineRequest`) and what it gets back (`RequestHandle`).
 
-A handle is a thread-safe stream of events: `trimode.api.Delta` / `BlockState` while the request runs, then
-exactly one `trimode.api.GenerationResult` (finish_reason "stop", "length" or "cancelled"), after which the
+A handle is a thread-safe stream of events: `Delta` / `BlockState` (`trimode.decode.result`) while the request
+runs, then exactly one `GenerationResult` (finish_reason "stop", "length" or "cancelled"), after which the
 iteration ends. If the request fails inside the engine, iterating raises that error instead.
 """
 

@@ -3,18 +3,18 @@
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass, field
+import time
+from dataclasses import dataclass
 
 import torch
 
-from trimode.api import Prepared, TriMode
 from trimode.decode.result import GenerationResult
-from trimode.decode.stats import DecodeStats
-from trimode.decode.step import Commit, Committed, Forward, Machine
-from trimode.decode.text import TextStream
+from trimode.decode.step import Commit, Forward, Machine
 from trimode.engine.kv_pool import PagedCache
 from trimode.engine.request import EngineRequest, RequestHandle
 from trimode.engine.runner import Row
+from trimode.model.handle import ModelHandle
+from trimode.request import EditOutput, Prepared, TextOutput
 
 
 class Status(enum.Enum):
@@ -33,22 +33,19 @@ class Sequence:
     machine: Machine | None = None
     pending: Forward | None = None  # the pass it waits for
     chunk_done: int = 0  # tokens of `pending` already run (a long causal prompt pass runs in chunks)
-    text: TextStream | None = None
-    stats: DecodeStats = field(default_factory=lambda: DecodeStats("ar"))
+    output: TextOutput | EditOutput | None = None  # what the client sees (from `start` on)
     started: float = 0.0
-    block: list[int] | None = None  # an edit's filled block
 
     @property
     def request(self) -> EngineRequest:
         return self.handle.request
 
-    def start(self, tm: TriMode, cache: PagedCache, steer, now: float) -> None:
+    def start(self, model: ModelHandle, cache: PagedCache, steer, now: float) -> None:
         self.cache, self.status, self.started = cache, Status.RUNNING, now
-        self.stats = DecodeStats(self.prepared.mode, prompt_tokens=len(self.prepared.prompt_ids))
-        self.text = TextStream(tm.tokenizer, self.prepared.rule, self.prepared.stop)
-        self.machine = tm.machine(self.prepared, self.request.provisional, steer)
+        self.output = self.prepared.output(model)
+        self.machine = self.prepared.machine(model, self.request.provisional, steer)
 
-    def advance(self, tm: TriMode, reply: torch.Tensor | None) -> GenerationResult | None:
+    def advance(self, reply: torch.Tensor | None) -> GenerationResult | None:
         """Send the machine its logits and run it to its next forward (cache commits and events on the way).
         Returns the result when the request is over."""
         self.pending, self.chunk_done = None, 0
@@ -56,7 +53,7 @@ class Sequence:
             try:
                 op = self.machine.send(reply)
             except StopIteration:
-                return self.result(tm)
+                return self.result()
             reply = None
             if isinstance(op, Forward):
                 self.pending = op
@@ -67,21 +64,11 @@ class Sequence:
                 else:
                     self.cache.commit(op.n)
                 continue
-            if op.stats is not None:
-                self.stats = op.stats
-            if isinstance(op, Committed) and self.prepared.edit is not None:
-                self.block = op.tokens[0]
-            if isinstance(op, Committed) and self.prepared.edit is None:  # the common event, without a generator
-                delta = self.text.add(op.tokens[0])
-                if delta is not None:
-                    delta.forward_passes = self.stats.forward_passes
-                    self.handle._put(delta)
-            else:
-                for event in tm.events(self.prepared, self.text, op, self.stats):
-                    self.handle._put(event)
-            if self.prepared.edit is None and self.text.stop_hit:
+            for event in self.output.events(op):
+                self.handle._put(event)
+            if self.output.stop_hit:
                 self.machine.close()
-                return self.result(tm)
+                return self.result()
 
     def next_row(self, prefill_chunk: int) -> Row:
         """The part of `pending` to run this step: all of it, or the next chunk of a long causal prompt pass."""
@@ -113,10 +100,6 @@ class Sequence:
             return None
         return logits[None] if f.logits != "last" else logits  # [1, n, V] or [1, V] as the batch-1 driver gives
 
-    def result(self, tm: TriMode, finish: str | None = None) -> GenerationResult:
-        import time
-
+    def result(self, finish: str | None = None) -> GenerationResult:
         self.status = Status.FINISHED
-        result = tm.result(self.prepared, self.text, self.stats, finish, time.perf_counter() - self.started,
-                           self.block)
-        return result
+        return self.output.result(finish, time.perf_counter() - self.started)

@@ -61,6 +61,19 @@ class NLDTokenizer:
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return self.tok.decode(ids, skip_special_tokens=skip_special_tokens)
 
+    def encode_with_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        """The ids of `text` and each one's character range in it. The byte tokens of one character (byte-level
+        BPE splits a character it has no token for) all have that character's range."""
+        enc = self.tok.encode(text, add_special_tokens=False)
+        return enc.ids, enc.offsets
+
+    @cached_property
+    def max_token_chars(self) -> int:
+        """The most characters of text one token can stand for (a byte-level token's text is at most its
+        vocabulary entry, one character per byte; an added token's is its content): a text longer than
+        `n * max_token_chars` cannot fit in n tokens."""
+        return max((len(k) for k in self.tok.get_vocab(with_added_tokens=True)), default=1)
+
     @cached_property
     def token_texts(self) -> list[str]:
         """The text of every token id alone (special tokens: empty)."""

@@ -23,8 +23,7 @@ from pathlib import Path
 import torch
 
 from trimode.decode.driver import run
-from trimode.decode.modes import MODES as MODE_SPECS
-from trimode.decode.modes import ModelDefaults, mode_spec, resolve_knobs
+from trimode.decode.modes import ModelDefaults, mode_spec, names, resolve_knobs
 from trimode.decode.result import BlockState, Delta, GenerationResult
 from trimode.model.config import CheckpointError
 from trimode.model.handle import ModelHandle
@@ -42,7 +41,7 @@ from trimode.request import (
 )
 
 # The modes `generate` runs (auto steers by load, so it runs in the engine only; edits have their own methods).
-MODES = tuple(name for name, spec in MODE_SPECS.items() if not spec.engine_only and not spec.editing)
+MODES = names(engine_only=False, editing=False)
 __all__ = ["HOLE", "MODES", "BlockState", "Delta", "EditPlan", "GenerationResult", "TriMode", "Prepared", "load",
            "default_model_path"]
 

@@ -139,11 +139,11 @@ class Engine:
         """The request as it will run; ValueError naming the problem when it can never run here."""
         if not isinstance(request.prompt_ids, list):
             raise ValueError("prompt_ids must be a list of token ids")
-        if request.edit is not None or request.mode == "edit":
+        if request.edit is not None or mode_spec(request.mode).editing:
             req = self._prepare_edit(request)
         else:
             req = prepare(self.tm, request.prompt_ids, request.mode, request.max_new_tokens, request.temperature,
-                                  request.top_p, request.top_k, request.seed, request.stop, **request.knobs)
+                          request.top_p, request.top_k, request.seed, request.stop, **request.knobs)
         spec = mode_spec(req.mode)
         needed = req.kv_slots()
         if self.pool.pages_for(needed) > self.pool.num_pages:
@@ -249,7 +249,7 @@ class Engine:
                 self._counters["cancelled"] += 1
         for seq in admitted:
             steer = None
-            if seq.prepared.mode == "auto":
+            if mode_spec(seq.prepared.mode).engine_only:
                 steer = AutoSteer(self.policy, seq.prepared.knobs.block_length)
             seq.start(self.tm, seq.cache, steer, time.perf_counter())
             self._advance(seq, None)

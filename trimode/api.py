@@ -153,7 +153,7 @@ class TriMode:
 
     @property
     def defaults(self) -> ModelDefaults:
-        return ModelDefaults(self.config.block_size, self.has_drafter)
+        return ModelDefaults(self.config.block_size, self.has_drafter, self.net.sampler)
 
     def encode(self, prompt: str | list[int]) -> list[int]:
         if isinstance(prompt, str):

@@ -17,6 +17,8 @@ def _fail(message: str) -> None:
 def register(app: typer.Typer) -> None:
     if importlib.util.find_spec("trimode.train.drafter_cli") is not None:  # `trimode train-drafter`
         importlib.import_module("trimode.train.drafter_cli").register(app)
+    if importlib.util.find_spec("trimode.train.sampler_cli") is not None:  # `trimode train-sampler`
+        importlib.import_module("trimode.train.sampler_cli").register(app)
 
     @app.command("train")
     def train_command(

@@ -127,6 +127,15 @@ def reaches(net, cache, block, masked, positions, target, counter) -> bool:
     return True
 
 
+def _commit(state, k: int):
+    """The block and its undecided slots after committing the `k` best-ranked matches."""
+    block, masked, proposal, order = state
+    b, m = block.clone(), masked.clone()
+    b[0, order[:k]] = proposal[0, order[:k]]
+    m[0, order[:k]] = False
+    return b, m
+
+
 def compaction(net, cache, positions, target, cap: int) -> tuple[int, bool]:
     """Recursive dynamic compaction on an all-mask block: (passes to the target, whether the cap was hit)."""
     block, masked = fresh(net, target.shape[1], target.device)
@@ -145,23 +154,18 @@ def compaction(net, cache, positions, target, cap: int) -> tuple[int, bool]:
                 order = [int(conf[0].argmax())]
                 proposal[0, order[0]] = target[0, order[0]]
 
-            def commit(k: int):
-                b, m = block.clone(), masked.clone()
-                b[0, order[:k]] = proposal[0, order[:k]]
-                m[0, order[:k]] = False
-                return b, m
-
+            state = (block, masked, proposal, order)
             k = len(order)
-            if k > 1 and not reaches(net, cache, *commit(k), positions, target, counter):
+            if k > 1 and not reaches(net, cache, *_commit(state, k), positions, target, counter):
                 lo, hi = 1, k - 1  # the largest feasible prefix; 1 when none is (the best match alone)
                 while lo < hi:
                     mid = (lo + hi + 1) // 2
-                    if reaches(net, cache, *commit(mid), positions, target, counter):
+                    if reaches(net, cache, *_commit(state, mid), positions, target, counter):
                         lo = mid
                     else:
                         hi = mid - 1
                 k = lo
-            block, masked = commit(k)
+            block, masked = _commit(state, k)
     except CapHit:
         return passes + run_block(net, cache, block, masked, positions, oracle_rule(target, True)), True
     return passes, False

@@ -228,7 +228,8 @@ def test_every_knob_is_reachable_over_http(client, tm):
     r = client.completions.create(model=MODEL, prompt=prompt, max_tokens=10,
                                   extra_body={"mode": "diffusion", "block_length": 4, "steps": 2})
     assert r.model_extra["trimode"]["knobs"] == {"block_length": 4, "threshold": None, "steps": 2,
-                                                 "remask_threshold": None, "causal_context": True}
+                                                 "remask_threshold": None, "causal_context": True,
+                                                 "unmask": "steps"}
 
 
 def test_completion_token_prompts_batch_and_echo(client, tm):

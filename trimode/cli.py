@@ -57,6 +57,7 @@ def generate(
     block_length: int | None = typer.Option(None, "--block-length", help="Block size for diffusion / speculation (default: the model's)."),
     threshold: float | None = typer.Option(None, help="Commit threshold (diffusion default 0.9; linear_spec draft default 0)."),
     steps: int | None = typer.Option(None, "--steps", help="Diffusion: fixed-step schedule with this many passes per block instead of a threshold."),
+    unmask: str | None = typer.Option(None, "--unmask", help="Diffusion / linear_spec draft: unmasking policy threshold | steps | learned (learned: the model's sampler/, --threshold is then its probability threshold, default 0.5)."),
     no_causal_context: bool = typer.Option(False, "--no-causal-context", help="Diffusion: bidirectional prefix, no seed token."),
     drafter: bool | None = typer.Option(None, "--drafter/--no-drafter", help="linear_spec: use the LoRA drafter (default: when present)."),
     ar_mix_weight: float | None = typer.Option(None, "--ar-mix-weight", help="quadratic_spec: AR/diffusion logit mix."),
@@ -80,7 +81,8 @@ def generate(
         text = tm.tokenizer.apply_chat_template([{"role": "user", "content": prompt}])
     # Every knob goes to the API; a mode ignores the knobs of the others.
     knobs = {"block_length": block_length, "threshold": threshold, "steps": steps, "use_drafter": drafter,
-             "causal_context": False if no_causal_context else None, "ar_mix_weight": ar_mix_weight}
+             "causal_context": False if no_causal_context else None, "ar_mix_weight": ar_mix_weight,
+             "unmask": unmask}
     try:
         gen = tm.stream(text, mode=mode.value, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                         top_k=top_k, seed=seed, max_thinking_tokens=max_thinking_tokens,

@@ -72,6 +72,37 @@ ERRORS = (ValueError, OSError, RuntimeError)
 
 
 @bench_app.command()
+def sol(
+    ctx: typer.Context,
+    model: str | None = typer.Option(None, "--model", "-m", help="Checkpoint directory or Hub id (default: bundled)."),
+    tasks: str | None = typer.Option(None, help="Comma-separated trimode.tasks names (default: all)."),
+    items: int = typer.Option(8, "--items", help="Held-out items per task."),
+    thresholds: str = typer.Option("0.5,0.7,0.9", help="Threshold rules to measure."),
+    learned: str | None = typer.Option(None, help="Sampler thresholds of the learned rule (default 0.3,0.5,0.7 "
+                                                  "when the model has a sampler/)."),
+    block_length: int | None = typer.Option(None, "--block-length", help="Block length (default: the model's)."),
+    cap: int = typer.Option(5000, help="Most forwards of the compaction search per block."),
+    seed: int = typer.Option(0, help="Seed choosing the held-out items."),
+    json_out: Path | None = typer.Option(None, "--json", help="Write the figures as JSON here."),
+    plot: Path | None = typer.Option(None, help="PNG of tokens per forward: bounds and rules."),
+    out: Path | None = typer.Option(None, help="Also write the markdown report here."),
+    threads: int | None = typer.Option(None, help="CPU threads for torch (default: torch's choice)."),
+) -> None:
+    """Speed-of-light analysis (spec 2.6): serial target, greedy oracle and compaction bound per block, beside
+    what the threshold and learned rules reach and linear_spec's acceptance (trimode/bench/sol.py)."""
+    from trimode.bench import sol as s
+
+    _set_threads(threads)
+    try:
+        report, _ = s.run(model, _split(tasks, name="tasks"), items, _split(thresholds, float, "thresholds"),
+                          _split(learned, float, "learned"), block_length, cap, seed, json_out, plot,
+                          lambda i, n: typer.echo(f"  item {i}/{n}", err=True))
+    except ERRORS as e:
+        _fail(str(e))
+    _emit(report, out, ctx)
+
+
+@bench_app.command()
 def quality(
     ctx: typer.Context,
     model: str | None = typer.Option(None, "--model", "-m", help="Checkpoint directory or Hub id (default: bundled)."),

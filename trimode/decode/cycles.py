@@ -21,10 +21,11 @@ DRAFT_STEP_KEY = 1 << 12  # keeps draft sampling noise apart from the verify noi
 
 
 def draft_block(pending: int, start: int, block: int, mask_id: int, sampling: SamplingParams, stats: DecodeStats,
-                threshold: float = 0.0, use_drafter: bool = False, device="cpu"):
+                threshold: float = 0.0, use_drafter: bool = False, device="cpu", rule=None):
     """Drafts for the block - 1 tokens after `pending` (at position `start`): diffusion over [pending, MASK x B-1]
     on the read-only cache, drafter adapter on when asked for. Threshold 0 fills every mask in one pass; above 0,
-    passes repeat, each committing the masks with confidence >= threshold (at least the best one).
+    passes repeat, each committing the masks with confidence >= threshold (at least the best one). A `rule`
+    (decode/unmask.py, e.g. the learned sampler) picks each pass's slots instead.
     Returns the block [pending, d_1, .., d_{B-1}]."""
     ids = torch.full((1, block), mask_id, dtype=torch.long, device=device)
     ids[0, 0] = pending
@@ -37,11 +38,14 @@ def draft_block(pending: int, start: int, block: int, mask_id: int, sampling: Sa
         stats.forward_passes += 1
         proposal = choose(logits[0], positions, sampling, step=DRAFT_STEP_KEY + draft_pass)[None]
         draft_pass += 1
-        if threshold == 0:
+        if threshold == 0 and rule is None:
             ids = torch.where(masked, proposal, ids)
             break
         conf = masked_confidence(confidence(logits, proposal), masked)
-        transfer = commit_by_threshold(conf, masked, threshold)
+        if rule is None:
+            transfer = commit_by_threshold(conf, masked, threshold)
+        else:
+            transfer = rule(conf, masked, logits, proposal)
         ids[transfer] = proposal[transfer]
         masked &= ~transfer
     return ids[0].tolist()

@@ -2,7 +2,8 @@
 
 Per block: slot 0 holds the seed (the causal prediction after the prefix) when `causal_context`; each
 denoising step runs the block bidirectionally over the read-only cache and commits the masked positions the
-schedule picks (threshold: top-1 plus all >= threshold; fixed steps: an even top-k split). After the block, one
+schedule picks (threshold: top-1 plus all >= threshold; fixed steps: an even top-k split; or a rule of
+decode/unmask.py such as the learned sampler). After the block, one
 refresh pass writes its causal K/V and yields the next seed; after the last block it is skipped (the reference
 runs it anyway and counts it in nfe; `trimode.compat` adds it back). `max_new_tokens` need not be a multiple of
 `block_length`: the last block is cut (the reference requires a multiple). A block with no masked slot (one
@@ -13,7 +14,8 @@ as they are.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import torch
 
@@ -23,6 +25,7 @@ from trimode.decode.stats import DecodeStats
 from trimode.decode.step import Committed, DecodeOutput, Forward, Machine, Provisional
 from trimode.decode.stopping import StopRule, ThinkingBudget
 from trimode.decode.transfer import commit_by_threshold, commit_top_k, masked_confidence, transfer_schedule
+from trimode.decode.unmask import LEARNED_THRESHOLD, check_unmask, rule_for
 
 REMASKS_PER_SLOT = 2  # with remask_threshold: how often one slot of a block may be remasked
 
@@ -30,14 +33,20 @@ REMASKS_PER_SLOT = 2  # with remask_threshold: how often one slot of a block may
 @dataclass(frozen=True)
 class Schedule:
     """Which masked slots a denoising step commits (spec 2.2 step 4): with `threshold`, the most confident one
-    plus every one at least that confident; without, an even split of the block's masks over `steps` passes."""
+    plus every one at least that confident; without, an even split of the block's masks over `steps` passes.
+    With a `rule` (decode/unmask.py: the learned sampler, the oracles of bench/sol.py), the rule decides."""
 
     threshold: float | None
     steps: int  # the most denoising passes a block may take
+    rule: Callable | None = None  # (conf, masked, logits, proposal) -> transfer; commits >= 1 slot per pass
 
     @classmethod
     def of(cls, block_length: int, threshold: float | None, steps: int | None,
-           remask_threshold: float | None) -> Schedule:
+           remask_threshold: float | None, rule: Callable | None = None) -> Schedule:
+        if rule is not None:
+            if remask_threshold is not None:
+                raise ValueError("remask_threshold works with the threshold schedule only")
+            return cls(threshold, block_length, rule)  # a rule commits at least one slot per pass
         if remask_threshold is not None and threshold is None:
             raise ValueError("remask_threshold works with the threshold schedule, not with fixed steps")
         # A threshold step commits at least one token, so block_length passes always finish a block (each remask
@@ -51,9 +60,14 @@ class Schedule:
 
     def plan(self, masked: torch.Tensor) -> torch.Tensor | None:
         """Per row, how many slots each step commits (the fixed-step schedule; None with a threshold)."""
-        return None if self.threshold is not None else transfer_schedule(masked.sum(-1), self.steps)
+        if self.rule is not None or self.threshold is not None:
+            return None
+        return transfer_schedule(masked.sum(-1), self.steps)
 
-    def transfer(self, conf: torch.Tensor, masked: torch.Tensor, plan: torch.Tensor, step: int) -> torch.Tensor:
+    def transfer(self, conf: torch.Tensor, masked: torch.Tensor, plan: torch.Tensor, step: int,
+                 logits: torch.Tensor, proposal: torch.Tensor) -> torch.Tensor:
+        if self.rule is not None:
+            return self.rule(conf, masked, logits, proposal)
         if self.threshold is None:
             return commit_top_k(conf, masked, plan[:, step])
         return commit_by_threshold(conf, masked, self.threshold)
@@ -80,13 +94,15 @@ class Remasking:
 def diffusion(prompt_ids: torch.Tensor, stop: StopRule, sampling: SamplingParams, mask_id: int,
               block_length: int = 32, threshold: float | None = 0.9, causal_context: bool = True,
               steps: int | None = None, thinking: ThinkingBudget | None = None,
-              provisional: bool = False, remask_threshold: float | None = None) -> Machine:
+              provisional: bool = False, remask_threshold: float | None = None, rule: Callable | None = None
+              ) -> Machine:
     """`threshold=None` selects the fixed-step schedule: `steps` denoising passes per block (default
-    `block_length`, as the reference), the block's masks split evenly over them.
+    `block_length`, as the reference), the block's masks split evenly over them. `rule`: an unmasking rule
+    (decode/unmask.py) instead of either.
 
     `remask_threshold`: see `Remasking`. The block's tokens are then final only when the block is: none is
     streamed before."""
-    schedule = Schedule.of(block_length, threshold, steps, remask_threshold)
+    schedule = Schedule.of(block_length, threshold, steps, remask_threshold, rule)
     dev = prompt_ids.device
     batch, prompt_len = prompt_ids.shape
     stats = DecodeStats("diffusion", prompt_tokens=prompt_len, prefill_passes=1)
@@ -174,7 +190,7 @@ def denoise_block(block: torch.Tensor, masked: torch.Tensor, positions: torch.Te
         proposal = choose(logits.flatten(0, 1), positions.repeat(batch), sampling, step=1 + offset + step,
                           rows=rows).view(batch, block_length)
         conf = masked_confidence(confidence(logits, proposal), masked)
-        transfer = schedule.transfer(conf, masked, plan, step)
+        transfer = schedule.transfer(conf, masked, plan, step, logits, proposal)
         block[transfer] = proposal[transfer]
         committed_at[transfer] = step
         masked &= ~transfer
@@ -222,14 +238,24 @@ class DiffusionKnobs:
     steps: int | None = None  # denoising passes per block with the fixed-step schedule (default block_length)
     causal_context: bool = True
     remask_threshold: float | None = None  # remask a committed token of the block whose confidence falls below
+    unmask: str = "threshold"  # the unmasking policy (decode/unmask.py): threshold, steps or learned
+    # unmask="learned": the model's sampler, filled in by resolve_knobs from the model (not a knob: no name)
+    sampler: object = field(default=None, repr=False, compare=False, metadata={"knob": False})
 
     @staticmethod
     def settle(values: dict, given: dict) -> None:
-        """A step count selects the fixed-step schedule."""
-        if values.get("steps") is not None:
+        """A step count selects the fixed-step schedule (unmask="steps"); unmask="learned" without a
+        threshold uses the sampler's default probability threshold."""
+        unmask = values.get("unmask", "threshold")
+        if values.get("steps") is not None or unmask == "steps":
             if given.get("threshold") is not None:
                 raise ValueError("give either threshold or steps for diffusion, not both")
+            if unmask not in ("threshold", "steps"):
+                raise ValueError(f"steps is the fixed schedule of unmask='steps', not of unmask={unmask!r}")
             values["threshold"] = None
+            values["unmask"] = "steps"
+        elif unmask == "learned" and given.get("threshold") is None:
+            values["threshold"] = LEARNED_THRESHOLD
 
     def check(self, defaults) -> None:
         check_block("diffusion", self.block_length, 1)
@@ -238,6 +264,9 @@ class DiffusionKnobs:
         if self.remask_threshold is not None and self.threshold is None:
             raise ValueError("remask_threshold works with the threshold schedule, not with steps")
         check_bool("causal_context", self.causal_context)
+        check_unmask(self.unmask, ("threshold", "steps", "learned"), defaults)
+        if self.unmask == "learned" and self.remask_threshold is not None:
+            raise ValueError("remask_threshold works with unmask='threshold', not with unmask='learned'")
         if self.steps is not None and (isinstance(self.steps, bool) or not isinstance(self.steps, int)
                                        or self.steps < 1):
             raise ValueError(f"steps must be an integer >= 1, got {self.steps!r}")
@@ -245,7 +274,7 @@ class DiffusionKnobs:
 
 def _build(ids, stop, sampling, mask_id, k, thinking, provisional, steer, block):
     return diffusion(ids, stop, sampling, mask_id, k.block_length, k.threshold, k.causal_context, k.steps, thinking,
-                     provisional, k.remask_threshold)
+                     provisional, k.remask_threshold, rule_for(k.unmask, k.threshold, k.sampler))
 
 
 SPEC = ModeSpec("diffusion", "block diffusion, seed token + post-block cache refresh", DiffusionKnobs, _build,

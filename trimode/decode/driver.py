@@ -94,7 +94,7 @@ def decode(net: NLDTransformer, mode: str, prompt_ids: torch.Tensor, stop: StopR
     if prompt_ids.shape[0] != 1 and not spec.batch_rows:
         raise ValueError(f"{mode} decodes one sequence at a time (batch size 1)")
     has_drafter = net.encoder.layers[0].self_attn.o_proj.lora_A is not None
-    k = resolve_knobs(mode, ModelDefaults(net.config.block_size, has_drafter), **knobs)
+    k = resolve_knobs(mode, ModelDefaults(net.config.block_size, has_drafter, net.sampler), **knobs)
     machine = spec.machine(prompt_ids, stop, sampling, net.config.mask_token_id, k, thinking, provisional, steer)
     capacity = spec.kv_slots(prompt_ids.shape[1], stop.max_new_tokens, k)
     return run(net, machine, capacity)

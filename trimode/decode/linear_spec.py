@@ -14,7 +14,7 @@ AR output for greedy decoding and for sampling with the same seed.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -24,14 +24,16 @@ from trimode.decode.spec import ModeSpec, check_block, check_drafter, check_thre
 from trimode.decode.stats import DecodeStats
 from trimode.decode.step import Commit, Committed, DecodeOutput, Forward, Machine
 from trimode.decode.stopping import StopRule, ThinkingBudget
+from trimode.decode.unmask import LEARNED_THRESHOLD, check_unmask, rule_for
 
 
 def linear_spec(prompt_ids: torch.Tensor, stop: StopRule, sampling: SamplingParams, mask_id: int,
                 block_length: int = 32, threshold: float = 0.0, use_drafter: bool = False,
-                thinking: ThinkingBudget | None = None, thinking_as_reference: bool = False) -> Machine:
+                thinking: ThinkingBudget | None = None, thinking_as_reference: bool = False, rule=None) -> Machine:
     """`thinking`: the token at generated index `max_thinking_tokens` is forced to the end-think id unless it
     appeared before, exactly as in AR. `thinking_as_reference=True` reproduces the reference instead: after
-    each cycle past the budget, the end-think id replaces the next block's slot 0 in the context only."""
+    each cycle past the budget, the end-think id replaces the next block's slot 0 in the context only.
+    `rule`: the draft's unmasking rule (decode/unmask.py) instead of the threshold."""
     if prompt_ids.shape[0] != 1:
         raise ValueError("linear_spec decodes one sequence at a time (batch size 1)")
     if block_length < 2:
@@ -51,7 +53,7 @@ def linear_spec(prompt_ids: torch.Tensor, stop: StopRule, sampling: SamplingPara
     start = prompt_len  # the position of next_token: the cache holds everything before it
     while not over:
         drafts = yield from draft_block(next_token, start, block_length, mask_id, sampling, stats, threshold,
-                                        use_drafter, dev)
+                                        use_drafter, dev, rule)
         ar = yield from verify_block(drafts, start, sampling, stats, dev)
         limit = block_length
         if not thinking_as_reference:
@@ -80,15 +82,26 @@ class LinearSpecKnobs:
     block_length: int = 0
     threshold: float = 0.0  # draft threshold: 0 fills every mask in one pass
     use_drafter: bool | None = None  # None: on when the model has a drafter adapter
+    unmask: str = "threshold"  # the draft's unmasking policy (decode/unmask.py): threshold or learned
+    # unmask="learned": the model's sampler, filled in by resolve_knobs from the model (not a knob: no name)
+    sampler: object = field(default=None, repr=False, compare=False, metadata={"knob": False})
+
+    @staticmethod
+    def settle(values: dict, given: dict) -> None:
+        """unmask="learned" without a threshold uses the sampler's default probability threshold."""
+        if values.get("unmask") == "learned" and given.get("threshold") is None:
+            values["threshold"] = LEARNED_THRESHOLD
 
     def check(self, defaults) -> None:
         check_block("linear_spec", self.block_length, 2)
         check_threshold(self.threshold)
         check_drafter(self.use_drafter, defaults)
+        check_unmask(self.unmask, ("threshold", "learned"), defaults)
 
 
 def _build(ids, stop, sampling, mask_id, k, thinking, provisional, steer, block):
-    return linear_spec(ids, stop, sampling, mask_id, k.block_length, k.threshold, k.use_drafter, thinking)
+    return linear_spec(ids, stop, sampling, mask_id, k.block_length, k.threshold, k.use_drafter, thinking,
+                       rule=rule_for(k.unmask, k.threshold, k.sampler))
 
 
 SPEC = ModeSpec("linear_spec", "diffusion draft (LoRA drafter) + causal verify, longest agreeing prefix + bonus",

@@ -88,6 +88,8 @@ def resolve_knobs(mode: str, defaults: ModelDefaults, max_new_tokens: int | None
         settle(values, given)
     if "use_drafter" in spec.knob_names and values.get("use_drafter") is None:
         values["use_drafter"] = defaults.has_drafter
+    if values.get("unmask") == "learned":
+        values["sampler"] = defaults.sampler  # None: the knobs' check names the missing sampler
     knobs = spec.knobs(**values)
     knobs.check(defaults)
     return knobs

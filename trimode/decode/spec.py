@@ -16,6 +16,7 @@ class ModelDefaults:
 
     block_size: int = 32
     has_drafter: bool = False
+    sampler: object = field(default=None, repr=False, compare=False)  # the learned unmasking sampler, if any
 
 
 def check_block(name: str, block_length: int, least: int) -> None:
@@ -64,7 +65,9 @@ class ModeSpec:
     knob_names: tuple[str, ...] = field(init=False)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "knob_names", tuple(f.name for f in dataclasses.fields(self.knobs)))
+        # A field marked metadata={"knob": False} is filled from the model (the sampler), never given by name.
+        object.__setattr__(self, "knob_names", tuple(f.name for f in dataclasses.fields(self.knobs)
+                                                     if f.metadata.get("knob", True)))
 
     def machine(self, prompt_ids, stop, sampling, mask_id, knobs, thinking=None, provisional=False, steer=None,
                 block=None):

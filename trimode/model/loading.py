@@ -4,6 +4,7 @@ Layout (the released one):
     config.json
     model.safetensors | model.safetensors.index.json + shards
     linear_spec_lora/adapter_config.json + adapter_model.safetensors   (optional drafter adapter, PEFT format)
+    sampler/config.json + model.safetensors                            (optional learned unmasking sampler)
     tokenizer.json, tokenizer_config.json                               (optional)
 A Hub repo id resolves through `huggingface_hub` to the same layout in the local cache.
 """
@@ -18,12 +19,13 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from trimode.model.config import CheckpointError, NLDConfig
+from trimode.model.sampler import SAMPLER_DIR, load_sampler
 from trimode.model.transformer import NLDTransformer, yarn_inv_freq
 
 WEIGHTS = "model.safetensors"
 INDEX = "model.safetensors.index.json"
 LORA_DIR = "linear_spec_lora"
-HUB_PATTERNS = ["*.json", "*.safetensors", "*.jinja", f"{LORA_DIR}/*"]
+HUB_PATTERNS = ["*.json", "*.safetensors", "*.jinja", f"{LORA_DIR}/*", f"{SAMPLER_DIR}/*"]
 
 
 def resolve_checkpoint(path_or_repo: str | Path, revision: str | None = None, local_files_only: bool = False,
@@ -157,7 +159,15 @@ def load_model(ckpt: Path, dtype: torch.dtype = torch.float32, device: str | tor
     # RoPE frequencies are not in the checkpoint (still on meta): derived from the config, always float32,
     # exactly as NLDTransformer._apply recomputes them after a .to().
     model.inv_freq = yarn_inv_freq(cfg)[0].to(device)
+    attach_sampler(model, ckpt / SAMPLER_DIR if (ckpt / SAMPLER_DIR / "config.json").is_file() else None)
     return model.eval()
+
+
+def attach_sampler(model: NLDTransformer, sampler_dir: Path | None) -> None:
+    """`model.sampler`: the learned unmasking sampler of `sampler_dir` (None: none). Kept outside the module
+    tree, so the network's state dict (and a saved checkpoint) never includes it."""
+    sampler = None if sampler_dir is None else load_sampler(sampler_dir, model.device)
+    object.__setattr__(model, "sampler", sampler)
 
 
 def load_lora(model: NLDTransformer, lora_dir: Path) -> None:

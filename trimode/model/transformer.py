@@ -184,6 +184,9 @@ class NLDTransformer(nn.Module):
         self.diffusion_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         inv_freq, self.rope_scale = yarn_inv_freq(cfg)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
+        # The learned unmasking sampler (model/sampler.py), when the checkpoint has one: outside the module tree
+        # (see loading.attach_sampler), so it never enters the network's state dict.
+        object.__setattr__(self, "sampler", None)
 
     def _apply(self, fn, recurse=True):
         # Every .to()/.cuda()/.half()/to_empty() lands here. RoPE frequencies are derived from the config and

@@ -57,8 +57,8 @@ class Prepared:
 
 
 def model_defaults(model: ModelHandle) -> ModelDefaults:
-    """What `model` contributes to knob defaults (its block size, whether it has a drafter)."""
-    return ModelDefaults(model.config.block_size, model.has_drafter)
+    """What `model` contributes to knob defaults (its block size, whether it has a drafter, its sampler)."""
+    return ModelDefaults(model.config.block_size, model.has_drafter, model.net.sampler)
 
 
 def check_text(model: ModelHandle, text: str, what: str) -> None:

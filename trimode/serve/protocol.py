@@ -3,7 +3,7 @@ OpenAI-style error body. Responses are plain dicts built in `app.py`.
 
 Extra body fields (sent with the `openai` client as `extra_body={...}`): `mode`, `route`, `risk`, every mode's
 knobs (the registry `trimode.decode.modes`: `block_length`, `threshold`, `steps`, `causal_context`,
-`remask_threshold`, `use_drafter`, `ar_mix_weight`), the thinking budget `max_thinking_tokens` /
+`remask_threshold`, `unmask`, `use_drafter`, `ar_mix_weight`), the thinking budget `max_thinking_tokens` /
 `end_think_token_id`, and `provisional` (stream the diffusion block before it is committed). Unknown fields are
 rejected with a 400 that names them.
 
@@ -131,6 +131,7 @@ class GenerationFields(BaseModel):
     use_drafter: bool | None = None
     ar_mix_weight: FiniteFloat | None = Field(None, ge=0, le=1)
     remask_threshold: FiniteFloat | None = Field(None, ge=0, le=1)
+    unmask: Literal["threshold", "steps", "learned"] | None = None  # diffusion / linear_spec draft policy
     hole_window: int | None = Field(None, ge=0, le=4096)  # `suffix`: the hole's first window (see the edit mode)
     max_thinking_tokens: int | None = Field(None, ge=0)
     end_think_token_id: int | None = Field(None, ge=0)

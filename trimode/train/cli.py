@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from trimode.train import drafter_cli
+from trimode.train import drafter_cli, sampler_cli
 
 
 def _fail(message: str) -> None:
@@ -16,6 +16,7 @@ def _fail(message: str) -> None:
 
 def register(app: typer.Typer) -> None:
     drafter_cli.register(app)  # `trimode train-drafter`
+    sampler_cli.register(app)  # `trimode train-sampler`
 
     @app.command("train")
     def train_command(

@@ -7,7 +7,8 @@ import torch
 
 import trimode
 from trimode.bench import sol
-from trimode.bench.quality import load_items, prompt_text
+from trimode.bench.quality import load_items
+from trimode.tasks import prompt_text
 
 
 @pytest.fixture(scope="module")
@@ -17,7 +18,8 @@ def tm():
 
 @pytest.fixture(scope="module")
 def items(tm):
-    return [tm.encode(prompt_text(tm, it)) for it in load_items("sort", 3, 0) + load_items("arithmetic", 2, 0)]
+    items = load_items("sort", 3, 0) + load_items("arithmetic", 2, 0)
+    return [tm.encode(prompt_text(it, tm.tokenizer)) for it in items]
 
 
 def analyse(tm, items, cap=sol.FORWARD_CAP, rules=None):

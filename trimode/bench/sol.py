@@ -33,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-from trimode.bench.quality import load_items, prompt_text
+from trimode.bench.quality import load_items
 from trimode.decode.diffusion import Schedule, denoise_block, new_block
 from trimode.decode.driver import run_forward
 from trimode.decode.sampling import SamplingParams, confidence
@@ -42,6 +42,7 @@ from trimode.decode.step import Forward
 from trimode.decode.stopping import StopRule
 from trimode.decode.transfer import commit_by_threshold, masked_confidence
 from trimode.decode.unmask import LearnedRule
+from trimode.tasks import prompt_text
 
 FORWARD_CAP = 5000
 GREEDY = SamplingParams()
@@ -251,7 +252,8 @@ def end_to_end(tm, items, configs: dict[str, dict]) -> dict[str, dict]:
         gen = fwd = correct = 0
         acceptance: list[int] = []
         for item in items:
-            r = tm.generate(prompt_text(tm, item), max_new_tokens=getattr(item, "max_new_tokens", 32), **knobs)
+            r = tm.generate(prompt_text(item, tm.tokenizer), max_new_tokens=getattr(item, "max_new_tokens", 32),
+                            **knobs)
             gen += r.stats.generated_tokens
             fwd += r.stats.forward_passes - r.stats.prefill_passes
             correct += bool(item.check(r.text))
@@ -288,7 +290,7 @@ def run(model: str | None = None, tasks: list[str] | None = None, n: int = 8, th
     items = [it for name in (tasks or sorted(TASKS)) for it in load_items(name, n, seed)]
     sol = SolRun(length)
     for i, item in enumerate(items):
-        ids = tm.encode(prompt_text(tm, item))
+        ids = tm.encode(prompt_text(item, tm.tokenizer))
         analyse_item(tm.net, ids, getattr(item, "max_new_tokens", 32), rules, sol, cap)
         if progress is not None:
             progress(i + 1, len(items))

@@ -27,6 +27,7 @@ from trimode.decode.sampling import SamplingParams
 from trimode.decode.stopping import StopRule
 from trimode.decode.transfer import commit_by_threshold
 from trimode.model.sampler import BlockSampler, SamplerConfig
+from trimode.tasks import TASKS, load_tasks, prompt_text
 
 
 @dataclass
@@ -105,12 +106,10 @@ class Recorder:
 @torch.no_grad()
 def collect(tm, items, sampler: BlockSampler, policy: str) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """Per-pass examples (features [L, F], labelled slots [L], labels [L]) of decoding `items` under `policy`."""
-    from trimode.bench.quality import prompt_text
-
     length = tm.config.block_size
     examples = []
     for item in items:
-        ids = tm.encode(prompt_text(tm, item))
+        ids = tm.encode(prompt_text(item, tm.tokenizer))
         truth = tm.encode(item.completion) + [tm.config.eos_token_id]
         recorder = Recorder(sampler, policy, truth, length)
         budget = getattr(item, "max_new_tokens", 32)
@@ -187,7 +186,6 @@ def train(sampler: BlockSampler, train_set, held_out, recipe: SamplerRecipe, log
 
 def train_sampler(tm, recipe: SamplerRecipe, log=print) -> tuple[BlockSampler, dict]:
     """Collect trajectories on the train split, train, return the sampler and its training summary."""
-    from trimode.tasks import TASKS, load_tasks
 
     torch.manual_seed(recipe.seed)
     cfg = SamplerConfig(tm.config.vocab_size, recipe.top_k, recipe.embed_dim, recipe.embed_top, recipe.hidden,

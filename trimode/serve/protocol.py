@@ -292,6 +292,8 @@ class EditRequest(BaseModel):
     stream: bool = False
     provisional: bool = False
     user: str | None = None
+    route: str | None = None  # the route's review and audit apply; its mode and knobs do not (an edit is an edit)
+    risk: Risk | None = None
 
     @model_validator(mode="after")
     def _fields(self):

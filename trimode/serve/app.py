@@ -129,11 +129,11 @@ def create_app(engine: Engine, config: ServerConfig) -> FastAPI:
 
     add_playground(app)  # the playground page (trimode/serve/playground.py): static files, no key needed
     app.openapi = lambda: openapi_schema(app, config)
-    # Added innermost first: metrics see every status (405, 413, 415, 421, 500 included); the local-only checks
-    # and the body limit act before a route reads anything.
+    # Added innermost first: metrics see every status (405, 413, 415, 421, 500 included); the body limit and the
+    # local-only checks act before a route reads anything.
     app.add_middleware(Unhandled)
-    app.add_middleware(BodyLimit, limit=config.max_body_bytes)
     app.add_middleware(LocalOnly, allowed_hosts=config.allowed_hosts)
+    app.add_middleware(BodyLimit, limit=config.max_body_bytes)
     app.add_middleware(RequestMetrics, metrics=metrics)
     return app
 

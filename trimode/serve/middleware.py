@@ -43,6 +43,16 @@ class LocalOnly:
             return value[1:value.find("]")] if "]" in value else value
         return value.rsplit(":", 1)[0] if value.count(":") == 1 else value
 
+    @staticmethod
+    async def drain(receive) -> None:
+        """Read and drop the body (the body limit, outside, bounds it): answering with unread bytes in the
+        socket resets the connection now and then, and the client loses the answer."""
+        try:
+            while (await receive()).get("more_body"):
+                pass
+        except APIError:  # over the body limit: the answer is this one anyway
+            pass
+
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
@@ -57,6 +67,7 @@ class LocalOnly:
         if method == "POST":
             kind = headers.get("content-type", "").split(";")[0].strip().lower()
             if kind != "application/json":
+                await self.drain(receive)
                 return await answer(APIError(415, f"the request body must be JSON (Content-Type: application/json"
                                                   f"), got {kind or 'no content type'!r}", param="content-type",
                                              code="unsupported_media_type"), scope, receive, send)

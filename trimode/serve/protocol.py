@@ -1,5 +1,5 @@
 """The wire format: OpenAI request bodies (strict pydantic models, trimode's extra fields included) and the
-OpenAI-style error body. Responses are plain dicts built in `app.py`.
+OpenAI-style error body. Responses are plain dicts built in `respond.py`.
 
 Extra body fields (sent with the `openai` client as `extra_body={...}`): `mode`, `route`, `risk`, every mode's
 knobs (the registry `trimode.decode.modes`: `block_length`, `threshold`, `steps`, `causal_context`,

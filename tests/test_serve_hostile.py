@@ -18,7 +18,8 @@ from tokenizers import Tokenizer, normalizers
 import trimode
 from tests.test_serve_api import API_KEY, MODEL, ServerThread, build_checkpoint, chat_body, post
 from trimode.engine import Engine
-from trimode.serve.app import ServerConfig, _engine_error, create_app
+from trimode.serve.app import ServerConfig, create_app
+from trimode.serve.respond import engine_error as _engine_error
 
 BIG = 10 * 2**20  # a 10 MB prompt
 

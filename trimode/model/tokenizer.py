@@ -7,6 +7,7 @@ sandboxed environment: a checkpoint's template cannot reach Python objects or th
 from __future__ import annotations
 
 import json
+import re
 from functools import cached_property
 from pathlib import Path
 
@@ -95,6 +96,53 @@ class NLDTokenizer:
             return None
         allowed = [i for i, t in enumerate(texts) if t.startswith(last)]
         return (ids[:-1], last, allowed) if len(allowed) > 1 else None
+
+    @cached_property
+    def _text_only(self) -> Tokenizer:
+        """A copy that reads special-token text ("</s>", "<|user|>") as plain text: for text a user wrote."""
+        tok = Tokenizer.from_str(self.tok.to_str())
+        tok.encode_special_tokens = True
+        return tok
+
+    @cached_property
+    def _specials(self) -> re.Pattern | None:
+        names = sorted((t.content for t in self.tok.get_added_tokens_decoder().values() if t.special), key=len,
+                       reverse=True)
+        return re.compile("(" + "|".join(map(re.escape, names)) + ")") if names else None
+
+    def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
+        """The ids of the rendered chat template, where only the template's own text can make special tokens.
+
+        A message's content is text: "</s>" or "<|assistant|>" typed into it is encoded as those characters,
+        never as the EOS or role marker ids. The template is rendered with a placeholder for each content; the
+        rendered text is cut at the placeholders and at the template's special tokens, and every run of text
+        between special tokens (template text and contents alike) is encoded with special-token parsing off. A
+        message without special-token text gets exactly the ids of `encode(apply_chat_template(...))`: the
+        tokenizer also encodes the text between special tokens run by run."""
+        marks = [f"\ue000{i}\ue001" for i in range(len(messages))]
+        masked = [{**m, "content": mark} for m, mark in zip(messages, marks, strict=True)]
+        rendered = self.apply_chat_template(masked, add_generation_prompt)
+        parts = re.split("\ue000(\\d+)\ue001", rendered)
+        if len(parts) != 2 * len(messages) + 1 or parts[1::2] != [str(i) for i in range(len(messages))]:
+            raise TemplateError("the chat template changes or repeats message contents; it cannot be encoded "
+                                "with the contents as plain text")
+        ids: list[int] = []
+        run = ""  # text since the last special token
+        for k, part in enumerate(parts):
+            if k % 2:  # a message's content: text only
+                run += messages[k // 2].get("content") or ""
+                continue
+            pieces = self._specials.split(part) if self._specials is not None else [part]
+            for j, piece in enumerate(pieces):
+                if j % 2:  # a special token the template wrote
+                    ids += self._text_only.encode(run, add_special_tokens=False).ids if run else []
+                    ids.append(self.tok.token_to_id(piece))
+                    run = ""
+                else:
+                    run += piece
+        if run:
+            ids += self._text_only.encode(run, add_special_tokens=False).ids
+        return ids
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
         if not self.chat_template:

@@ -49,25 +49,15 @@ def serve(
     dtype: str | None = typer.Option(None, help="float32 / bfloat16 (default: float32 on CPU, bfloat16 on CUDA)."),
     device: str | None = typer.Option(None, help="cpu / cuda (default: cuda when available)."),
     log_level: str = typer.Option("info", "--log-level", help="uvicorn log level."),
+    allowed_host: list[str] = typer.Option([], "--allowed-host", help="A Host name to answer besides localhost, "
+                                           "127.0.0.1 and ::1 (repeatable; behind a proxy: its public name; '*': "
+                                           "any). Bound to a non-loopback address, no Host check unless given."),
 ) -> None:
     """Serve a model over an OpenAI-compatible HTTP API (completions, chat, models, health, metrics)."""
     from trimode.cli import fail, load_or_fail
 
-    if mode not in SERVE_MODES:
-        fail(f"unknown --mode {mode!r}; choose one of {', '.join(SERVE_MODES)}")
-    if threshold is not None and not 0 <= threshold <= 1:
-        fail(f"--threshold must be in [0, 1], got {threshold}")
-    if block_length is not None and block_length < 1:
-        fail(f"--block-length must be >= 1, got {block_length}")
-    if max_block_length < 2:
-        fail(f"--max-block-length must be >= 2, got {max_block_length}")
-    if max_pass_mb is not None and max_pass_mb <= 0:
-        fail(f"--max-pass-mb must be > 0, got {max_pass_mb}")
-    if max_tokens < 1 or max_running < 1 or max_queue < 0 or not 0 < port < 65536:
-        fail("--max-tokens and --max-running must be >= 1, --max-queue >= 0 and --port in 1..65535")
-    max_body_bytes = int(max_body_mb * 2**20)
-    if max_body_bytes < 1024:
-        fail(f"--max-body-mb must allow at least 1 KiB, got {max_body_mb}")
+    max_body_bytes = check_options(mode, threshold, block_length, max_block_length, max_pass_mb, max_tokens,
+                                   max_running, max_queue, port, max_body_mb)
     auto = None if auto_config is None else parse_auto_config(auto_config)
 
     from trimode.serve.policy import AuditLog, PolicyError, load_policy
@@ -94,7 +84,7 @@ def serve(
     knobs = {k: v for k, v in (("block_length", block_length), ("threshold", threshold)) if v is not None}
     try:
         config = ServerConfig(name, mode, knobs, max_tokens, temperature, api_key, routing, audit, max_body_bytes,
-                              max_block_length)
+                              max_block_length, allowed_hosts(host, allowed_host))
         if mode != "auto":
             tm.knobs_for(mode, **knobs)  # reject bad defaults now rather than on every request
     except ValueError as e:
@@ -110,6 +100,38 @@ def serve(
         uvicorn.run(app, host=host, port=port, log_level=log_level)
     except OSError as e:
         fail(f"cannot serve on {host}:{port}: {e.strerror or e}")
+
+
+def check_options(mode, threshold, block_length, max_block_length, max_pass_mb, max_tokens, max_running, max_queue,
+                  port, max_body_mb) -> int:
+    """Refuse bad option values before anything loads; the body limit in bytes."""
+    from trimode.cli import fail
+
+    if mode not in SERVE_MODES:
+        fail(f"unknown --mode {mode!r}; choose one of {', '.join(SERVE_MODES)}")
+    if threshold is not None and not 0 <= threshold <= 1:
+        fail(f"--threshold must be in [0, 1], got {threshold}")
+    if block_length is not None and block_length < 1:
+        fail(f"--block-length must be >= 1, got {block_length}")
+    if max_block_length < 2:
+        fail(f"--max-block-length must be >= 2, got {max_block_length}")
+    if max_pass_mb is not None and max_pass_mb <= 0:
+        fail(f"--max-pass-mb must be > 0, got {max_pass_mb}")
+    if max_tokens < 1 or max_running < 1 or max_queue < 0 or not 0 < port < 65536:
+        fail("--max-tokens and --max-running must be >= 1, --max-queue >= 0 and --port in 1..65535")
+    max_body_bytes = int(max_body_mb * 2**20)
+    if max_body_bytes < 1024:
+        fail(f"--max-body-mb must allow at least 1 KiB, got {max_body_mb}")
+    return max_body_bytes
+
+
+def allowed_hosts(host: str, extra: list[str]) -> tuple[str, ...] | None:
+    """The Host names answered: bound to loopback, its names plus `extra`; bound elsewhere, `extra` or any."""
+    from trimode.serve.plan import LOOPBACK_HOSTS
+
+    if host in LOOPBACK_HOSTS or host.startswith("127."):
+        return LOOPBACK_HOSTS + tuple(extra)
+    return tuple(extra) if extra else None
 
 
 def parse_auto_config(text: str):

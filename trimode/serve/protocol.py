@@ -1,5 +1,5 @@
 """The wire format: OpenAI request bodies (strict pydantic models, trimode's extra fields included) and the
-OpenAI-style error body. Responses are plain dicts built in `app.py`.
+OpenAI-style error body. Responses are plain dicts built in `respond.py`.
 
 Extra body fields (sent with the `openai` client as `extra_body={...}`): `mode`, `route`, `risk`, every mode's
 knobs (the registry `trimode.decode.modes`: `block_length`, `threshold`, `steps`, `causal_context`,
@@ -27,6 +27,7 @@ from trimode.decode.modes import KNOB_NAMES, MODES
 # What a request's `mode` may name (edits have their own fields and route: `suffix`, /v1/edits).
 RequestMode = Literal[tuple(name for name, spec in MODES.items() if not spec.editing)]  # type: ignore[valid-type]
 Risk = Literal["low", "medium", "high"]
+ROLES = ("system", "developer", "user", "assistant")
 MAX_N = 16
 MAX_STOPS = 8
 _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
@@ -220,10 +221,19 @@ class TextPart(BaseModel):
 
 class ChatMessage(BaseModel):
     model_config = STRICT
-    role: Literal["system", "developer", "user", "assistant", "tool"]
+    # `developer` is OpenAI's newer name for `system` and is rendered as one; `tool` needs tool calling (not yet).
+    role: str = Field(json_schema_extra={"enum": list(ROLES)})
     content: Any = Field(None, json_schema_extra={"anyOf": [  # a string, or a list of text parts
         {"type": "string"}, {"type": "array", "items": _TEXT_PART}, {"type": "null"}]})
     name: str | None = None
+
+    @field_validator("role")
+    @classmethod
+    def _role(cls, v):
+        if v not in ROLES:
+            later = " (tool calling is not supported yet)" if v == "tool" else ""
+            raise ValueError(f"role {v!r} is not supported{later}; use one of {', '.join(ROLES)}")
+        return v
 
     @field_validator("content")
     @classmethod
@@ -238,7 +248,7 @@ class ChatMessage(BaseModel):
         content = self.content
         if isinstance(content, list):
             content = "".join(part.text for part in content)
-        message = {"role": self.role, "content": content or ""}
+        message = {"role": "system" if self.role == "developer" else self.role, "content": content or ""}
         if self.name is not None:
             message["name"] = self.name
         return message
@@ -293,6 +303,8 @@ class EditRequest(BaseModel):
     stream: bool = False
     provisional: bool = False
     user: str | None = None
+    route: str | None = None  # the route's review and audit apply; its mode and knobs do not (an edit is an edit)
+    risk: Risk | None = None
 
     @model_validator(mode="after")
     def _fields(self):

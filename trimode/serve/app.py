@@ -26,7 +26,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
-from trimode.decode.modes import MODES as MODE_SPECS
+from trimode.decode.modes import names
 from trimode.engine import Engine
 from trimode.serve.metrics import CONTENT_TYPE, ServerMetrics
 from trimode.serve.middleware import CLIENT_GONE, BodyLimit, LocalOnly, RequestMetrics, Unhandled
@@ -113,7 +113,7 @@ def create_app(engine: Engine, config: ServerConfig) -> FastAPI:
         tm = engine.tm
         card = {"id": config.model_name, "object": "model", "created": started, "owned_by": "trimode",
                 "context_length": tm.max_context, "modes": list(MODES), "default_mode": config.default_mode,
-                "lossless_modes": [m for m in MODES if MODE_SPECS[m].lossless],
+                "lossless_modes": [m for m in MODES if m in names(lossless=True)],
                 "has_drafter": tm.has_drafter, "has_chat_template": bool(tm.tokenizer and tm.tokenizer.chat_template)}
         return {"object": "list", "data": [card]}
 

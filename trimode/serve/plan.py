@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from starlette.datastructures import Headers
 
 from trimode.api import TriMode
-from trimode.decode.modes import MODES as MODE_SPECS
+from trimode.decode.modes import names
 from trimode.engine import Engine, EngineRequest
 from trimode.model.tokenizer import TemplateError
 from trimode.serve.logprobs import LOGPROB_MODES
@@ -42,7 +42,7 @@ RISK_HEADER = "x-trimode-risk"
 DEFAULT_MAX_BODY_BYTES = 16 << 20
 DEFAULT_MAX_BLOCK_LENGTH = 64
 LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1")
-MODES = tuple(name for name, spec in MODE_SPECS.items() if not spec.editing)  # what a request's `mode` may be
+MODES = names(editing=False)  # what a request's `mode` may be
 ENDPOINTS = {"completions": CompletionRequest, "chat.completions": ChatCompletionRequest, "edits": EditRequest}
 _HOLE_SIZE = re.compile(r"\[\[hole:(\d+)\]\]")
 _HOLE = re.compile(r"\[\[hole(?::\d+)?\]\]")

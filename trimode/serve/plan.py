@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from starlette.datastructures import Headers
 
 from trimode.api import TriMode
-from trimode.decode.modes import names
+from trimode.decode.modes import mode_spec, names
 from trimode.engine import Engine, EngineRequest
 from trimode.model.tokenizer import TemplateError
 from trimode.serve.logprobs import LOGPROB_MODES
@@ -205,7 +205,7 @@ class Planner:
         given = {**self.config.default_knobs, **(route.knobs if route else {}), **body.knobs}
 
         def knobs_of(mode: str) -> dict:  # the knobs the registry says `mode` reads; the others are dropped
-            return {k: v for k, v in given.items() if k in MODE_SPECS[mode].knob_names}
+            return {k: v for k, v in given.items() if k in mode_spec(mode).knob_names}
 
         if route is None:
             mode = body.mode or self.config.default_mode
@@ -244,7 +244,7 @@ class Planner:
             if body.echo or body.logprobs is not None:
                 raise APIError(400, "suffix does not combine with echo or logprobs", param="suffix")
             mode, verified = "edit", False
-            knobs = {k: v for k, v in body.knobs.items() if k in MODE_SPECS["edit"].knob_names}
+            knobs = {k: v for k, v in body.knobs.items() if k in mode_spec("edit").knob_names}
         else:
             mode, knobs, verified, decision = self._mode(body, route, rows)
             knobs.update(body.thinking)

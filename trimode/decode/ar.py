@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
+from trimode.decode.grammar import GrammarMatcher
 from trimode.decode.sampling import SamplingParams, choose
 from trimode.decode.spec import ModeSpec
 from trimode.decode.stats import DecodeStats
@@ -18,7 +19,11 @@ from trimode.decode.stopping import StopRule, ThinkingBudget
 
 
 def ar(prompt_ids: torch.Tensor, stop: StopRule, sampling: SamplingParams = SamplingParams(),
-       thinking: ThinkingBudget | None = None) -> Machine:
+       thinking: ThinkingBudget | None = None, grammar: list[GrammarMatcher] | GrammarMatcher | None = None
+       ) -> Machine:
+    """`grammar`: one matcher per row (or one for a single row); each step chooses among the tokens its grammar
+    allows (decode/grammar.py)."""
+    grammars = [grammar] if isinstance(grammar, GrammarMatcher) else grammar
     batch, prompt_len = prompt_ids.shape
     stats = DecodeStats("ar", prompt_tokens=prompt_len)
     rows = torch.arange(batch)
@@ -30,6 +35,8 @@ def ar(prompt_ids: torch.Tensor, stop: StopRule, sampling: SamplingParams = Samp
     done = [False] * batch
     thought = [False] * batch
     for step in range(stop.max_new_tokens):
+        if grammars is not None:
+            logits = torch.cat([g.mask(logits[r : r + 1]) for r, g in enumerate(grammars)])
         tokens = choose(logits, prompt_len + step, sampling, rows=rows)
         if thinking is not None and step >= thinking.max_thinking_tokens:
             for r in range(batch):
@@ -40,6 +47,8 @@ def ar(prompt_ids: torch.Tensor, stop: StopRule, sampling: SamplingParams = Samp
             if thinking is not None and t == thinking.end_think_token_id:
                 thought[r] = True
             if not done[r]:
+                if grammars is not None:
+                    grammars[r].advance(t)
                 out[r].append(t)
                 new[r].append(t)
                 done[r] = t in stop.eos_token_ids
@@ -60,8 +69,8 @@ class ARKnobs:
         pass
 
 
-def _build(ids, stop, sampling, mask_id, k, thinking, provisional, steer, block):
-    return ar(ids, stop, sampling, thinking)
+def _build(ids, stop, sampling, mask_id, k, thinking, provisional, steer, block, grammar=None):
+    return ar(ids, stop, sampling, thinking, grammar)
 
 
 SPEC = ModeSpec("ar", "causal prefill, one token per forward", ARKnobs, _build, lossless=True,

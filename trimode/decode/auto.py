@@ -20,7 +20,15 @@ from typing import Protocol
 
 import torch
 
-from trimode.decode.cycles import accepted_length, draft_block, quadratic_init, quadratic_pass, verify_block
+from trimode.decode.cycles import (
+    accepted_length,
+    draft_block,
+    quadratic_init,
+    quadratic_pass,
+    verify_block,
+    verify_constrained,
+)
+from trimode.decode.grammar import GrammarMatcher
 from trimode.decode.sampling import SamplingParams, choose
 from trimode.decode.spec import ModeSpec, check_block, check_drafter
 from trimode.decode.stats import DecodeStats
@@ -53,7 +61,9 @@ class FixedChoice:
 
 
 def auto(prompt_ids: torch.Tensor, stop: StopRule, sampling: SamplingParams, mask_id: int, steer: Steer,
-         block_length: int = 32, use_drafter: bool = False, thinking: ThinkingBudget | None = None) -> Machine:
+         block_length: int = 32, use_drafter: bool = False, thinking: ThinkingBudget | None = None,
+         grammar: GrammarMatcher | None = None) -> Machine:
+    """`grammar`: every emitted token is chosen under it as AR would choose it, whichever mode a cycle runs."""
     if prompt_ids.shape[0] != 1:
         raise ValueError("auto decodes one sequence at a time (batch size 1)")
     dev, B = prompt_ids.device, block_length
@@ -63,13 +73,15 @@ def auto(prompt_ids: torch.Tensor, stop: StopRule, sampling: SamplingParams, mas
     tail: list[int] = []  # guesses for the tokens after `pending`
     mode, b = steer.pick()
     if mode == "quadratic_spec":  # the prefill also drafts, as quadratic_spec's first pass does
-        pending, *tail = yield from quadratic_init(prompt_ids, b, mask_id, sampling, stats)
+        pending, *tail = yield from quadratic_init(prompt_ids, b, mask_id, sampling, stats, grammar)
     else:
         logits = yield Forward(prompt_ids, mask="causal", cache="append", logits="last")
         stats.forward_passes += 1
-        pending = int(choose(logits, prompt_len, sampling))
+        pending = int(choose(logits if grammar is None else grammar.mask(logits), prompt_len, sampling))
     if thinking is not None and thinking.max_thinking_tokens == 0:
         pending = thinking.end_think_token_id
+    if grammar is not None:
+        grammar.advance(pending)
     out, over = stop.finish([pending])
     yield Committed([out], stats)
 
@@ -85,14 +97,16 @@ def auto(prompt_ids: torch.Tensor, stop: StopRule, sampling: SamplingParams, mas
             logits = yield Forward(torch.tensor([[pending]], device=dev), mask="causal", cache="append",
                                    logits="last")
             stats.forward_passes += 1
-            emitted = [int(choose(logits, clean + 1, sampling))]
+            emitted = [int(choose(logits if grammar is None else grammar.mask(logits), clean + 1, sampling))]
             if budget_near and len(out) >= thinking.max_thinking_tokens:
                 emitted = [thinking.end_think_token_id]
+            if grammar is not None:
+                grammar.advance(emitted[0])
             tail = []
         elif mode == "linear_spec":
             drafts = yield from draft_block(pending, clean, b, mask_id, sampling, stats, 0.0, use_drafter, dev)
-            verified = yield from verify_block(drafts, clean, sampling, stats, dev)
-            accepted = accepted_length(verified, drafts, b)
+            verified = yield from verify_block(drafts, clean, sampling, stats, dev, grammar)
+            accepted = accepted_length(verified, drafts, b) if grammar is None else len(verified)
             yield Commit(accepted)
             emitted = verified[:accepted]
             tail = []
@@ -102,10 +116,14 @@ def auto(prompt_ids: torch.Tensor, stop: StopRule, sampling: SamplingParams, mas
                                                dev))[1:]
             leaders = [pending] + tail[: b - 1]
             result = yield from quadratic_pass(leaders, clean, mask_id, sampling, stats, device=dev)
-            accepted = accepted_length(result.verified, leaders, b)
+            verified = result.verified
+            if grammar is not None:
+                verified = verify_constrained(result.logits[:, 0], result.pred_pos[:, 0], leaders, sampling,
+                                              grammar, b)
+            accepted = accepted_length(verified, leaders, b) if grammar is None else len(verified)
             yield Commit(slots=[j * (b + 1) for j in range(accepted)])
             tail = result.tail(accepted - 1)
-            emitted = result.verified[:accepted]
+            emitted = verified[:accepted]
         clean += len(emitted)
         pending = emitted[-1]
         before = len(out)
@@ -132,10 +150,10 @@ class AutoKnobs:
         check_drafter(self.use_drafter, defaults)
 
 
-def _build(ids, stop, sampling, mask_id, k, thinking, provisional, steer, block):
+def _build(ids, stop, sampling, mask_id, k, thinking, provisional, steer, block, grammar=None):
     if steer is None:
         raise ValueError("mode auto chooses by the engine's load: run it through the engine (trimode serve)")
-    return auto(ids, stop, sampling, mask_id, steer, k.block_length, k.use_drafter, thinking)
+    return auto(ids, stop, sampling, mask_id, steer, k.block_length, k.use_drafter, thinking, grammar)
 
 
 SPEC = ModeSpec("auto", "per cycle AR, linear or quadratic speculation, whichever the load favours", AutoKnobs,

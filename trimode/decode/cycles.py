@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
+from trimode.decode.grammar import GrammarMatcher
 from trimode.decode.sampling import SamplingParams, choose, confidence
 from trimode.decode.stats import DecodeStats
 from trimode.decode.step import Commit, Forward
@@ -51,13 +52,51 @@ def draft_block(pending: int, start: int, block: int, mask_id: int, sampling: Sa
     return ids[0].tolist()
 
 
-def verify_block(drafts: list[int], start: int, sampling: SamplingParams, stats: DecodeStats, device="cpu"):
+def verify_block(drafts: list[int], start: int, sampling: SamplingParams, stats: DecodeStats, device="cpu",
+                 grammar: GrammarMatcher | None = None, forced: tuple[int, int] | None = None):
     """Causal pass over the drafted block at positions start..; K/V left as scratch (the caller commits the
-    accepted part). Returns ar, where ar[i] is the token chosen at position start + i + 1, exactly as AR would."""
+    accepted part). Returns ar, where ar[i] is the token chosen at position start + i + 1, exactly as AR would.
+    With a `grammar`, returns the accepted tokens only (`verify_constrained`) and advances the grammar by them."""
     positions = torch.arange(start, start + len(drafts), device=device)
     logits = yield Forward(torch.tensor([drafts], device=device), mask="causal", positions=positions)
     stats.forward_passes += 1
+    if grammar is not None:
+        return verify_constrained(logits[0], positions + 1, drafts, sampling, grammar, len(drafts), forced)
     return choose(logits[0], positions + 1, sampling).tolist()
+
+
+def verify_constrained(logits: torch.Tensor, positions: torch.Tensor, drafts: list[int], sampling: SamplingParams,
+                       grammar: GrammarMatcher, limit: int, forced: tuple[int, int] | None = None) -> list[int]:
+    """The verified tokens of one cycle under a grammar: verified[i] is chosen from logits[i] (the causal logits
+    after drafts[0..i], at position positions[i]) masked by the grammar as AR would have it after drafts[1..i],
+    so the grammar advances by each verified token; the cycle stops after the first that differs from the next
+    draft, after `limit`, or when the grammar ends. `forced` = (index, token): the thinking budget's end-think
+    token replaces the choice at that index and ends the cycle. Returns verified[:accepted] (accepted >= 1)."""
+    if grammar.finished:  # it ended with drafts[0] (EOS): nothing after it is output
+        return [drafts[0]]
+    verified: list[int] = []
+    for i in range(limit):
+        token = int(choose(grammar.mask(logits[i : i + 1]), positions[i : i + 1], sampling)[0])
+        was_forced = forced is not None and i == forced[0] and forced[1] not in verified
+        if was_forced:
+            token = forced[1]
+        grammar.advance(token)
+        verified.append(token)
+        if was_forced or i + 1 >= limit or token != drafts[i + 1] or grammar.finished:
+            break
+    return verified
+
+
+def think_forced_at(out_before: list[int], offset: int, thinking: ThinkingBudget | None,
+                    width: int) -> tuple[int, int] | None:
+    """Where the thinking budget forces the end-think token among the next `width` verified tokens (generated
+    indices offset..): (index, token), or None. The rule of `force_end_think`."""
+    if thinking is None:
+        return None
+    k = thinking.max_thinking_tokens - offset
+    if 0 <= k < width and thinking.end_think_token_id not in out_before:
+        return k, thinking.end_think_token_id
+    return None
 
 
 def accepted_length(verified: list[int], drafts: list[int], limit: int) -> int:
@@ -124,16 +163,17 @@ def quadratic_pass(leaders: list[int], start: int, mask_id: int, sampling: Sampl
 
 
 def quadratic_init(prompt_ids: torch.Tensor, block: int, mask_id: int, sampling: SamplingParams,
-                   stats: DecodeStats):
+                   stats: DecodeStats, grammar: GrammarMatcher | None = None):
     """The first quadratic pass (spec 2.4 init): [prompt, MASK x B], the prompt causal, the masks seeing
     everything; the cache keeps the prompt. Returns the draft [d_0, .., d_{B-1}]: d_0 the causal choice after
-    the prompt (as AR's), d_1.. the diffusion choices at mask slots 1..B-1."""
+    the prompt (as AR's, under the `grammar` when given; the caller advances it), d_1.. the diffusion choices
+    at mask slots 1..B-1."""
     prompt_len = prompt_ids.shape[1]
     masks = torch.full((1, block), mask_id, dtype=torch.long, device=prompt_ids.device)
     read = [prompt_len - 1, *range(prompt_len + 1, prompt_len + block)]  # the causal next token, mask slots 1..
     logits = yield Forward(torch.cat([prompt_ids, masks], 1), mask=QuadraticInit(prompt_len), logits=read)
     yield Commit(prompt_len)
     stats.forward_passes += 1
-    first = choose(logits[0, :1], prompt_len, sampling)
+    first = choose(logits[0, :1] if grammar is None else grammar.mask(logits[0, :1]), prompt_len, sampling)
     rest = choose(logits[0, 1:], torch.arange(prompt_len + 1, prompt_len + block), sampling, step=DRAFT_STEP_KEY)
     return [int(first)] + rest.tolist()

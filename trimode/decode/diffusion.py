@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from trimode.decode.frontier import Frontier
+from trimode.decode.grammar import GrammarMatcher
 from trimode.decode.sampling import SamplingParams, choose, confidence
 from trimode.decode.spec import ModeSpec, check_block, check_bool, check_threshold
 from trimode.decode.stats import DecodeStats
@@ -94,15 +96,20 @@ class Remasking:
 def diffusion(prompt_ids: torch.Tensor, stop: StopRule, sampling: SamplingParams, mask_id: int,
               block_length: int = 32, threshold: float | None = 0.9, causal_context: bool = True,
               steps: int | None = None, thinking: ThinkingBudget | None = None,
-              provisional: bool = False, remask_threshold: float | None = None, rule: Callable | None = None
-              ) -> Machine:
+              provisional: bool = False, remask_threshold: float | None = None, rule: Callable | None = None,
+              grammar: list[GrammarMatcher] | GrammarMatcher | None = None) -> Machine:
     """`threshold=None` selects the fixed-step schedule: `steps` denoising passes per block (default
     `block_length`, as the reference), the block's masks split evenly over them. `rule`: an unmasking rule
     (decode/unmask.py) instead of either.
 
     `remask_threshold`: see `Remasking`. The block's tokens are then final only when the block is: none is
-    streamed before."""
+    streamed before. `grammar` (one matcher per row, or one): commits follow the left frontier
+    (decode/frontier.py); the seeds are chosen under it."""
     schedule = Schedule.of(block_length, threshold, steps, remask_threshold, rule)
+    grammars = [grammar] if isinstance(grammar, GrammarMatcher) else grammar
+    if grammars is not None and remask_threshold is not None:
+        raise ValueError("remask_threshold cannot be used with structured output (a grammar reads final tokens)")
+    frontier = None if grammars is None else Frontier(grammars, block_length)
     dev = prompt_ids.device
     batch, prompt_len = prompt_ids.shape
     stats = DecodeStats("diffusion", prompt_tokens=prompt_len, prefill_passes=1)
@@ -113,7 +120,7 @@ def diffusion(prompt_ids: torch.Tensor, stop: StopRule, sampling: SamplingParams
     # 2. Prefill the prompt into the cache; its last logit gives the seed.
     logits = yield Forward(prompt_ids, mask=context_mask, cache="append", logits="last")
     stats.forward_passes += 1
-    seed = choose(logits, torch.full((batch,), prompt_len), sampling, rows=torch.arange(batch))
+    seed = _seed(logits, prompt_len, sampling, grammars)
 
     for b in range(math.ceil(stop.max_new_tokens / block_length)):
         start = prompt_len + b * block_length
@@ -122,10 +129,14 @@ def diffusion(prompt_ids: torch.Tensor, stop: StopRule, sampling: SamplingParams
         block, masked = new_block(batch, block_length, mask_id, seed if causal_context else None, thinking,
                                   b * block_length, generated, dev)
         remasking = None if remask_threshold is None else Remasking(remask_threshold, mask_id, ~masked)
+        if frontier is not None:
+            frontier.new_block()
         # 4. Denoise it; the steps stream what settles.
         committed_at, steps_run = yield from denoise_block(
             block, masked, positions, b * block_length, schedule, sampling, mask_id, remasking, provisional,
-            stop, generated, streamed, stats)
+            stop, generated, streamed, stats, frontier)
+        if frontier is not None:
+            frontier.catch_up(block, masked)  # committed slots past the last frontier commit (a forced end-think)
 
         before = [len(g) for g in generated]
         for r in range(batch):
@@ -142,11 +153,21 @@ def diffusion(prompt_ids: torch.Tensor, stop: StopRule, sampling: SamplingParams
         # 5. Refresh: the block's causal K/V into the cache; its last logit gives the next seed.
         logits = yield Forward(block, mask=context_mask, positions=positions, cache="append", logits="last")
         stats.forward_passes += 1
-        seed = choose(logits, torch.full((batch,), start + block_length), sampling, rows=torch.arange(batch))
+        seed = _seed(logits, start + block_length, sampling, grammars)
 
     out = [stop.finish(g)[0] for g in generated]
     stats.generated_tokens = sum(len(o) for o in out)
     return DecodeOutput(out, stats)
+
+
+def _seed(logits: torch.Tensor, position: int, sampling: SamplingParams,
+          grammars: list[GrammarMatcher] | None) -> torch.Tensor:
+    """The causal choice after the cache [B] (under each row's grammar, when given; the block's frontier reads
+    it as the block's first slot)."""
+    batch = logits.shape[0]
+    if grammars is not None:
+        logits = torch.cat([g.mask(logits[r : r + 1]) for r, g in enumerate(grammars)])
+    return choose(logits, torch.full((batch,), position), sampling, rows=torch.arange(batch))
 
 
 def new_block(batch: int, block_length: int, mask_id: int, seed: torch.Tensor | None,
@@ -172,25 +193,35 @@ def new_block(batch: int, block_length: int, mask_id: int, seed: torch.Tensor | 
 def denoise_block(block: torch.Tensor, masked: torch.Tensor, positions: torch.Tensor, offset: int,
                   schedule: Schedule, sampling: SamplingParams, mask_id: int, remasking: Remasking | None,
                   provisional: bool,
-                  stop: StopRule, generated: list[list[int]], streamed: list[int], stats: DecodeStats):
+                  stop: StopRule, generated: list[list[int]], streamed: list[int], stats: DecodeStats,
+                  frontier: Frontier | None = None):
     """Spec 2.2 step 4 on `block` and `masked` (in place): bidirectional passes over the read-only cache, each
     committing the slots the schedule picks, until no slot is masked or every row holds a settled EOS. Streams
-    each row's settled prefix as it grows. Returns (the step that committed each slot, -1 for none; steps run)."""
+    each row's settled prefix as it grows. With a `frontier` (a grammar per row), commits follow it (at most
+    block_length passes; forced tokens cost none). Returns (the step that committed each slot, -1 for none; steps
+    run)."""
     batch, block_length = block.shape
     rows = torch.arange(batch).repeat_interleave(block_length)
     committed_at = torch.full_like(block, -1)  # the step that committed each slot (for honest step counts)
     plan = schedule.plan(masked)
     steps_run = 0
-    for step in range(schedule.steps):
+    for step in range(schedule.steps if frontier is None else max(schedule.steps, block_length)):
+        if frontier is not None:
+            frontier.force(block, masked)
         if not masked.any():
             break
         logits = yield Forward(block.clone(), mask="bidirectional", positions=positions)
         stats.forward_passes += 1
         steps_run += 1
-        proposal = choose(logits.flatten(0, 1), positions.repeat(batch), sampling, step=1 + offset + step,
+        chosen_from = logits if frontier is None else frontier.mask_logits(logits)
+        proposal = choose(chosen_from.flatten(0, 1), positions.repeat(batch), sampling, step=1 + offset + step,
                           rows=rows).view(batch, block_length)
         conf = masked_confidence(confidence(logits, proposal), masked)
-        transfer = schedule.transfer(conf, masked, plan, step, logits, proposal)
+        if frontier is None:
+            transfer = schedule.transfer(conf, masked, plan, step, logits, proposal)
+        else:
+            wanted = schedule.transfer(conf, masked, plan, step, logits, proposal) if step < schedule.steps else masked
+            transfer = frontier.commit(proposal, wanted, masked)
         block[transfer] = proposal[transfer]
         committed_at[transfer] = step
         masked &= ~transfer
@@ -272,9 +303,9 @@ class DiffusionKnobs:
             raise ValueError(f"steps must be an integer >= 1, got {self.steps!r}")
 
 
-def _build(ids, stop, sampling, mask_id, k, thinking, provisional, steer, block):
+def _build(ids, stop, sampling, mask_id, k, thinking, provisional, steer, block, grammar=None):
     return diffusion(ids, stop, sampling, mask_id, k.block_length, k.threshold, k.causal_context, k.steps, thinking,
-                     provisional, k.remask_threshold, rule_for(k.unmask, k.threshold, k.sampler))
+                     provisional, k.remask_threshold, rule_for(k.unmask, k.threshold, k.sampler), grammar)
 
 
 SPEC = ModeSpec("diffusion", "block diffusion, seed token + post-block cache refresh", DiffusionKnobs, _build,

@@ -172,4 +172,4 @@ def _build(ids, stop, sampling, mask_id, k, thinking, provisional, steer, block)
 
 SPEC = ModeSpec("edit", "fill holes and revise a draft in one bidirectional block (infill, revise, fill)", EditKnobs,
                 _build, lossless=False, kv_scratch=lambda max_new, b: max_new,  # the block is its max_new_tokens
-                pass_tokens=None, forwards_per_cycle=None, editing=True)
+                pass_tokens=None, forwards_per_cycle=None, editing=True, constrained=False)

@@ -18,7 +18,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from trimode.decode.cycles import accepted_length, draft_block, force_end_think, verify_block
+from trimode.decode.cycles import accepted_length, draft_block, force_end_think, think_forced_at, verify_block
+from trimode.decode.grammar import GrammarMatcher
 from trimode.decode.sampling import SamplingParams, choose
 from trimode.decode.spec import ModeSpec, check_block, check_drafter, check_threshold
 from trimode.decode.stats import DecodeStats
@@ -29,11 +30,13 @@ from trimode.decode.unmask import LEARNED_THRESHOLD, check_unmask, rule_for
 
 def linear_spec(prompt_ids: torch.Tensor, stop: StopRule, sampling: SamplingParams, mask_id: int,
                 block_length: int = 32, threshold: float = 0.0, use_drafter: bool = False,
-                thinking: ThinkingBudget | None = None, thinking_as_reference: bool = False, rule=None) -> Machine:
+                thinking: ThinkingBudget | None = None, thinking_as_reference: bool = False, rule=None,
+                grammar: GrammarMatcher | None = None) -> Machine:
     """`thinking`: the token at generated index `max_thinking_tokens` is forced to the end-think id unless it
     appeared before, exactly as in AR. `thinking_as_reference=True` reproduces the reference instead: after
     each cycle past the budget, the end-think id replaces the next block's slot 0 in the context only.
-    `rule`: the draft's unmasking rule (decode/unmask.py) instead of the threshold."""
+    `rule`: the draft's unmasking rule (decode/unmask.py) instead of the threshold. `grammar`: drafts are free,
+    every verified position is chosen under the grammar as AR would choose it (decode/grammar.py)."""
     if prompt_ids.shape[0] != 1:
         raise ValueError("linear_spec decodes one sequence at a time (batch size 1)")
     if block_length < 2:
@@ -44,9 +47,13 @@ def linear_spec(prompt_ids: torch.Tensor, stop: StopRule, sampling: SamplingPara
 
     logits = yield Forward(prompt_ids, mask="causal", cache="append", logits="last")
     stats.forward_passes += 1
-    next_token = int(choose(logits, prompt_len, sampling))
+    next_token = int(choose(logits if grammar is None else grammar.mask(logits), prompt_len, sampling))
     if thinking is not None and not thinking_as_reference and thinking.max_thinking_tokens == 0:
         next_token = thinking.end_think_token_id
+    if grammar is not None:
+        if thinking_as_reference:
+            raise ValueError("a grammar needs AR's thinking budget, not thinking_as_reference")
+        grammar.advance(next_token)
     out, over = stop.finish([next_token])
     yield Committed([out], stats)
 
@@ -54,11 +61,16 @@ def linear_spec(prompt_ids: torch.Tensor, stop: StopRule, sampling: SamplingPara
     while not over:
         drafts = yield from draft_block(next_token, start, block_length, mask_id, sampling, stats, threshold,
                                         use_drafter, dev, rule)
-        ar = yield from verify_block(drafts, start, sampling, stats, dev)
-        limit = block_length
-        if not thinking_as_reference:
-            limit = force_end_think(ar, out, len(out), thinking, limit)
-        accepted = accepted_length(ar, drafts, limit)
+        if grammar is None:
+            ar = yield from verify_block(drafts, start, sampling, stats, dev)
+            limit = block_length
+            if not thinking_as_reference:
+                limit = force_end_think(ar, out, len(out), thinking, limit)
+            accepted = accepted_length(ar, drafts, limit)
+        else:
+            forced = think_forced_at(out, len(out), thinking, block_length)
+            ar = yield from verify_block(drafts, start, sampling, stats, dev, grammar, forced)
+            accepted = len(ar)
         yield Commit(accepted)
         start += accepted
         next_token = ar[accepted - 1]
@@ -99,9 +111,9 @@ class LinearSpecKnobs:
         check_unmask(self.unmask, ("threshold", "learned"), defaults)
 
 
-def _build(ids, stop, sampling, mask_id, k, thinking, provisional, steer, block):
+def _build(ids, stop, sampling, mask_id, k, thinking, provisional, steer, block, grammar=None):
     return linear_spec(ids, stop, sampling, mask_id, k.block_length, k.threshold, k.use_drafter, thinking,
-                       rule=rule_for(k.unmask, k.threshold, k.sampler))
+                       rule=rule_for(k.unmask, k.threshold, k.sampler), grammar=grammar)
 
 
 SPEC = ModeSpec("linear_spec", "diffusion draft (LoRA drafter) + causal verify, longest agreeing prefix + bonus",

@@ -19,7 +19,15 @@ from dataclasses import dataclass
 
 import torch
 
-from trimode.decode.cycles import accepted_length, force_end_think, quadratic_init, quadratic_pass
+from trimode.decode.cycles import (
+    accepted_length,
+    force_end_think,
+    quadratic_init,
+    quadratic_pass,
+    think_forced_at,
+    verify_constrained,
+)
+from trimode.decode.grammar import GrammarMatcher
 from trimode.decode.sampling import SamplingParams
 from trimode.decode.spec import ModeSpec, check_block
 from trimode.decode.stats import DecodeStats
@@ -29,7 +37,9 @@ from trimode.decode.stopping import StopRule, ThinkingBudget
 
 def quadratic_spec(prompt_ids: torch.Tensor, stop: StopRule, sampling: SamplingParams, mask_id: int,
                    block_length: int = 32, ar_mix_weight: float | None = None,
-                   thinking: ThinkingBudget | None = None) -> Machine:
+                   thinking: ThinkingBudget | None = None, grammar: GrammarMatcher | None = None) -> Machine:
+    """`grammar`: the masks' drafts are free; every verified leader is chosen under the grammar as AR would
+    choose it, and the grammar advances by the accepted tokens only (decode/grammar.py)."""
     if prompt_ids.shape[0] != 1:
         raise ValueError("quadratic_spec decodes one sequence at a time (batch size 1)")
     if block_length < 2:
@@ -38,18 +48,26 @@ def quadratic_spec(prompt_ids: torch.Tensor, stop: StopRule, sampling: SamplingP
     prompt_len = prompt_ids.shape[1]
     stats = DecodeStats("quadratic_spec", prompt_tokens=prompt_len)
 
-    draft = yield from quadratic_init(prompt_ids, B, mask_id, sampling, stats)
+    draft = yield from quadratic_init(prompt_ids, B, mask_id, sampling, stats, grammar)
     if thinking is not None and thinking.max_thinking_tokens == 0:
         draft[0] = thinking.end_think_token_id
+    if grammar is not None:
+        grammar.advance(draft[0])
 
     out: list[int] = []
     over = False
     clean = prompt_len  # the position of draft[0]: the cache holds everything before it
     while not over:
         result = yield from quadratic_pass(draft, clean, mask_id, sampling, stats, ar_mix_weight, dev)
-        verified = result.verified
-        limit = force_end_think(verified, out + draft[:1], len(out) + 1, thinking, B)
-        accepted = accepted_length(verified, draft, limit)
+        if grammar is None:
+            verified = result.verified
+            limit = force_end_think(verified, out + draft[:1], len(out) + 1, thinking, B)
+            accepted = accepted_length(verified, draft, limit)
+        else:
+            forced = think_forced_at(out + draft[:1], len(out) + 1, thinking, B)
+            verified = verify_constrained(result.logits[:, 0], result.pred_pos[:, 0], draft, sampling, grammar, B,
+                                          forced)
+            accepted = len(verified)
         yield Commit(slots=[j * (B + 1) for j in range(accepted)])
         committed = draft[:accepted]
         clean += accepted
@@ -76,8 +94,8 @@ class QuadraticSpecKnobs:
             raise ValueError(f"ar_mix_weight must be in [0, 1], got {w!r}")
 
 
-def _build(ids, stop, sampling, mask_id, k, thinking, provisional, steer, block):
-    return quadratic_spec(ids, stop, sampling, mask_id, k.block_length, k.ar_mix_weight, thinking)
+def _build(ids, stop, sampling, mask_id, k, thinking, provisional, steer, block, grammar=None):
+    return quadratic_spec(ids, stop, sampling, mask_id, k.block_length, k.ar_mix_weight, thinking, grammar)
 
 
 SPEC = ModeSpec("quadratic_spec", "B(B+1)-token pass that verifies and redrafts at once", QuadraticSpecKnobs, _build,

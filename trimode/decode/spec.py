@@ -51,7 +51,8 @@ class ModeSpec:
     name: str
     summary: str
     knobs: type  # frozen dataclass of the mode's knobs with `check(defaults)`
-    build: Callable  # (prompt_ids, stop, sampling, mask_id, knobs, thinking, provisional, steer, block) -> Machine
+    # (prompt_ids, stop, sampling, mask_id, knobs, thinking, provisional, steer, block, grammar=None) -> Machine
+    build: Callable
     lossless: bool  # the output is AR's output (greedy, and sampled with the same seed)
     kv_scratch: Callable[[int, int], int]  # (max_new_tokens, block) -> KV slots past the prompt at most
     pass_tokens: Callable[[int], int] | None  # block -> tokens of one cycle's widest pass (None: the whole edit)
@@ -62,6 +63,7 @@ class ModeSpec:
     batch_rows: bool = False  # decodes several prompt rows of one length together (batch-1 driver only)
     engine_only: bool = False  # needs the engine (auto steers by load)
     editing: bool = False  # rewrites a given block (`TriMode.infill` / `revise` / `fill`), does not append
+    constrained: bool = True  # can write under a grammar (structured output, decode/grammar.py)
     knob_names: tuple[str, ...] = field(init=False)
 
     def __post_init__(self) -> None:
@@ -70,8 +72,14 @@ class ModeSpec:
                                                      if f.metadata.get("knob", True)))
 
     def machine(self, prompt_ids, stop, sampling, mask_id, knobs, thinking=None, provisional=False, steer=None,
-                block=None):
-        return self.build(prompt_ids, stop, sampling, mask_id, knobs, thinking, provisional, steer, block)
+                block=None, grammar=None):
+        """The step machine; `grammar` (decode/grammar.py: a matcher, or one per row) constrains what it writes
+        (a mode without `constrained` refuses one)."""
+        if grammar is None:
+            return self.build(prompt_ids, stop, sampling, mask_id, knobs, thinking, provisional, steer, block)
+        if not self.constrained:
+            raise ValueError(f"mode {self.name} cannot write under a grammar (structured output)")
+        return self.build(prompt_ids, stop, sampling, mask_id, knobs, thinking, provisional, steer, block, grammar)
 
     def kv_slots(self, prompt_len: int, max_new_tokens: int, knobs) -> int:
         """The most KV cache slots a request uses: committed tokens plus the widest pass's scratch."""

@@ -143,7 +143,8 @@ class Engine:
             req = self._prepare_edit(request)
         else:
             req = prepare(self.tm, request.prompt_ids, request.mode, request.max_new_tokens, request.temperature,
-                          request.top_p, request.top_k, request.seed, request.stop, **request.knobs)
+                          request.top_p, request.top_k, request.seed, request.stop, constraint=request.constraint,
+                          **request.knobs)
         spec = mode_spec(req.mode)
         needed = req.kv_slots()
         if self.pool.pages_for(needed) > self.pool.num_pages:

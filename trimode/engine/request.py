@@ -42,6 +42,8 @@ class EngineRequest:
     provisional: bool = False
     # The mode's knobs (`trimode.decode.modes`) and eos_token_id, max_thinking_tokens, end_think_token_id.
     knobs: dict = field(default_factory=dict)
+    # Structured output: a `trimode.decode.grammar.Constraint` the output must match (None: free text).
+    constraint: object = None
     # An edit instead of a continuation (mode "edit"): ("infill", {"suffix": ids}) with prompt_ids the prefix and
     # max_new_tokens the hole; ("revise", {"draft": text or ids, "spans": None or [[start, end], ...]}); ("fill",
     # {"template": text}) with prompt_ids unused. See `TriMode.infill` / `revise` / `fill`.

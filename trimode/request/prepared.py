@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
+from trimode.decode.grammar import CompiledConstraint, Constraint, compile_constraint, constraint_of
 from trimode.decode.modes import ModelDefaults, mode_spec, resolve_knobs
 from trimode.decode.sampling import SamplingParams
 from trimode.decode.step import Machine
@@ -34,6 +35,7 @@ class Prepared:
     thinking: ThinkingBudget | None
     stop: list[str] | None
     edit: EditPlan | None = None
+    constraint: CompiledConstraint | None = None  # what the output must match (decode/grammar.py)
 
     @property
     def knob_dict(self) -> dict:
@@ -45,9 +47,10 @@ class Prepared:
     def machine(self, model: ModelHandle, provisional: bool = False, steer=None) -> Machine:
         """The step machine of this request (one sequence)."""
         ids = torch.tensor([self.prompt_ids], dtype=torch.long, device=model.net.device)
+        grammar = None if self.constraint is None else self.constraint.matcher(self.thinking)
         return mode_spec(self.mode).machine(ids, self.rule, self.sampling, model.config.mask_token_id, self.knobs,
                                             self.thinking, provisional, steer,
-                                            self.edit.block if self.edit is not None else None)
+                                            self.edit.block if self.edit is not None else None, grammar)
 
     def output(self, model: ModelHandle) -> TextOutput | EditOutput:
         """What turns this request's machine events into the caller's deltas and result."""
@@ -120,9 +123,16 @@ def check_stop(stop) -> None:
 def prepare(model: ModelHandle, prompt: str | list[int], mode: str = "ar", max_new_tokens: int = 128,
             temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, seed: int | None = None,
             stop: list[str] | None = None, eos_token_id: int | None = None, max_thinking_tokens: int | None = None,
-            end_think_token_id: int | None = None, **knobs) -> Prepared:
-    """Validate a continuation (ValueError naming the problem) and resolve everything it will run with."""
-    mode_spec(mode)
+            end_think_token_id: int | None = None, constraint: Constraint | None = None, json_schema=None,
+            json_object: bool = False, regex: str | None = None, choice: list[str] | None = None,
+            grammar: str | None = None, **knobs) -> Prepared:
+    """Validate a continuation (ValueError naming the problem) and resolve everything it will run with.
+    Structured output: one of `constraint` (a `Constraint`), `json_schema` (a dict, JSON text or pydantic model
+    class), `json_object=True`, `regex`, `choice` (a list of strings), `grammar` (llguidance Lark text)."""
+    spec = mode_spec(mode)
+    wanted = constraint_of(constraint, json_schema, json_object, regex, choice, grammar)
+    if wanted is not None and not spec.constrained:
+        raise ValueError(f"mode {mode} cannot write under a grammar (structured output)")
     check_count(max_new_tokens, "max_new_tokens", model.max_context)
     k = resolve_knobs(mode, model_defaults(model), max_new_tokens, **knobs)
     if not isinstance(prompt, str | list | tuple):
@@ -140,7 +150,10 @@ def prepare(model: ModelHandle, prompt: str | list[int], mode: str = "ar", max_n
     sampling = SamplingParams(temperature, top_p, top_k, seed).with_seed()
     thinking = _thinking(model, max_thinking_tokens, end_think_token_id)
     rule = StopRule(max_new_tokens, model.eos_ids(eos_token_id))
-    return Prepared(prompt_ids, mode, k, rule, sampling, thinking, stop)
+    compiled = None
+    if wanted is not None:
+        compiled = compile_constraint(model.tokenizer, vocab, rule.eos_token_ids, wanted)
+    return Prepared(prompt_ids, mode, k, rule, sampling, thinking, stop, constraint=compiled)
 
 
 def prepare_edit(model: ModelHandle, prefix: list[int], plan: EditPlan, temperature: float = 0.0,

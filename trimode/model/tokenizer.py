@@ -110,7 +110,13 @@ class NLDTokenizer:
                        reverse=True)
         return re.compile("(" + "|".join(map(re.escape, names)) + ")") if names else None
 
-    def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
+    @property
+    def knows_tools(self) -> bool:
+        """Whether the chat template renders `tools`, `tool_calls` and `role: "tool"` itself."""
+        return bool(self.chat_template) and "tools" in self.chat_template
+
+    def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True,
+                    tools: list[dict] | None = None) -> list[int]:
         """The ids of the rendered chat template, where only the template's own text can make special tokens.
 
         A message's content is text: "</s>" or "<|assistant|>" typed into it is encoded as those characters,
@@ -121,7 +127,7 @@ class NLDTokenizer:
         tokenizer also encodes the text between special tokens run by run."""
         marks = [f"\ue000{i}\ue001" for i in range(len(messages))]
         masked = [{**m, "content": mark} for m, mark in zip(messages, marks, strict=True)]
-        rendered = self.apply_chat_template(masked, add_generation_prompt)
+        rendered = self.apply_chat_template(masked, add_generation_prompt, tools)
         parts = re.split("\ue000(\\d+)\ue001", rendered)
         if len(parts) != 2 * len(messages) + 1 or parts[1::2] != [str(i) for i in range(len(messages))]:
             raise TemplateError("the chat template changes or repeats message contents; it cannot be encoded "
@@ -144,7 +150,9 @@ class NLDTokenizer:
             ids += self._text_only.encode(run, add_special_tokens=False).ids
         return ids
 
-    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True,
+                            tools: list[dict] | None = None) -> str:
+        """The template rendered; `tools` (OpenAI tool dicts) only for a template that `knows_tools`."""
         if not self.chat_template:
             raise TemplateError("this checkpoint has no chat template; use a completion instead")
         try:
@@ -152,6 +160,7 @@ class NLDTokenizer:
             return template.render(
                 messages=messages,
                 add_generation_prompt=add_generation_prompt,
+                tools=tools or None,
                 bos_token=self.config.get("bos_token", ""),
                 eos_token=self.config.get("eos_token", ""),
             )

@@ -203,7 +203,7 @@ def test_message_contents_are_text_not_control_tokens(srv, bundled):
     assert tok.encode_chat(plain) == tok.encode(tok.apply_chat_template(plain))
 
 
-def test_developer_is_system_and_tool_is_refused(srv):
+def test_developer_is_system_and_tool_is_a_tool_response(srv):
     system = post(srv, "/v1/chat/completions", {"messages": [{"role": "system", "content": "Be brief."},
                                                              {"role": "user", "content": "Sort: 3 1 2"}],
                                                 "max_tokens": 4})
@@ -213,8 +213,13 @@ def test_developer_is_system_and_tool_is_refused(srv):
     assert developer.status_code == 200, developer.text
     assert developer.json()["choices"][0]["message"] == system.json()["choices"][0]["message"]
     assert developer.json()["usage"] == system.json()["usage"]
+    # A tool message answers a tool call (serve/structured.py); misplaced tool_calls are named.
     r = post(srv, "/v1/chat/completions", {"messages": [{"role": "tool", "content": "x"}], "max_tokens": 4})
-    assert r.status_code == 400 and "tool" in r.json()["error"]["message"]
-    assert "role" in r.json()["error"]["param"]
+    assert r.status_code == 200, r.text
+    r = post(srv, "/v1/chat/completions", {"messages": [{"role": "user", "content": "x", "tool_calls": []}],
+                                           "max_tokens": 4})
+    assert r.status_code == 400 and "tool_calls" in r.json()["error"]["message"]
+    r = post(srv, "/v1/chat/completions", {"messages": [{"role": "robot", "content": "x"}], "max_tokens": 4})
+    assert r.status_code == 400 and "role" in r.json()["error"]["param"]
     roles = httpx.get(srv.url + "/openapi.json").json()["components"]["schemas"]["ChatMessage"]
-    assert roles["properties"]["role"]["enum"] == ["system", "developer", "user", "assistant"]
+    assert roles["properties"]["role"]["enum"] == ["system", "developer", "user", "assistant", "tool"]

@@ -21,9 +21,11 @@ from dataclasses import dataclass, field
 from starlette.datastructures import Headers
 
 from trimode.api import TriMode
+from trimode.decode.grammar import Constraint
 from trimode.decode.modes import mode_spec, names
 from trimode.engine import Engine, EngineRequest
 from trimode.model.tokenizer import TemplateError
+from trimode.request.tools import chat_inputs
 from trimode.serve.logprobs import LOGPROB_MODES
 from trimode.serve.policy import RISKS, AuditLog, Policy, Route
 from trimode.serve.priority import Decision, ModeMeter
@@ -36,6 +38,7 @@ from trimode.serve.protocol import (
     GenerationFields,
     parse_body,
 )
+from trimode.serve.structured import FieldError, compile_for, functions_of, requested_constraint
 
 ROUTE_HEADER = "x-trimode-route"
 RISK_HEADER = "x-trimode-risk"
@@ -104,6 +107,9 @@ class Plan:
     edit: tuple[str, dict] | None = None
     stream: bool = False
     include_usage: bool = False
+    constraint: Constraint | None = None  # what every choice must match (serve/structured.py)
+    tools: bool = False  # the answer's text is parsed into tool_calls
+    structured: bool = False  # response_format asked for JSON (the message carries refusal: null)
 
     @property
     def chat(self) -> bool:
@@ -124,7 +130,7 @@ class Plan:
                 seed = None if self.seed is None else self.seed + j  # n samples, n different derived seeds
                 out.append(EngineRequest(ids, self.mode, self.max_tokens[p], self.temperature, self.top_p,
                                          self.top_k, seed, self.stop, self.provisional, dict(self.knobs),
-                                         edit=edit))
+                                         edit=edit, constraint=self.constraint))
         return out
 
     def review(self) -> dict | None:
@@ -256,8 +262,9 @@ class Planner:
             raise APIError(400, f"provisional events exist only in diffusion mode and edits, and this request runs "
                                 f"{mode}", param="provisional")
         prompt_param = "messages" if chat else "prompt"
+        constraint, tool_choice, asked_by = self._constraint(body, mode)
         if chat:
-            texts, prompts = self._chat(body.messages)
+            texts, prompts = self._chat(body.messages, tools=functions_of(body))
             budget, logprobs, echo = body.token_budget, (body.top_logprobs or 0) if body.logprobs else None, False
         else:
             prompts, texts = self._prompts(body)
@@ -281,7 +288,21 @@ class Planner:
                     body.stop_list, body.n, route, None, logprobs, body.provisional, echo, decision=decision)
         if suffix is not None:
             plan.edit = ("infill", {"suffix": suffix_ids, "heal": [isinstance(p, str) for p in body.prompts]})
+        plan.constraint, plan.structured = constraint, asked_by == "response_format"
+        plan.tools = tool_choice is not None and tool_choice != "none"
         return plan
+
+    def _constraint(self, body: GenerationFields, mode: str) -> tuple[Constraint | None, str | None, str]:
+        """The constraint the body asks for (compiled now, off the event loop), its tool choice and its field."""
+        try:
+            constraint, tool_choice, field_name = requested_constraint(body)
+            if constraint is not None:
+                if mode == "edit":
+                    raise FieldError(field_name, f"{field_name} does not combine with suffix (an edit)")
+                compile_for(self.tm, constraint, field_name, self.tm.eos_ids())
+        except FieldError as e:
+            raise APIError(400, str(e), param=e.field, code="invalid_value") from None
+        return constraint, tool_choice, field_name
 
     def _prompts(self, body: CompletionRequest) -> tuple[list[list[int]], list[str]]:
         prompts, texts = [], []
@@ -295,18 +316,23 @@ class Planner:
                 texts.append(self.tm.decode(list(p)) if self.tm.tokenizer else " ".join(map(str, p)))
         return prompts, texts
 
-    def _chat(self, messages: list[ChatMessage], param: str = "messages") -> tuple[list[str], list[list[int]]]:
-        """The rendered conversation and its ids: contents encoded as text (`NLDTokenizer.encode_chat`)."""
+    def _chat(self, messages: list[ChatMessage], param: str = "messages",
+              tools: list | None = None) -> tuple[list[str], list[list[int]]]:
+        """The rendered conversation and its ids: contents encoded as text (`NLDTokenizer.encode_chat`); tools
+        and tool messages in the template's format (request/tools.py)."""
         tok = self.tm.tokenizer
         if tok is None:
             raise APIError(400, "this model has no tokenizer, so no chat template; use /v1/completions with token "
                                 "ids", param=param)
         inputs = [m.as_template_input() for m in messages]
         self._check_chars(sum(len(m["content"]) for m in inputs), param)  # before the template renders them
+        tool_list = None
         try:
-            text = tok.apply_chat_template(inputs)
-            ids = tok.encode_chat(inputs)
-        except TemplateError as e:
+            if tools or any(m["role"] == "tool" or m.get("tool_calls") for m in inputs):
+                inputs, tool_list = chat_inputs(tok, inputs, tools or [])
+            text = tok.apply_chat_template(inputs, tools=tool_list)
+            ids = tok.encode_chat(inputs, tools=tool_list)
+        except (TemplateError, ValueError) as e:
             raise APIError(400, str(e), param=param) from None
         return [text], [ids]
 

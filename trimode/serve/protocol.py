@@ -23,11 +23,12 @@ from pydantic import BaseModel, ConfigDict, Field, FiniteFloat, ValidationError,
 from pydantic_core import from_json
 
 from trimode.decode.modes import KNOB_NAMES, MODES
+from trimode.serve.structured import StructuredFields, ToolFields
 
 # What a request's `mode` may name (edits have their own fields and route: `suffix`, /v1/edits).
 RequestMode = Literal[tuple(name for name, spec in MODES.items() if not spec.editing)]  # type: ignore[valid-type]
 Risk = Literal["low", "medium", "high"]
-ROLES = ("system", "developer", "user", "assistant")
+ROLES = ("system", "developer", "user", "assistant", "tool")
 MAX_N = 16
 MAX_STOPS = 8
 _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
@@ -99,8 +100,9 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
-class GenerationFields(BaseModel):
-    """Fields shared by /v1/completions and /v1/chat/completions."""
+class GenerationFields(StructuredFields):
+    """Fields shared by /v1/completions and /v1/chat/completions (`response_format`, `structured_outputs`:
+    serve/structured.py)."""
 
     model_config = STRICT
 
@@ -219,21 +221,41 @@ class TextPart(BaseModel):
     text: str
 
 
+class ToolCallFunction(BaseModel):
+    model_config = STRICT
+    name: str
+    arguments: str  # a JSON object as text, as OpenAI sends it
+
+
+class ToolCall(BaseModel):
+    model_config = STRICT
+    id: str
+    type: Literal["function"] = "function"
+    function: ToolCallFunction
+
+
 class ChatMessage(BaseModel):
     model_config = STRICT
-    # `developer` is OpenAI's newer name for `system` and is rendered as one; `tool` needs tool calling (not yet).
+    # `developer` is OpenAI's newer name for `system` and is rendered as one; `tool` answers a tool call.
     role: str = Field(json_schema_extra={"enum": list(ROLES)})
     content: Any = Field(None, json_schema_extra={"anyOf": [  # a string, or a list of text parts
         {"type": "string"}, {"type": "array", "items": _TEXT_PART}, {"type": "null"}]})
     name: str | None = None
+    tool_calls: list[ToolCall] | None = None  # an assistant message's calls
+    tool_call_id: str | None = None  # a tool message: the call it answers
 
     @field_validator("role")
     @classmethod
     def _role(cls, v):
         if v not in ROLES:
-            later = " (tool calling is not supported yet)" if v == "tool" else ""
-            raise ValueError(f"role {v!r} is not supported{later}; use one of {', '.join(ROLES)}")
+            raise ValueError(f"role {v!r} is not supported; use one of {', '.join(ROLES)}")
         return v
+
+    @model_validator(mode="after")
+    def _tool_fields(self):
+        if self.tool_calls is not None and self.role != "assistant":
+            raise ValueError("tool_calls belong to assistant messages")
+        return self
 
     @field_validator("content")
     @classmethod
@@ -251,10 +273,14 @@ class ChatMessage(BaseModel):
         message = {"role": "system" if self.role == "developer" else self.role, "content": content or ""}
         if self.name is not None:
             message["name"] = self.name
+        if self.tool_calls:
+            message["tool_calls"] = [c.model_dump() for c in self.tool_calls]
+        if self.tool_call_id is not None:
+            message["tool_call_id"] = self.tool_call_id
         return message
 
 
-class ChatCompletionRequest(GenerationFields):
+class ChatCompletionRequest(GenerationFields, ToolFields):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False

@@ -30,6 +30,7 @@ from trimode.serve.plan import Plan, ServerConfig
 from trimode.serve.playground import event_fields
 from trimode.serve.priority import ModeMeter
 from trimode.serve.protocol import APIError
+from trimode.serve.structured import ChoiceDeltas, chat_message
 
 log = logging.getLogger("trimode.serve")
 
@@ -210,11 +211,12 @@ class Responder:
         choices = []
         for k, r in enumerate(done):
             choice: dict = {"index": k}
+            finish = finish_reason(r)
             if plan.chat:
-                choice["message"] = {"role": "assistant", "content": texts[k]}
+                choice["message"], finish = chat_message(texts[k], finish, plan.tools, plan.structured)
             else:
                 choice["text"] = (plan.prompt_texts[k // plan.n] if plan.echo else "") + texts[k]
-            choice |= {"logprobs": lps[k], "finish_reason": finish_reason(r), "trimode": r.stats.as_dict()}
+            choice |= {"logprobs": lps[k], "finish_reason": finish, "trimode": r.stats.as_dict()}
             choices.append(choice)
         return {"id": plan.request_id, "object": "chat.completion" if plan.chat else "text_completion",
                 "created": plan.created, "model": self.config.model_name, "system_fingerprint": None,
@@ -242,6 +244,7 @@ class Responder:
         t0, first_token = time.perf_counter(), False
         results: list[GenerationResult | None] = [None] * len(handles)
         texts = [""] * len(handles)
+        deltas = [ChoiceDeltas(plan.tools) for _ in handles]  # chat: content and tool_calls deltas
         try:
             for k in range(len(handles) if plan.endpoint != "edits" else 0):
                 if plan.chat:
@@ -258,6 +261,10 @@ class Responder:
                                 first_token = True
                                 self.metrics.first_token.labels(plan.mode).observe(time.perf_counter() - t0)
                             texts[k] += ev.text or ""
+                            if plan.chat and plan.tools:
+                                for delta in deltas[k].feed(ev.text or ""):
+                                    yield sse(self._chunk(plan, k, None, delta=delta))
+                                continue
                             yield sse(self._chunk(plan, k, ev.text or None, trimode=event_fields(self.tm, ev)))
                         elif isinstance(ev, BlockState):
                             yield sse(self._chunk(plan, k, None, trimode=event_fields(self.tm, ev), provisional={
@@ -267,7 +274,7 @@ class Responder:
             except Exception as e:  # the stream has started: report in-band, as OpenAI does
                 yield sse(engine_error(e).body())
                 return
-            async for part in self._stream_end(plan, [r for r in results if r is not None]):
+            async for part in self._stream_end(plan, [r for r in results if r is not None], deltas):
                 yield part
         finally:
             watcher.cancel()
@@ -277,7 +284,8 @@ class Responder:
             if unfinished:
                 self.abandon(plan, texts, len(unfinished))
 
-    async def _stream_end(self, plan: Plan, done: list[GenerationResult]) -> AsyncIterator[bytes]:
+    async def _stream_end(self, plan: Plan, done: list[GenerationResult],
+                          deltas: list[ChoiceDeltas]) -> AsyncIterator[bytes]:
         try:
             final_texts = [r.text or "" for r in done]
             entries = await _logprob_entries(self.tm, plan, done, final_texts, 0)
@@ -289,7 +297,9 @@ class Responder:
             yield sse(self.edit_body(plan, done[0], "edit.chunk"))
         else:
             for k, r in enumerate(done):
-                final = self._chunk(plan, k, None, finish_reason=finish_reason(r))
+                for delta in deltas[k].close():
+                    yield sse(self._chunk(plan, k, None, delta=delta))
+                final = self._chunk(plan, k, None, finish_reason=deltas[k].finish(finish_reason(r)))
                 final["trimode"] = {**self.stats_field(plan, [r]), "choice": r.stats.as_dict()}
                 yield sse(final)
             if plan.include_usage:

@@ -6,6 +6,7 @@ import re
 
 import jsonschema
 import pytest
+import torch
 
 import trimode
 from trimode.decode.grammar import Constraint, compile_constraint
@@ -158,3 +159,26 @@ def test_forced_tokens_cost_diffusion_no_pass(tm):
     jsonschema.validate(json.loads(r.text), schema)
     # Most of the answer is forced by the schema: far fewer passes than tokens.
     assert r.stats.forward_passes < len(r.token_ids) / 2, (r.stats.forward_passes, len(r.token_ids))
+
+
+def test_rollback_over_eos_restores_the_state(tm):
+    compiled = compile_constraint(tm.tokenizer, tm.config.vocab_size, tm.eos_ids(), Constraint.choice(["ab1"]))
+    g = compiled.matcher()
+    for t in tm.tokenizer.encode("ab1"):
+        g.advance(t)
+    mark, allowed = g.checkpoint(), g.allowed()
+    eos = min(tm.eos_ids())
+    g.advance(eos)
+    g.advance(eos)
+    assert g.finished
+    g.restore(mark)
+    assert not g.finished and torch.equal(g.allowed(), allowed)
+
+
+def test_drafts_under_the_grammar_keep_speculation_ahead_of_ar(tm):
+    tokens = forwards = 0
+    for prompt in PROMPTS:
+        for mode in ("linear_spec", "quadratic_spec"):
+            r = tm.generate(chat(tm, prompt), mode=mode, max_new_tokens=80, json_schema=SCHEMA, block_length=6)
+            tokens, forwards = tokens + len(r.token_ids), forwards + r.stats.forward_passes
+    assert tokens / forwards > 1.5, (tokens, forwards)

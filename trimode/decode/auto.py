@@ -104,7 +104,8 @@ def auto(prompt_ids: torch.Tensor, stop: StopRule, sampling: SamplingParams, mas
                 grammar.advance(emitted[0])
             tail = []
         elif mode == "linear_spec":
-            drafts = yield from draft_block(pending, clean, b, mask_id, sampling, stats, 0.0, use_drafter, dev)
+            drafts = yield from draft_block(pending, clean, b, mask_id, sampling, stats, 0.0, use_drafter, dev,
+                                            grammar=grammar)
             verified = yield from verify_block(drafts, clean, sampling, stats, dev, grammar)
             accepted = accepted_length(verified, drafts, b) if grammar is None else len(verified)
             yield Commit(accepted)
@@ -113,7 +114,7 @@ def auto(prompt_ids: torch.Tensor, stop: StopRule, sampling: SamplingParams, mas
         else:
             if len(tail) < b - 1:  # too few guesses (from another mode or a smaller block): draft them first
                 tail = (yield from draft_block(pending, clean, b, mask_id, sampling, stats, 0.0, use_drafter,
-                                               dev))[1:]
+                                               dev, grammar=grammar))[1:]
             leaders = [pending] + tail[: b - 1]
             result = yield from quadratic_pass(leaders, clean, mask_id, sampling, stats, device=dev)
             verified = result.verified
@@ -122,7 +123,7 @@ def auto(prompt_ids: torch.Tensor, stop: StopRule, sampling: SamplingParams, mas
                                               grammar, b)
             accepted = accepted_length(verified, leaders, b) if grammar is None else len(verified)
             yield Commit(slots=[j * (b + 1) for j in range(accepted)])
-            tail = result.tail(accepted - 1)
+            tail = result.tail(accepted - 1, grammar)
             emitted = verified[:accepted]
         clean += len(emitted)
         pending = emitted[-1]

@@ -22,11 +22,13 @@ DRAFT_STEP_KEY = 1 << 12  # keeps draft sampling noise apart from the verify noi
 
 
 def draft_block(pending: int, start: int, block: int, mask_id: int, sampling: SamplingParams, stats: DecodeStats,
-                threshold: float = 0.0, use_drafter: bool = False, device="cpu", rule=None):
+                threshold: float = 0.0, use_drafter: bool = False, device="cpu", rule=None,
+                grammar: GrammarMatcher | None = None):
     """Drafts for the block - 1 tokens after `pending` (at position `start`): diffusion over [pending, MASK x B-1]
     on the read-only cache, drafter adapter on when asked for. Threshold 0 fills every mask in one pass; above 0,
     passes repeat, each committing the masks with confidence >= threshold (at least the best one). A `rule`
-    (decode/unmask.py, e.g. the learned sampler) picks each pass's slots instead.
+    (decode/unmask.py, e.g. the learned sampler) picks each pass's slots instead. With a `grammar` (at the state
+    after `pending`) and the one-pass fill, the drafts are chosen left to right under it (`grammar_draft`).
     Returns the block [pending, d_1, .., d_{B-1}]."""
     ids = torch.full((1, block), mask_id, dtype=torch.long, device=device)
     ids[0, 0] = pending
@@ -40,6 +42,9 @@ def draft_block(pending: int, start: int, block: int, mask_id: int, sampling: Sa
         proposal = choose(logits[0], positions, sampling, step=DRAFT_STEP_KEY + draft_pass)[None]
         draft_pass += 1
         if threshold == 0 and rule is None:
+            if grammar is not None:
+                proposal[0, 1:] = torch.tensor(grammar_draft(logits[0, 1:], positions[1:], sampling,
+                                                             DRAFT_STEP_KEY + draft_pass - 1, grammar))
             ids = torch.where(masked, proposal, ids)
             break
         conf = masked_confidence(confidence(logits, proposal), masked)
@@ -50,6 +55,23 @@ def draft_block(pending: int, start: int, block: int, mask_id: int, sampling: Sa
         ids[transfer] = proposal[transfer]
         masked &= ~transfer
     return ids[0].tolist()
+
+
+def grammar_draft(logits: torch.Tensor, positions: torch.Tensor, sampling: SamplingParams, step: int,
+                  grammar: GrammarMatcher) -> list[int]:
+    """Draft tokens [T] from draft logits [T, V], each chosen under the grammar as it would be after the drafts
+    before it (the grammar is left as it was). A draft the grammar rejects could never be accepted: drafting
+    under it raises acceptance and costs one mask per drafted token."""
+    mark = grammar.checkpoint()
+    drafts: list[int] = []
+    try:
+        for i in range(logits.shape[0]):
+            token = int(choose(grammar.mask(logits[i : i + 1]), positions[i : i + 1], sampling, step=step)[0])
+            drafts.append(token)
+            grammar.advance(token)
+    finally:
+        grammar.restore(mark)
+    return drafts
 
 
 def verify_block(drafts: list[int], start: int, sampling: SamplingParams, stats: DecodeStats, device="cpu",
@@ -132,7 +154,10 @@ class QuadraticPass:
     pred_pos: torch.Tensor  # [B, B + 1] position each slot predicts
     sampling: SamplingParams
 
-    def tail(self, j: int) -> list[int]:
+    def tail(self, j: int, grammar: GrammarMatcher | None = None) -> list[int]:
+        """With a `grammar` (at the state after verified[j]), drafted under it (`grammar_draft`)."""
+        if grammar is not None:
+            return grammar_draft(self.logits[j, 2:], self.pred_pos[j, 2:], self.sampling, DRAFT_STEP_KEY, grammar)
         return choose(self.logits[j, 2:], self.pred_pos[j, 2:], self.sampling, step=DRAFT_STEP_KEY).tolist()
 
 

@@ -229,7 +229,9 @@ def _short(message: str) -> str:
 
 class GrammarMatcher:
     """One request's position in its grammar. Tokens before the end-of-thinking token (with a thinking budget)
-    are not the grammar's: they pass freely, and rolling back over the end-think token reopens thinking."""
+    are not the grammar's: they pass freely, and rolling back over the end-think token reopens thinking. EOS ends
+    the grammar (where it accepts); llguidance keeps no EOS in its history, so this class counts what it handed
+    llguidance to roll back exactly."""
 
     def __init__(self, matcher: llguidance.LLMatcher, vocab_size: int, eos_ids: list[int],
                  thinking: ThinkingBudget | None = None):
@@ -238,6 +240,8 @@ class GrammarMatcher:
         self._end_think = None if thinking is None else thinking.end_think_token_id
         self._free = 0 if thinking is None else None  # tokens written before the grammar started (None: thinking)
         self._history: list[int] = []
+        self._fed: list[bool] = []  # per history token: whether llguidance consumed it
+        self._ended: int | None = None  # history length once the grammar's EOS was written
         self._bitmask = llguidance.torch.allocate_token_bitmask(1, vocab_size)
         self._bits = torch.tensor([1 << i for i in range(32)], dtype=torch.int64)
 
@@ -247,16 +251,20 @@ class GrammarMatcher:
 
     @property
     def finished(self) -> bool:
-        """The grammar wrote its EOS. (Once it can write nothing more, EOS is all it allows.)"""
-        return not self.thinking and bool(self._history) and self._history[-1] in self.eos_ids
+        """The grammar wrote its EOS."""
+        return self._ended is not None
 
     def is_accepting(self) -> bool:
-        return not self.thinking and self._m.is_accepting()
+        return self.finished or (not self.thinking and self._m.is_accepting())
 
     def allowed(self) -> torch.Tensor:
-        """Bool [vocab_size]: the tokens the grammar allows next (all while thinking)."""
+        """Bool [vocab_size]: the tokens the grammar allows next (all while thinking; EOS only once ended)."""
         if self.thinking:
             return torch.ones(self.vocab_size, dtype=torch.bool)
+        if self.finished:
+            out = torch.zeros(self.vocab_size, dtype=torch.bool)
+            out[list(self.eos_ids)] = True
+            return out
         llguidance.torch.fill_next_token_bitmask(self._m, self._bitmask, 0)
         words = self._bitmask[0].to(torch.int64) & 0xFFFFFFFF
         return ((words[:, None] & self._bits[None, :]) != 0).flatten()[: self.vocab_size]
@@ -270,17 +278,29 @@ class GrammarMatcher:
 
     def accepts(self, token: int) -> bool:
         """Whether the grammar allows `token` next (without advancing)."""
-        return self.thinking or self._m.validate_tokens([token]) == 1
+        if self.thinking:
+            return True
+        if self.finished or token in self.eos_ids:
+            return token in self.eos_ids and self.is_accepting()
+        return self._m.validate_tokens([token]) == 1
 
     def advance(self, token: int) -> None:
         """`token` became final. A token the grammar does not allow is a bug in the caller: ValueError."""
-        self._history.append(token)
+        fed = False
         if self.thinking:
             if token == self._end_think:
-                self._free = len(self._history)
-            return
-        if not self._m.consume_token(token):
+                self._free = len(self._history) + 1
+        elif token in self.eos_ids or self.finished:
+            if not self.is_accepting() or (self.finished and token not in self.eos_ids):
+                raise ValueError(f"the grammar does not allow token {token} here")
+            if self._ended is None:
+                self._ended = len(self._history) + 1
+        elif self._m.consume_token(token):
+            fed = True
+        else:
             raise ValueError(f"the grammar does not allow token {token} here: {_short(self._m.get_error())}")
+        self._history.append(token)
+        self._fed.append(fed)
 
     def rollback(self, n: int) -> None:
         """Undo the last `n` advances."""
@@ -288,11 +308,13 @@ class GrammarMatcher:
             return
         if n > len(self._history):
             raise ValueError(f"cannot roll back {n} tokens: only {len(self._history)} were written")
-        in_grammar = 0 if self._free is None else min(n, len(self._history) - self._free)
-        if in_grammar and not self._m.rollback(in_grammar):
-            raise ValueError(f"the grammar cannot roll back {in_grammar} tokens")
-        del self._history[len(self._history) - n:]
-        if self._free is not None and len(self._history) < self._free:
+        fed = sum(self._fed[-n:])
+        if fed and not self._m.rollback(fed):
+            raise ValueError(f"the grammar cannot roll back {fed} tokens")
+        del self._history[-n:], self._fed[-n:]
+        if self._ended is not None and len(self._history) < self._ended:
+            self._ended = None
+        if self._free is not None and self._end_think is not None and len(self._history) < self._free:
             self._free = None
 
     def checkpoint(self) -> int:
@@ -303,7 +325,7 @@ class GrammarMatcher:
         self.rollback(len(self._history) - mark)
 
     def forced_tokens(self) -> list[int]:
-        """The tokens the grammar forces next whatever the model says (none while thinking)."""
-        if self.thinking or self._m.is_stopped():
+        """The tokens the grammar forces next whatever the model says (none while thinking or once ended)."""
+        if self.thinking or self.finished or self._m.is_stopped():
             return []
         return list(self._m.compute_ff_tokens())

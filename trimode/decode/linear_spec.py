@@ -60,7 +60,7 @@ def linear_spec(prompt_ids: torch.Tensor, stop: StopRule, sampling: SamplingPara
     start = prompt_len  # the position of next_token: the cache holds everything before it
     while not over:
         drafts = yield from draft_block(next_token, start, block_length, mask_id, sampling, stats, threshold,
-                                        use_drafter, dev, rule)
+                                        use_drafter, dev, rule, grammar)
         if grammar is None:
             ar = yield from verify_block(drafts, start, sampling, stats, dev)
             limit = block_length

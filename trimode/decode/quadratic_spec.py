@@ -71,7 +71,7 @@ def quadratic_spec(prompt_ids: torch.Tensor, stop: StopRule, sampling: SamplingP
         yield Commit(slots=[j * (B + 1) for j in range(accepted)])
         committed = draft[:accepted]
         clean += accepted
-        draft = [verified[accepted - 1]] + result.tail(accepted - 1)
+        draft = [verified[accepted - 1]] + result.tail(accepted - 1, grammar)
 
         before = len(out)
         out, over = stop.extend(out, committed)

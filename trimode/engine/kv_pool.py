@@ -164,8 +164,9 @@ class PagedCache:
         return 1
 
     def is_contiguous(self, tokens: int) -> bool:
-        """Whether the first `tokens` slots are consecutive in the pool."""
-        return tokens <= self.capacity and int(self.slots[tokens - 1]) - int(self.slots[0]) == tokens - 1
+        """Whether the first `tokens` slots are consecutive in the pool (pages come in any order: check them all)."""
+        n = self.pool.pages_for(tokens)
+        return tokens <= self.capacity and all(b - a == 1 for a, b in zip(self.pages[: n - 1], self.pages[1:n]))
 
     def adopt_prefix(self, tokens: list[int]) -> int:
         """Take the longest cached chain of full pages `tokens` starts with as this (empty) cache's committed

@@ -168,14 +168,14 @@ class PagedCache:
         n = self.pool.pages_for(tokens)
         return tokens <= self.capacity and all(b - a == 1 for a, b in zip(self.pages[: n - 1], self.pages[1:n]))
 
-    def adopt_prefix(self, tokens: list[int]) -> int:
-        """Take the longest cached chain of full pages `tokens` starts with as this (empty) cache's committed
-        prefix; returns its length in tokens."""
+    def adopt_prefix(self, tokens: list[int], most: int) -> int:
+        """Take the longest cached chain of full pages the prompt `tokens` starts with, at most `most` tokens of
+        it, as this (empty) cache's committed prefix; returns its length in tokens."""
         cache = self.pool.cache
         if cache is None or self.length or self.pages:
             return 0
         cache.queries += len(tokens)
-        pages = cache.match(tokens)
+        pages = cache.match(tokens[:most])
         if not pages:
             return 0
         self.pool.share(pages)

@@ -68,7 +68,7 @@ class Sequence:
             prompt = f.tokens
         else:
             return 0
-        found = self.cache.adopt_prefix(f.ids[0, : prompt - 1].tolist()) if prompt > 1 else 0
+        found = self.cache.adopt_prefix(f.ids[0, :prompt].tolist(), prompt - 1)
         self.chunk_done = found
         self.commit_skip = found if f.cache == "read" else 0
         if self.preemptions == 0:

@@ -46,6 +46,7 @@ class EngineRequest:
     # max_new_tokens the hole; ("revise", {"draft": text or ids, "spans": None or [[start, end], ...]}); ("fill",
     # {"template": text}) with prompt_ids unused. See `TriMode.infill` / `revise` / `fill`.
     edit: tuple[str, dict] | None = None
+    ignore_eos: bool = False  # generate exactly max_new_tokens: EOS does not end it (vLLM's ignore_eos)
     request_id: int = field(default_factory=lambda: next(_ids))
 
 

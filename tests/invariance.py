@@ -6,6 +6,11 @@ A mix has requests of every mode (`auto` included, whose reference is `ar`: auto
 seeded sampling, thinking budgets, arriving at random steps; the engine runs with a small KV budget, small
 prefill chunks and a small batch-token cap so that admission waits, chunked prefill and split groups all
 happen. A request matches when its tokens and finish reason equal `TriMode.generate` of it alone.
+
+With `shared=True` (`--shared`) the mixes exercise the KV memory instead: prompts start with a few shared prefixes,
+a second wave continues first-wave conversations (prompt + its output + more), and the pool is so small that
+requests are preempted and cached pages evicted; every prefix that comes from the cache, every preempted and
+resumed request must still equal its run alone, and after each mix every page is back in the pool.
 """
 
 from __future__ import annotations
@@ -25,9 +30,15 @@ def flat_cost() -> CostModel:
     return CostModel([(1, 1e-3), (1 << 16, 1e-3)])
 
 
-def random_request(rng: random.Random, tm: TriMode, max_prompt: int = 14, max_new: int = 20) -> EngineRequest:
+def random_request(rng: random.Random, tm: TriMode, max_prompt: int = 14, max_new: int = 20,
+                   prefixes: list[list[int]] | None = None) -> EngineRequest:
+    """A request of a random mode and settings; with `prefixes`, its prompt starts with (part of) one of them."""
     cfg = tm.config
     tokens = [t for t in range(cfg.vocab_size) if t not in (cfg.mask_token_id, cfg.eos_token_id)]
+    prompt = [rng.choice(tokens) for _ in range(rng.randint(1, max_prompt))]
+    if prefixes:
+        shared = rng.choice(prefixes)
+        prompt = shared[: rng.randint(len(shared) // 2, len(shared))] + prompt[: rng.randint(1, 4)]
     mode = rng.choice(["ar", "diffusion", "linear_spec", "quadratic_spec", "auto"])
     knobs: dict = {}
     if mode != "ar":
@@ -46,7 +57,7 @@ def random_request(rng: random.Random, tm: TriMode, max_prompt: int = 14, max_ne
         knobs["end_think_token_id"] = rng.choice(tokens)
     sampled = rng.random() < 0.5
     return EngineRequest(
-        prompt_ids=[rng.choice(tokens) for _ in range(rng.randint(1, max_prompt))],
+        prompt_ids=prompt,
         mode=mode,
         max_new_tokens=rng.randint(1, max_new),
         temperature=rng.choice([0.7, 1.0]) if sampled else 0.0,
@@ -91,22 +102,54 @@ def run_mix(engine: Engine, arrivals: list[tuple[int, EngineRequest]]) -> list[G
     return results
 
 
-def check(tm: TriMode, mixes: int, requests: int, seed: int = 0, **engine_kwargs) -> tuple[int, int, list]:
-    """(mismatching requests, all requests, details) over `mixes` random mixes."""
+def continued(rng: random.Random, tm: TriMode, req: EngineRequest, result: GenerationResult) -> EngineRequest:
+    """The next turn of a conversation: the prompt, the answer and a few more tokens, in a random mode."""
+    cfg = tm.config
+    tokens = [t for t in range(cfg.vocab_size) if t not in (cfg.mask_token_id, cfg.eos_token_id)]
+    nxt = random_request(rng, tm)
+    nxt.prompt_ids = req.prompt_ids + result.token_ids + [rng.choice(tokens) for _ in range(rng.randint(1, 5))]
+    return nxt
+
+
+def check_pool(engine: Engine) -> None:
+    """Every page is back: none held, the free and the idle ones make up the pool, no reference left."""
+    pool = engine.pool
+    if pool.used_pages or any(pool.refs) or pool.free_pages + pool.idle_pages != pool.num_pages:
+        raise AssertionError(f"pages leaked: {pool.used_pages} held, refs {sum(pool.refs)}, {pool.free_pages} free, "
+                             f"{pool.idle_pages} idle of {pool.num_pages}")
+    if len(set(pool._free)) != len(pool._free) or (pool.cache and set(pool._free) & set(pool.cache.key_of)):
+        raise AssertionError("a page is free twice, or both free and cached")
+
+
+def check(tm: TriMode, mixes: int, requests: int, seed: int = 0, shared: bool = False,
+          **engine_kwargs) -> tuple[int, int, list]:
+    """(mismatching requests, all requests, details) over `mixes` random mixes (see the module docstring for
+    `shared`). Raises when a mix leaks a page."""
     rng = random.Random(seed)
     kwargs = dict(max_queue=1000, kv_budget_tokens=256, max_batch_tokens=48, prefill_chunk=5, page_size=4,
                   max_running=6, cost=flat_cost()) | engine_kwargs
+    if shared:
+        kwargs = kwargs | dict(kv_budget_tokens=112) | engine_kwargs
     bad, total, details = 0, 0, []
     for m in range(mixes):
-        arrivals = [(rng.randint(0, 12), random_request(rng, tm)) for _ in range(requests)]
+        cfg = tm.config
+        tokens = [t for t in range(cfg.vocab_size) if t not in (cfg.mask_token_id, cfg.eos_token_id)]
+        prefixes = [[rng.choice(tokens) for _ in range(rng.randint(6, 17))] for _ in range(3)] if shared else None
+        arrivals = [(rng.randint(0, 12), random_request(rng, tm, prefixes=prefixes)) for _ in range(requests)]
         engine = Engine(tm, **kwargs)
-        got = run_mix(engine, arrivals)
-        for (_, req), res in zip(arrivals, got, strict=True):
-            ref = alone(tm, req)
-            total += 1
-            if (res.token_ids, res.finish_reason) != (ref.token_ids, ref.finish_reason):
-                bad += 1
-                details.append((m, req, res.token_ids, ref.token_ids))
+        waves = [(arrivals, run_mix(engine, arrivals))]
+        if shared:  # the conversations go on, on the same engine: their pages may still be cached
+            nxt = [(rng.randint(0, 6), continued(rng, tm, req, res)) for (_, req), res in zip(*waves[0])]
+            waves.append((nxt, run_mix(engine, nxt)))
+        check_pool(engine)
+        for wave, got in waves:
+            for (_, req), res in zip(wave, got, strict=True):
+                ref = alone(tm, req)
+                total += 1
+                if (res.token_ids, res.finish_reason) != (ref.token_ids, ref.finish_reason):
+                    bad += 1
+                    details.append((m, req, res.token_ids, ref.token_ids))
+        check.last_stats = engine.stats()
     return bad, total, details
 
 
@@ -118,6 +161,8 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=8, help="requests per mix")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
+    parser.add_argument("--shared", action="store_true", help="shared prefixes, second turns, a tiny pool "
+                        "(prefix cache hits, preemption, eviction)")
     args = parser.parse_args()
     import torch
 
@@ -127,7 +172,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
 
     tm = trimode.load(args.model, dtype=args.dtype, device="cpu")
-    bad, total, details = check(tm, args.mixes, args.requests, args.seed)
+    bad, total, details = check(tm, args.mixes, args.requests, args.seed, shared=args.shared)
     by_mode: dict[str, list[int]] = {}
     for _, req, _, _ in details:
         by_mode.setdefault(req.mode, []).append(req.request_id)

@@ -62,3 +62,28 @@ def test_seeded_sampling_is_reproducible_across_mixes():
         outputs.append(results[0].token_ids)
     assert len(outputs[0]) == 16
     assert outputs[0] == outputs[1] == outputs[2]
+
+
+@settings(max_examples=4, deadline=None)
+@given(seed=st.integers(0, 10_000))
+def test_cached_prefixes_preemption_and_eviction_equal_single_runs(seed):
+    """Shared prefixes, second turns over cached pages, a pool so small that requests are preempted and cached
+    pages evicted: every request still equals its run alone, and every page comes back (check_pool)."""
+    tm = TriMode(random_model(seed, lora=True))
+    bad, total, details = check(tm, mixes=1, requests=8, seed=seed, shared=True)
+    stats = check.last_stats
+    assert total == 16
+    assert bad == 0, details
+    assert stats["prefix_cache_hits"] > 0
+
+
+def test_shared_mix_is_not_vacuous():
+    """The shared mixes really hit the cache, preempt, and evict."""
+    tm = TriMode(random_model(7, lora=True))
+    hits = preempted = 0
+    for seed in range(3):
+        bad, total, details = check(tm, mixes=1, requests=8, seed=seed, shared=True, kv_budget_tokens=96)
+        assert bad == 0, details
+        hits += check.last_stats["prefix_cache_hits"]
+        preempted += check.last_stats["preemptions"]
+    assert hits > 0 and preempted > 0

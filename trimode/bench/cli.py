@@ -222,6 +222,51 @@ def engine(
 
 
 @bench_app.command()
+def agent(
+    ctx: typer.Context,
+    model: str | None = typer.Option(None, "--model", "-m", help="Checkpoint directory or Hub id (default: bundled)."),
+    modes: str = typer.Option("ar,linear_spec,quadratic_spec,diffusion", help="Comma-separated modes."),
+    conversations: int = typer.Option(4, help="Conversations running at once."),
+    turns: int = typer.Option(4, help="Turns per conversation (each extends the one before)."),
+    max_new_tokens: int = typer.Option(24, "--max-new-tokens", "-n", help="Most tokens per answer."),
+    block_length: int | None = typer.Option(None, "--block-length", help="Block length of the block modes "
+                                            "(default: the model's)."),
+    out: Path | None = typer.Option(None, help="Also write the markdown report here."),
+    device: str | None = typer.Option(None, help="cpu / cuda (default: cuda when available)."),
+    dtype: str | None = typer.Option(None, help="float32 / bfloat16 (default: float32 on CPU, bfloat16 on CUDA)."),
+    threads: int | None = typer.Option(None, help="CPU threads for torch (default: torch's choice)."),
+) -> None:
+    """Prefix cache on vs off on an agent-like workload (shared system prompt, growing conversations): prompt
+    tokens computed, time to first token, throughput, identical text; and requests at once on a fixed KV pool with
+    worst-case reservation vs pages on demand."""
+    from trimode.bench import agent_bench
+    from trimode.cli import load_or_fail
+    from trimode.decode.modes import MODES
+
+    _set_threads(threads)
+    mode_list = _split(modes, name="modes")
+    bad = [m for m in mode_list if m not in MODES or MODES[m].editing or MODES[m].engine_only]
+    if bad or not mode_list:
+        _fail(f"--modes: not a continuation mode: {', '.join(bad) or '(none given)'}")
+    if min(conversations, turns, max_new_tokens) < 1:
+        _fail("--conversations, --turns and --max-new-tokens must be positive")
+    tm = load_or_fail(model, dtype, device)
+    knobs = {} if block_length is None else {"block_length": block_length}
+
+    def progress(pair) -> None:
+        off, on = pair
+        typer.echo(f"  {off.mode:>15} TTFT turn {turns}: {1000 * off.ttft_turn(turns - 1):.0f} ms without the "
+                   f"cache, {1000 * on.ttft_turn(turns - 1):.0f} ms with it", err=True)
+
+    try:
+        report, _ = agent_bench.run(tm, mode_list, conversations, turns, max_new_tokens, knobs,
+                                    _command_line(ctx), progress)
+    except ERRORS as e:
+        _fail(str(e))
+    _emit(report, out, ctx)
+
+
+@bench_app.command()
 def gpu(
     ctx: typer.Context,
     shapes: str = typer.Option("8b", help="Comma-separated model shapes: 3b, 8b, 14b (CUDA), tiny (any device)."),

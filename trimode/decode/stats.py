@@ -20,6 +20,7 @@ class DecodeStats:
     acceptance: list[int] = field(default_factory=list)  # tokens emitted per speculative cycle
     step_commits: list[int] = field(default_factory=list)  # tokens unmasked per diffusion step
     seconds: float = 0.0
+    cached_tokens: int = 0  # prompt tokens whose KV the engine's prefix cache held (not computed)
 
     @property
     def tokens_per_forward(self) -> float:

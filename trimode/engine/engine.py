@@ -1,14 +1,16 @@
 """The engine: many requests at once on one model, their step machines driven by one loop.
 
-    engine = Engine(tm, max_queue=64, kv_budget_tokens=None).start()
+    engine = Engine(tm, max_queue=64, kv_cache_tokens=None, prefix_cache=True).start()
     handle = engine.submit(EngineRequest(prompt_ids=[...], mode="ar", max_new_tokens=32))
     for ev in handle: ...            # Delta / BlockState events, then the GenerationResult
     engine.stop()
 
-One step of the loop (`step`), as nano-vllm's engine: admit waiting requests (their pages reserved for the worst
-case) and run each new machine to its first forward; group every running request's pending pass by width; run
-one fused forward per group over the shared KV pool; send each machine its logits and run it to its next forward
-(cache commits and events on the way); finished and cancelled requests leave and their pages go back. No thread
+One step of the loop (`step`), as nano-vllm's engine: admit waiting requests and run each new machine to its
+first forward, its prompt's longest cached prefix taken from the prefix cache; group every running request's
+pending pass by width, each cache grown page by page to hold its pass (the newest requests preempted when the
+pool runs dry); run one fused forward per group over the shared KV pool; send each machine its logits and run it
+to its next forward (cache commits, which publish full causal pages in the prefix cache, and events on the way);
+finished and cancelled requests leave and their pages go back. No thread
 per request: the loop runs in one background thread (`start`), or in the caller's (`step`, for tests that
 control arrival times). Because a row's logits do not depend on the other rows of its forward, a request's output
 is the same as when it runs alone (exactly so in float64; see docs/engine.md for float32).
@@ -20,7 +22,7 @@ import logging
 import threading
 import time
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -32,7 +34,7 @@ from trimode.engine.kv_pool import KVPool
 from trimode.engine.request import EngineRequest, EngineStopped, QueueFull, RequestCancelled, RequestHandle
 from trimode.engine.runner import run_step
 from trimode.engine.scheduler import Scheduler
-from trimode.engine.sequence import Sequence
+from trimode.engine.sequence import Sequence, Status
 from trimode.model.handle import ModelHandle
 from trimode.request import Prepared, fill_request, infill_request, prepare, revise_request
 
@@ -68,8 +70,10 @@ class Engine:
     """Runs submitted requests concurrently on `tm` (a model handle: `trimode.load()`'s `TriMode` is one); forwards
     of different requests share batches.
 
-    max_queue: requests waiting beyond the running ones (more are rejected with QueueFull). kv_budget_tokens: KV
-    pool size in tokens (None: half the free GPU memory, 1 GiB on CPU). max_running: rows decoding at once.
+    max_queue: requests waiting beyond the running ones (more are rejected with QueueFull). kv_cache_tokens: KV
+    pool size in tokens (None: half the free GPU memory, 1 GiB on CPU; `kv_budget_tokens` is its former name).
+    prefix_cache: keep full causal pages for later requests that start with the same tokens (every mode and edit
+    shares them; `reset_prefix_cache` forgets them). max_running: rows decoding at once.
     max_batch_tokens: most tokens in one forward. prefill_chunk: a causal prompt pass longer than this runs in
     chunks, one per step. max_pass_bytes: a request whose widest pass needs more activation memory than this is
     rejected (None: a quarter of the free GPU memory, 2 GiB on CPU). auto: the `mode: auto` settings (the cost
@@ -79,13 +83,15 @@ class Engine:
     def __init__(self, tm: ModelHandle, max_queue: int = 64, kv_budget_tokens: int | None = None, max_running: int = 64,
                  max_batch_tokens: int = 8192, prefill_chunk: int = 512, page_size: int = 16,
                  auto: AutoConfig | None = None, cost: CostModel | None = None,
-                 max_pass_bytes: int | None = None) -> None:
+                 max_pass_bytes: int | None = None, prefix_cache: bool = True,
+                 kv_cache_tokens: int | None = None) -> None:
         if max_queue < 0 or max_running < 1 or max_batch_tokens < 1 or prefill_chunk < 1 or page_size < 1:
             raise ValueError("max_queue >= 0; max_running, max_batch_tokens, prefill_chunk, page_size >= 1")
         self.tm = tm
         net = tm.net
         cuda = net.device.type == "cuda"
         free = torch.cuda.mem_get_info(net.device)[0] if cuda else 0
+        kv_budget_tokens = kv_cache_tokens if kv_cache_tokens is not None else kv_budget_tokens
         if kv_budget_tokens is None:
             per_token = KVPool.bytes_per_token(tm.config, net.dtype)
             kv_budget_tokens = (int(free * DEFAULT_KV_BYTES["cuda"]) if cuda else DEFAULT_KV_BYTES["cpu"]) // per_token
@@ -93,7 +99,8 @@ class Engine:
             max_pass_bytes = int(free * DEFAULT_PASS_BYTES["cuda"]) if cuda else DEFAULT_PASS_BYTES["cpu"]
         self.kv_budget_tokens = kv_budget_tokens
         self.max_pass_bytes = max_pass_bytes
-        self.pool = KVPool(tm.config, net.dtype, net.device, kv_budget_tokens, page_size)
+        salt = f"{type(net).__name__}:{id(net)}:{net.dtype}"  # one network: the cache is this engine's
+        self.pool = KVPool(tm.config, net.dtype, net.device, kv_budget_tokens, page_size, prefix_cache, salt)
         self.scheduler = Scheduler(self.pool, max_queue, max_running, max_batch_tokens, prefill_chunk)
         self.auto_config = auto or AutoConfig()
         self._cost = cost
@@ -145,11 +152,15 @@ class Engine:
             req = prepare(self.tm, request.prompt_ids, request.mode, request.max_new_tokens, request.temperature,
                           request.top_p, request.top_k, request.seed, request.stop, constraint=request.constraint,
                           **request.knobs)
+            if request.ignore_eos:  # a forced length: no token ends it early
+                if request.constraint is not None:
+                    raise ValueError("ignore_eos cannot be used with structured output (the grammar ends it)")
+                req.rule = replace(req.rule, eos_token_ids=frozenset())
         spec = mode_spec(req.mode)
         needed = req.kv_slots()
         if self.pool.pages_for(needed) > self.pool.num_pages:
             raise ValueError(f"the request needs {needed} KV cache slots; the engine's budget is "
-                             f"{self.pool.capacity_tokens} (kv_budget_tokens)")
+                             f"{self.pool.capacity_tokens} (kv_cache_tokens)")
         item = torch.empty((), dtype=self.tm.net.dtype).element_size()
         peak = spec.peak_activation_bytes(self.tm.config, len(req.prompt_ids), req.rule.max_new_tokens, req.knobs,
                                           item, self.scheduler.prefill_chunk)
@@ -184,7 +195,7 @@ class Engine:
             if self._stopping:
                 raise EngineStopped("the engine is stopped")
             try:
-                self.scheduler.add(Sequence(handle, prepared, prepared.kv_slots()))
+                self.scheduler.add(Sequence(handle, prepared, prepared.kv_slots(), _first_pass_slots(prepared)))
             except QueueFull:
                 self._counters["rejected"] += 1
                 raise
@@ -203,13 +214,27 @@ class Engine:
                 "max_queue": s.max_queue,
                 "max_running": s.max_running,
                 "kv_budget_tokens": self.pool.capacity_tokens,
-                "kv_free_tokens": self.pool.free_pages * self.pool.page_size,
+                "kv_free_tokens": self.pool.available_pages * self.pool.page_size,  # free or idle in the cache
+                "kv_page_size": self.pool.page_size,
+                "kv_pages_used": self.pool.used_pages,
+                "kv_pages_cached": self.pool.cached_pages,
+                "kv_pages_free": self.pool.free_pages,
+                "prefix_cache": self.pool.cache is not None,
+                "prefix_cache_queries": self.pool.cache.queries if self.pool.cache is not None else 0,
+                "prefix_cache_hits": self.pool.cache.hits if self.pool.cache is not None else 0,
+                "preemptions": s.preempted,
                 "max_pass_bytes": self.max_pass_bytes,
                 "counters": dict(self._counters),
             }
         if self.policy is not None:
             out["auto"] = self.policy.as_dict()
         return out
+
+    def reset_prefix_cache(self) -> int:
+        """Forget every cached KV page (tests, and after changing the weights); returns how many there were.
+        Pages running requests hold stay theirs."""
+        with self._lock:
+            return self.pool.reset_prefix_cache()
 
     # -- benchmark hooks (trimode bench gpu) -----------------------------------------------------------------
     def fill_kv_random(self) -> None:
@@ -245,8 +270,9 @@ class Engine:
         t_begin = time.perf_counter()
         with self._lock:
             admitted, dropped = self.scheduler.admit()
-            for seq in dropped:
-                seq.handle._finish(_cancelled(seq.request, self.tm))
+            for seq in dropped:  # a preempted request keeps what it had output
+                seq.handle._finish(seq.result("cancelled") if seq.output is not None
+                                   else _cancelled(seq.request, self.tm))
                 self._counters["cancelled"] += 1
         for seq in admitted:
             steer = None
@@ -254,6 +280,8 @@ class Engine:
                 steer = AutoSteer(self.policy, seq.prepared.knobs.block_length)
             seq.start(self.tm, seq.cache, steer, time.perf_counter())
             self._advance(seq, None)
+            if seq.status is Status.RUNNING:
+                seq.adopt_prefix()
         for seq in list(self.scheduler.running):
             if seq.handle.cancelled:
                 self._end(seq, error=RequestCancelled())
@@ -349,6 +377,14 @@ class Engine:
             if self._cost is None:  # tests that pass a cost curve skip the start-up measurements
                 self.policy.slowdowns = measure_slowdowns(self.tm.net, cost, self.tm.config.block_size,
                                                           self.auto_config)
+
+
+def _first_pass_slots(req: Prepared) -> int:
+    """KV slots a request's first pass needs: its prompt and the widest pass after it (an edit: its whole block)."""
+    spec = mode_spec(req.mode)
+    if spec.pass_tokens is None:
+        return req.kv_slots()
+    return min(req.kv_slots(), len(req.prompt_ids) + spec.widest_pass(len(req.prompt_ids), req.knobs))
 
 
 def _cancelled(req: EngineRequest, tm: ModelHandle) -> GenerationResult:

@@ -42,12 +42,13 @@ class EngineRequest:
     provisional: bool = False
     # The mode's knobs (`trimode.decode.modes`) and eos_token_id, max_thinking_tokens, end_think_token_id.
     knobs: dict = field(default_factory=dict)
-    # Structured output: a `trimode.decode.grammar.Constraint` the output must match (None: free text).
-    constraint: object = None
     # An edit instead of a continuation (mode "edit"): ("infill", {"suffix": ids}) with prompt_ids the prefix and
     # max_new_tokens the hole; ("revise", {"draft": text or ids, "spans": None or [[start, end], ...]}); ("fill",
     # {"template": text}) with prompt_ids unused. See `TriMode.infill` / `revise` / `fill`.
     edit: tuple[str, dict] | None = None
+    ignore_eos: bool = False  # generate exactly max_new_tokens: EOS does not end it (vLLM's ignore_eos)
+    # Structured output: a `trimode.decode.grammar.Constraint` the output must match (None: free text).
+    constraint: object = None
     request_id: int = field(default_factory=lambda: next(_ids))
 
 

@@ -61,7 +61,7 @@ class RowsView:
         self.write = table.gather(1, self.pasts[:, None] + torch.arange(t, device=dev)[None, :]).flatten()
 
     def reserve(self, total: int) -> None:
-        """Every row's pages were reserved at admission for its widest pass."""
+        """The scheduler grew every row's cache to hold its pass before the forward."""
 
     def write_scratch(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         r, h, t, d = k.shape
@@ -136,7 +136,7 @@ class PackedView:
             start += len(rows) * t
 
     def reserve(self, total: int) -> None:
-        """Every row's pages were reserved at admission for its widest pass."""
+        """The scheduler grew every row's cache to hold its pass before the forward."""
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gqa: bool) -> torch.Tensor:
         """q [1, H, N, D], k / v [1, Hkv, N, D] of the packed tokens -> attention output [1, H, N, D]."""

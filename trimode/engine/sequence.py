@@ -9,11 +9,12 @@ from dataclasses import dataclass
 import torch
 
 from trimode.decode.result import GenerationResult
-from trimode.decode.step import Commit, Forward, Machine
+from trimode.decode.step import Commit, Committed, Forward, Machine, Provisional
 from trimode.engine.kv_pool import PagedCache
 from trimode.engine.request import EngineRequest, RequestHandle
 from trimode.engine.runner import Row
 from trimode.model.handle import ModelHandle
+from trimode.model.masks import QuadraticInit, QuadraticStep
 from trimode.request import EditOutput, Prepared, TextOutput
 
 
@@ -27,28 +28,57 @@ class Status(enum.Enum):
 class Sequence:
     handle: RequestHandle
     prepared: Prepared
-    kv_slots: int  # the most KV slots it uses (reserved at admission)
+    kv_slots: int  # the most KV slots it uses (the whole pool must hold them: checked at submission)
+    admit_slots: int = 0  # KV slots its first pass needs (admission waits until that many are available)
     status: Status = Status.WAITING
     cache: PagedCache | None = None
     machine: Machine | None = None
     pending: Forward | None = None  # the pass it waits for
-    chunk_done: int = 0  # tokens of `pending` already run (a long causal prompt pass runs in chunks)
-    output: TextOutput | EditOutput | None = None  # what the client sees (from `start` on)
+    last: Forward | None = None  # the pass it ran last (a Commit keeps some of its tokens)
+    chunk_done: int = 0  # tokens of `pending` already run or found in the prefix cache
+    commit_skip: int = 0  # tokens of `last` that were in the prefix cache already (its Commit counts them)
+    output: TextOutput | EditOutput | None = None  # what the client sees (from the first `start` on)
     started: float = 0.0
+    sent: int = 0  # output tokens the current machine emitted
+    replay: int = 0  # output tokens the client has already: a restarted machine's first ones are not sent again
+    preemptions: int = 0
+    cached_tokens: int = 0  # prompt tokens its first admission found in the prefix cache
 
     @property
     def request(self) -> EngineRequest:
         return self.handle.request
 
     def start(self, model: ModelHandle, cache: PagedCache, steer, now: float) -> None:
-        self.cache, self.status, self.started = cache, Status.RUNNING, now
-        self.output = self.prepared.output(model)
+        """Run on `cache` (empty) from the start: first admission, or again after a preemption."""
+        self.cache, self.status = cache, Status.RUNNING
+        if self.output is None:
+            self.output, self.started = self.prepared.output(model), now
         self.machine = self.prepared.machine(model, self.request.provisional, steer)
+
+    def adopt_prefix(self) -> int:
+        """Before its first pass runs: take the longest cached prefix of its prompt (full pages, never the last
+        prompt token, whose logits the machine needs) and skip computing it. Only a causal prompt pass from
+        position 0 qualifies (a bidirectional one computes other values). Returns the tokens found."""
+        f = self.pending
+        if f is None or self.cache.length or f.positions is not None or f.ids.shape[0] != 1:
+            return 0
+        if isinstance(f.mask, QuadraticInit):
+            prompt = f.mask.prompt_len
+        elif _causal(f.mask) and f.cache == "append":
+            prompt = f.tokens
+        else:
+            return 0
+        found = self.cache.adopt_prefix(f.ids[0, :prompt].tolist(), prompt - 1)
+        self.chunk_done = found
+        self.commit_skip = found if f.cache == "read" else 0
+        if self.preemptions == 0:
+            self.cached_tokens = found
+        return found
 
     def advance(self, reply: torch.Tensor | None) -> GenerationResult | None:
         """Send the machine its logits and run it to its next forward (cache commits and events on the way).
         Returns the result when the request is over."""
-        self.pending, self.chunk_done = None, 0
+        self.last, self.pending, self.chunk_done = self.pending, None, 0
         while True:
             try:
                 op = self.machine.send(reply)
@@ -59,10 +89,10 @@ class Sequence:
                 self.pending = op
                 return None
             if isinstance(op, Commit):
-                if op.slots is not None:
-                    self.cache.commit_slots(op.slots)
-                else:
-                    self.cache.commit(op.n)
+                self._commit(op)
+                continue
+            op = self._unseen(op)
+            if op is None:
                 continue
             for event in self.output.events(op):
                 self.handle._put(event)
@@ -70,12 +100,58 @@ class Sequence:
                 self.machine.close()
                 return self.result()
 
+    def _commit(self, op: Commit) -> None:
+        """Keep K/V of the last pass, telling the cache which tokens they are and whether they are causal."""
+        f, skip, self.commit_skip = self.last, self.commit_skip, 0
+        known = self.cache.clean  # only a cache that may still publish pages needs the tokens
+        if op.slots is not None:
+            step = isinstance(f.mask, QuadraticStep)  # its leaders (slot 0 of each group) see only leaders
+            causal = (step and all(s % (f.mask.block + 1) == 0 for s in op.slots)) or _causal(f.mask)
+            ids = f.ids[0, op.slots].tolist() if known and causal else None
+            self.cache.commit_slots(op.slots, ids, causal, f.lora)
+            return
+        init = isinstance(f.mask, QuadraticInit)  # its prompt part is causal
+        causal = (init and op.n <= f.mask.prompt_len) or _causal(f.mask)
+        ids = f.ids[0, skip : op.n].tolist() if known and causal else None
+        self.cache.commit(op.n - skip, ids, causal, f.lora)
+
+    def _unseen(self, op):
+        """The part of a machine event the client has not seen: after a preemption the restarted machine
+        replays its output (deterministic: keyed sampling), and what was sent before is dropped."""
+        if isinstance(op, Committed) and self.sent < self.replay:
+            new = op.tokens[0]
+            seen = min(len(new), self.replay - self.sent)
+            self.sent += len(new)
+            return None if seen == len(new) else Committed([new[seen:]], op.stats)
+        if isinstance(op, Committed):
+            self.sent += len(op.tokens[0])
+        elif isinstance(op, Provisional) and self.sent < self.replay:
+            return None
+        return op
+
+    def preempt(self) -> None:
+        """Back to waiting (the pool ran dry): the machine and the pages go, the output stays; it restarts from
+        scratch when admitted again and replays up to what the client has."""
+        if self.machine is not None:
+            self.machine.close()
+        if self.cache is not None:
+            self.cache.free()
+        self.machine = self.cache = self.pending = self.last = None
+        self.chunk_done = self.commit_skip = 0
+        self.replay, self.sent = max(self.replay, self.sent), 0
+        self.status = Status.WAITING
+        self.preemptions += 1
+
     def next_row(self, prefill_chunk: int) -> Row:
-        """The part of `pending` to run this step: all of it, or the next chunk of a long causal prompt pass."""
+        """The part of `pending` to run this step: all of it, or the next chunk of a long causal prompt pass (or
+        what the prefix cache did not hold)."""
         f = self.pending
         t = f.tokens
         start, end = self.chunk_done, t
         positions = f.positions  # None: right after the cache (a chunk's earlier chunks are committed by then)
+        mask = f.mask
+        if start and isinstance(mask, QuadraticInit):
+            mask = QuadraticInit(mask.prompt_len - start)  # its cached prompt part is the row's prefix now
         if self.chunkable(prefill_chunk):
             end = min(t, start + prefill_chunk)
         read = None if f.logits == "all" else ([t - 1] if f.logits == "last" else list(f.logits))
@@ -83,18 +159,19 @@ class Sequence:
             read = [i - start for i in read if start <= i < end]
         if positions is not None:
             positions = positions[start:end].reshape(-1)
-        return Row(self.cache, f.ids[0, start:end], positions, f.mask, f.lora, read)
+        return Row(self.cache, f.ids[0, start:end], positions, mask, f.lora, read)
 
     def chunkable(self, prefill_chunk: int) -> bool:
         f = self.pending
-        return (f.tokens > prefill_chunk and isinstance(f.mask, str) and f.mask == "causal" and f.cache == "append"
-                and f.logits != "all")
+        return (f.tokens > prefill_chunk and _causal(f.mask) and f.cache == "append" and f.logits != "all")
 
     def ran(self, row: Row, logits: torch.Tensor) -> torch.Tensor | None:
         """A row of `pending` ran: the logits to send when the pass is complete, else None (more chunks)."""
         f = self.pending
         if f.cache == "append":
-            self.cache.commit(row.tokens)
+            causal = _causal(row.mask)
+            ids = row.ids.tolist() if self.cache.clean and causal else None
+            self.cache.commit(row.tokens, ids, causal, row.lora)
         self.chunk_done += row.tokens
         if self.chunk_done < f.tokens:
             return None
@@ -102,4 +179,10 @@ class Sequence:
 
     def result(self, finish: str | None = None) -> GenerationResult:
         self.status = Status.FINISHED
-        return self.output.result(finish, time.perf_counter() - self.started)
+        result = self.output.result(finish, time.perf_counter() - self.started)
+        result.stats.cached_tokens = self.cached_tokens
+        return result
+
+
+def _causal(mask) -> bool:
+    return isinstance(mask, str) and mask == "causal"

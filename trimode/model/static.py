@@ -81,6 +81,11 @@ class StaticModel:
         return self.net.encoder
 
     @property
+    def sampler(self):
+        """The network's learned unmasking sampler (None without one): the decoders read it from here too."""
+        return self.net.sampler
+
+    @property
     def diffusion_head(self):
         return self.net.diffusion_head
 

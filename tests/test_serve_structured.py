@@ -4,7 +4,7 @@ the `openai` client (and LangChain when installed)."""
 from __future__ import annotations
 
 import json
-from typing import Literal
+from typing import Annotated, Literal
 
 import httpx
 import jsonschema
@@ -201,3 +201,23 @@ def test_langchain_structured_output_and_tools(served):
     msg = llm.bind_tools([get_weather], tool_choice="get_weather", strict=True).invoke("Weather in Oslo?")
     assert msg.tool_calls and msg.tool_calls[0]["name"] == "get_weather"
     assert msg.tool_calls[0]["args"]["city"] in ("Paris", "Oslo")
+
+
+def test_openai_agents_loop_calls_the_tool_and_finishes(served):
+    agents = pytest.importorskip("agents")
+    calls: list[tuple[str, int]] = []
+
+    @agents.function_tool(strict_mode=True)
+    def get_weather(city: Literal["Paris", "Oslo"], days: Annotated[int, Field(ge=1, le=7)]) -> str:
+        """The weather in a city for some days."""
+        calls.append((city, days))
+        return "sunny"
+
+    client = openai.AsyncOpenAI(base_url=served.url + "/v1", api_key="none", max_retries=0)
+    model = agents.OpenAIChatCompletionsModel(model=MODEL, openai_client=client)
+    agent = agents.Agent(name="weather", instructions="Answer with the weather.", tools=[get_weather],
+                         model=model, model_settings=agents.ModelSettings(tool_choice="required", max_tokens=60))
+    result = agents.Runner.run_sync(agent, "Weather in Oslo for two days?", max_turns=4,
+                                    run_config=agents.RunConfig(tracing_disabled=True))
+    assert calls and calls[0][0] in ("Paris", "Oslo") and 1 <= calls[0][1] <= 7, result.final_output
+    assert isinstance(result.final_output, str)

@@ -221,3 +221,18 @@ def test_openai_agents_loop_calls_the_tool_and_finishes(served):
                                     run_config=agents.RunConfig(tracing_disabled=True))
     assert calls and calls[0][0] in ("Paris", "Oslo") and 1 <= calls[0][1] <= 7, result.final_output
     assert isinstance(result.final_output, str)
+
+
+def test_structured_outputs_json_as_text_as_the_playground_sends_it(served):
+    for schema, status in ((json.dumps(SCHEMA), 200), ('{"type": "object",', 400)):
+        r = httpx.post(served.url + "/v1/chat/completions", timeout=60, json={
+            "model": MODEL, "messages": ask("What is 3 + 4?"), "structured_outputs": {"json": schema},
+            "mode": "diffusion", "stream": True, "provisional": True})
+        assert r.status_code == status, r.text
+        if status == 400:
+            assert r.json()["error"]["param"] == "structured_outputs"
+            continue
+        text = "".join(json.loads(line[6:])["choices"][0]["delta"].get("content", "")
+                       for line in r.text.splitlines()
+                       if line.startswith("data: {") and json.loads(line[6:]).get("choices"))
+        jsonschema.validate(json.loads(text), SCHEMA)

@@ -136,6 +136,8 @@
     if (reads.includes("steps") && rule === "steps") knobs.steps = number("steps");
     if (reads.includes("use_drafter") && model.has_drafter) knobs.use_drafter = $("drafter").checked;
     for (const [k, v] of Object.entries(knobs)) if (v !== null) body[k] = v;
+    const schema = $("json-schema").value.trim();
+    if (schema) body.structured_outputs = { json: schema }; // the server parses it and names what it cannot hold
     if (mode === "diffusion") body.provisional = true; // the block being denoised, after every pass
     return { chat, body };
   }

@@ -10,6 +10,8 @@ import httpx
 import jsonschema
 import openai
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from pydantic import BaseModel, Field
 
 import trimode
@@ -236,3 +238,29 @@ def test_structured_outputs_json_as_text_as_the_playground_sends_it(served):
                        for line in r.text.splitlines()
                        if line.startswith("data: {") and json.loads(line[6:]).get("choices"))
         jsonschema.validate(json.loads(text), SCHEMA)
+
+
+JSONISH = st.recursive(st.one_of(st.none(), st.booleans(), st.integers(-5, 10**20), st.text(max_size=8)),
+                       lambda inner: st.one_of(st.lists(inner, max_size=4),
+                                               st.dictionaries(st.sampled_from(
+                                                   ["type", "properties", "items", "enum", "$ref", "$defs",
+                                                    "required", "anyOf", "maxLength", "pattern", "const", "x"]),
+                                                   inner, max_size=4)), max_leaves=12)
+HOSTILE = st.one_of(
+    st.builds(lambda s: {"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": s}}},
+              st.dictionaries(st.text(max_size=6), JSONISH, max_size=4)),
+    st.builds(lambda r: {"structured_outputs": {"regex": r}}, st.text(max_size=12)),
+    st.builds(lambda g: {"structured_outputs": {"grammar": g}}, st.text(max_size=20)),
+    st.builds(lambda c: {"structured_outputs": {"choice": c}}, st.lists(st.text(max_size=5), max_size=4)),
+    st.builds(lambda p, c: {"tools": [{"type": "function", "function": {"name": "f", "parameters": p}}],
+                            "tool_choice": c},
+              st.dictionaries(st.sampled_from(["type", "properties", "required", "x"]), JSONISH, max_size=3),
+              st.sampled_from(["auto", "required", "none", {"type": "function", "function": {"name": "g"}}])))
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
+@given(body=HOSTILE)
+def test_random_constraints_never_5xx(served, body):
+    r = httpx.post(served.url + "/v1/chat/completions", timeout=60,
+                   json={"model": MODEL, "messages": ask("hi"), "max_tokens": 6, "mode": "diffusion", **body})
+    assert r.status_code in (200, 400), (body, r.text)

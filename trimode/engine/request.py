@@ -46,6 +46,10 @@ class EngineRequest:
     # max_new_tokens the hole; ("revise", {"draft": text or ids, "spans": None or [[start, end], ...]}); ("fill",
     # {"template": text}) with prompt_ids unused. See `TriMode.infill` / `revise` / `fill`.
     edit: tuple[str, dict] | None = None
+    # Score the prompt: the logprob of every prompt token as a continuation (and this many alternatives per
+    # position), from the first pass (`trimode.engine.scoring`). With max_new_tokens=0 the request ends after that
+    # pass (scoring without generating); max_new_tokens=0 without it runs nothing.
+    prompt_logprobs: int | None = None
     request_id: int = field(default_factory=lambda: next(_ids))
 
 

@@ -104,6 +104,10 @@ class Plan:
     edit: tuple[str, dict] | None = None
     stream: bool = False
     include_usage: bool = False
+    # The prompt scores the engine reads off the prefill (alternatives per position), for `echo` with `logprobs`
+    # or vLLM's `prompt_logprobs` field (`show_prompt_logprobs`: the answer carries that field).
+    prompt_logprobs: int | None = None
+    show_prompt_logprobs: bool = False
 
     @property
     def chat(self) -> bool:
@@ -124,7 +128,7 @@ class Plan:
                 seed = None if self.seed is None else self.seed + j  # n samples, n different derived seeds
                 out.append(EngineRequest(ids, self.mode, self.max_tokens[p], self.temperature, self.top_p,
                                          self.top_k, seed, self.stop, self.provisional, dict(self.knobs),
-                                         edit=edit))
+                                         edit=edit, prompt_logprobs=self.prompt_logprobs))
         return out
 
     def review(self) -> dict | None:
@@ -243,6 +247,8 @@ class Planner:
             decision = self._edit_on(route, "suffix", rows, "suffix: fill in the middle")
             if body.echo or body.logprobs is not None:
                 raise APIError(400, "suffix does not combine with echo or logprobs", param="suffix")
+            if body.max_tokens == 0:
+                raise APIError(400, "suffix needs max_tokens >= 1 (the hole's budget)", param="max_tokens")
             mode, verified = "edit", False
             knobs = {k: v for k, v in body.knobs.items() if k in mode_spec("edit").knob_names}
         else:
@@ -264,9 +270,7 @@ class Planner:
             budget, logprobs, echo = body.max_tokens, body.logprobs, body.echo
         if any(not p for p in prompts):
             raise APIError(400, "the prompt is empty", param=prompt_param)
-        if logprobs is not None:
-            if body.stream:
-                raise APIError(400, "logprobs are not supported with stream=true", param="logprobs")
+        if logprobs is not None and budget != 0:
             if mode not in LOGPROB_MODES:
                 raise APIError(400, f"logprobs not supported for mode {mode} (its tokens are not chosen from the "
                                     f"AR distribution); use {', '.join(sorted(LOGPROB_MODES))}", param="logprobs")
@@ -281,7 +285,18 @@ class Planner:
                     body.stop_list, body.n, route, None, logprobs, body.provisional, echo, decision=decision)
         if suffix is not None:
             plan.edit = ("infill", {"suffix": suffix_ids, "heal": [isinstance(p, str) for p in body.prompts]})
+        self._scoring(body, plan)
         return plan
+
+    @staticmethod
+    def _scoring(body: GenerationFields, plan: Plan) -> None:
+        """The prompt scores to read off the prefill: `echo` with `logprobs`, or vLLM's `prompt_logprobs`."""
+        asked = [k for k in (plan.logprobs if plan.echo else None, body.prompt_logprobs) if k is not None]
+        if not asked:
+            return
+        if plan.edit is not None:
+            raise APIError(400, "suffix does not combine with prompt_logprobs", param="prompt_logprobs")
+        plan.prompt_logprobs, plan.show_prompt_logprobs = max(asked), body.prompt_logprobs is not None
 
     def _prompts(self, body: CompletionRequest) -> tuple[list[list[int]], list[str]]:
         prompts, texts = [], []
@@ -302,7 +317,7 @@ class Planner:
             raise APIError(400, "this model has no tokenizer, so no chat template; use /v1/completions with token "
                                 "ids", param=param)
         inputs = [m.as_template_input() for m in messages]
-        self._check_chars(sum(len(m["content"]) for m in inputs), param)  # before the template renders them
+        self.check_chars(sum(len(m["content"]) for m in inputs), param)  # before the template renders them
         try:
             text = tok.apply_chat_template(inputs)
             ids = tok.encode_chat(inputs)
@@ -324,7 +339,7 @@ class Planner:
             texts, prompts = [body.template], [[t for p in pieces for t in self.encode(p, "template")]]
             edit = ("fill", {"template": body.template, "hole_tokens": body.hole_tokens})
         else:
-            self._check_chars(len(body.draft), "draft")
+            self.check_chars(len(body.draft), "draft")
             if body.spans is not None and len(body.spans) > len(body.draft) + 1:
                 raise APIError(400, f"{len(body.spans)} spans for a draft of {len(body.draft)} characters: spans "
                                     "must not overlap", param="spans")
@@ -343,7 +358,7 @@ class Planner:
 
     def _template(self, template: str, hole_tokens: int) -> list[str]:
         """The template's text pieces, once its holes' sizes are known to fit the context (before tokenizing)."""
-        self._check_chars(len(template), "template")
+        self.check_chars(len(template), "template")
         context = self.tm.max_context
         for size in _HOLE_SIZE.findall(template):
             if len(size) > len(str(context)) or int(size) >= context:
@@ -359,7 +374,7 @@ class Planner:
         return pieces
 
     # -- sizes and tokens -------------------------------------------------------------------------------------
-    def _check_chars(self, chars: int, param: str) -> None:
+    def check_chars(self, chars: int, param: str) -> None:
         limit = self.max_prompt_chars
         if limit is not None and chars > limit:  # certainly too long: not worth tokenizing (10 MB: seconds)
             raise APIError(400, f"the {param} has {chars} characters; this model's context of "
@@ -369,7 +384,7 @@ class Planner:
     def encode(self, text: str, param: str) -> list[int]:
         if self.tm.tokenizer is None:
             raise APIError(400, "this model has no tokenizer: give the prompt as token ids", param=param)
-        self._check_chars(len(text), param)
+        self.check_chars(len(text), param)
         # The ids of `tokenizer.encode(text)`, by `encode_batch`: `encode` holds the GIL for the whole text (for
         # megabytes, seconds in which the event loop's thread cannot run either); `encode_batch` releases it.
         return self.tm.tokenizer.tok.encode_batch([text], add_special_tokens=False)[0].ids

@@ -137,6 +137,8 @@ class GenerationFields(BaseModel):
     max_thinking_tokens: int | None = Field(None, ge=0)
     end_think_token_id: int | None = Field(None, ge=0)
     provisional: bool = False
+    # vLLM's: the logprob of every prompt token as a continuation, with this many alternatives per position.
+    prompt_logprobs: int | None = Field(None, ge=0, le=20)
 
     @field_validator("stop")
     @classmethod
@@ -187,6 +189,7 @@ class CompletionRequest(GenerationFields):
     # A string, a token-id list, or a list of those; normalised to a list of prompts below.
     prompt: Any = Field(json_schema_extra={"anyOf": [_TEXT, _IDS, {"type": "array", "minItems": 1,
                                                                    "items": {"anyOf": [_TEXT, _IDS]}}]})
+    max_tokens: int | None = Field(None, ge=0)  # 0: no generation (with echo / prompt_logprobs: scoring)
     logprobs: int | None = Field(None, ge=0, le=20)
     echo: bool = False
     suffix: str | None = None  # fill in the middle: the text after the hole (max_tokens is the hole's budget)
@@ -330,3 +333,30 @@ class EditRequest(BaseModel):
     def knobs(self) -> dict:
         names = ("threshold", "rounds", "revise_threshold", "hole_window")
         return {k: getattr(self, k) for k in names if getattr(self, k) is not None}
+
+
+class TokenizeRequest(BaseModel):
+    """vLLM's POST /tokenize: a `prompt` (special-token text such as "</s>" read as those tokens, as vLLM does)
+    or chat `messages` rendered with the template (their contents stay text)."""
+
+    model_config = STRICT
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = Field(None, min_length=1)
+    add_special_tokens: bool = True
+    add_generation_prompt: bool = True
+    return_token_strs: bool = False
+
+    @model_validator(mode="after")
+    def _one(self):
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("give prompt or messages (one of them)")
+        return self
+
+
+class DetokenizeRequest(BaseModel):
+    """vLLM's POST /detokenize: token ids -> text."""
+
+    model_config = STRICT
+    model: str | None = None
+    tokens: list[int]

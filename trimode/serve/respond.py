@@ -24,7 +24,15 @@ from starlette.concurrency import run_in_threadpool
 from trimode.api import TriMode
 from trimode.decode.result import BlockState, Delta, GenerationResult
 from trimode.engine import Engine, EngineStopped, QueueFull, RequestHandle
-from trimode.serve.logprobs import LOGPROB_MODES, chat_logprobs, completion_logprobs, token_logprobs
+from trimode.serve.logprobs import (
+    LOGPROB_MODES,
+    chat_logprobs,
+    completion_logprobs,
+    prompt_logprobs,
+    shifted,
+    token_logprobs,
+    vllm_prompt_logprobs,
+)
 from trimode.serve.metrics import ServerMetrics
 from trimode.serve.plan import Plan, ServerConfig
 from trimode.serve.playground import event_fields
@@ -200,12 +208,7 @@ class Responder:
         if plan.endpoint == "edits":
             self.finish(plan, done, texts)
             return self.edit_body(plan, done[0])
-        lps: list[dict | None] = [None] * len(done)
-        if plan.logprobs is not None and any(r.mode not in LOGPROB_MODES for r in done):
-            raise APIError(400, f"logprobs not supported for mode {done[0].mode} (auto chose it); name a mode")
-        entries = await _logprob_entries(self.tm, plan, done, texts, plan.logprobs or 0)
-        if plan.logprobs is not None:
-            lps = [chat_logprobs(e) if plan.chat else completion_logprobs(e, plan.logprobs) for e in entries]
+        lps, entries = await self.logprobs(plan, done, texts)
         self.finish(plan, done, texts, _audit_logprobs(plan, entries))
         choices = []
         for k, r in enumerate(done):
@@ -215,10 +218,39 @@ class Responder:
             else:
                 choice["text"] = (plan.prompt_texts[k // plan.n] if plan.echo else "") + texts[k]
             choice |= {"logprobs": lps[k], "finish_reason": finish_reason(r), "trimode": r.stats.as_dict()}
+            if plan.show_prompt_logprobs and not plan.chat:
+                choice["prompt_logprobs"] = self.prompt_scores(plan, k, r)
             choices.append(choice)
-        return {"id": plan.request_id, "object": "chat.completion" if plan.chat else "text_completion",
+        body = {"id": plan.request_id, "object": "chat.completion" if plan.chat else "text_completion",
                 "created": plan.created, "model": self.config.model_name, "system_fingerprint": None,
                 "choices": choices, "usage": usage(plan, done), "trimode": self.stats_field(plan, done)}
+        if plan.show_prompt_logprobs and plan.chat:  # vLLM's place for a chat's (one conversation: one prompt)
+            body["prompt_logprobs"] = self.prompt_scores(plan, 0, done[0])
+        return body
+
+    async def logprobs(self, plan: Plan, done: list[GenerationResult],
+                       texts: list[str]) -> tuple[list[dict | None], list]:
+        """Per choice its `logprobs` object (None when not asked), and the generated tokens' entries (for the
+        audit). With `echo`, the prompt's entries (from the engine's scores) come first, offsets over the echoed
+        text."""
+        if plan.logprobs is not None and any(r.mode not in LOGPROB_MODES for r in done if r.token_ids):
+            raise APIError(400, f"logprobs not supported for mode {done[0].mode} (auto chose it); name a mode")
+        entries = await _logprob_entries(self.tm, plan, done, texts, plan.logprobs or 0)
+        if plan.logprobs is None:
+            return [None] * len(done), entries
+        if plan.chat:
+            return [chat_logprobs(e) for e in entries], entries
+        shown = entries
+        if plan.echo:
+            shown = []
+            for k, (r, e) in enumerate(zip(done, entries, strict=True)):
+                prompt = plan.prompts[k // plan.n]
+                head = prompt_logprobs(self.tm, prompt, r.prompt_logprobs, plan.logprobs)
+                shown.append(head + shifted(e, len(plan.prompt_texts[k // plan.n])))
+        return [completion_logprobs(e, plan.logprobs) for e in shown], entries
+
+    def prompt_scores(self, plan: Plan, k: int, r: GenerationResult) -> list[dict | None]:
+        return vllm_prompt_logprobs(self.tm, plan.prompts[k // plan.n], r.prompt_logprobs or [])
 
     # -- server-sent events ---------------------------------------------------------------------------------
     def _chunk(self, plan: Plan, k: int, text: str | None = None, **extra) -> dict:
@@ -280,7 +312,7 @@ class Responder:
     async def _stream_end(self, plan: Plan, done: list[GenerationResult]) -> AsyncIterator[bytes]:
         try:
             final_texts = [r.text or "" for r in done]
-            entries = await _logprob_entries(self.tm, plan, done, final_texts, 0)
+            lps, entries = await self.logprobs(plan, done, final_texts)
             self.finish(plan, done, final_texts, _audit_logprobs(plan, entries))
         except APIError as e:
             yield sse(e.body())
@@ -289,7 +321,17 @@ class Responder:
             yield sse(self.edit_body(plan, done[0], "edit.chunk"))
         else:
             for k, r in enumerate(done):
+                # The decoders report no logprobs as they go: a choice's come in one chunk after its text (the
+                # concatenation of the chunks' logprobs is the whole list, as when OpenAI sends them piecewise).
+                extra = {"prompt_logprobs": self.prompt_scores(plan, k, r)} if (
+                    plan.show_prompt_logprobs and not plan.chat) else {}
+                if lps[k] is not None or extra:
+                    chunk = self._chunk(plan, k, None, **extra)
+                    chunk["choices"][0]["logprobs"] = lps[k]
+                    yield sse(chunk)
                 final = self._chunk(plan, k, None, finish_reason=finish_reason(r))
+                if plan.show_prompt_logprobs and plan.chat:
+                    final["prompt_logprobs"] = self.prompt_scores(plan, k, r)
                 final["trimode"] = {**self.stats_field(plan, [r]), "choice": r.stats.as_dict()}
                 yield sse(final)
             if plan.include_usage:

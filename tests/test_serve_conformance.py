@@ -5,6 +5,7 @@ client and raw HTTP."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 import httpx
@@ -185,3 +186,65 @@ def test_developer_role_is_system(client, served, tm):
 def test_openapi_lists_new_routes(served):
     paths = json.loads(httpx.get(served.url + "/openapi.json", timeout=30).text)["paths"]
     assert {"/tokenize", "/detokenize", "/tokenizer_info", "/v1/models/{model_id}"} <= set(paths)
+
+
+# -- the Responses API -------------------------------------------------------------------------------------------
+
+def test_responses_api(client, served):
+    r = client.responses.create(model=MODEL, input="Sort: 7 3 9 1 4 2", max_output_tokens=16)
+    assert r.output_text == ANSWER and r.status == "completed" and r.usage.output_tokens == len(
+        ANSWER.split()) * 2  # digits and spaces, then EOS
+    assert r.id.startswith("resp_") and r.model_extra["trimode"]["mode"] == "ar"
+    items = client.responses.create(model=MODEL, instructions="Answer.", max_output_tokens=2, input=[
+        {"role": "user", "content": [{"type": "input_text", "text": "Sort: 7 3 9 1 4 2"}]}])
+    assert items.status == "incomplete" and items.incomplete_details.reason == "max_output_tokens"
+    assert items.output_text == "1 " and items.instructions == "Answer."
+    events = list(client.responses.create(model=MODEL, input="Sort: 7 3 9 1 4 2", max_output_tokens=16,
+                                          stream=True))
+    kinds = [e.type for e in events]
+    assert kinds[:4] == ["response.created", "response.in_progress", "response.output_item.added",
+                         "response.content_part.added"]
+    assert kinds[-4:] == ["response.output_text.done", "response.content_part.done", "response.output_item.done",
+                          "response.completed"]
+    assert "".join(e.delta for e in events if e.type == "response.output_text.delta") == ANSWER
+    assert events[-1].response.output_text == ANSWER and events[-1].response.usage.total_tokens > 0
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+    diffusion = client.responses.create(model=MODEL, input="Sort: 7 3 9 1 4 2", max_output_tokens=16,
+                                        extra_body={"mode": "diffusion"})
+    assert diffusion.model_extra["trimode"]["mode"] == "diffusion"
+
+
+@pytest.mark.parametrize("extra, param", [
+    ({"tools": [{"type": "function", "name": "f", "parameters": {}}]}, "tools"),
+    ({"previous_response_id": "resp_1"}, "previous_response_id"),
+    ({"store": True}, "store"),
+    ({"text": {"format": {"type": "json_object"}}}, "text"),
+    ({"input": [{"type": "function_call_output", "call_id": "c", "output": "x"}]}, "input"),
+    ({"max_tokens": 5}, "max_tokens"),
+    ({"bogus": 1}, "bogus"),
+])
+def test_responses_refuses_what_it_does_not_serve(served, extra, param):
+    r = post(served, "/v1/responses", {"model": MODEL, "input": "hi", **extra})
+    assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
+
+
+def test_openai_agents_plain_agent(served):
+    """openai-agents' default model (the Responses API) runs a plain agent against the server, also streamed."""
+    agents = pytest.importorskip("agents")
+    agents.set_tracing_disabled(True)
+
+    async def run() -> tuple[str, str, list]:
+        client = openai.AsyncOpenAI(base_url=f"{served.url}/v1", api_key=API_KEY, max_retries=0)
+        agent = agents.Agent(name="sorter", instructions="Sort the numbers.",
+                             model=agents.OpenAIResponsesModel(model=MODEL, openai_client=client),
+                             model_settings=agents.ModelSettings(max_tokens=16))
+        plain = await agents.Runner.run(agent, "Sort: 7 3 9 1 4 2")
+        streamed = agents.Runner.run_streamed(agent, "Sort: 7 3 9 1 4 2")
+        events = [e async for e in streamed.stream_events()]
+        return plain.final_output, streamed.final_output, events
+
+    plain, streamed, events = asyncio.run(run())
+    assert plain == streamed == ANSWER  # the system prompt changes nothing for this model's trained task
+    deltas = [e.data.delta for e in events if e.type == "raw_response_event" and
+              e.data.type == "response.output_text.delta"]
+    assert "".join(deltas) == ANSWER

@@ -1,7 +1,8 @@
 """The OpenAI-compatible HTTP server: `create_app(engine, ServerConfig(...))` -> a FastAPI app.
 
-    POST /v1/completions, /v1/chat/completions, /v1/edits   (JSON or SSE with "stream": true)
-    GET  /v1/models, /health, /metrics
+    POST /v1/completions, /v1/chat/completions, /v1/responses, /v1/edits   (JSON or SSE with "stream": true)
+    POST /tokenize, /detokenize; GET /tokenizer_info          (vLLM's tokenizer endpoints, tokens.py)
+    GET  /v1/models, /v1/models/{id}, /health, /metrics
     GET  /, /playground                                       (the playground page, playground.py)
 
 This module is the factory and the routes. Every generation endpoint takes one path: the body is planned
@@ -106,6 +107,11 @@ def create_app(engine: Engine, config: ServerConfig) -> FastAPI:
     async def chat_completions(request: Request):
         authorize(request)
         return await server.generate(request, "chat.completions")
+
+    @app.post("/v1/responses", responses=ERROR_RESPONSES)
+    async def responses(request: Request):
+        authorize(request)
+        return await server.generate(request, "responses")
 
     @app.post("/v1/edits", responses=ERROR_RESPONSES)
     async def edits(request: Request):

@@ -34,6 +34,7 @@ from trimode.serve.protocol import (
     CompletionRequest,
     EditRequest,
     GenerationFields,
+    ResponsesRequest,
     parse_body,
 )
 
@@ -43,7 +44,8 @@ DEFAULT_MAX_BODY_BYTES = 16 << 20
 DEFAULT_MAX_BLOCK_LENGTH = 64
 LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1")
 MODES = names(editing=False)  # what a request's `mode` may be
-ENDPOINTS = {"completions": CompletionRequest, "chat.completions": ChatCompletionRequest, "edits": EditRequest}
+ENDPOINTS = {"completions": CompletionRequest, "chat.completions": ChatCompletionRequest, "edits": EditRequest,
+             "responses": ResponsesRequest}  # the Responses API runs the chat path
 _HOLE_SIZE = re.compile(r"\[\[hole:(\d+)\]\]")
 _HOLE = re.compile(r"\[\[hole(?::\d+)?\]\]")
 
@@ -79,7 +81,7 @@ class Plan:
     """What one HTTP request will run: len(prompts) * n engine requests (choice k = prompt k // n)."""
 
     request_id: str
-    endpoint: str  # "completions", "chat.completions" or "edits"
+    endpoint: str  # "completions", "chat.completions", "responses" or "edits"
     prompts: list[list[int]]
     prompt_texts: list[str]
     mode: str
@@ -108,10 +110,11 @@ class Plan:
     # or vLLM's `prompt_logprobs` field (`show_prompt_logprobs`: the answer carries that field).
     prompt_logprobs: int | None = None
     show_prompt_logprobs: bool = False
+    settings: dict = field(default_factory=dict)  # what a Responses API answer repeats of its request
 
     @property
     def chat(self) -> bool:
-        return self.endpoint == "chat.completions"
+        return self.endpoint in ("chat.completions", "responses")
 
     @property
     def audit_logprobs(self) -> bool:
@@ -164,14 +167,22 @@ class Planner:
         route, risk = self._route(body, headers), self._risk(body, headers)
         load = self.engine.stats()
         rows = load["running_requests"] + load["queue_depth"] + 1
-        request_id = {"completions": "cmpl-", "chat.completions": "chatcmpl-", "edits": "edit-"}[endpoint]
+        request_id = {"completions": "cmpl-", "chat.completions": "chatcmpl-", "edits": "edit-",
+                      "responses": "resp_"}[endpoint]
         plan = (self._edit(body, route, rows) if endpoint == "edits"
-                else self._generation(body, route, rows, endpoint == "chat.completions", load))
-        plan.request_id = request_id + uuid.uuid4().hex
+                else self._generation(body, route, rows, endpoint != "completions", load))
+        plan.endpoint, plan.request_id = endpoint, request_id + uuid.uuid4().hex
         plan.risk, plan.rows, plan.stream = risk, rows, body.stream
-        plan.include_usage = bool(getattr(body, "stream_options", None) and body.stream_options.include_usage)
+        plan.include_usage = endpoint == "responses" or bool(getattr(getattr(body, "stream_options", None),
+                                                                         "include_usage", False))
         if route is not None:
             plan.review_flag = route.flags_for_review(plan.request_id, risk)
+        if endpoint == "responses":
+            plan.settings = {"instructions": body.instructions, "max_output_tokens": body.max_output_tokens,
+                             "metadata": body.metadata or {}, "temperature": plan.temperature, "top_p": plan.top_p,
+                             "tool_choice": body.tool_choice or "auto", "parallel_tool_calls":
+                             body.parallel_tool_calls if body.parallel_tool_calls is not None else True,
+                             "user": body.user, "safety_identifier": body.safety_identifier}
         return plan
 
     # -- the route, the risk, the mode ------------------------------------------------------------------------

@@ -38,6 +38,7 @@ from trimode.serve.plan import Plan, ServerConfig
 from trimode.serve.playground import event_fields
 from trimode.serve.priority import ModeMeter
 from trimode.serve.protocol import APIError
+from trimode.serve.responses import response_body, response_events
 
 log = logging.getLogger("trimode.serve")
 
@@ -105,6 +106,12 @@ class Responder:
         headers = {"X-Request-Id": plan.request_id}
         if plan.route is not None:
             headers["X-Trimode-Review"] = "flagged" if plan.review_flag else plan.route.human_review
+        if plan.endpoint == "responses":  # the chat path's answer in the Responses API's shapes
+            if plan.stream:
+                events = response_events(self._chunks(request, plan, handles), plan, self.config.model_name)
+                return StreamingResponse(events, media_type="text/event-stream", headers=headers)
+            chat = await self._complete(request, plan, handles)
+            return JSONResponse(response_body(plan, self.config.model_name, chat), headers=headers)
         if plan.stream:
             return StreamingResponse(self._stream(request, plan, handles), media_type="text/event-stream",
                                      headers=headers)
@@ -254,8 +261,8 @@ class Responder:
 
     # -- server-sent events ---------------------------------------------------------------------------------
     def _chunk(self, plan: Plan, k: int, text: str | None = None, **extra) -> dict:
-        base = {"id": plan.request_id, "object": {"chat.completions": "chat.completion.chunk", "edits": "edit.chunk",
-                                                  "completions": "text_completion"}[plan.endpoint],
+        kind = "edit.chunk" if plan.endpoint == "edits" else "chat.completion.chunk" if plan.chat else "text_completion"
+        base = {"id": plan.request_id, "object": kind,
                 "created": plan.created, "model": self.config.model_name}
         if plan.endpoint == "edits":
             return {**base, **extra}
@@ -268,6 +275,10 @@ class Responder:
         return {**base, "choices": [choice | extra]}
 
     async def _stream(self, request: Request, plan: Plan, handles: list[RequestHandle]) -> AsyncIterator[bytes]:
+        async for chunk in self._chunks(request, plan, handles):
+            yield sse(chunk)
+
+    async def _chunks(self, request: Request, plan: Plan, handles: list[RequestHandle]) -> AsyncIterator[dict | str]:
         """SSE chunks: text as soon as it is committed (optionally provisional blocks); the finish chunks (with the
         `trimode` statistics) only once every choice is done and any audit entry is on disk."""
         watcher = asyncio.create_task(_cancel_on_disconnect(request, handles))
@@ -277,11 +288,11 @@ class Responder:
         try:
             for k in range(len(handles) if plan.endpoint != "edits" else 0):
                 if plan.chat:
-                    yield sse(self._chunk(plan, k, None) | {"choices": [{
+                    yield self._chunk(plan, k, None) | {"choices": [{
                         "index": k, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                        "finish_reason": None}]})
+                        "finish_reason": None}]}
                 elif plan.echo:
-                    yield sse(self._chunk(plan, k, plan.prompt_texts[k // plan.n]))
+                    yield self._chunk(plan, k, plan.prompt_texts[k // plan.n])
             try:
                 async with aclosing(_events(handles)) as events:
                     async for k, ev in events:
@@ -290,14 +301,14 @@ class Responder:
                                 first_token = True
                                 self.metrics.first_token.labels(plan.mode).observe(time.perf_counter() - t0)
                             texts[k] += ev.text or ""
-                            yield sse(self._chunk(plan, k, ev.text or None, trimode=event_fields(self.tm, ev)))
+                            yield self._chunk(plan, k, ev.text or None, trimode=event_fields(self.tm, ev))
                         elif isinstance(ev, BlockState):
-                            yield sse(self._chunk(plan, k, None, trimode=event_fields(self.tm, ev), provisional={
-                                "token_ids": ev.token_ids, "text": ev.text}))
+                            yield self._chunk(plan, k, None, trimode=event_fields(self.tm, ev), provisional={
+                                "token_ids": ev.token_ids, "text": ev.text})
                         elif isinstance(ev, GenerationResult):
                             results[k] = ev
             except Exception as e:  # the stream has started: report in-band, as OpenAI does
-                yield sse(engine_error(e).body())
+                yield engine_error(e).body()
                 return
             async for part in self._stream_end(plan, [r for r in results if r is not None]):
                 yield part
@@ -309,16 +320,16 @@ class Responder:
             if unfinished:
                 self.abandon(plan, texts, len(unfinished))
 
-    async def _stream_end(self, plan: Plan, done: list[GenerationResult]) -> AsyncIterator[bytes]:
+    async def _stream_end(self, plan: Plan, done: list[GenerationResult]) -> AsyncIterator[dict | str]:
         try:
             final_texts = [r.text or "" for r in done]
             lps, entries = await self.logprobs(plan, done, final_texts)
             self.finish(plan, done, final_texts, _audit_logprobs(plan, entries))
         except APIError as e:
-            yield sse(e.body())
+            yield e.body()
             return
         if plan.endpoint == "edits":
-            yield sse(self.edit_body(plan, done[0], "edit.chunk"))
+            yield self.edit_body(plan, done[0], "edit.chunk")
         else:
             for k, r in enumerate(done):
                 # The decoders report no logprobs as they go: a choice's come in one chunk after its text (the
@@ -328,16 +339,16 @@ class Responder:
                 if lps[k] is not None or extra:
                     chunk = self._chunk(plan, k, None, **extra)
                     chunk["choices"][0]["logprobs"] = lps[k]
-                    yield sse(chunk)
+                    yield chunk
                 final = self._chunk(plan, k, None, finish_reason=finish_reason(r))
                 if plan.show_prompt_logprobs and plan.chat:
                     final["prompt_logprobs"] = self.prompt_scores(plan, k, r)
                 final["trimode"] = {**self.stats_field(plan, [r]), "choice": r.stats.as_dict()}
-                yield sse(final)
+                yield final
             if plan.include_usage:
-                yield sse(self._chunk(plan, 0) | {"choices": [], "usage": usage(plan, done),
-                                                  "trimode": self.stats_field(plan, done)})
-        yield sse("[DONE]")
+                yield self._chunk(plan, 0) | {"choices": [], "usage": usage(plan, done),
+                                              "trimode": self.stats_field(plan, done)}
+        yield "[DONE]"
 
 
 async def _events(handles: list[RequestHandle]) -> AsyncIterator[tuple[int, object]]:

@@ -143,6 +143,8 @@ class Engine:
         if scoring is not None and (isinstance(scoring, bool) or not isinstance(scoring, int)
                                     or not 0 <= scoring <= self.tm.config.vocab_size):
             raise ValueError(f"prompt_logprobs must be an integer in [0, {self.tm.config.vocab_size}], got {scoring!r}")
+        if isinstance(request.max_new_tokens, int) and request.max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be >= 0 (0: only the prompt's pass), got {request.max_new_tokens}")
         editing = request.edit is not None or mode_spec(request.mode).editing
         if editing:
             if scoring is not None:

@@ -215,7 +215,7 @@ class Responder:
         if plan.endpoint == "edits":
             self.finish(plan, done, texts)
             return self.edit_body(plan, done[0])
-        lps, entries = await self.logprobs(plan, done, texts)
+        lps, entries, scores = await self.logprobs(plan, done, texts)
         self.finish(plan, done, texts, _audit_logprobs(plan, entries))
         choices = []
         for k, r in enumerate(done):
@@ -226,38 +226,39 @@ class Responder:
                 choice["text"] = (plan.prompt_texts[k // plan.n] if plan.echo else "") + texts[k]
             choice |= {"logprobs": lps[k], "finish_reason": finish_reason(r), "trimode": r.stats.as_dict()}
             if plan.show_prompt_logprobs and not plan.chat:
-                choice["prompt_logprobs"] = self.prompt_scores(plan, k, r)
+                choice["prompt_logprobs"] = scores[k]
             choices.append(choice)
         body = {"id": plan.request_id, "object": "chat.completion" if plan.chat else "text_completion",
                 "created": plan.created, "model": self.config.model_name, "system_fingerprint": None,
                 "choices": choices, "usage": usage(plan, done), "trimode": self.stats_field(plan, done)}
         if plan.show_prompt_logprobs and plan.chat:  # vLLM's place for a chat's (one conversation: one prompt)
-            body["prompt_logprobs"] = self.prompt_scores(plan, 0, done[0])
+            body["prompt_logprobs"] = scores[0]
         return body
 
     async def logprobs(self, plan: Plan, done: list[GenerationResult],
-                       texts: list[str]) -> tuple[list[dict | None], list]:
-        """Per choice its `logprobs` object (None when not asked), and the generated tokens' entries (for the
-        audit). With `echo`, the prompt's entries (from the engine's scores) come first, offsets over the echoed
-        text."""
+                       texts: list[str]) -> tuple[list[dict | None], list, list[list | None]]:
+        """Per choice its `logprobs` object (None when not asked), the generated tokens' entries (for the audit)
+        and vLLM's `prompt_logprobs` (None when not asked). With `echo`, the prompt's entries (the engine's
+        scores) come first, offsets over the echoed text. The text work runs in a worker thread."""
         if plan.logprobs is not None and any(r.mode not in LOGPROB_MODES for r in done if r.token_ids):
             raise APIError(400, f"logprobs not supported for mode {done[0].mode} (auto chose it); name a mode")
         entries = await _logprob_entries(self.tm, plan, done, texts, plan.logprobs or 0)
+        scores: list[list | None] = [None] * len(done)
+        if plan.show_prompt_logprobs:
+            scores = await asyncio.to_thread(lambda: [vllm_prompt_logprobs(
+                self.tm, plan.prompts[k // plan.n], r.prompt_logprobs or []) for k, r in enumerate(done)])
         if plan.logprobs is None:
-            return [None] * len(done), entries
+            return [None] * len(done), entries, scores
         if plan.chat:
-            return [chat_logprobs(e) for e in entries], entries
+            return [chat_logprobs(e) for e in entries], entries, scores
         shown = entries
         if plan.echo:
             shown = []
             for k, (r, e) in enumerate(zip(done, entries, strict=True)):
                 prompt = plan.prompts[k // plan.n]
-                head = prompt_logprobs(self.tm, prompt, r.prompt_logprobs, plan.logprobs)
+                head = await asyncio.to_thread(prompt_logprobs, self.tm, prompt, r.prompt_logprobs, plan.logprobs)
                 shown.append(head + shifted(e, len(plan.prompt_texts[k // plan.n])))
-        return [completion_logprobs(e, plan.logprobs) for e in shown], entries
-
-    def prompt_scores(self, plan: Plan, k: int, r: GenerationResult) -> list[dict | None]:
-        return vllm_prompt_logprobs(self.tm, plan.prompts[k // plan.n], r.prompt_logprobs or [])
+        return [completion_logprobs(e, plan.logprobs) for e in shown], entries, scores
 
     # -- server-sent events ---------------------------------------------------------------------------------
     def _chunk(self, plan: Plan, k: int, text: str | None = None, **extra) -> dict:
@@ -323,7 +324,7 @@ class Responder:
     async def _stream_end(self, plan: Plan, done: list[GenerationResult]) -> AsyncIterator[dict | str]:
         try:
             final_texts = [r.text or "" for r in done]
-            lps, entries = await self.logprobs(plan, done, final_texts)
+            lps, entries, scores = await self.logprobs(plan, done, final_texts)
             self.finish(plan, done, final_texts, _audit_logprobs(plan, entries))
         except APIError as e:
             yield e.body()
@@ -334,7 +335,7 @@ class Responder:
             for k, r in enumerate(done):
                 # The decoders report no logprobs as they go: a choice's come in one chunk after its text (the
                 # concatenation of the chunks' logprobs is the whole list, as when OpenAI sends them piecewise).
-                extra = {"prompt_logprobs": self.prompt_scores(plan, k, r)} if (
+                extra = {"prompt_logprobs": scores[k]} if (
                     plan.show_prompt_logprobs and not plan.chat) else {}
                 if lps[k] is not None or extra:
                     chunk = self._chunk(plan, k, None, **extra)
@@ -342,7 +343,7 @@ class Responder:
                     yield chunk
                 final = self._chunk(plan, k, None, finish_reason=finish_reason(r))
                 if plan.show_prompt_logprobs and plan.chat:
-                    final["prompt_logprobs"] = self.prompt_scores(plan, k, r)
+                    final["prompt_logprobs"] = scores[k]
                 final["trimode"] = {**self.stats_field(plan, [r]), "choice": r.stats.as_dict()}
                 yield final
             if plan.include_usage:

@@ -25,7 +25,7 @@ def req(prompt=(9, 12, 30), **kw) -> EngineRequest:
     (dict(mode="fast"), "unknown mode"),
     (dict(prompt=()), "prompt is empty"),
     (dict(prompt=(9, 640)), "prompt token ids must be in"),
-    (dict(max_new_tokens=0), "max_new_tokens must be >= 1"),
+    (dict(max_new_tokens=-1), "max_new_tokens must be >= 0"),  # 0: the prompt's pass only (scoring)
     (dict(temperature=-1.0), "temperature must be >= 0"),
     (dict(knobs={"block_size": 4}), "unknown knob"),
     (dict(mode="diffusion", knobs={"threshold": 1.5}), "threshold must be in"),
@@ -174,3 +174,44 @@ def test_one_loop_thread_however_many_requests_run(tm):
         assert all(h.result().finish_reason in ("stop", "length") for h in handles)
     finally:
         engine.stop()
+
+
+def test_prompt_logprobs_are_the_causal_pass_over_the_prompt(tm):
+    """`prompt_logprobs`: per prompt token the log-softmax of the causal pass at the position before it, read off
+    the request's first pass, the same in one pass and in chunks, and next to other requests; with
+    max_new_tokens=0 the request ends after that pass."""
+    import torch
+
+    prompt = [9, 12, 30, 7, 5, 38, 41, 3, 19, 60, 2]
+    with torch.no_grad():
+        logp = torch.log_softmax(tm.net(torch.tensor([prompt]), mask="causal")[0].double(), -1)
+    want = [logp[i - 1, t].item() for i, t in enumerate(prompt) if i > 0]
+    for chunk in (64, 3):
+        engine = Engine(tm, cost=flat_cost(), prefill_chunk=chunk)
+        handles = [engine.submit(req(prompt, mode=mode, max_new_tokens=n, prompt_logprobs=2))
+                   for mode, n in (("ar", 0), ("linear_spec", 3), ("quadratic_spec", 3), ("auto", 2))]
+        other = engine.submit(req((5, 6), max_new_tokens=4))
+        while engine.step():
+            pass
+        results = [h.result() for h in handles]
+        for r in results:
+            scores = r.prompt_logprobs
+            assert scores[0] is None and len(scores) == len(prompt)
+            assert [s.logprob for s in scores[1:]] == pytest.approx(want, abs=1e-4)
+            assert all(s.top[0][1] >= s.logprob and len(s.top) == 2 and s.rank >= 1 for s in scores[1:])
+            assert all((s.rank == 1) == (s.top[0][0] == s.token_id) for s in scores[1:])
+        zero = results[0]
+        assert zero.token_ids == [] and zero.finish_reason == "length" and zero.stats.forward_passes == 1
+        assert len(other.result().token_ids) == 4
+    engine = Engine(tm, cost=flat_cost())
+    nothing = engine.submit(req(prompt, max_new_tokens=0))
+    while engine.step():
+        pass
+    nothing = nothing.result()
+    assert nothing.token_ids == [] and nothing.stats.forward_passes == 0
+    bad = engine.submit(req(prompt, mode="diffusion", max_new_tokens=4, prompt_logprobs=1,
+                            knobs={"eos_token_id": 0, "causal_context": False}))
+    while engine.step():
+        pass
+    with pytest.raises(ValueError, match="not a causal pass"):
+        bad.result()

@@ -79,6 +79,18 @@ def test_the_last_prompt_token_is_always_computed(tm):
     assert again.token_ids == alone(tm, req).token_ids
 
 
+def test_scoring_computes_the_whole_prompt_and_still_fills_the_cache(tm):
+    eng = engine(tm)
+    run(eng, [EngineRequest(SYSTEM, max_new_tokens=3)])  # the prompt's pages are cached now
+    scored = EngineRequest(SYSTEM, max_new_tokens=0, prompt_logprobs=1)
+    (first,) = run(eng, [scored])
+    assert first.stats.cached_tokens == 0 and len(first.prompt_logprobs) == len(SYSTEM)  # every position scored
+    (second,) = run(eng, [EngineRequest(SYSTEM, max_new_tokens=0, prompt_logprobs=1)])
+    assert second.prompt_logprobs == first.prompt_logprobs
+    (after,) = run(eng, [EngineRequest(SYSTEM, max_new_tokens=3)])
+    assert after.stats.cached_tokens == 20 and after.token_ids == alone(tm, EngineRequest(SYSTEM, max_new_tokens=3)).token_ids
+
+
 def test_edits_and_continuations_share_one_cache(tm):
     eng = engine(tm)
     suffix = [44, 45, 46]

@@ -354,7 +354,7 @@ def test_logprobs(client, served, tm):
     ({**chat_body(), "max_thinking_tokens": -1}, 400, "max_thinking_tokens"),
     ({**chat_body(), "provisional": True}, 400, "stream"),
     ({**chat_body(), "stream": True, "provisional": True}, 400, "diffusion"),
-    ({**chat_body(), "stream": True, "logprobs": True}, 400, "stream"),
+    ({**chat_body(), "mode": "diffusion", "stream": True, "logprobs": True}, 400, "logprobs"),
     ({**chat_body(), "messages": []}, 400, "messages"),
     ({**chat_body(), "messages": [{"role": "wizard", "content": "x"}]}, 400, "role"),
     ({"messages": [{"role": "user", "content": "x"}]}, 400, "missing required field 'model'"),

@@ -93,7 +93,7 @@ HOSTILE = (st.integers() | st.integers(min_value=2**62, max_value=2**80) | st.fl
            | st.text(max_size=40) | st.none() | st.lists(st.integers(), max_size=5) | st.just(-1) | st.just(0))
 FIELDS = ("max_tokens", "temperature", "top_p", "top_k", "seed", "n", "stop", "stream", "logprobs", "echo",
           "mode", "route", "risk", "block_length", "threshold", "causal_context", "use_drafter", "provisional",
-          "frequency_penalty", "presence_penalty", "logit_bias", "user", "best_of", "suffix")
+          "frequency_penalty", "presence_penalty", "logit_bias", "user", "best_of", "suffix", "prompt_logprobs")
 
 
 @st.composite

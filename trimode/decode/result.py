@@ -19,6 +19,9 @@ class GenerationResult:
     mode: str = "ar"
     knobs: dict = field(default_factory=dict)
     spans: list[tuple[int, int]] = field(default_factory=list)  # edits: the character ranges of `text` written
+    # The engine's prompt scores when asked for (`EngineRequest.prompt_logprobs`): one entry per prompt token, the
+    # first None (`trimode.engine.scoring.PromptLogprob`).
+    prompt_logprobs: list | None = None
 
 
 @dataclass

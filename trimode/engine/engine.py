@@ -146,10 +146,22 @@ class Engine:
         """The request as it will run; ValueError naming the problem when it can never run here."""
         if not isinstance(request.prompt_ids, list):
             raise ValueError("prompt_ids must be a list of token ids")
-        if request.edit is not None or mode_spec(request.mode).editing:
+        scoring = request.prompt_logprobs
+        if scoring is not None and (isinstance(scoring, bool) or not isinstance(scoring, int)
+                                    or not 0 <= scoring <= self.tm.config.vocab_size):
+            raise ValueError(f"prompt_logprobs must be an integer in [0, {self.tm.config.vocab_size}], got {scoring!r}")
+        if isinstance(request.max_new_tokens, int) and request.max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be >= 0 (0: only the prompt's pass), got {request.max_new_tokens}")
+        editing = request.edit is not None or mode_spec(request.mode).editing
+        if editing:
+            if scoring is not None:
+                raise ValueError("prompt_logprobs does not apply to an edit")
             req = self._prepare_edit(request)
         else:
-            req = prepare(self.tm, request.prompt_ids, request.mode, request.max_new_tokens, request.temperature,
+            # max_new_tokens=0: the prompt alone (scored when asked); it runs as a request of one token that ends
+            # after its first pass (`Sequence.advance`).
+            new = 1 if request.max_new_tokens == 0 else request.max_new_tokens
+            req = prepare(self.tm, request.prompt_ids, request.mode, new, request.temperature,
                           request.top_p, request.top_k, request.seed, request.stop, constraint=request.constraint,
                           **request.knobs)
             if request.ignore_eos:  # a forced length: no token ends it early

@@ -49,6 +49,10 @@ class EngineRequest:
     ignore_eos: bool = False  # generate exactly max_new_tokens: EOS does not end it (vLLM's ignore_eos)
     # Structured output: a `trimode.decode.grammar.Constraint` the output must match (None: free text).
     constraint: object = None
+    # Score the prompt: the logprob of every prompt token as a continuation (and this many alternatives per
+    # position), from the first pass (`trimode.engine.scoring`). With max_new_tokens=0 the request ends after that
+    # pass (scoring without generating); max_new_tokens=0 without it runs nothing.
+    prompt_logprobs: int | None = None
     request_id: int = field(default_factory=lambda: next(_ids))
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import enum
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -13,6 +13,7 @@ from trimode.decode.step import Commit, Committed, Forward, Machine, Provisional
 from trimode.engine.kv_pool import PagedCache
 from trimode.engine.request import EngineRequest, RequestHandle
 from trimode.engine.runner import Row
+from trimode.engine.scoring import PromptScorer, scores_prompt
 from trimode.model.handle import ModelHandle
 from trimode.model.masks import QuadraticInit, QuadraticStep
 from trimode.request import EditOutput, Prepared, TextOutput
@@ -43,6 +44,9 @@ class Sequence:
     replay: int = 0  # output tokens the client has already: a restarted machine's first ones are not sent again
     preemptions: int = 0
     cached_tokens: int = 0  # prompt tokens its first admission found in the prefix cache
+    scorer: PromptScorer | None = None  # the prompt logprobs, read from the first pass (`prompt_logprobs`)
+    read: list[int] = field(default_factory=list)  # this step's row: the positions of `pending` it reads
+    pieces: list[torch.Tensor] = field(default_factory=list)  # the machine's logits from the chunks run so far
 
     @property
     def request(self) -> EngineRequest:
@@ -54,6 +58,8 @@ class Sequence:
         if self.output is None:
             self.output, self.started = self.prepared.output(model), now
         self.machine = self.prepared.machine(model, self.request.provisional, steer)
+        if self.request.prompt_logprobs is not None:
+            self.scorer = PromptScorer(self.prepared.prompt_ids, self.request.prompt_logprobs)
 
     def adopt_prefix(self) -> int:
         """Before its first pass runs: take the longest cached prefix of its prompt (full pages, never the last
@@ -62,6 +68,8 @@ class Sequence:
         f = self.pending
         if f is None or self.cache.length or f.positions is not None or f.ids.shape[0] != 1:
             return 0
+        if self.request.prompt_logprobs is not None:
+            return 0  # scoring reads the logits of every prompt position: the whole prompt is computed
         if isinstance(f.mask, QuadraticInit):
             prompt = f.mask.prompt_len
         elif _causal(f.mask) and f.cache == "append":
@@ -78,7 +86,9 @@ class Sequence:
     def advance(self, reply: torch.Tensor | None) -> GenerationResult | None:
         """Send the machine its logits and run it to its next forward (cache commits and events on the way).
         Returns the result when the request is over."""
-        self.last, self.pending, self.chunk_done = self.pending, None, 0
+        self.last, self.pending, self.chunk_done, self.pieces = self.pending, None, 0, []
+        if self.request.max_new_tokens == 0 and (self.scorer is None or self.scorer.done):
+            return self.scored()
         while True:
             try:
                 op = self.machine.send(reply)
@@ -86,6 +96,9 @@ class Sequence:
                 return self.result()
             reply = None
             if isinstance(op, Forward):
+                if self.scorer is not None and not self.scorer.done and not scores_prompt(op, self.scorer.prompt):
+                    raise ValueError(f"prompt_logprobs: the first pass of {self.prepared.mode} is not a causal pass "
+                                     "over the prompt (use ar, linear_spec, quadratic_spec or auto)")
                 self.pending = op
                 return None
             if isinstance(op, Commit):
@@ -154,12 +167,20 @@ class Sequence:
             mask = QuadraticInit(mask.prompt_len - start)  # its cached prompt part is the row's prefix now
         if self.chunkable(prefill_chunk):
             end = min(t, start + prefill_chunk)
-        read = None if f.logits == "all" else ([t - 1] if f.logits == "last" else list(f.logits))
-        if (start, end) != (0, t):  # a chunk reads only the logits it holds
-            read = [i - start for i in read if start <= i < end]
+        read = list(range(t)) if f.logits == "all" else ([t - 1] if f.logits == "last" else list(f.logits))
+        if self.scoring:  # the prompt's positions too, in order, each once
+            read = sorted(set(read) | set(self.scorer.positions))
+        self.read = [i for i in read if start <= i < end]  # a chunk reads only the logits it holds
         if positions is not None:
             positions = positions[start:end].reshape(-1)
-        return Row(self.cache, f.ids[0, start:end], positions, mask, f.lora, read)
+        whole = f.logits == "all" and (start, end) == (0, t)
+        return Row(self.cache, f.ids[0, start:end], positions, mask, f.lora,
+                   None if whole else [i - start for i in self.read])
+
+    @property
+    def scoring(self) -> bool:
+        """Whether the pending pass is the first one of a request that scores its prompt."""
+        return self.scorer is not None and not self.scorer.done
 
     def chunkable(self, prefill_chunk: int) -> bool:
         f = self.pending
@@ -173,14 +194,33 @@ class Sequence:
             ids = row.ids.tolist() if self.cache.clean and causal else None
             self.cache.commit(row.tokens, ids, causal, row.lora)
         self.chunk_done += row.tokens
+        wanted = None if f.logits == "all" else {f.tokens - 1} if f.logits == "last" else set(f.logits)
+        if self.scoring:
+            prompt = set(self.scorer.positions)
+            self.scorer.add([p for p in self.read if p in prompt], logits[[i for i, p in enumerate(self.read)
+                                                                           if p in prompt]])
+            logits = logits[[i for i, p in enumerate(self.read) if wanted is None or p in wanted]]
+        self.pieces.append(logits)
         if self.chunk_done < f.tokens:
             return None
+        if self.scorer is not None:
+            self.scorer.done = True
+        logits = torch.cat(self.pieces) if len(self.pieces) > 1 else self.pieces[0]
         return logits[None] if f.logits != "last" else logits  # [1, n, V] or [1, V] as the batch-1 driver gives
 
     def result(self, finish: str | None = None) -> GenerationResult:
         self.status = Status.FINISHED
         result = self.output.result(finish, time.perf_counter() - self.started)
         result.stats.cached_tokens = self.cached_tokens
+        if self.scorer is not None and self.scorer.done:
+            result.prompt_logprobs = self.scorer.entries
+        return result
+
+    def scored(self) -> GenerationResult:
+        """A request with max_new_tokens=0 is over: its prompt was scored (one pass), or nothing was asked."""
+        self.machine.close()
+        result = self.result("length")
+        result.stats.forward_passes = int(self.scorer is not None)
         return result
 
 

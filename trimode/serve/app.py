@@ -1,7 +1,8 @@
 """The OpenAI-compatible HTTP server: `create_app(engine, ServerConfig(...))` -> a FastAPI app.
 
-    POST /v1/completions, /v1/chat/completions, /v1/edits   (JSON or SSE with "stream": true)
-    GET  /v1/models, /health, /metrics
+    POST /v1/completions, /v1/chat/completions, /v1/responses, /v1/edits   (JSON or SSE with "stream": true)
+    POST /tokenize, /detokenize; GET /tokenizer_info          (vLLM's tokenizer endpoints, tokens.py)
+    GET  /v1/models, /v1/models/{id}, /health, /metrics
     GET  /, /playground                                       (the playground page, playground.py)
 
 This module is the factory and the routes. Every generation endpoint takes one path: the body is planned
@@ -36,6 +37,11 @@ from trimode.serve.playground import add_playground
 from trimode.serve.priority import ModeMeter
 from trimode.serve.protocol import APIError
 from trimode.serve.respond import Responder, engine_error
+from trimode.serve.tokens import Tokens
+
+# What an unknown path's 404 lists.
+SERVED = ("POST /v1/completions, /v1/chat/completions, /v1/responses, /v1/edits, /tokenize, /detokenize; GET "
+          "/v1/models, /v1/models/{id}, /tokenizer_info, /health, /metrics (no embeddings: this server generates text)")
 
 __all__ = ["LOOPBACK_HOSTS", "Plan", "ServerConfig", "create_app", "engine_error", "prompt_char_limit"]
 
@@ -102,21 +108,38 @@ def create_app(engine: Engine, config: ServerConfig) -> FastAPI:
         authorize(request)
         return await server.generate(request, "chat.completions")
 
+    @app.post("/v1/responses", responses=ERROR_RESPONSES)
+    async def responses(request: Request):
+        authorize(request)
+        return await server.generate(request, "responses")
+
     @app.post("/v1/edits", responses=ERROR_RESPONSES)
     async def edits(request: Request):
         authorize(request)
         return await server.generate(request, "edits")
 
+    tm = engine.tm
+    card = {"id": config.model_name, "object": "model", "created": started, "owned_by": "trimode",
+            "context_length": tm.max_context, "max_model_len": tm.max_context, "modes": list(MODES),
+            "default_mode": config.default_mode, "lossless_modes": [m for m in MODES if m in names(lossless=True)],
+            "has_drafter": tm.has_drafter, "has_chat_template": bool(tm.tokenizer and tm.tokenizer.chat_template)}
+
     @app.get("/v1/models")
     async def models(request: Request):
         authorize(request)
-        tm = engine.tm
-        card = {"id": config.model_name, "object": "model", "created": started, "owned_by": "trimode",
-                "context_length": tm.max_context, "modes": list(MODES), "default_mode": config.default_mode,
-                "lossless_modes": [m for m in MODES if m in names(lossless=True)],
-                "has_drafter": tm.has_drafter, "has_chat_template": bool(tm.tokenizer and tm.tokenizer.chat_template)}
         return {"object": "list", "data": [card]}
 
+    @app.get("/v1/models/{model_id:path}")
+    async def model(model_id: str, request: Request):
+        authorize(request)
+        if model_id != config.model_name:
+            raise APIError(404, f"the model {model_id!r} does not exist; this server serves {config.model_name!r}",
+                           param="model", code="model_not_found")
+        return card
+
+    add_tokenizer_routes(app, Tokens(server.planner, config.model_name), authorize)
+
+    @app.head("/health", include_in_schema=False)  # a load balancer's probe
     @app.get("/health")
     async def health():
         # `auto`: what the auto policy has learned (estimates, slowdowns, picks, cost curve), when it exists
@@ -138,6 +161,25 @@ def create_app(engine: Engine, config: ServerConfig) -> FastAPI:
     return app
 
 
+def add_tokenizer_routes(app: FastAPI, tokens: Tokens, authorize) -> None:
+    """vLLM's /tokenize, /detokenize and /tokenizer_info (`tokens.py`), behind the API key like /v1."""
+
+    @app.post("/tokenize")
+    async def tokenize(request: Request):
+        authorize(request)
+        return await run_in_threadpool(tokens.tokenize, await request.body())
+
+    @app.post("/detokenize")
+    async def detokenize(request: Request):
+        authorize(request)
+        return await run_in_threadpool(tokens.detokenize, await request.body())
+
+    @app.get("/tokenizer_info")
+    async def tokenizer_info(request: Request):
+        authorize(request)
+        return tokens.info()
+
+
 def add_error_handlers(app: FastAPI) -> None:
     """Every error a route raises as an OpenAI error body; a client gone mid-upload as no answer at all."""
 
@@ -148,7 +190,10 @@ def add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, e: StarletteHTTPException):
         code = {404: "not_found", 405: "method_not_allowed"}.get(e.status_code)
-        return JSONResponse(APIError(e.status_code, str(e.detail), code=code).body(), status_code=e.status_code,
+        message = str(e.detail)
+        if e.status_code == 404 and e.detail == "Not Found":  # no such route: say what is served
+            message = f"{request.method} {request.url.path} is not served here; this server serves {SERVED}"
+        return JSONResponse(APIError(e.status_code, message, code=code).body(), status_code=e.status_code,
                             headers=getattr(e, "headers", None))
 
     @app.exception_handler(RequestValidationError)

@@ -7,6 +7,9 @@ emitted tokens were chosen from in `ar` and the distribution every token was ver
 between those three. Diffusion commits tokens from bidirectional logits
 of a partly masked block, which this pass does not reproduce, so the server refuses logprobs there.
 Values are log-softmax of the raw logits (before temperature / top-p / top-k), as OpenAI reports them.
+
+The prompt's logprobs (`echo` with `logprobs`, vLLM's `prompt_logprobs`) come from the engine, which reads them
+off the request's own prefill (`trimode.engine.scoring`): no extra pass.
 """
 
 from __future__ import annotations
@@ -26,9 +29,9 @@ LOGPROB_MODES = frozenset(names(lossless=True))
 class TokenLogprob:
     token_id: int
     token: str
-    logprob: float
-    top: list[tuple[int, str, float]]  # (id, text, logprob), most likely first
-    text_offset: int  # where the token's text starts in the completion text
+    logprob: float | None  # None: the first prompt token (nothing before it to predict it from)
+    top: list[tuple[int, str, float]] | None  # (id, text, logprob), most likely first
+    text_offset: int  # where the token's text starts in the completion text (the echoed prompt's, with echo)
 
 
 @torch.no_grad()
@@ -44,15 +47,52 @@ def token_logprobs(tm: TriMode, prompt_ids: list[int], output_ids: list[int], te
     tops = torch.topk(logp, top, dim=-1) if top > 0 else None
 
     out: list[TokenLogprob] = []
+    eos = tm.eos_ids()
     for i, tid in enumerate(output_ids):
         offset = len(tm.decode(output_ids[:i]) or "")
-        if offset >= len(text):
-            break  # the rest is cut by a stop string, or is the end-of-sequence token
+        if offset >= len(text) and tid not in eos:
+            break  # the rest is cut by a stop string (the end-of-sequence token has an entry: it was generated)
         alternatives = []
         if tops is not None:
             alternatives = [(int(t), token_text(tm, int(t)), float(v))
                             for v, t in zip(tops.values[i].tolist(), tops.indices[i].tolist(), strict=True)]
         out.append(TokenLogprob(tid, token_text(tm, tid), float(chosen[i]), alternatives, offset))
+    return out
+
+
+def prompt_logprobs(tm: TriMode, prompt_ids: list[int], scores: list, top: int) -> list[TokenLogprob]:
+    """The prompt's entries from the engine's scores (`GenerationResult.prompt_logprobs`), offsets over the
+    prompt's text; the first has no logprob and no alternatives, as OpenAI's and vLLM's echo."""
+    texts = tm.tokenizer.tok.decode_batch([prompt_ids[:i] for i in range(len(prompt_ids))]) if tm.tokenizer else None
+    out = []
+    for i, (tid, score) in enumerate(zip(prompt_ids, scores, strict=True)):
+        offset = len(texts[i]) if texts is not None else 0
+        if score is None:
+            out.append(TokenLogprob(tid, token_text(tm, tid), None, None, offset))
+        else:
+            alternatives = [(t, token_text(tm, t), lp) for t, lp in score.top[:top]]
+            out.append(TokenLogprob(tid, token_text(tm, tid), score.logprob, alternatives, offset))
+    return out
+
+
+def shifted(entries: list[TokenLogprob], by: int) -> list[TokenLogprob]:
+    """`entries` with their text offsets moved `by` characters (the generated text after an echoed prompt)."""
+    return [TokenLogprob(e.token_id, e.token, e.logprob, e.top, e.text_offset + by) for e in entries]
+
+
+def vllm_prompt_logprobs(tm: TriMode, prompt_ids: list[int], scores: list) -> list[dict | None]:
+    """vLLM's `prompt_logprobs`: per prompt token None (the first) or {token id: {logprob, rank, decoded_token}}
+    for the prompt's token and the most likely ones."""
+    out: list[dict | None] = []
+    for score in scores:
+        if score is None:
+            out.append(None)
+            continue
+        entry = {str(t): {"logprob": lp, "rank": r + 1, "decoded_token": token_text(tm, t)}
+                 for r, (t, lp) in enumerate(score.top)}
+        entry.setdefault(str(score.token_id), {"logprob": score.logprob, "rank": score.rank,
+                                               "decoded_token": token_text(tm, score.token_id)})
+        out.append(entry)
     return out
 
 
@@ -67,7 +107,8 @@ def completion_logprobs(entries: list[TokenLogprob], top: int) -> dict:
     return {
         "tokens": [e.token for e in entries],
         "token_logprobs": [e.logprob for e in entries],
-        "top_logprobs": [{text: lp for _, text, lp in e.top} for e in entries] if top > 0 else None,
+        "top_logprobs": [None if e.top is None else {text: lp for _, text, lp in e.top} for e in entries]
+        if top > 0 else None,
         "text_offset": [e.text_offset for e in entries],
     }
 

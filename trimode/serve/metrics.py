@@ -9,12 +9,13 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from trimode.api import GenerationResult
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
+disable_created_metrics()  # no `_created` series: a scraper reads them as extra samples (process-wide setting)
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 TPF_BUCKETS = (0.25, 0.5, 0.75, 1, 1.25, 1.5, 2, 2.5, 3, 4, 6, 8, 12, 16, 32)
 ACCEPTANCE_BUCKETS = (1, 2, 3, 4, 5, 6, 8, 12, 16, 24, 32, 64)

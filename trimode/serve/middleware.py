@@ -161,7 +161,8 @@ class Unhandled:
 class RequestMetrics:
     """ASGI middleware: count answered requests by endpoint and status, and time generation requests."""
 
-    ENDPOINTS = ("/v1/completions", "/v1/chat/completions", "/v1/edits", "/v1/models", "/health", "/metrics")
+    GENERATING = ("/v1/completions", "/v1/chat/completions", "/v1/responses", "/v1/edits")
+    ENDPOINTS = (*GENERATING, "/v1/models", "/tokenize", "/detokenize", "/tokenizer_info", "/health", "/metrics")
 
     def __init__(self, app, metrics: ServerMetrics) -> None:
         self.app = app
@@ -173,7 +174,7 @@ class RequestMetrics:
         path = scope["path"] if scope["path"] in self.ENDPOINTS else "other"
         status = {"code": CLIENT_GONE}  # no answer started: the client left (an exception: 500, below)
         t0 = time.perf_counter()
-        generating = path.startswith("/v1/") and path != "/v1/models"
+        generating = path in self.GENERATING
         if generating:
             self.metrics.in_flight.inc()
 

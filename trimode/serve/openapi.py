@@ -8,7 +8,14 @@ from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 
 from trimode.serve.plan import ServerConfig
-from trimode.serve.protocol import ChatCompletionRequest, CompletionRequest, EditRequest
+from trimode.serve.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    EditRequest,
+    ResponsesRequest,
+    TokenizeRequest,
+)
 
 ERROR_RESPONSES: dict = {status: {"description": what, "content": {"application/json": {"schema": {
     "$ref": "#/components/schemas/ErrorBody"}}}} for status, what in (
@@ -17,7 +24,8 @@ ERROR_RESPONSES: dict = {status: {"description": what, "content": {"application/
     (421, "host name not served"), (429, "the engine is full"), (500, "internal error"),
     (503, "engine stopped or out of memory"))}
 BODIES = (("/v1/completions", CompletionRequest), ("/v1/chat/completions", ChatCompletionRequest),
-          ("/v1/edits", EditRequest))
+          ("/v1/responses", ResponsesRequest), ("/v1/edits", EditRequest), ("/tokenize", TokenizeRequest),
+          ("/detokenize", DetokenizeRequest))
 
 
 def openapi_schema(app: FastAPI, config: ServerConfig) -> dict:

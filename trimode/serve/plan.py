@@ -36,6 +36,7 @@ from trimode.serve.protocol import (
     CompletionRequest,
     EditRequest,
     GenerationFields,
+    ResponsesRequest,
     parse_body,
 )
 from trimode.serve.structured import FieldError, compile_for, functions_of, requested_constraint
@@ -46,7 +47,8 @@ DEFAULT_MAX_BODY_BYTES = 16 << 20
 DEFAULT_MAX_BLOCK_LENGTH = 64
 LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1")
 MODES = names(editing=False)  # what a request's `mode` may be
-ENDPOINTS = {"completions": CompletionRequest, "chat.completions": ChatCompletionRequest, "edits": EditRequest}
+ENDPOINTS = {"completions": CompletionRequest, "chat.completions": ChatCompletionRequest, "edits": EditRequest,
+             "responses": ResponsesRequest}  # the Responses API runs the chat path
 _HOLE_SIZE = re.compile(r"\[\[hole:(\d+)\]\]")
 _HOLE = re.compile(r"\[\[hole(?::\d+)?\]\]")
 
@@ -82,7 +84,7 @@ class Plan:
     """What one HTTP request will run: len(prompts) * n engine requests (choice k = prompt k // n)."""
 
     request_id: str
-    endpoint: str  # "completions", "chat.completions" or "edits"
+    endpoint: str  # "completions", "chat.completions", "responses" or "edits"
     prompts: list[list[int]]
     prompt_texts: list[str]
     mode: str
@@ -110,10 +112,15 @@ class Plan:
     constraint: Constraint | None = None  # what every choice must match (serve/structured.py)
     tools: bool = False  # the answer's text is parsed into tool_calls
     structured: bool = False  # response_format asked for JSON (the message carries refusal: null)
+    # The prompt scores the engine reads off the prefill (alternatives per position), for `echo` with `logprobs`
+    # or vLLM's `prompt_logprobs` field (`show_prompt_logprobs`: the answer carries that field).
+    prompt_logprobs: int | None = None
+    show_prompt_logprobs: bool = False
+    settings: dict = field(default_factory=dict)  # what a Responses API answer repeats of its request
 
     @property
     def chat(self) -> bool:
-        return self.endpoint == "chat.completions"
+        return self.endpoint in ("chat.completions", "responses")
 
     @property
     def audit_logprobs(self) -> bool:
@@ -130,7 +137,8 @@ class Plan:
                 seed = None if self.seed is None else self.seed + j  # n samples, n different derived seeds
                 out.append(EngineRequest(ids, self.mode, self.max_tokens[p], self.temperature, self.top_p,
                                          self.top_k, seed, self.stop, self.provisional, dict(self.knobs),
-                                         edit=edit, constraint=self.constraint))
+                                         edit=edit, constraint=self.constraint,
+                                         prompt_logprobs=self.prompt_logprobs))
         return out
 
     def review(self) -> dict | None:
@@ -166,14 +174,22 @@ class Planner:
         route, risk = self._route(body, headers), self._risk(body, headers)
         load = self.engine.stats()
         rows = load["running_requests"] + load["queue_depth"] + 1
-        request_id = {"completions": "cmpl-", "chat.completions": "chatcmpl-", "edits": "edit-"}[endpoint]
+        request_id = {"completions": "cmpl-", "chat.completions": "chatcmpl-", "edits": "edit-",
+                      "responses": "resp_"}[endpoint]
         plan = (self._edit(body, route, rows) if endpoint == "edits"
-                else self._generation(body, route, rows, endpoint == "chat.completions", load))
-        plan.request_id = request_id + uuid.uuid4().hex
+                else self._generation(body, route, rows, endpoint != "completions", load))
+        plan.endpoint, plan.request_id = endpoint, request_id + uuid.uuid4().hex
         plan.risk, plan.rows, plan.stream = risk, rows, body.stream
-        plan.include_usage = bool(getattr(body, "stream_options", None) and body.stream_options.include_usage)
+        plan.include_usage = endpoint == "responses" or bool(getattr(getattr(body, "stream_options", None),
+                                                                         "include_usage", False))
         if route is not None:
             plan.review_flag = route.flags_for_review(plan.request_id, risk)
+        if endpoint == "responses":
+            plan.settings = {"instructions": body.instructions, "max_output_tokens": body.max_output_tokens,
+                             "metadata": body.metadata or {}, "temperature": plan.temperature, "top_p": plan.top_p,
+                             "tool_choice": body.tool_choice or "auto", "parallel_tool_calls":
+                             body.parallel_tool_calls if body.parallel_tool_calls is not None else True,
+                             "user": body.user, "safety_identifier": body.safety_identifier}
         return plan
 
     # -- the route, the risk, the mode ------------------------------------------------------------------------
@@ -249,6 +265,8 @@ class Planner:
             decision = self._edit_on(route, "suffix", rows, "suffix: fill in the middle")
             if body.echo or body.logprobs is not None:
                 raise APIError(400, "suffix does not combine with echo or logprobs", param="suffix")
+            if body.max_tokens == 0:
+                raise APIError(400, "suffix needs max_tokens >= 1 (the hole's budget)", param="max_tokens")
             mode, verified = "edit", False
             knobs = {k: v for k, v in body.knobs.items() if k in mode_spec("edit").knob_names}
         else:
@@ -271,9 +289,7 @@ class Planner:
             budget, logprobs, echo = body.max_tokens, body.logprobs, body.echo
         if any(not p for p in prompts):
             raise APIError(400, "the prompt is empty", param=prompt_param)
-        if logprobs is not None:
-            if body.stream:
-                raise APIError(400, "logprobs are not supported with stream=true", param="logprobs")
+        if logprobs is not None and budget != 0:
             if mode not in LOGPROB_MODES:
                 raise APIError(400, f"logprobs not supported for mode {mode} (its tokens are not chosen from the "
                                     f"AR distribution); use {', '.join(sorted(LOGPROB_MODES))}", param="logprobs")
@@ -290,6 +306,7 @@ class Planner:
             plan.edit = ("infill", {"suffix": suffix_ids, "heal": [isinstance(p, str) for p in body.prompts]})
         plan.constraint, plan.structured = constraint, asked_by == "response_format"
         plan.tools = tool_choice is not None and tool_choice != "none"
+        self._scoring(body, plan)
         return plan
 
     def _constraint(self, body: GenerationFields, mode: str) -> tuple[Constraint | None, str | None, str]:
@@ -303,6 +320,16 @@ class Planner:
         except FieldError as e:
             raise APIError(400, str(e), param=e.field, code="invalid_value") from None
         return constraint, tool_choice, field_name
+
+    @staticmethod
+    def _scoring(body: GenerationFields, plan: Plan) -> None:
+        """The prompt scores to read off the prefill: `echo` with `logprobs`, or vLLM's `prompt_logprobs`."""
+        asked = [k for k in (plan.logprobs if plan.echo else None, body.prompt_logprobs) if k is not None]
+        if not asked:
+            return
+        if plan.edit is not None:
+            raise APIError(400, "suffix does not combine with prompt_logprobs", param="prompt_logprobs")
+        plan.prompt_logprobs, plan.show_prompt_logprobs = max(asked), body.prompt_logprobs is not None
 
     def _prompts(self, body: CompletionRequest) -> tuple[list[list[int]], list[str]]:
         prompts, texts = [], []
@@ -325,7 +352,7 @@ class Planner:
             raise APIError(400, "this model has no tokenizer, so no chat template; use /v1/completions with token "
                                 "ids", param=param)
         inputs = [m.as_template_input() for m in messages]
-        self._check_chars(sum(len(m["content"]) for m in inputs), param)  # before the template renders them
+        self.check_chars(sum(len(m["content"]) for m in inputs), param)  # before the template renders them
         tool_list = None
         try:
             if tools or any(m["role"] == "tool" or m.get("tool_calls") for m in inputs):
@@ -350,7 +377,7 @@ class Planner:
             texts, prompts = [body.template], [[t for p in pieces for t in self.encode(p, "template")]]
             edit = ("fill", {"template": body.template, "hole_tokens": body.hole_tokens})
         else:
-            self._check_chars(len(body.draft), "draft")
+            self.check_chars(len(body.draft), "draft")
             if body.spans is not None and len(body.spans) > len(body.draft) + 1:
                 raise APIError(400, f"{len(body.spans)} spans for a draft of {len(body.draft)} characters: spans "
                                     "must not overlap", param="spans")
@@ -369,7 +396,7 @@ class Planner:
 
     def _template(self, template: str, hole_tokens: int) -> list[str]:
         """The template's text pieces, once its holes' sizes are known to fit the context (before tokenizing)."""
-        self._check_chars(len(template), "template")
+        self.check_chars(len(template), "template")
         context = self.tm.max_context
         for size in _HOLE_SIZE.findall(template):
             if len(size) > len(str(context)) or int(size) >= context:
@@ -385,7 +412,7 @@ class Planner:
         return pieces
 
     # -- sizes and tokens -------------------------------------------------------------------------------------
-    def _check_chars(self, chars: int, param: str) -> None:
+    def check_chars(self, chars: int, param: str) -> None:
         limit = self.max_prompt_chars
         if limit is not None and chars > limit:  # certainly too long: not worth tokenizing (10 MB: seconds)
             raise APIError(400, f"the {param} has {chars} characters; this model's context of "
@@ -395,7 +422,7 @@ class Planner:
     def encode(self, text: str, param: str) -> list[int]:
         if self.tm.tokenizer is None:
             raise APIError(400, "this model has no tokenizer: give the prompt as token ids", param=param)
-        self._check_chars(len(text), param)
+        self.check_chars(len(text), param)
         # The ids of `tokenizer.encode(text)`, by `encode_batch`: `encode` holds the GIL for the whole text (for
         # megabytes, seconds in which the event loop's thread cannot run either); `encode_batch` releases it.
         return self.tm.tokenizer.tok.encode_batch([text], add_special_tokens=False)[0].ids

@@ -139,6 +139,8 @@ class GenerationFields(StructuredFields):
     max_thinking_tokens: int | None = Field(None, ge=0)
     end_think_token_id: int | None = Field(None, ge=0)
     provisional: bool = False
+    # vLLM's: the logprob of every prompt token as a continuation, with this many alternatives per position.
+    prompt_logprobs: int | None = Field(None, ge=0, le=20)
 
     @field_validator("stop")
     @classmethod
@@ -189,6 +191,7 @@ class CompletionRequest(GenerationFields):
     # A string, a token-id list, or a list of those; normalised to a list of prompts below.
     prompt: Any = Field(json_schema_extra={"anyOf": [_TEXT, _IDS, {"type": "array", "minItems": 1,
                                                                    "items": {"anyOf": [_TEXT, _IDS]}}]})
+    max_tokens: int | None = Field(None, ge=0)  # 0: no generation (with echo / prompt_logprobs: scoring)
     logprobs: int | None = Field(None, ge=0, le=20)
     echo: bool = False
     suffix: str | None = None  # fill in the middle: the text after the hole (max_tokens is the hole's budget)
@@ -356,3 +359,153 @@ class EditRequest(BaseModel):
     def knobs(self) -> dict:
         names = ("threshold", "rounds", "revise_threshold", "hole_window")
         return {k: getattr(self, k) for k in names if getattr(self, k) is not None}
+
+
+class TokenizeRequest(BaseModel):
+    """vLLM's POST /tokenize: a `prompt` (special-token text such as "</s>" read as those tokens, as vLLM does)
+    or chat `messages` rendered with the template (their contents stay text)."""
+
+    model_config = STRICT
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = Field(None, min_length=1)
+    add_special_tokens: bool = True
+    add_generation_prompt: bool = True
+    return_token_strs: bool = False
+
+    @model_validator(mode="after")
+    def _one(self):
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("give prompt or messages (one of them)")
+        return self
+
+
+class DetokenizeRequest(BaseModel):
+    """vLLM's POST /detokenize: token ids -> text."""
+
+    model_config = STRICT
+    model: str | None = None
+    tokens: list[int]
+
+
+class ResponsesStreamOptions(BaseModel):
+    model_config = STRICT
+    include_obfuscation: bool | None = None  # padding of stream events against length side channels: none here
+
+
+class ResponsesRequest(GenerationFields):
+    """POST /v1/responses (OpenAI's Responses API) over the chat path: `instructions` and `input` (a string, or
+    message items whose content is a string or input_text / output_text parts) become the conversation;
+    `max_output_tokens` its budget. trimode's extra fields apply as on the other routes. What would change the
+    answer's meaning and is not served (tools, structured output, stored conversations, reasoning settings) is a
+    400 naming the field; settings without effect here (store=false, empty tools, metadata, user) are accepted."""
+
+    input: Any = Field(json_schema_extra={"anyOf": [{"type": "string"}, {"type": "array", "items": {
+        "type": "object"}}]})
+    instructions: str | None = None
+    max_output_tokens: int | None = Field(None, ge=1)
+    stream_options: ResponsesStreamOptions | None = None  # type: ignore[assignment]
+    metadata: dict[str, str] | None = None
+    store: bool | None = None
+    include: list[str] | None = None
+    tools: list[dict] | None = None
+    tool_choice: Any = None
+    parallel_tool_calls: bool | None = None
+    max_tool_calls: int | None = None
+    text: dict | None = None
+    truncation: Literal["auto", "disabled"] | None = None
+    reasoning: dict | None = None
+    previous_response_id: str | None = None
+    conversation: Any = None
+    prompt: Any = None
+    background: bool | None = None
+    top_logprobs: int | None = None
+    safety_identifier: str | None = None
+    prompt_cache_key: str | None = None
+    prompt_cache_retention: str | None = None
+    service_tier: str | None = None
+
+    @model_validator(mode="after")
+    def _served(self):
+        refused = {
+            "max_tokens": (self.max_tokens is not None, "the Responses API's budget is max_output_tokens"),
+            "n": (self.n != 1, "a response has one output"),
+            "store": (self.store is True, "responses are not stored here (send store=false or leave it out)"),
+            "previous_response_id": (self.previous_response_id is not None, "responses are not stored here: send "
+                                     "the whole conversation as input"),
+            "conversation": (self.conversation is not None, "conversations are not stored here"),
+            "prompt": (self.prompt is not None, "stored prompt templates are not supported"),
+            "background": (bool(self.background), "background responses are not supported"),
+            "tools": (bool(self.tools), "tools (function calling) are not supported yet"),
+            "tool_choice": (self.tool_choice not in (None, "none", "auto"), "no tools are served"),
+            "include": (bool(self.include), "no extra output data (such as logprobs) is served on this route yet"),
+            "top_logprobs": (self.top_logprobs not in (None, 0), "logprobs are not served on this route yet"),
+            "prompt_logprobs": (self.prompt_logprobs is not None, "prompt scores are served by /v1/completions"),
+            "text": (not _plain_text(self.text), "only plain text output (text.format type text) is supported"),
+            "truncation": (self.truncation == "auto", "the input is never truncated here (use disabled)"),
+            "reasoning": (any(v is not None for v in (self.reasoning or {}).values()),
+                          "this model has no reasoning settings"),
+        }
+        for name, (bad, why) in refused.items():
+            if bad:
+                raise APIError(400, f"{name}: {why}", param=name, code="unsupported_parameter")
+        return self
+
+    @field_validator("input")
+    @classmethod
+    def _input(cls, v):
+        if isinstance(v, str):
+            return [ChatMessage(role="user", content=v)]
+        if not isinstance(v, list) or not v:
+            raise ValueError("input must be a string or a non-empty list of message items")
+        return [_input_message(item, i) for i, item in enumerate(v)]
+
+    @property
+    def messages(self) -> list[ChatMessage]:
+        system = [ChatMessage(role="system", content=self.instructions)] if self.instructions else []
+        return system + self.input
+
+    # What the chat path reads of a chat request.
+    @property
+    def max_completion_tokens(self) -> None:
+        return None
+
+    @property
+    def logprobs(self) -> bool:
+        return False
+
+    @property
+    def token_budget(self) -> int | None:
+        return self.max_output_tokens
+
+
+def _plain_text(text: dict | None) -> bool:
+    if not text:
+        return True
+    fmt = text.get("format") or {"type": "text"}
+    return set(text) <= {"format", "verbosity"} and text.get("verbosity") is None and fmt == {"type": "text"}
+
+
+def _input_message(item, i: int) -> ChatMessage:
+    """One input item (a message) as a chat message; other item kinds are named in a 400."""
+    if not isinstance(item, dict):
+        raise ValueError(f"input[{i}] must be a message item (an object)")
+    kind = item.get("type", "message")
+    if kind != "message":
+        raise ValueError(f"input[{i}]: items of type {kind!r} are not supported (messages only; no tools yet)")
+    extra = set(item) - {"type", "role", "content", "id", "status", "phase"}
+    if extra:
+        raise ValueError(f"input[{i}]: unknown field {sorted(extra)[0]!r}")
+    content = item.get("content")
+    if isinstance(content, list):
+        texts = []
+        for j, part in enumerate(content):
+            kind = part.get("type") if isinstance(part, dict) else None
+            if kind not in ("input_text", "output_text") or not isinstance(part.get("text"), str):
+                raise ValueError(f"input[{i}].content[{j}]: only input_text and output_text parts are supported "
+                                 f"(got {kind!r})")
+            texts.append(part["text"])
+        content = "".join(texts)
+    if not isinstance(content, str):
+        raise ValueError(f"input[{i}].content must be a string or a list of text parts")
+    return ChatMessage(role=item.get("role"), content=content)

@@ -24,12 +24,21 @@ from starlette.concurrency import run_in_threadpool
 from trimode.api import TriMode
 from trimode.decode.result import BlockState, Delta, GenerationResult
 from trimode.engine import Engine, EngineStopped, QueueFull, RequestHandle
-from trimode.serve.logprobs import LOGPROB_MODES, chat_logprobs, completion_logprobs, token_logprobs
+from trimode.serve.logprobs import (
+    LOGPROB_MODES,
+    chat_logprobs,
+    completion_logprobs,
+    prompt_logprobs,
+    shifted,
+    token_logprobs,
+    vllm_prompt_logprobs,
+)
 from trimode.serve.metrics import ServerMetrics
 from trimode.serve.plan import Plan, ServerConfig
 from trimode.serve.playground import event_fields
 from trimode.serve.priority import ModeMeter
 from trimode.serve.protocol import APIError
+from trimode.serve.responses import response_body, response_events
 from trimode.serve.structured import ChoiceDeltas, chat_message
 
 log = logging.getLogger("trimode.serve")
@@ -98,6 +107,12 @@ class Responder:
         headers = {"X-Request-Id": plan.request_id}
         if plan.route is not None:
             headers["X-Trimode-Review"] = "flagged" if plan.review_flag else plan.route.human_review
+        if plan.endpoint == "responses":  # the chat path's answer in the Responses API's shapes
+            if plan.stream:
+                events = response_events(self._chunks(request, plan, handles), plan, self.config.model_name)
+                return StreamingResponse(events, media_type="text/event-stream", headers=headers)
+            chat = await self._complete(request, plan, handles)
+            return JSONResponse(response_body(plan, self.config.model_name, chat), headers=headers)
         if plan.stream:
             return StreamingResponse(self._stream(request, plan, handles), media_type="text/event-stream",
                                      headers=headers)
@@ -201,12 +216,7 @@ class Responder:
         if plan.endpoint == "edits":
             self.finish(plan, done, texts)
             return self.edit_body(plan, done[0])
-        lps: list[dict | None] = [None] * len(done)
-        if plan.logprobs is not None and any(r.mode not in LOGPROB_MODES for r in done):
-            raise APIError(400, f"logprobs not supported for mode {done[0].mode} (auto chose it); name a mode")
-        entries = await _logprob_entries(self.tm, plan, done, texts, plan.logprobs or 0)
-        if plan.logprobs is not None:
-            lps = [chat_logprobs(e) if plan.chat else completion_logprobs(e, plan.logprobs) for e in entries]
+        lps, entries, scores = await self.logprobs(plan, done, texts)
         self.finish(plan, done, texts, _audit_logprobs(plan, entries))
         choices = []
         for k, r in enumerate(done):
@@ -217,15 +227,45 @@ class Responder:
             else:
                 choice["text"] = (plan.prompt_texts[k // plan.n] if plan.echo else "") + texts[k]
             choice |= {"logprobs": lps[k], "finish_reason": finish, "trimode": r.stats.as_dict()}
+            if plan.show_prompt_logprobs and not plan.chat:
+                choice["prompt_logprobs"] = scores[k]
             choices.append(choice)
-        return {"id": plan.request_id, "object": "chat.completion" if plan.chat else "text_completion",
+        body = {"id": plan.request_id, "object": "chat.completion" if plan.chat else "text_completion",
                 "created": plan.created, "model": self.config.model_name, "system_fingerprint": None,
                 "choices": choices, "usage": usage(plan, done), "trimode": self.stats_field(plan, done)}
+        if plan.show_prompt_logprobs and plan.chat:  # vLLM's place for a chat's (one conversation: one prompt)
+            body["prompt_logprobs"] = scores[0]
+        return body
+
+    async def logprobs(self, plan: Plan, done: list[GenerationResult],
+                       texts: list[str]) -> tuple[list[dict | None], list, list[list | None]]:
+        """Per choice its `logprobs` object (None when not asked), the generated tokens' entries (for the audit)
+        and vLLM's `prompt_logprobs` (None when not asked). With `echo`, the prompt's entries (the engine's
+        scores) come first, offsets over the echoed text. The text work runs in a worker thread."""
+        if plan.logprobs is not None and any(r.mode not in LOGPROB_MODES for r in done if r.token_ids):
+            raise APIError(400, f"logprobs not supported for mode {done[0].mode} (auto chose it); name a mode")
+        entries = await _logprob_entries(self.tm, plan, done, texts, plan.logprobs or 0)
+        scores: list[list | None] = [None] * len(done)
+        if plan.show_prompt_logprobs:
+            scores = await asyncio.to_thread(lambda: [vllm_prompt_logprobs(
+                self.tm, plan.prompts[k // plan.n], r.prompt_logprobs or []) for k, r in enumerate(done)])
+        if plan.logprobs is None:
+            return [None] * len(done), entries, scores
+        if plan.chat:
+            return [chat_logprobs(e) for e in entries], entries, scores
+        shown = entries
+        if plan.echo:
+            shown = []
+            for k, (r, e) in enumerate(zip(done, entries, strict=True)):
+                prompt = plan.prompts[k // plan.n]
+                head = await asyncio.to_thread(prompt_logprobs, self.tm, prompt, r.prompt_logprobs, plan.logprobs)
+                shown.append(head + shifted(e, len(plan.prompt_texts[k // plan.n])))
+        return [completion_logprobs(e, plan.logprobs) for e in shown], entries, scores
 
     # -- server-sent events ---------------------------------------------------------------------------------
     def _chunk(self, plan: Plan, k: int, text: str | None = None, **extra) -> dict:
-        base = {"id": plan.request_id, "object": {"chat.completions": "chat.completion.chunk", "edits": "edit.chunk",
-                                                  "completions": "text_completion"}[plan.endpoint],
+        kind = "edit.chunk" if plan.endpoint == "edits" else "chat.completion.chunk" if plan.chat else "text_completion"
+        base = {"id": plan.request_id, "object": kind,
                 "created": plan.created, "model": self.config.model_name}
         if plan.endpoint == "edits":
             return {**base, **extra}
@@ -238,6 +278,10 @@ class Responder:
         return {**base, "choices": [choice | extra]}
 
     async def _stream(self, request: Request, plan: Plan, handles: list[RequestHandle]) -> AsyncIterator[bytes]:
+        async for chunk in self._chunks(request, plan, handles):
+            yield sse(chunk)
+
+    async def _chunks(self, request: Request, plan: Plan, handles: list[RequestHandle]) -> AsyncIterator[dict | str]:
         """SSE chunks: text as soon as it is committed (optionally provisional blocks); the finish chunks (with the
         `trimode` statistics) only once every choice is done and any audit entry is on disk."""
         watcher = asyncio.create_task(_cancel_on_disconnect(request, handles))
@@ -248,11 +292,11 @@ class Responder:
         try:
             for k in range(len(handles) if plan.endpoint != "edits" else 0):
                 if plan.chat:
-                    yield sse(self._chunk(plan, k, None) | {"choices": [{
+                    yield self._chunk(plan, k, None) | {"choices": [{
                         "index": k, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                        "finish_reason": None}]})
+                        "finish_reason": None}]}
                 elif plan.echo:
-                    yield sse(self._chunk(plan, k, plan.prompt_texts[k // plan.n]))
+                    yield self._chunk(plan, k, plan.prompt_texts[k // plan.n])
             try:
                 async with aclosing(_events(handles)) as events:
                     async for k, ev in events:
@@ -263,16 +307,16 @@ class Responder:
                             texts[k] += ev.text or ""
                             if plan.chat and plan.tools:
                                 for delta in deltas[k].feed(ev.text or ""):
-                                    yield sse(self._chunk(plan, k, None, delta=delta))
+                                    yield self._chunk(plan, k, None, delta=delta)
                                 continue
-                            yield sse(self._chunk(plan, k, ev.text or None, trimode=event_fields(self.tm, ev)))
+                            yield self._chunk(plan, k, ev.text or None, trimode=event_fields(self.tm, ev))
                         elif isinstance(ev, BlockState):
-                            yield sse(self._chunk(plan, k, None, trimode=event_fields(self.tm, ev), provisional={
-                                "token_ids": ev.token_ids, "text": ev.text}))
+                            yield self._chunk(plan, k, None, trimode=event_fields(self.tm, ev), provisional={
+                                "token_ids": ev.token_ids, "text": ev.text})
                         elif isinstance(ev, GenerationResult):
                             results[k] = ev
             except Exception as e:  # the stream has started: report in-band, as OpenAI does
-                yield sse(engine_error(e).body())
+                yield engine_error(e).body()
                 return
             async for part in self._stream_end(plan, [r for r in results if r is not None], deltas):
                 yield part
@@ -285,27 +329,37 @@ class Responder:
                 self.abandon(plan, texts, len(unfinished))
 
     async def _stream_end(self, plan: Plan, done: list[GenerationResult],
-                          deltas: list[ChoiceDeltas]) -> AsyncIterator[bytes]:
+                          deltas: list[ChoiceDeltas]) -> AsyncIterator[dict | str]:
         try:
             final_texts = [r.text or "" for r in done]
-            entries = await _logprob_entries(self.tm, plan, done, final_texts, 0)
+            lps, entries, scores = await self.logprobs(plan, done, final_texts)
             self.finish(plan, done, final_texts, _audit_logprobs(plan, entries))
         except APIError as e:
-            yield sse(e.body())
+            yield e.body()
             return
         if plan.endpoint == "edits":
-            yield sse(self.edit_body(plan, done[0], "edit.chunk"))
+            yield self.edit_body(plan, done[0], "edit.chunk")
         else:
             for k, r in enumerate(done):
                 for delta in deltas[k].close():
-                    yield sse(self._chunk(plan, k, None, delta=delta))
+                    yield self._chunk(plan, k, None, delta=delta)
+                # The decoders report no logprobs as they go: a choice's come in one chunk after its text (the
+                # concatenation of the chunks' logprobs is the whole list, as when OpenAI sends them piecewise).
+                extra = {"prompt_logprobs": scores[k]} if (
+                    plan.show_prompt_logprobs and not plan.chat) else {}
+                if lps[k] is not None or extra:
+                    chunk = self._chunk(plan, k, None, **extra)
+                    chunk["choices"][0]["logprobs"] = lps[k]
+                    yield chunk
                 final = self._chunk(plan, k, None, finish_reason=deltas[k].finish(finish_reason(r)))
+                if plan.show_prompt_logprobs and plan.chat:
+                    final["prompt_logprobs"] = scores[k]
                 final["trimode"] = {**self.stats_field(plan, [r]), "choice": r.stats.as_dict()}
-                yield sse(final)
+                yield final
             if plan.include_usage:
-                yield sse(self._chunk(plan, 0) | {"choices": [], "usage": usage(plan, done),
-                                                  "trimode": self.stats_field(plan, done)})
-        yield sse("[DONE]")
+                yield self._chunk(plan, 0) | {"choices": [], "usage": usage(plan, done),
+                                              "trimode": self.stats_field(plan, done)}
+        yield "[DONE]"
 
 
 async def _events(handles: list[RequestHandle]) -> AsyncIterator[tuple[int, object]]:

@@ -54,15 +54,18 @@ class Layout:
 
 
 class ExitFlag:
-    """Set when an engine died under "exit": the server stops (SIGTERM to itself) and exits with its status."""
+    """Set when an engine died under "exit": the uvicorn server shuts down gracefully (the other requests end with
+    EngineStopped) and the command exits with ENGINE_DIED_EXIT."""
 
     def __init__(self) -> None:
         self.code = 0
+        self.server = None  # the uvicorn.Server to stop
 
     def __call__(self, reason: str) -> None:
         log.error("%s; the server exits (--on-engine-death exit)", reason)
         self.code = ENGINE_DIED_EXIT
-        os.kill(os.getpid(), signal.SIGTERM)
+        if self.server is not None:
+            self.server.should_exit = True  # read by uvicorn's main loop (a signal would be re-raised at its end)
 
 
 def serve_layout(tm, config, layout: Layout, host: str, port: int, log_level: str) -> int:
@@ -84,7 +87,9 @@ def serve_layout(tm, config, layout: Layout, host: str, port: int, log_level: st
         from trimode.engine import Engine
 
         engine = Engine(tm, **layout.engine)
-    uvicorn.run(create_app(engine, config), host=host, port=port, log_level=log_level)
+    exit_flag.server = uvicorn.Server(uvicorn.Config(create_app(engine, config), host=host, port=port,
+                                                     log_level=log_level))
+    exit_flag.server.run()
     return exit_flag.code
 
 

@@ -44,3 +44,9 @@ def one_thread():
 @pytest.fixture(scope="session")
 def tiny_a_dir() -> Path:
     return TINY_A
+
+
+from tests import engine_process  # noqa: E402
+
+if engine_process.ENABLED:
+    engine_process.install()

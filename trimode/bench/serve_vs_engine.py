@@ -149,7 +149,10 @@ def start(model: str | None, layout: list[str], threads: int, port: int):
 
 
 def run(model: str | None, layouts: list[str], clients: list[int], requests: int, max_tokens: int, mode: str,
-        threads: int, echo=print) -> list[Cell]:
+        threads: int, rounds: int = 3, echo=print) -> list[Cell]:
+    """Every server layout runs at once (idle while another side is measured); per client count and round, each
+    side's cells run back to back in a rotating order, so a burst of load from elsewhere hits every side alike.
+    Each cell reported is the median round (by output tokens/s) with the latencies of all rounds."""
     import torch
 
     import trimode
@@ -157,32 +160,48 @@ def run(model: str | None, layouts: list[str], clients: list[int], requests: int
 
     torch.set_num_threads(threads)
     texts = bench_prompts()
-    cells: list[Cell] = []
-    for name in layouts:
-        port = free_port()
-        echo(f"starting `trimode serve {' '.join(LAYOUTS[name])}` ...")
-        proc = start(model, LAYOUTS[name], threads, port)
-        url = f"http://127.0.0.1:{port}/v1"
-        try:
-            asyncio.run(server_cell(url, texts, mode, 2, 2, max_tokens, True, name))  # warm-up
+    servers = {}
+    try:
+        for name in layouts:
+            port = free_port()
+            echo(f"starting `trimode serve {' '.join(LAYOUTS[name])}` ...")
+            servers[name] = (start(model, LAYOUTS[name], threads, port), f"http://127.0.0.1:{port}/v1")
+        tm = trimode.load(model)
+        tok = tm.tokenizer.tok
+        prompts = [tok.encode_batch([t], add_special_tokens=False)[0].ids for t in texts]  # as the server does
+        with Engine(tm, max_queue=256) as engine:
+            sides = [("engine", True)] + [(name, stream) for name in layouts for stream in (True, False)]
+
+            def measure(side: str, stream: bool, n: int, per: int) -> Cell:
+                if side == "engine":
+                    return engine_cell(engine, prompts, mode, n, per, max_tokens)
+                return asyncio.run(server_cell(servers[side][1], texts, mode, n, per, max_tokens, stream, side))
+
+            for side, stream in sides:
+                measure(side, stream, 2, 2)  # warm-up
+            cells = []
             for n in clients:
-                for stream in (True, False):
-                    cell = asyncio.run(server_cell(url, texts, mode, n, -(-requests // n), max_tokens, stream, name))
-                    echo(f"{name:>12} x{n:<3} {'stream' if stream else 'json  '}: {cell.tokens_per_s:7.1f} tok/s")
-                    cells.append(cell)
-        finally:
+                runs: dict = {s: [] for s in sides}
+                for r in range(rounds):
+                    for side, stream in sides[r % len(sides):] + sides[:r % len(sides)]:
+                        cell = measure(side, stream, n, -(-requests // n))
+                        runs[(side, stream)].append(cell)
+                        echo(f"{side:>12} x{n:<3} {'stream' if stream else 'json  '} round {r + 1}: "
+                             f"{cell.tokens_per_s:7.1f} tok/s")
+                cells += [median(runs[s]) for s in sides]
+    finally:
+        for proc, _ in servers.values():
             proc.terminate()
             proc.wait(timeout=60)
-    tm = trimode.load(model)
-    tok = tm.tokenizer.tok
-    prompts = [tok.encode_batch([t], add_special_tokens=False)[0].ids for t in texts]  # as the server tokenizes
-    with Engine(tm, max_queue=256) as engine:
-        engine_cell(engine, prompts, mode, 2, 2, max_tokens)  # warm-up
-        for n in clients:
-            cell = engine_cell(engine, prompts, mode, n, -(-requests // n), max_tokens)
-            echo(f"{'engine':>12} x{n:<3}: {cell.tokens_per_s:7.1f} tok/s")
-            cells.append(cell)
     return cells
+
+
+def median(rounds: list[Cell]) -> Cell:
+    mid = sorted(rounds, key=lambda c: c.tokens_per_s)[(len(rounds) - 1) // 2]
+    out = Cell(mid.side, mid.clients, mid.stream, mid.wall, mid.done, sum(c.errors for c in rounds), mid.tokens)
+    out.ttft = [x for c in rounds for x in c.ttft]
+    out.itl = [x for c in rounds for x in c.itl]
+    return out
 
 
 def report(cells: list[Cell], header: str) -> str:
@@ -210,6 +229,7 @@ def command(
     max_tokens: int = typer.Option(64, "--max-tokens"),
     mode: str = typer.Option("ar", help="The mode of every request."),
     threads: int = typer.Option(1, help="torch threads of the server and of the in-process engine."),
+    rounds: int = typer.Option(3, help="Rounds per client count (the median round is reported)."),
     out: Path | None = typer.Option(None, help="Also write the markdown report here."),
 ) -> None:
     """Server tokens/s per layout beside the same requests on the engine in-process, streaming and not."""
@@ -225,11 +245,12 @@ def command(
         raise typer.BadParameter("comma-separated whole numbers", param_hint="--clients") from None
     if not levels or min(levels) < 1 or requests < 1 or max_tokens < 1 or threads < 1:
         raise typer.BadParameter("--clients, --requests, --max-tokens and --threads must be >= 1")
-    cells = run(model, names, levels, requests, max_tokens, mode, threads, echo=lambda s: typer.echo(s, err=True))
+    cells = run(model, names, levels, requests, max_tokens, mode, threads, rounds,
+                echo=lambda s: typer.echo(s, err=True))
     header = (f"Command: `trimode bench serve-vs-engine --layouts {','.join(names)} --clients {clients} --requests "
-              f"{requests} --max-tokens {max_tokens} --mode {mode} --threads {threads}`  \nMachine: "
+              f"{requests} --max-tokens {max_tokens} --mode {mode} --threads {threads} --rounds {rounds}`  \nMachine: "
               f"{platform.machine()}, {os.cpu_count()} CPU cores; raw completion prompts, greedy; the load generator "
-              f"shares the CPU on both sides.")
+              f"shares the CPU on both sides; every side's cells interleaved, the median of {rounds} rounds shown.")
     text = report(cells, header)
     typer.echo(text, nl=False)
     if out is not None:

@@ -50,3 +50,8 @@ from tests import engine_process  # noqa: E402
 
 if engine_process.ENABLED:
     engine_process.install()
+
+
+def pytest_collection_modifyitems(config, items):
+    if engine_process.ENABLED:
+        engine_process.skip_in_process_only(items)

@@ -183,16 +183,35 @@ class EngineClient:
 
     def submit(self, request: EngineRequest) -> RemoteHandle:
         """Send to the least-loaded ready core and wait for its answer (raises as `Engine.submit` does)."""
-        link = self._pick()
-        handle = RemoteHandle(request, link)
-        with self._lock:
-            self._live[request.request_id] = handle
-            link.inflight += 1
-        link.send(["submit", link.identity, request_to_wire(request)])
-        handle.answered.wait()
-        if handle.refusal is not None:
-            raise handle.refusal
-        return handle
+        return self.submit_all([request])[0]
+
+    def submit_all(self, requests: list[EngineRequest]) -> list[RemoteHandle]:
+        """Several requests (a request's `n` choices, its prompts) sent at once, then their answers awaited: one
+        round trip to the cores, not one per request. All or none: on a refusal the accepted ones are cancelled
+        and the refusal is raised."""
+        handles: list[RemoteHandle] = []
+        try:
+            for request in requests:
+                link = self._pick()
+                handle = RemoteHandle(request, link)
+                with self._lock:
+                    self._live[request.request_id] = handle
+                    link.inflight += 1
+                link.send(["submit", link.identity, request_to_wire(request)])
+                handles.append(handle)
+        except EngineStopped:  # no core is ready: withdraw what was sent
+            for h in handles:
+                h.cancel()
+            raise
+        for handle in handles:
+            handle.answered.wait()
+        refused = next((h.refusal for h in handles if h.refusal is not None), None)
+        if refused is not None:
+            for h in handles:
+                if h.refusal is None:
+                    h.cancel()
+            raise refused
+        return handles
 
     def _pick(self) -> CoreLink:
         with self._lock:

@@ -2,7 +2,7 @@
 
 An engine process that dies mid-load must not hang a client: every request in flight ends with an answer or a
 clear error (503 JSON, or an SSE error event), /health turns 503, and then, per --on-engine-death, the engine is
-restarted (later requests are answered) or the server exits with status 3. A client that stops reading must
+restarted (later requests are answered) or the server exits with status 75. A client that stops reading must
 not slow anyone else down.
 """
 
@@ -127,7 +127,7 @@ def test_engine_death_exits_for_a_supervisor(tmp_path):
         t.join(timeout=120)
     assert not any(t.is_alive() for t in threads), "a client hung"
     assert all(k in ("ok", "error") for k, _ in outcomes), outcomes
-    assert srv.proc.wait(timeout=60) == 3
+    assert srv.proc.wait(timeout=60) == 75
     err = srv.proc.stderr.read()
     assert "died" in err and "--on-engine-death exit" in err
 

@@ -56,7 +56,7 @@ def serve(
     api_server_count: int = typer.Option(1, "--api-server-count", help="HTTP server processes sharing the port "
                                          "(SO_REUSEPORT), each a client of every engine process."),
     on_engine_death: str = typer.Option("restart", "--on-engine-death", help="When an engine process dies (its "
-                                        "requests get 503): restart it, or exit (status 3) for a supervisor."),
+                                        "requests get 503): restart it, or exit (status 75) for a supervisor."),
     allowed_host: list[str] = typer.Option([], "--allowed-host", help="A Host name to answer besides localhost, "
                                            "127.0.0.1 and ::1 (repeatable; behind a proxy: its public name; '*': "
                                            "any). Bound to a non-loopback address, no Host check unless given."),
@@ -96,6 +96,8 @@ def serve(
         code = serve_layout(tm, config, layout, host, port, log_level)
     except OSError as e:
         fail(f"cannot serve on {host}:{port}: {e.strerror or e}")
+    except RuntimeError as e:  # an engine process could not start
+        fail(str(e))
     if code:
         raise typer.Exit(code)
 

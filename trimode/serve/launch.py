@@ -10,8 +10,8 @@
 
 When a core dies, its requests fail with 503 / an SSE error event and /health answers 503; then `--on-engine-death`
 restart: a fresh core process loads the model again (what the dead one held, its queue, KV cache and learned auto
-state, is lost; /health is 503 until it is ready) or exit: the server shuts down with exit code 3 for a
-supervisor (systemd, Kubernetes) to restart.
+state, is lost; /health is 503 until it is ready) or exit: the server shuts down with exit status 75
+(EX_TEMPFAIL) for a supervisor (systemd, Kubernetes) to restart.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-ENGINE_DIED_EXIT = 3  # the exit status after an engine process died under --on-engine-death exit
+ENGINE_DIED_EXIT = 75  # EX_TEMPFAIL: an engine process died under --on-engine-death exit; restart me
 log = logging.getLogger("trimode.serve")
 
 
@@ -118,11 +118,14 @@ def supervise(tm, config, layout: Layout, host: str, port: int, log_level: str) 
 
     probe = reuseport_socket(host, port)  # fail now, before any model loads, when the port is taken
     cores = CoreSet(core_spec(layout), layout.data_parallel_size).start()
-    waiter = EngineClient(tm, cores.addresses, ready_timeout=None)
+    waiter = EngineClient(tm, cores, on_death="exit")  # a core that dies loading fails start() here
     try:
         waiter.start()  # every core ready: the API servers then start answering at once
-    finally:
-        waiter.stop()
+    except RuntimeError:
+        cores.stop()
+        raise
+    waiter.owned = None  # disconnect only: the cores stay for the API servers
+    waiter.stop()
     audit_path = config.audit_log.path if config.audit_log is not None else None
     ctx = multiprocessing.get_context("spawn")
     worker_config = replace(config, audit_log=None)

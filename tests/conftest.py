@@ -44,3 +44,14 @@ def one_thread():
 @pytest.fixture(scope="session")
 def tiny_a_dir() -> Path:
     return TINY_A
+
+
+from tests import engine_process  # noqa: E402
+
+if engine_process.ENABLED:
+    engine_process.install()
+
+
+def pytest_collection_modifyitems(config, items):
+    if engine_process.ENABLED:
+        engine_process.skip_in_process_only(items)

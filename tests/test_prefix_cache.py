@@ -88,7 +88,8 @@ def test_scoring_computes_the_whole_prompt_and_still_fills_the_cache(tm):
     (second,) = run(eng, [EngineRequest(SYSTEM, max_new_tokens=0, prompt_logprobs=1)])
     assert second.prompt_logprobs == first.prompt_logprobs
     (after,) = run(eng, [EngineRequest(SYSTEM, max_new_tokens=3)])
-    assert after.stats.cached_tokens == 20 and after.token_ids == alone(tm, EngineRequest(SYSTEM, max_new_tokens=3)).token_ids
+    assert after.stats.cached_tokens == 20
+    assert after.token_ids == alone(tm, EngineRequest(SYSTEM, max_new_tokens=3)).token_ids
 
 
 def test_edits_and_continuations_share_one_cache(tm):

@@ -19,6 +19,9 @@ def register(app: typer.Typer) -> None:
         bench_app = typer.Typer(help="Benchmarks.", no_args_is_help=True)
         app.add_typer(bench_app, name="bench")
     bench_app.command(name="serve")(serve)
+    from trimode.bench.serve_vs_engine import command as serve_vs_engine
+
+    bench_app.command(name="serve-vs-engine")(serve_vs_engine)
 
 
 def _fail(message: str) -> None:

@@ -114,6 +114,22 @@ class RequestHandle:
     def _fail(self, error: BaseException) -> None:
         self._put(_Failure(error))
 
+    # -- a relay (the engine-core process forwards a handle's events to an API server process) ----------------
+    def drain(self) -> list:
+        """Every item queued so far, without waiting: events, the result, then the end (or a failure)."""
+        with self._cond:
+            items = list(self._items)
+            self._items.clear()
+        return items
+
+    @staticmethod
+    def is_end(item) -> bool:
+        return item is _END
+
+    @staticmethod
+    def failure(item) -> BaseException | None:
+        return item.error if isinstance(item, _Failure) else None
+
     # -- client side -------------------------------------------------------------------------------------
     def _pop(self):
         item = self._items.popleft()

@@ -29,6 +29,7 @@ from starlette.requests import ClientDisconnect
 
 from trimode.decode.modes import names
 from trimode.engine import Engine
+from trimode.engine.client import EngineClient
 from trimode.serve.metrics import CONTENT_TYPE, ServerMetrics
 from trimode.serve.middleware import CLIENT_GONE, BodyLimit, LocalOnly, RequestMetrics, Unhandled
 from trimode.serve.openapi import ERROR_RESPONSES, openapi_schema
@@ -50,7 +51,7 @@ __all__ = ["LOOPBACK_HOSTS", "Plan", "ServerConfig", "create_app", "engine_error
 class Server:
     """What the routes share: the engine, the planner, the responder and the metrics."""
 
-    engine: Engine
+    engine: Engine | EngineClient
     config: ServerConfig
     planner: Planner
     responder: Responder
@@ -69,8 +70,9 @@ class Server:
         return await self.responder.respond(request, plan)
 
 
-def create_app(engine: Engine, config: ServerConfig) -> FastAPI:
-    """The app; it starts the engine on start-up and stops it on shut-down."""
+def create_app(engine: Engine | EngineClient, config: ServerConfig) -> FastAPI:
+    """The app; it starts the engine on start-up and stops it on shut-down. `engine`: an in-process `Engine`, or an
+    `EngineClient` of engine-core processes (trimode/engine/client.py): the routes use only what both offer."""
     meter, metrics = ModeMeter(), ServerMetrics(engine.stats)
     server = Server(engine, config, Planner(engine, config, meter), Responder(engine, config, metrics, meter),
                     metrics)
@@ -143,8 +145,13 @@ def create_app(engine: Engine, config: ServerConfig) -> FastAPI:
     @app.get("/health")
     async def health():
         # `auto`: what the auto policy has learned (estimates, slowdowns, picks, cost curve), when it exists
-        keys = ("queue_depth", "running_requests", "max_running", "max_queue", "auto")
-        return {"status": "ok", "model": config.model_name, **{k: v for k, v in engine.stats().items() if k in keys}}
+        # `engines`: the engine processes' pids and states (--engine-process); 503 while one is down
+        keys = ("queue_depth", "running_requests", "max_running", "max_queue", "auto", "engines")
+        stats = engine.stats()
+        body = {"status": "ok", "model": config.model_name, **{k: v for k, v in stats.items() if k in keys}}
+        if not stats.get("healthy", True):
+            return JSONResponse(body | {"status": "unavailable"}, status_code=503)
+        return body
 
     @app.get("/metrics")
     async def metrics_page():

@@ -49,6 +49,14 @@ def serve(
     dtype: str | None = typer.Option(None, help="float32 / bfloat16 (default: float32 on CPU, bfloat16 on CUDA)."),
     device: str | None = typer.Option(None, help="cpu / cuda (default: cuda when available)."),
     log_level: str = typer.Option("info", "--log-level", help="uvicorn log level."),
+    engine_process: bool = typer.Option(True, "--engine-process/--no-engine-process", help="Run the engine loop "
+                                        "in its own process, apart from the HTTP server (docs/serving.md)."),
+    data_parallel_size: int = typer.Option(1, "--data-parallel-size", help="Engine processes, one model copy "
+                                           "each; requests go to the least loaded."),
+    api_server_count: int = typer.Option(1, "--api-server-count", help="HTTP server processes sharing the port "
+                                         "(SO_REUSEPORT), each a client of every engine process."),
+    on_engine_death: str = typer.Option("restart", "--on-engine-death", help="When an engine process dies (its "
+                                        "requests get 503): restart it, or exit (status 75) for a supervisor."),
     allowed_host: list[str] = typer.Option([], "--allowed-host", help="A Host name to answer besides localhost, "
                                            "127.0.0.1 and ::1 (repeatable; behind a proxy: its public name; '*': "
                                            "any). Bound to a non-loopback address, no Host check unless given."),
@@ -60,25 +68,16 @@ def serve(
                                    max_running, max_queue, port, max_body_mb)
     auto = None if auto_config is None else parse_auto_config(auto_config)
 
-    from trimode.serve.policy import AuditLog, PolicyError, load_policy
+    routing, audit = load_routing(policy, audit_log)  # before the model: a bad policy fails in a second
+    from trimode.serve.launch import Layout, serve_layout
 
-    routing = audit = None
-    if policy is not None:
-        try:
-            routing = load_policy(policy)  # before the model: a bad policy fails in a second, with its line
-        except PolicyError as e:
-            fail(str(e))
-        if any(r.audited for r in routing.routes.values()):
-            try:
-                audit = AuditLog(audit_log)
-            except OSError as e:
-                fail(f"cannot open the audit log {audit_log}: {e.strerror}")
-
+    max_pass_bytes = None if max_pass_mb is None else int(max_pass_mb * 2**20)
+    layout = Layout(engine_process, data_parallel_size, api_server_count, on_engine_death, model, dtype, device,
+                    dict(max_queue=max_queue, max_running=max_running, auto=auto, max_pass_bytes=max_pass_bytes))
+    if (problem := layout.check()) is not None:
+        fail(problem)
     tm = load_or_fail(model, dtype, device)
-    import uvicorn
-
-    from trimode.engine import Engine
-    from trimode.serve.app import ServerConfig, create_app
+    from trimode.serve.app import ServerConfig
 
     name = served_model_name or _model_name(model)
     knobs = {k: v for k, v in (("block_length", block_length), ("threshold", threshold)) if v is not None}
@@ -89,17 +88,37 @@ def serve(
             tm.knobs_for(mode, **knobs)  # reject bad defaults now rather than on every request
     except ValueError as e:
         fail(str(e))
-    max_pass_bytes = None if max_pass_mb is None else int(max_pass_mb * 2**20)
-    app = create_app(Engine(tm, max_queue=max_queue, max_running=max_running, auto=auto,
-                            max_pass_bytes=max_pass_bytes), config)
     if host not in ("127.0.0.1", "localhost", "::1") and api_key is None:
         typer.echo(f"warning: serving on {host} without --api-key: anyone who can reach it can use it", err=True)
     extra = f", policy {policy} ({len(routing.routes)} routes), audit log {audit_log}" if routing else ""
     typer.echo(f"trimode: serving {name!r} on http://{host}:{port}/v1 (default mode {mode}{extra})", err=True)
     try:
-        uvicorn.run(app, host=host, port=port, log_level=log_level)
+        code = serve_layout(tm, config, layout, host, port, log_level)
     except OSError as e:
         fail(f"cannot serve on {host}:{port}: {e.strerror or e}")
+    except RuntimeError as e:  # an engine process could not start
+        fail(str(e))
+    if code:
+        raise typer.Exit(code)
+
+
+def load_routing(policy: Path | None, audit_log: Path):
+    """The routing policy and, when a route is audited, the audit log (or a clear failure naming the line)."""
+    from trimode.cli import fail
+    from trimode.serve.policy import AuditLog, PolicyError, load_policy
+
+    routing = audit = None
+    if policy is not None:
+        try:
+            routing = load_policy(policy)
+        except PolicyError as e:
+            fail(str(e))
+        if any(r.audited for r in routing.routes.values()):
+            try:
+                audit = AuditLog(audit_log)
+            except OSError as e:
+                fail(f"cannot open the audit log {audit_log}: {e.strerror}")
+    return routing, audit
 
 
 def check_options(mode, threshold, block_length, max_block_length, max_pass_mb, max_tokens, max_running, max_queue,

@@ -24,6 +24,7 @@ from starlette.concurrency import run_in_threadpool
 from trimode.api import TriMode
 from trimode.decode.result import BlockState, Delta, GenerationResult
 from trimode.engine import Engine, EngineStopped, QueueFull, RequestHandle
+from trimode.engine.client import EngineClient
 from trimode.serve.logprobs import (
     LOGPROB_MODES,
     chat_logprobs,
@@ -81,7 +82,8 @@ def usage(plan: Plan, results: list[GenerationResult]) -> dict:
 class Responder:
     """Engine requests of a plan -> the HTTP answer; one per app."""
 
-    def __init__(self, engine: Engine, config: ServerConfig, metrics: ServerMetrics, meter: ModeMeter) -> None:
+    def __init__(self, engine: Engine | EngineClient, config: ServerConfig, metrics: ServerMetrics,
+                 meter: ModeMeter) -> None:
         self.engine, self.tm, self.config, self.metrics, self.meter = engine, engine.tm, config, metrics, meter
 
     # -- plan -> engine -------------------------------------------------------------------------------------
@@ -89,8 +91,12 @@ class Responder:
         """Submit every choice (all or none). Linear in the request: call it off the event loop."""
         handles: list[RequestHandle] = []
         try:
-            for req in plan.engine_requests():
-                handles.append(self.engine.submit(req))
+            requests = plan.engine_requests()
+            if isinstance(self.engine, EngineClient):  # engine processes: one round trip for all the choices
+                handles = self.engine.submit_all(requests)
+            else:
+                for req in requests:
+                    handles.append(self.engine.submit(req))
         except (QueueFull, ValueError) as e:
             self.metrics.rejected.labels("queue_full" if isinstance(e, QueueFull) else "invalid").inc()
             raise engine_error(e) from None

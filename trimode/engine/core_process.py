@@ -1,0 +1,225 @@
+"""The engine core in its own process: the step loop with nothing else under its GIL.
+
+    cores = CoreSet(CoreSpec(model=None, engine={"max_queue": 64}), count=2).start()   # data-parallel: 2 cores
+    client = EngineClient(tm, cores)        # client.py: the server's side
+
+A core process (`multiprocessing` spawn) loads the model itself from `CoreSpec` (the path and options the server
+was given), builds an `Engine` and runs its loop in the main thread (`EngineCore.run`): take what arrived on the
+PULL socket (submissions, cancellations, hellos), run one `Engine.step()`, then send each API server ONE message
+with every event its requests produced in that step (the wire format: `wire.py`). The core never waits on a
+client: the ROUTER socket never blocks (no high-water mark; a vanished client's messages are dropped).
+
+A core ignores SIGINT (Ctrl-C reaches the whole process group; the owner stops it with a "stop" message) and
+exits when its parent goes away, so it never outlives the server.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+import signal
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import zmq
+
+from trimode.engine.wire import decode, encode, error_to_wire, event_to_wire, request_from_wire
+
+log = logging.getLogger("trimode.engine.core")
+
+IDLE_POLL_MS = 500  # an idle core still checks for its parent this often
+WAIT_POLL_MS = 50  # requests wait for room and no step progressed: look again this often (as Engine's loop)
+
+
+@dataclass
+class CoreSpec:
+    """How a core process builds its engine: `trimode.load(model, dtype, device, lora)`, then `Engine(tm, **engine)`
+    (its keyword arguments: max_queue, max_running, auto, cost, max_pass_bytes, ...; picklable values)."""
+
+    model: str | None = None
+    dtype: str | None = None
+    device: str | None = None
+    lora: bool | str = True
+    engine: dict = field(default_factory=dict)
+
+
+def core_addresses(run_dir: Path, index: int) -> tuple[str, str]:
+    """(input, output) IPC addresses of core `index`: the same after a restart, so clients reconnect by themselves."""
+    return f"ipc://{run_dir}/core{index}-in", f"ipc://{run_dir}/core{index}-out"
+
+
+class CoreSet:
+    """The engine-core processes of one server (data-parallel: one model copy each); the owner starts, restarts and
+    stops them. Their addresses live in a private temporary directory (`run_dir`)."""
+
+    def __init__(self, spec: CoreSpec, count: int = 1, run_dir: Path | None = None) -> None:
+        if count < 1:
+            raise ValueError("data-parallel size must be >= 1")
+        self.spec, self.count = spec, count
+        self._tmp = None if run_dir is not None else tempfile.TemporaryDirectory(prefix="trimode-")
+        self.run_dir = Path(run_dir or self._tmp.name)
+        self.addresses = [core_addresses(self.run_dir, i) for i in range(count)]
+        self.procs: list[multiprocessing.Process | None] = [None] * count
+        self._ctx = multiprocessing.get_context("spawn")
+
+    def start(self) -> CoreSet:
+        for i in range(self.count):
+            if self.procs[i] is None:
+                self.restart(i)
+        return self
+
+    def restart(self, index: int) -> None:
+        """Start core `index` (again): a fresh process, a fresh model load; what the old one held is gone."""
+        old = self.procs[index]
+        if old is not None:
+            old.join(timeout=0)
+        p = self._ctx.Process(target=run_core, args=(self.spec, *self.addresses[index]), name=f"trimode-core{index}",
+                              daemon=True)
+        p.start()
+        self.procs[index] = p
+
+    def alive(self, index: int) -> bool:
+        p = self.procs[index]
+        return p is not None and p.is_alive()
+
+    def exitcode(self, index: int) -> int | None:
+        p = self.procs[index]
+        return None if p is None else p.exitcode
+
+    def pid(self, index: int) -> int | None:
+        p = self.procs[index]
+        return None if p is None else p.pid
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Ask every core to stop (requests end with EngineStopped), then make sure they are gone."""
+        ctx = zmq.Context.instance()
+        for i, p in enumerate(self.procs):
+            if p is not None and p.is_alive():
+                s = ctx.socket(zmq.PUSH)
+                s.setsockopt(zmq.LINGER, 1000)
+                s.connect(self.addresses[i][0])
+                s.send(encode(["stop"]))
+                s.close()
+        deadline = time.monotonic() + timeout
+        for p in self.procs:
+            if p is not None:
+                p.join(timeout=max(0.0, deadline - time.monotonic()))
+                if p.is_alive():
+                    p.kill()
+                    p.join()
+        self.procs = [None] * self.count
+        if self._tmp is not None:
+            self._tmp.cleanup()
+
+
+def run_core(spec: CoreSpec, in_addr: str, out_addr: str) -> None:
+    """The core process's main: load, build the engine, measure its policy, serve until stopped."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s[%(process)d] %(levelname)s %(message)s")
+    import trimode
+    from trimode.engine.engine import Engine
+
+    tm = trimode.load(spec.model, dtype=spec.dtype, device=spec.device, lora=spec.lora)
+    engine = Engine(tm, **spec.engine)
+    engine.step()  # nothing queued: measures the auto policy's cost curve now, before "ready"
+    EngineCore(engine, in_addr, out_addr).run()
+
+
+class EngineCore:
+    """The loop of a core process: receive, step, send one batch per client."""
+
+    def __init__(self, engine, in_addr: str, out_addr: str) -> None:
+        self.engine = engine
+        ctx = zmq.Context.instance()
+        self.pull = ctx.socket(zmq.PULL)
+        self.pull.bind(in_addr)
+        self.router = ctx.socket(zmq.ROUTER)
+        self.router.setsockopt(zmq.SNDHWM, 0)  # the core never blocks on a slow API server
+        self.router.bind(out_addr)
+        self.live: dict[tuple[bytes, int], object] = {}  # (client, request id) -> RequestHandle
+        self.outbox: dict[bytes, list] = {}
+        self.parent = os.getppid()
+        self.stopping = False
+
+    def run(self) -> None:
+        progressed = False
+        while not self.stopping:
+            timeout = (0 if progressed else WAIT_POLL_MS) if self.live else IDLE_POLL_MS
+            if self.pull.poll(timeout):
+                self.receive()
+                self.flush()  # acks and refusals now, not after the step
+            if os.getppid() != self.parent:
+                log.error("the server process is gone; the engine core exits")
+                break
+            progressed = self.step() if self.live else False
+            self.flush()
+        self.engine.stop()  # requests still running end with EngineStopped
+        self.flush()
+        self.router.close(linger=2000)
+        self.pull.close(linger=0)
+
+    def receive(self) -> None:
+        while True:
+            try:
+                msg = decode(self.pull.recv(zmq.NOBLOCK))
+            except zmq.Again:
+                return
+            kind = msg[0]
+            if kind == "submit":
+                self.submit(msg[1], msg[2])
+            elif kind == "cancel":
+                handle = self.live.get((msg[1], msg[2]))
+                if handle is not None:
+                    handle.cancel()
+            elif kind == "hello":
+                self.router.send_multipart([msg[1], encode(["ready", os.getpid(), self.engine.stats()])])
+            elif kind == "stop":
+                self.stopping = True
+
+    def submit(self, client: bytes, fields: dict) -> None:
+        rid = fields["request_id"]
+        out = self.outbox.setdefault(client, [])
+        try:
+            handle = self.engine.submit(request_from_wire(fields))
+        except Exception as e:  # ValueError, QueueFull, EngineStopped: the client raises it from submit()
+            out.append(["refused", rid, *error_to_wire(e)])
+            return
+        self.live[(client, rid)] = handle
+        out.append(["ack", rid])
+
+    def step(self) -> bool:
+        try:
+            return self.engine.step()
+        except Exception as e:  # as Engine's own loop: a failing step fails the requests it held, not the core
+            log.exception("engine step failed; failing the requests it held")
+            for seq in list(self.engine.scheduler.running):
+                self.engine._end(seq, error=e)
+            return True
+
+    def flush(self) -> None:
+        """Every event the live requests produced since the last flush: one message per client."""
+        for (client, rid), handle in list(self.live.items()):
+            items = handle.drain()
+            if not items:
+                continue
+            out = self.outbox.setdefault(client, [])
+            for item in items:
+                if handle.is_end(item):
+                    continue
+                error = handle.failure(item)
+                if error is not None:
+                    out.append(["failed", rid, *error_to_wire(error)])
+                else:
+                    out.append(["event", rid, *event_to_wire(item)])
+            if handle.done:
+                del self.live[(client, rid)]
+        if not self.outbox:
+            return
+        stats = self.engine.stats()
+        for client, items in self.outbox.items():
+            self.router.send_multipart([client, encode(["out", stats, items])])
+        self.outbox = {}
+

@@ -1,0 +1,82 @@
+"""The messages between API server processes and engine-core processes (`client.py`, `core_process.py`).
+
+Every message is one msgpack frame (msgspec). API server -> core, on the core's PULL socket:
+
+    ["hello", client]                      a client (its DEALER identity) asks for "ready" (also after a restart)
+    ["submit", client, request]            an `EngineRequest` as a dict (`request_to_wire`)
+    ["cancel", client, request_id]
+    ["stop"]                               the owner stops the core (running requests end with EngineStopped)
+
+Core -> one API server, on the core's ROUTER socket (to that client's DEALER):
+
+    ["ready", pid, stats]
+    ["out", stats, items]                  ONE message per engine step and client: every row's events of the
+                                           step, and the core's `Engine.stats()` after it
+    item: ["ack", rid] | ["refused", rid, kind, message] | ["event", rid, kind, fields] | ["failed", rid, kind,
+          message]; a "result" event ends its request, as does "failed".
+
+Events travel as their dataclass fields, so a field added to `Delta`, `BlockState`, `GenerationResult` or
+`DecodeStats` crosses without a change here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import msgspec
+import torch
+
+from trimode.decode.result import BlockState, Delta, GenerationResult
+from trimode.decode.stats import DecodeStats
+from trimode.engine.request import EngineRequest, EngineStopped, QueueFull, RequestCancelled
+
+encode = msgspec.msgpack.Encoder().encode
+decode = msgspec.msgpack.Decoder().decode
+
+EVENT_KINDS = {Delta: "delta", BlockState: "block", GenerationResult: "result"}
+_EVENT_TYPES = {v: k for k, v in EVENT_KINDS.items()}
+
+
+class EngineDied(EngineStopped):
+    """The engine process serving this request died; the request is lost (a server answers 503)."""
+
+
+def request_to_wire(req: EngineRequest) -> dict:
+    return {f.name: getattr(req, f.name) for f in dataclasses.fields(req)}
+
+
+def request_from_wire(d: dict) -> EngineRequest:
+    if d.get("edit") is not None:
+        d["edit"] = tuple(d["edit"])
+    return EngineRequest(**d)
+
+
+def event_to_wire(ev) -> tuple[str, dict]:
+    fields = {f.name: getattr(ev, f.name) for f in dataclasses.fields(ev)}
+    if isinstance(ev, GenerationResult):
+        fields["stats"] = dataclasses.asdict(ev.stats)
+    return EVENT_KINDS[type(ev)], fields
+
+
+def event_from_wire(kind: str, fields: dict):
+    if kind == "result":
+        fields["stats"] = DecodeStats(**fields["stats"])
+        fields["spans"] = [tuple(s) for s in fields.get("spans") or []]
+    return _EVENT_TYPES[kind](**fields)
+
+
+def error_to_wire(e: BaseException) -> tuple[str, str]:
+    """(kind, message): the kinds a server answers differently; anything else is an internal error."""
+    for kind, cls in (("queue_full", QueueFull), ("stopped", EngineStopped), ("cancelled", RequestCancelled),
+                      ("invalid", ValueError)):
+        if isinstance(e, cls):
+            return kind, str(e)
+    if isinstance(e, (MemoryError, torch.OutOfMemoryError)):
+        return "out_of_memory", str(e)
+    return "internal", f"{type(e).__name__}: {e}"
+
+
+def error_from_wire(kind: str, message: str) -> BaseException:
+    cls = {"queue_full": QueueFull, "stopped": EngineStopped, "cancelled": RequestCancelled, "invalid": ValueError,
+           "out_of_memory": MemoryError}.get(kind, RuntimeError)
+    return cls(message)

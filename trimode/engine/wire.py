@@ -26,9 +26,11 @@ import dataclasses
 import msgspec
 import torch
 
+from trimode.decode.grammar import Constraint
 from trimode.decode.result import BlockState, Delta, GenerationResult
 from trimode.decode.stats import DecodeStats
 from trimode.engine.request import EngineRequest, EngineStopped, QueueFull, RequestCancelled
+from trimode.engine.scoring import PromptLogprob
 
 encode = msgspec.msgpack.Encoder().encode
 decode = msgspec.msgpack.Decoder().decode
@@ -48,6 +50,8 @@ def request_to_wire(req: EngineRequest) -> dict:
 def request_from_wire(d: dict) -> EngineRequest:
     if d.get("edit") is not None:
         d["edit"] = tuple(d["edit"])
+    if d.get("constraint") is not None:  # a dataclass travels as its fields
+        d["constraint"] = Constraint(**d["constraint"])
     return EngineRequest(**d)
 
 
@@ -62,6 +66,10 @@ def event_from_wire(kind: str, fields: dict):
     if kind == "result":
         fields["stats"] = DecodeStats(**fields["stats"])
         fields["spans"] = [tuple(s) for s in fields.get("spans") or []]
+        if fields.get("prompt_logprobs") is not None:  # the first entry is None, the rest dataclasses as dicts
+            fields["prompt_logprobs"] = [None if e is None else PromptLogprob(
+                e["token_id"], e["logprob"], e["rank"], [tuple(t) for t in e["top"]])
+                for e in fields["prompt_logprobs"]]
     return _EVENT_TYPES[kind](**fields)
 
 

@@ -344,3 +344,23 @@ def test_revise_marks_what_tm_revise_changed(bundled_page, bundled):
     assert p.locator(".text mark").all_text_contents() == ["4"]
     assert p.locator(".block .cell.changed").all_text_contents() == ["4"]  # the slot too
     assert p.locator(".forwards").inner_text() == str(expected.stats.forward_passes)
+
+
+def test_the_learned_sampler_runs_diffusion_as_tm_generate_does(bundled_page, bundled):
+    page, tm = bundled_page, bundled.tm
+    page.fill("#prompt", SORT)
+    page.select_option("#mode-a", "diffusion")
+    page.set_checked("#compare", False)
+    page.fill("#max-tokens", "16")
+    page.select_option("#rule", "learned")
+    page.fill("#threshold", "0.5")
+    with page.expect_request("**/v1/chat/completions") as request:
+        page.click("#run")
+    sent = json.loads(request.value.post_data)
+    assert sent["unmask"] == "learned" and sent["threshold"] == 0.5 and "steps" not in sent
+    p = panel(page, "diffusion")
+    expect(p.locator(".state")).to_have_text("done: stop", timeout=60_000)
+    prompt = tm.tokenizer.apply_chat_template([{"role": "user", "content": SORT}])
+    expected = tm.generate(prompt, mode="diffusion", max_new_tokens=16, unmask="learned", threshold=0.5)
+    assert p.locator(".text").inner_text() == expected.text
+    assert p.locator(".forwards").inner_text() == str(expected.stats.forward_passes)

@@ -13,8 +13,8 @@
   // The knobs each mode reads (the server drops the others; steps would be refused outside diffusion).
   const MODE_KNOBS = {
     ar: [],
-    diffusion: ["block_length", "threshold", "steps"],
-    linear_spec: ["block_length", "threshold", "use_drafter"],
+    diffusion: ["block_length", "threshold", "steps", "unmask"],
+    linear_spec: ["block_length", "threshold", "use_drafter", "unmask"],
     quadratic_spec: ["block_length"],
     auto: ["block_length", "use_drafter"],
   };
@@ -132,8 +132,10 @@
     const reads = MODE_KNOBS[mode] || [];
     const rule = $("rule").value;
     if (reads.includes("block_length")) knobs.block_length = number("block-length");
-    if (reads.includes("threshold") && (rule === "threshold" || mode !== "diffusion")) knobs.threshold = number("threshold");
+    if (reads.includes("threshold") && (rule !== "steps" || mode !== "diffusion")) knobs.threshold = number("threshold");
     if (reads.includes("steps") && rule === "steps") knobs.steps = number("steps");
+    // The learned sampler (the model's sampler/) commits the slots it scores above the threshold.
+    if (reads.includes("unmask") && rule === "learned") knobs.unmask = "learned";
     if (reads.includes("use_drafter") && model.has_drafter) knobs.use_drafter = $("drafter").checked;
     for (const [k, v] of Object.entries(knobs)) if (v !== null) body[k] = v;
     const schema = $("json-schema").value.trim();

@@ -10,7 +10,8 @@ from dataclasses import dataclass
 
 import torch
 
-from trimode.decode.sampling import SamplingParams, choose
+from trimode.decode.decide import History, Pick, logprobs_of
+from trimode.decode.sampling import SamplingParams
 from trimode.decode.spec import ModeSpec
 from trimode.decode.stats import DecodeStats
 from trimode.decode.step import Committed, DecodeOutput, Forward, Machine
@@ -21,22 +22,27 @@ def ar(prompt_ids: torch.Tensor, stop: StopRule, sampling: SamplingParams = Samp
        thinking: ThinkingBudget | None = None) -> Machine:
     batch, prompt_len = prompt_ids.shape
     stats = DecodeStats("ar", prompt_tokens=prompt_len)
-    rows = torch.arange(batch)
+    out: list[list[int]] = [[] for _ in range(batch)]
+    prompts = prompt_ids.tolist()
 
-    logits = yield Forward(prompt_ids, mask="causal", cache="append", logits="last")
+    def pick(step: int) -> Pick:  # the token at position prompt_len + step of every row, keyed by its row
+        histories = [History(prompts[r], out[r]) for r in range(batch)] if sampling.penalized else None
+        return Pick(sampling, [prompt_len + step] * batch, rows=list(range(batch)), histories=histories,
+                    eos=stop.eos_token_ids, logprobs=sampling.logprobs)
+
+    decision = yield Forward(prompt_ids, mask="causal", cache="append", logits="last", pick=pick(0))
     stats.forward_passes += 1
 
-    out: list[list[int]] = [[] for _ in range(batch)]
     done = [False] * batch
     thought = [False] * batch
     for step in range(stop.max_new_tokens):
-        tokens = choose(logits, prompt_len + step, sampling, rows=rows)
+        tokens = decision.tokens.tolist()
         if thinking is not None and step >= thinking.max_thinking_tokens:
             for r in range(batch):
                 if not thought[r]:
                     tokens[r] = thinking.end_think_token_id
         new: list[list[int]] = [[] for _ in range(batch)]
-        for r, t in enumerate(tokens.tolist()):
+        for r, t in enumerate(tokens):
             if thinking is not None and t == thinking.end_think_token_id:
                 thought[r] = True
             if not done[r]:
@@ -44,10 +50,11 @@ def ar(prompt_ids: torch.Tensor, stop: StopRule, sampling: SamplingParams = Samp
                 new[r].append(t)
                 done[r] = t in stop.eos_token_ids
         stats.generated_tokens = len(out[0])
-        yield Committed(new, stats)
+        yield Committed(new, stats, logprobs_of(decision, [[r] if new[r] else [] for r in range(batch)]))
         if all(done) or step == stop.max_new_tokens - 1:
             break
-        logits = yield Forward(tokens[:, None], mask="causal", cache="append", logits="last")
+        decision = yield Forward(torch.tensor(tokens)[:, None], mask="causal", cache="append", logits="last",
+                                 pick=pick(step + 1))
         stats.forward_passes += 1
 
     stats.generated_tokens = sum(len(o) for o in out)

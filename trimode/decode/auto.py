@@ -20,8 +20,9 @@ from typing import Protocol
 
 import torch
 
-from trimode.decode.cycles import accepted_length, draft_block, quadratic_init, quadratic_pass, verify_block
-from trimode.decode.sampling import SamplingParams, choose
+from trimode.decode.cycles import accepted_length, draft_block, histories, quadratic_init, quadratic_pass, verify_block
+from trimode.decode.decide import History, Pick, logprobs_of
+from trimode.decode.sampling import SamplingParams
 from trimode.decode.spec import ModeSpec, check_block, check_drafter
 from trimode.decode.stats import DecodeStats
 from trimode.decode.step import Commit, Committed, DecodeOutput, Forward, Machine
@@ -60,18 +61,22 @@ def auto(prompt_ids: torch.Tensor, stop: StopRule, sampling: SamplingParams, mas
     prompt_len = prompt_ids.shape[1]
     stats = DecodeStats("auto", prompt_tokens=prompt_len)
 
+    eos = stop.eos_token_ids
+    prompt = prompt_ids[0].tolist()
     tail: list[int] = []  # guesses for the tokens after `pending`
     mode, b = steer.pick()
     if mode == "quadratic_spec":  # the prefill also drafts, as quadratic_spec's first pass does
-        pending, *tail = yield from quadratic_init(prompt_ids, b, mask_id, sampling, stats)
+        (pending, *tail), decision = yield from quadratic_init(prompt_ids, b, mask_id, sampling, stats, eos)
     else:
-        logits = yield Forward(prompt_ids, mask="causal", cache="append", logits="last")
+        pick = Pick(sampling, [prompt_len], histories=histories(sampling, History(prompt, [])), eos=eos,
+                    logprobs=sampling.logprobs)
+        decision = yield Forward(prompt_ids, mask="causal", cache="append", logits="last", pick=pick)
         stats.forward_passes += 1
-        pending = int(choose(logits, prompt_len, sampling))
+        pending = int(decision.tokens[0])
     if thinking is not None and thinking.max_thinking_tokens == 0:
         pending = thinking.end_think_token_id
     out, over = stop.finish([pending])
-    yield Committed([out], stats)
+    yield Committed([out], stats, logprobs_of(decision, [[0]]))
 
     clean = prompt_len  # the position of `pending`: the cache holds everything before it
     while not over:
@@ -81,31 +86,36 @@ def auto(prompt_ids: torch.Tensor, stop: StopRule, sampling: SamplingParams, mas
         if budget_near:
             choice = AR  # AR steps place the forced end-think token exactly where AR would
         mode, b = choice
+        history = History(prompt, out)  # out ends with `pending`
         if mode == "ar":
-            logits = yield Forward(torch.tensor([[pending]], device=dev), mask="causal", cache="append",
-                                   logits="last")
+            pick = Pick(sampling, [clean + 1], histories=histories(sampling, history), eos=eos,
+                        logprobs=sampling.logprobs)
+            decision = yield Forward(torch.tensor([[pending]], device=dev), mask="causal", cache="append",
+                                     logits="last", pick=pick)
             stats.forward_passes += 1
-            emitted = [int(choose(logits, clean + 1, sampling))]
+            emitted, at = [int(decision.tokens[0])], [0]
             if budget_near and len(out) >= thinking.max_thinking_tokens:
                 emitted = [thinking.end_think_token_id]
             tail = []
         elif mode == "linear_spec":
-            drafts = yield from draft_block(pending, clean, b, mask_id, sampling, stats, 0.0, use_drafter, dev)
-            verified = yield from verify_block(drafts, clean, sampling, stats, dev)
+            drafts = yield from draft_block(pending, clean, b, mask_id, sampling, stats, 0.0, use_drafter, dev,
+                                            history, eos)
+            verified, decision = yield from verify_block(drafts, clean, sampling, stats, dev, history, eos)
             accepted = accepted_length(verified, drafts, b)
             yield Commit(accepted)
-            emitted = verified[:accepted]
+            emitted, at = verified[:accepted], list(range(accepted))
             tail = []
         else:
             if len(tail) < b - 1:  # too few guesses (from another mode or a smaller block): draft them first
                 tail = (yield from draft_block(pending, clean, b, mask_id, sampling, stats, 0.0, use_drafter,
-                                               dev))[1:]
+                                               dev, history, eos))[1:]
             leaders = [pending] + tail[: b - 1]
-            result = yield from quadratic_pass(leaders, clean, mask_id, sampling, stats, device=dev)
+            result = yield from quadratic_pass(leaders, clean, mask_id, sampling, stats, device=dev,
+                                               history=history, eos=eos)
             accepted = accepted_length(result.verified, leaders, b)
             yield Commit(slots=[j * (b + 1) for j in range(accepted)])
             tail = result.tail(accepted - 1)
-            emitted = result.verified[:accepted]
+            emitted, at, decision = result.verified[:accepted], [j * (b + 1) for j in range(accepted)], result.decision
         clean += len(emitted)
         pending = emitted[-1]
         before = len(out)
@@ -116,7 +126,8 @@ def auto(prompt_ids: torch.Tensor, stop: StopRule, sampling: SamplingParams, mas
         if mode != "ar":
             stats.acceptance.append(len(out) - before)
         stats.generated_tokens = len(out)
-        yield Committed([out[before:]], stats)
+        logprobs = logprobs_of(decision, [at[: len(out) - before]])
+        yield Committed([out[before:]], stats, logprobs)
 
     stats.generated_tokens = len(out)
     return DecodeOutput([out], stats)

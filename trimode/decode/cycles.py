@@ -10,7 +10,8 @@ from dataclasses import dataclass
 
 import torch
 
-from trimode.decode.sampling import SamplingParams, choose, confidence
+from trimode.decode.decide import Decision, History, Pick
+from trimode.decode.sampling import SamplingParams
 from trimode.decode.stats import DecodeStats
 from trimode.decode.step import Commit, Forward
 from trimode.decode.stopping import ThinkingBudget
@@ -18,14 +19,21 @@ from trimode.decode.transfer import commit_by_threshold, masked_confidence
 from trimode.model.masks import QuadraticInit, QuadraticStep
 
 DRAFT_STEP_KEY = 1 << 12  # keeps draft sampling noise apart from the verify noise at the same position
+NO_HISTORY = History((), ())
+
+
+def histories(sampling: SamplingParams, history: History, ahead: list[int] = ()) -> list[History] | None:
+    """The one row's history for a pick, when a processor reads it."""
+    return [History(history.prompt, history.output, ahead)] if sampling.penalized else None
 
 
 def draft_block(pending: int, start: int, block: int, mask_id: int, sampling: SamplingParams, stats: DecodeStats,
-                threshold: float = 0.0, use_drafter: bool = False, device="cpu"):
+                threshold: float = 0.0, use_drafter: bool = False, device="cpu", history: History = NO_HISTORY,
+                eos: frozenset[int] = frozenset()):
     """Drafts for the block - 1 tokens after `pending` (at position `start`): diffusion over [pending, MASK x B-1]
     on the read-only cache, drafter adapter on when asked for. Threshold 0 fills every mask in one pass; above 0,
-    passes repeat, each committing the masks with confidence >= threshold (at least the best one).
-    Returns the block [pending, d_1, .., d_{B-1}]."""
+    passes repeat, each committing the masks with confidence >= threshold (at least the best one). `history`:
+    what the penalties see (the committed output). Returns the block [pending, d_1, .., d_{B-1}]."""
     ids = torch.full((1, block), mask_id, dtype=torch.long, device=device)
     ids[0, 0] = pending
     positions = torch.arange(start, start + block, device=device)
@@ -33,27 +41,34 @@ def draft_block(pending: int, start: int, block: int, mask_id: int, sampling: Sa
     masked = torch.arange(block, device=device)[None, :] > 0
     draft_pass = 0
     while masked.any():
-        logits = yield Forward(ids.clone(), mask="bidirectional", positions=positions, lora=use_drafter)
+        pick = Pick(sampling, range(start, start + block), DRAFT_STEP_KEY + draft_pass,
+                    histories=histories(sampling, history), eos=eos, confidence=threshold > 0)
+        decision = yield Forward(ids.clone(), mask="bidirectional", positions=positions, lora=use_drafter, pick=pick)
         stats.forward_passes += 1
-        proposal = choose(logits[0], positions, sampling, step=DRAFT_STEP_KEY + draft_pass)[None]
+        proposal = decision.tokens[None]
         draft_pass += 1
         if threshold == 0:
             ids = torch.where(masked, proposal, ids)
             break
-        conf = masked_confidence(confidence(logits, proposal), masked)
+        conf = masked_confidence(decision.confidence[None], masked)
         transfer = commit_by_threshold(conf, masked, threshold)
         ids[transfer] = proposal[transfer]
         masked &= ~transfer
     return ids[0].tolist()
 
 
-def verify_block(drafts: list[int], start: int, sampling: SamplingParams, stats: DecodeStats, device="cpu"):
+def verify_block(drafts: list[int], start: int, sampling: SamplingParams, stats: DecodeStats, device="cpu",
+                 history: History = NO_HISTORY, eos: frozenset[int] = frozenset()):
     """Causal pass over the drafted block at positions start..; K/V left as scratch (the caller commits the
-    accepted part). Returns ar, where ar[i] is the token chosen at position start + i + 1, exactly as AR would."""
-    positions = torch.arange(start, start + len(drafts), device=device)
-    logits = yield Forward(torch.tensor([drafts], device=device), mask="causal", positions=positions)
+    accepted part). Returns (ar, the decision), where ar[i] is the token chosen at position start + i + 1,
+    exactly as AR would: its penalties see `history` (the output, which ends with drafts[0]) and drafts[1..i]."""
+    n = len(drafts)
+    positions = torch.arange(start, start + n, device=device)
+    pick = Pick(sampling, range(start + 1, start + n + 1), histories=histories(sampling, history, drafts[1:]),
+                seen=range(n), eos=eos, logprobs=sampling.logprobs)
+    decision = yield Forward(torch.tensor([drafts], device=device), mask="causal", positions=positions, pick=pick)
     stats.forward_passes += 1
-    return choose(logits[0], positions + 1, sampling).tolist()
+    return decision.tokens.tolist(), decision
 
 
 def accepted_length(verified: list[int], drafts: list[int], limit: int) -> int:
@@ -85,51 +100,56 @@ class QuadraticPass:
     verified[j]."""
 
     verified: list[int]
-    logits: torch.Tensor  # [B, B + 1, V]
-    pred_pos: torch.Tensor  # [B, B + 1] position each slot predicts
-    sampling: SamplingParams
+    tokens: torch.Tensor  # [B, B + 1]: slot 0 the verified token, slots 2.. the drafts
+    decision: Decision
 
     def tail(self, j: int) -> list[int]:
-        return choose(self.logits[j, 2:], self.pred_pos[j, 2:], self.sampling, step=DRAFT_STEP_KEY).tolist()
+        return self.tokens[j, 2:].tolist()
 
 
 def quadratic_pass(leaders: list[int], start: int, mask_id: int, sampling: SamplingParams, stats: DecodeStats,
-                   ar_mix_weight: float | None = None, device="cpu"):
+                   ar_mix_weight: float | None = None, device="cpu", history: History = NO_HISTORY,
+                   eos: frozenset[int] = frozenset()):
     """One quadratic pass (spec 2.4): B groups [d_j, MASK x B], group j at positions start + j .. start + j + B.
-    Slot 1 of every group takes slot 0's logits (the causal prediction after d_j), or with `ar_mix_weight` = l
-    both become l * slot0 + (1 - l) * slot1. K/V left as scratch: commit the accepted leaders' slots
+    Slot 0 of group j gives the causal prediction after d_j (verified, its penalties seeing `history`, which ends
+    with d_0, and d_1..d_j); slots 2.. draft the tokens after it. With `ar_mix_weight` = l slot 0 reads
+    l * slot0 + (1 - l) * slot1. K/V left as scratch: commit the accepted leaders' slots
     (`Commit(slots=[j * (B + 1) ...])`); the leaders see only leaders, so theirs are causal K/V."""
     block = len(leaders)
     ids = torch.full((block, block + 1), mask_id, dtype=torch.long, device=device)
     ids[:, 0] = torch.tensor(leaders, device=device)
     group = torch.arange(block + 1, device=device)
     positions = start + torch.arange(block, device=device)[:, None] + group[None, :]
-    logits = yield Forward(ids.view(1, -1), mask=QuadraticStep(block), positions=positions.flatten())
-    stats.forward_passes += 1
-    logits = logits.view(block, block + 1, -1).clone()
-    if ar_mix_weight is None:
-        logits[:, 1] = logits[:, 0]
-    else:
-        mixed = ar_mix_weight * logits[:, 0] + (1 - ar_mix_weight) * logits[:, 1]
-        logits[:, 0] = mixed
-        logits[:, 1] = mixed
     # Slot k of group j predicts the token at position start + j + k (slot 0: the causal next token).
-    pred_pos = positions + (group == 0).long()
-    verified = choose(logits[:, 0], pred_pos[:, 0], sampling).tolist()
-    return QuadraticPass(verified, logits, pred_pos, sampling)
+    pred_pos = (positions + (group == 0).long()).flatten().tolist()
+    width = block + 1
+    slot0 = [j * width for j in range(block)]
+    blend = None if ar_mix_weight is None else (ar_mix_weight, slot0, [a + 1 for a in slot0])
+    seen = [0] * (block * width)
+    for j in range(block):
+        seen[j * width] = j
+    steps = [0 if i % width == 0 else DRAFT_STEP_KEY for i in range(block * width)]
+    pick = Pick(sampling, pred_pos, steps, histories=histories(sampling, history, leaders[1:]), seen=seen, eos=eos,
+                logprobs=sampling.logprobs, blend=blend)
+    decision = yield Forward(ids.view(1, -1), mask=QuadraticStep(block), positions=positions.flatten(), pick=pick)
+    stats.forward_passes += 1
+    tokens = decision.tokens.view(block, width)
+    return QuadraticPass(tokens[:, 0].tolist(), tokens, decision)
 
 
 def quadratic_init(prompt_ids: torch.Tensor, block: int, mask_id: int, sampling: SamplingParams,
-                   stats: DecodeStats):
+                   stats: DecodeStats, eos: frozenset[int] = frozenset()):
     """The first quadratic pass (spec 2.4 init): [prompt, MASK x B], the prompt causal, the masks seeing
-    everything; the cache keeps the prompt. Returns the draft [d_0, .., d_{B-1}]: d_0 the causal choice after
-    the prompt (as AR's), d_1.. the diffusion choices at mask slots 1..B-1."""
+    everything; the cache keeps the prompt. Returns (the draft [d_0, .., d_{B-1}]: d_0 the causal choice after
+    the prompt (as AR's), d_1.. the diffusion choices at mask slots 1..B-1; the decision)."""
     prompt_len = prompt_ids.shape[1]
     masks = torch.full((1, block), mask_id, dtype=torch.long, device=prompt_ids.device)
     read = [prompt_len - 1, *range(prompt_len + 1, prompt_len + block)]  # the causal next token, mask slots 1..
-    logits = yield Forward(torch.cat([prompt_ids, masks], 1), mask=QuadraticInit(prompt_len), logits=read)
+    history = History(prompt_ids[0].tolist(), [])
+    pick = Pick(sampling, range(prompt_len, prompt_len + block), [0] + [DRAFT_STEP_KEY] * (block - 1),
+                histories=histories(sampling, history), eos=eos, logprobs=sampling.logprobs)
+    decision = yield Forward(torch.cat([prompt_ids, masks], 1), mask=QuadraticInit(prompt_len), logits=read,
+                             pick=pick)
     yield Commit(prompt_len)
     stats.forward_passes += 1
-    first = choose(logits[0, :1], prompt_len, sampling)
-    rest = choose(logits[0, 1:], torch.arange(prompt_len + 1, prompt_len + block), sampling, step=DRAFT_STEP_KEY)
-    return [int(first)] + rest.tolist()
+    return decision.tokens.tolist(), decision

@@ -17,7 +17,8 @@ from dataclasses import dataclass
 
 import torch
 
-from trimode.decode.sampling import SamplingParams, choose, confidence
+from trimode.decode.decide import Decision, History, Pick, logprobs_of
+from trimode.decode.sampling import SamplingParams
 from trimode.decode.spec import ModeSpec, check_block, check_bool, check_threshold
 from trimode.decode.stats import DecodeStats
 from trimode.decode.step import Committed, DecodeOutput, Forward, Machine, Provisional
@@ -68,9 +69,10 @@ class Remasking:
         self.threshold, self.mask_id, self.fixed = threshold, mask_id, fixed
         self.remasks = torch.zeros(fixed.shape, dtype=torch.long, device=fixed.device)
 
-    def __call__(self, logits, block, masked, transfer, committed_at) -> None:
+    def __call__(self, given: torch.Tensor, block, masked, transfer, committed_at) -> None:
+        """`given`: the probability of each slot's token before the step (a slot it committed is never doubted)."""
         doubtful = ~masked & ~self.fixed & ~transfer & (self.remasks < REMASKS_PER_SLOT)
-        doubtful &= confidence(logits, block) < self.threshold
+        doubtful &= given < self.threshold
         block[doubtful] = self.mask_id
         masked |= doubtful
         self.remasks += doubtful.long()
@@ -94,10 +96,18 @@ def diffusion(prompt_ids: torch.Tensor, stop: StopRule, sampling: SamplingParams
     generated: list[list[int]] = [[] for _ in range(batch)]
     streamed = [0] * batch
 
+    prompts = prompt_ids.tolist()
+    lp_generated: list[list] = [[] for _ in range(batch)]  # each generated token's log-probability, when asked
+
+    def seed_pick(position: int) -> Pick:  # the causal choice after the cache, per row
+        hist = [History(prompts[r], generated[r]) for r in range(batch)] if sampling.penalized else None
+        return Pick(sampling, [position] * batch, rows=list(range(batch)), histories=hist, eos=stop.eos_token_ids,
+                    logprobs=sampling.logprobs)
+
     # 2. Prefill the prompt into the cache; its last logit gives the seed.
-    logits = yield Forward(prompt_ids, mask=context_mask, cache="append", logits="last")
+    decision = yield Forward(prompt_ids, mask=context_mask, cache="append", logits="last", pick=seed_pick(prompt_len))
     stats.forward_passes += 1
-    seed = choose(logits, torch.full((batch,), prompt_len), sampling, rows=torch.arange(batch))
+    seed = decision.tokens
 
     for b in range(math.ceil(stop.max_new_tokens / block_length)):
         start = prompt_len + b * block_length
@@ -106,27 +116,31 @@ def diffusion(prompt_ids: torch.Tensor, stop: StopRule, sampling: SamplingParams
         block, masked = new_block(batch, block_length, mask_id, seed if causal_context else None, thinking,
                                   b * block_length, generated, dev)
         remasking = None if remask_threshold is None else Remasking(remask_threshold, mask_id, ~masked)
+        lp = logprobs_of(decision, [[r] for r in range(batch)]) if causal_context else None
+        slot_lp = [[lp[r][0] if lp is not None else None] * block_length for r in range(batch)]
         # 4. Denoise it; the steps stream what settles.
         committed_at, steps_run = yield from denoise_block(
-            block, masked, positions, b * block_length, schedule, sampling, mask_id, remasking, provisional,
-            stop, generated, streamed, stats)
+            block, masked, positions, b * block_length, schedule, Context(sampling, prompts, slot_lp), mask_id,
+            remasking, provisional, stop, generated, streamed, stats, lp_generated)
 
         before = [len(g) for g in generated]
         for r in range(batch):
             generated[r] += block[r].tolist()
+            lp_generated[r] += slot_lp[r]
         finished = [stop.finish(g) for g in generated]
         # A step's commits count only the slots that are output (before EOS and within the budget).
         emitted = [len(out) - n for (out, _), n in zip(finished, before)]
         for s in range(steps_run):
             stats.step_commits.append(sum(int((committed_at[r, : emitted[r]] == s).sum()) for r in range(batch)))
         # What no step streamed: all of a block that had no masked slot, so no step.
-        yield from _stream(finished, streamed, stats)
+        yield from _stream(finished, streamed, stats, lp_generated if sampling.logprobs is not None else None)
         if all(over for _, over in finished):
             break
         # 5. Refresh: the block's causal K/V into the cache; its last logit gives the next seed.
-        logits = yield Forward(block, mask=context_mask, positions=positions, cache="append", logits="last")
+        decision = yield Forward(block, mask=context_mask, positions=positions, cache="append", logits="last",
+                                 pick=seed_pick(start + block_length))
         stats.forward_passes += 1
-        seed = choose(logits, torch.full((batch,), start + block_length), sampling, rows=torch.arange(batch))
+        seed = decision.tokens
 
     out = [stop.finish(g)[0] for g in generated]
     stats.generated_tokens = sum(len(o) for o in out)
@@ -153,51 +167,93 @@ def new_block(batch: int, block_length: int, mask_id: int, seed: torch.Tensor | 
     return block, masked
 
 
+@dataclass
+class Context:
+    """What a denoising step's pick needs besides the block: the sampling settings, the prompts (repetition
+    penalty) and, per row and slot, the log-probability of the slot's token at the pass that revealed it."""
+
+    sampling: SamplingParams
+    prompts: list[list[int]]
+    slot_lp: list[list]
+
+
 def denoise_block(block: torch.Tensor, masked: torch.Tensor, positions: torch.Tensor, offset: int,
-                  schedule: Schedule, sampling: SamplingParams, mask_id: int, remasking: Remasking | None,
-                  provisional: bool,
-                  stop: StopRule, generated: list[list[int]], streamed: list[int], stats: DecodeStats):
+                  schedule: Schedule, ctx: Context, mask_id: int, remasking: Remasking | None,
+                  provisional: bool, stop: StopRule, generated: list[list[int]], streamed: list[int],
+                  stats: DecodeStats, lp_generated: list[list]):
     """Spec 2.2 step 4 on `block` and `masked` (in place): bidirectional passes over the read-only cache, each
     committing the slots the schedule picks, until no slot is masked or every row holds a settled EOS. Streams
-    each row's settled prefix as it grows. Returns (the step that committed each slot, -1 for none; steps run)."""
+    each row's settled prefix as it grows. Returns (the step that committed each slot, -1 for none; steps run).
+
+    Logit processors see, per slot, the history committed so far: the output of earlier blocks and the block's
+    slots committed by earlier steps (the order inside the block does not matter to them)."""
     batch, block_length = block.shape
-    rows = torch.arange(batch).repeat_interleave(block_length)
+    sampling = ctx.sampling
     committed_at = torch.full_like(block, -1)  # the step that committed each slot (for honest step counts)
     plan = schedule.plan(masked)
     steps_run = 0
     for step in range(schedule.steps):
         if not masked.any():
             break
-        logits = yield Forward(block.clone(), mask="bidirectional", positions=positions)
+        hist = None
+        if sampling.penalized:
+            hist = [History(ctx.prompts[r], generated[r] + block[r][~masked[r]].tolist()) for r in range(batch)]
+        pick = Pick(sampling, positions.repeat(batch).tolist(), 1 + offset + step,
+                    rows=[r for r in range(batch) for _ in range(block_length)], histories=hist,
+                    eos=stop.eos_token_ids, confidence=True, logprobs=sampling.logprobs,
+                    given=block.flatten().tolist() if remasking is not None else None)
+        decision = yield Forward(block.clone(), mask="bidirectional", positions=positions, pick=pick)
         stats.forward_passes += 1
         steps_run += 1
-        proposal = choose(logits.flatten(0, 1), positions.repeat(batch), sampling, step=1 + offset + step,
-                          rows=rows).view(batch, block_length)
-        conf = masked_confidence(confidence(logits, proposal), masked)
-        transfer = schedule.transfer(conf, masked, plan, step)
+        proposal, transfer = commit_step(decision, block, masked, schedule, plan, step)
+        _keep_logprobs(decision, transfer, ctx.slot_lp)
         block[transfer] = proposal[transfer]
         committed_at[transfer] = step
         masked &= ~transfer
         if remasking is not None:
-            remasking(logits, block, masked, transfer, committed_at)
+            remasking(decision.given.view(batch, block_length), block, masked, transfer, committed_at)
         if provisional:
             yield Provisional(block.masked_fill(masked, mask_id).tolist(), stats)
         if remasking is not None and masked.any():
             continue  # a committed token may still be remasked: nothing is final before the block is
         settled = [generated[r] + _settled_prefix(block[r], masked[r]) for r in range(batch)]
-        yield from _stream([stop.finish(s) for s in settled], streamed, stats)
+        lps = None if sampling.logprobs is None else [lp_generated[r] + ctx.slot_lp[r] for r in range(batch)]
+        yield from _stream([stop.finish(s) for s in settled], streamed, stats, lps)
         if all(_eos_done(generated[r], block[r], masked[r], stop) for r in range(batch)):
             break
     return committed_at, steps_run
 
 
-def _stream(finished: list[tuple[list[int], bool]], streamed: list[int], stats: DecodeStats):
+def commit_step(decision: Decision, block: torch.Tensor, masked: torch.Tensor, schedule: Schedule,
+                plan: torch.Tensor | None, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The commit rule of one denoising step, from the decision stage's per-slot proposals and confidences:
+    (the proposals [B, L], the masked slots to commit now [B, L])."""
+    proposal = decision.tokens.view(block.shape)
+    conf = masked_confidence(decision.confidence.view(block.shape), masked)
+    return proposal, schedule.transfer(conf, masked, plan, step)
+
+
+def _keep_logprobs(decision: Decision, transfer: torch.Tensor, slot_lp: list[list]) -> None:
+    """Each committed slot keeps its token's log-probability at the pass that revealed it."""
+    if decision.logprobs is None:
+        return
+    width = transfer.shape[1]
+    hits = transfer.nonzero().tolist()
+    for (r, s), entry in zip(hits, logprobs_of(decision, [[r * width + s for r, s in hits]])[0]):
+        slot_lp[r][s] = entry
+
+
+def _stream(finished: list[tuple[list[int], bool]], streamed: list[int], stats: DecodeStats,
+            logprobs: list[list] | None = None):
     """Yield each row's output tokens past those already streamed (nothing when no row has new ones)."""
     new = [out[streamed[r]:] for r, (out, _) in enumerate(finished)]
     if any(new):
+        lps = None
+        if logprobs is not None:
+            lps = [logprobs[r][streamed[r] : streamed[r] + len(t)] for r, t in enumerate(new)]
         for r, tokens in enumerate(new):
             streamed[r] += len(tokens)
-        yield Committed(new, stats)
+        yield Committed(new, stats, lps)
 
 
 def _eos_done(generated: list[int], block: torch.Tensor, masked: torch.Tensor, stop: StopRule) -> bool:

@@ -18,8 +18,9 @@ from dataclasses import dataclass
 
 import torch
 
-from trimode.decode.cycles import accepted_length, draft_block, force_end_think, verify_block
-from trimode.decode.sampling import SamplingParams, choose
+from trimode.decode.cycles import accepted_length, draft_block, force_end_think, histories, verify_block
+from trimode.decode.decide import History, Pick, logprobs_of
+from trimode.decode.sampling import SamplingParams
 from trimode.decode.spec import ModeSpec, check_block, check_drafter, check_threshold
 from trimode.decode.stats import DecodeStats
 from trimode.decode.step import Commit, Committed, DecodeOutput, Forward, Machine
@@ -40,19 +41,23 @@ def linear_spec(prompt_ids: torch.Tensor, stop: StopRule, sampling: SamplingPara
     prompt_len = prompt_ids.shape[1]
     stats = DecodeStats("linear_spec", prompt_tokens=prompt_len)
 
-    logits = yield Forward(prompt_ids, mask="causal", cache="append", logits="last")
+    eos = stop.eos_token_ids
+    history = History(prompt_ids[0].tolist(), [])
+    pick = Pick(sampling, [prompt_len], histories=histories(sampling, history), eos=eos, logprobs=sampling.logprobs)
+    decision = yield Forward(prompt_ids, mask="causal", cache="append", logits="last", pick=pick)
     stats.forward_passes += 1
-    next_token = int(choose(logits, prompt_len, sampling))
+    next_token = int(decision.tokens[0])
     if thinking is not None and not thinking_as_reference and thinking.max_thinking_tokens == 0:
         next_token = thinking.end_think_token_id
     out, over = stop.finish([next_token])
-    yield Committed([out], stats)
+    yield Committed([out], stats, logprobs_of(decision, [[0]]))
 
     start = prompt_len  # the position of next_token: the cache holds everything before it
     while not over:
+        history = History(history.prompt, out)
         drafts = yield from draft_block(next_token, start, block_length, mask_id, sampling, stats, threshold,
-                                        use_drafter, dev)
-        ar = yield from verify_block(drafts, start, sampling, stats, dev)
+                                        use_drafter, dev, history, eos)
+        ar, decision = yield from verify_block(drafts, start, sampling, stats, dev, history, eos)
         limit = block_length
         if not thinking_as_reference:
             limit = force_end_think(ar, out, len(out), thinking, limit)
@@ -64,7 +69,7 @@ def linear_spec(prompt_ids: torch.Tensor, stop: StopRule, sampling: SamplingPara
         before = len(out)
         out, over = stop.extend(out, ar[:accepted])
         stats.acceptance.append(len(out) - before)  # what the cycle output: nothing past EOS or the budget
-        yield Committed([out[before:]], stats)
+        yield Committed([out[before:]], stats, logprobs_of(decision, [list(range(len(out) - before))]))
         if thinking_as_reference and thinking is not None and len(out) > thinking.max_thinking_tokens:
             if thinking.end_think_token_id not in out:
                 # As the reference: the end-think token enters the context as the next block's slot 0,

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from trimode.decode.cycles import accepted_length, force_end_think, quadratic_init, quadratic_pass
+from trimode.decode.decide import History, logprobs_of
 from trimode.decode.sampling import SamplingParams
 from trimode.decode.spec import ModeSpec, check_block
 from trimode.decode.stats import DecodeStats
@@ -38,15 +39,19 @@ def quadratic_spec(prompt_ids: torch.Tensor, stop: StopRule, sampling: SamplingP
     prompt_len = prompt_ids.shape[1]
     stats = DecodeStats("quadratic_spec", prompt_tokens=prompt_len)
 
-    draft = yield from quadratic_init(prompt_ids, B, mask_id, sampling, stats)
+    eos = stop.eos_token_ids
+    draft, decision = yield from quadratic_init(prompt_ids, B, mask_id, sampling, stats, eos)
     if thinking is not None and thinking.max_thinking_tokens == 0:
         draft[0] = thinking.end_think_token_id
+    lead = logprobs_of(decision, [[0]])  # the log-probability of draft[0], from the pass that verified it
 
+    prompt = prompt_ids[0].tolist()
     out: list[int] = []
     over = False
     clean = prompt_len  # the position of draft[0]: the cache holds everything before it
     while not over:
-        result = yield from quadratic_pass(draft, clean, mask_id, sampling, stats, ar_mix_weight, dev)
+        result = yield from quadratic_pass(draft, clean, mask_id, sampling, stats, ar_mix_weight, dev,
+                                           History(prompt, out + draft[:1]), eos)
         verified = result.verified
         limit = force_end_think(verified, out + draft[:1], len(out) + 1, thinking, B)
         accepted = accepted_length(verified, draft, limit)
@@ -54,11 +59,16 @@ def quadratic_spec(prompt_ids: torch.Tensor, stop: StopRule, sampling: SamplingP
         committed = draft[:accepted]
         clean += accepted
         draft = [verified[accepted - 1]] + result.tail(accepted - 1)
+        # committed[0] was verified by the pass before; committed[i] by this pass's group i - 1.
+        width = B + 1
+        logprobs = None if lead is None else [lead[0] + logprobs_of(result.decision, [
+            [j * width for j in range(accepted - 1)]])[0]]
+        lead = logprobs_of(result.decision, [[(accepted - 1) * width]])
 
         before = len(out)
         out, over = stop.extend(out, committed)
         stats.acceptance.append(len(out) - before)  # what the cycle output: nothing past EOS or the budget
-        yield Committed([out[before:]], stats)
+        yield Committed([out[before:]], stats, None if logprobs is None else [logprobs[0][: len(out) - before]])
 
     stats.generated_tokens = len(out)
     return DecodeOutput([out], stats)

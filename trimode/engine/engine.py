@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
+from trimode.decode.decide import decide
 from trimode.decode.modes import mode_spec
 from trimode.decode.result import GenerationResult
 from trimode.decode.stats import DecodeStats
@@ -260,6 +261,7 @@ class Engine:
         if not batches:
             return bool(admitted or dropped)
         timings = []
+        ready: list[tuple[Sequence, torch.Tensor, object]] = []  # passes complete: (request, its logits, reply)
         for batch in batches:
             t1 = time.perf_counter()
             rows = [row for _, row in batch]
@@ -282,11 +284,29 @@ class Engine:
             for (seq, row), out in zip(batch, logits):
                 reply = seq.ran(row, out)
                 if reply is not None:
-                    self._advance(seq, reply)
+                    ready.append((seq, out, reply))
+        for seq, reply in self._decide(ready):
+            self._advance(seq, reply)
         self._counters["steps"] += 1
         if self.policy is not None:
             self.policy.observe_step(time.perf_counter() - t_begin, timings, len(self.scheduler.running) or 1)
         return True
+
+    def _decide(self, ready: list[tuple[Sequence, torch.Tensor, object]]) -> list[tuple[Sequence, object]]:
+        """The decision stage for every complete pass of the step at once (one host transfer): a machine whose
+        Forward carries a pick gets its Decision, the others their logits."""
+        picked = [(seq, out) for seq, out, _ in ready if seq.pending.pick is not None]
+        decisions: dict[int, object] = {}
+        if picked:
+            try:
+                made = decide([out for _, out in picked], [seq.pending.pick for seq, _ in picked])
+                decisions = {id(seq): d for (seq, _), d in zip(picked, made)}
+            except Exception as e:  # a failed decision fails its requests, not the engine
+                log.exception("the decision stage failed; failing its %d requests", len(picked))
+                for seq, _ in picked:
+                    self._end(seq, error=e)
+                return [(seq, reply) for seq, _, reply in ready if seq.pending.pick is None]
+        return [(seq, decisions.get(id(seq), reply)) for seq, _, reply in ready]
 
     def _advance(self, seq: Sequence, reply) -> None:
         try:

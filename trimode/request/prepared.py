@@ -43,8 +43,9 @@ class Prepared:
         return mode_spec(self.mode).kv_slots(len(self.prompt_ids), self.rule.max_new_tokens, self.knobs)
 
     def machine(self, model: ModelHandle, provisional: bool = False, steer=None) -> Machine:
-        """The step machine of this request (one sequence)."""
-        ids = torch.tensor([self.prompt_ids], dtype=torch.long, device=model.net.device)
+        """The step machine of this request (one sequence). Its tensors live on the host: the drivers move what
+        a forward needs to the model's device, and the decision stage returns host tensors."""
+        ids = torch.tensor([self.prompt_ids], dtype=torch.long)
         return mode_spec(self.mode).machine(ids, self.rule, self.sampling, model.config.mask_token_id, self.knobs,
                                             self.thinking, provisional, steer,
                                             self.edit.block if self.edit is not None else None)

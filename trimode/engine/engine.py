@@ -144,7 +144,10 @@ class Engine:
             req = self._prepare_edit(request)
         else:
             req = prepare(self.tm, request.prompt_ids, request.mode, request.max_new_tokens, request.temperature,
-                          request.top_p, request.top_k, request.seed, request.stop, **request.knobs)
+                          request.top_p, request.top_k, request.seed, request.stop,
+                          repetition_penalty=request.repetition_penalty, frequency_penalty=request.frequency_penalty,
+                          presence_penalty=request.presence_penalty, logit_bias=request.logit_bias,
+                          min_tokens=request.min_tokens, logprobs=request.logprobs, **request.knobs)
         spec = mode_spec(req.mode)
         needed = req.kv_slots()
         if self.pool.pages_for(needed) > self.pool.num_pages:

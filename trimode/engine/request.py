@@ -46,6 +46,13 @@ class EngineRequest:
     # max_new_tokens the hole; ("revise", {"draft": text or ids, "spans": None or [[start, end], ...]}); ("fill",
     # {"template": text}) with prompt_ids unused. See `TriMode.infill` / `revise` / `fill`.
     edit: tuple[str, dict] | None = None
+    # Logit processors (trimode.decode.decide) and the log-probabilities to report (None: none).
+    repetition_penalty: float = 1.0
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    logit_bias: dict[int, float] | None = None
+    min_tokens: int = 0
+    logprobs: int | None = None
     request_id: int = field(default_factory=lambda: next(_ids))
 
 

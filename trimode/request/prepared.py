@@ -121,8 +121,12 @@ def check_stop(stop) -> None:
 def prepare(model: ModelHandle, prompt: str | list[int], mode: str = "ar", max_new_tokens: int = 128,
             temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, seed: int | None = None,
             stop: list[str] | None = None, eos_token_id: int | None = None, max_thinking_tokens: int | None = None,
-            end_think_token_id: int | None = None, **knobs) -> Prepared:
-    """Validate a continuation (ValueError naming the problem) and resolve everything it will run with."""
+            end_think_token_id: int | None = None, repetition_penalty: float = 1.0, frequency_penalty: float = 0.0,
+            presence_penalty: float = 0.0, logit_bias: dict[int, float] | None = None, min_tokens: int = 0,
+            logprobs: int | None = None, **knobs) -> Prepared:
+    """Validate a continuation (ValueError naming the problem) and resolve everything it will run with.
+    The logit processors (repetition / frequency / presence penalty, logit_bias, min_tokens) and `logprobs`:
+    see `SamplingParams` and `trimode.decode.decide`."""
     mode_spec(mode)
     check_count(max_new_tokens, "max_new_tokens", model.max_context)
     k = resolve_knobs(mode, model_defaults(model), max_new_tokens, **knobs)
@@ -138,10 +142,26 @@ def prepare(model: ModelHandle, prompt: str | list[int], mode: str = "ar", max_n
         raise ValueError(f"prompt ({len(prompt_ids)} tokens) + max_new_tokens ({max_new_tokens}) exceeds the context "
                          f"length {model.max_context}")
     check_stop(stop)
-    sampling = SamplingParams(temperature, top_p, top_k, seed).with_seed()
+    bias = check_logit_bias(logit_bias, vocab)
+    if isinstance(min_tokens, int) and not isinstance(min_tokens, bool) and min_tokens > max_new_tokens:
+        raise ValueError(f"min_tokens ({min_tokens}) exceeds max_new_tokens ({max_new_tokens})")
+    sampling = SamplingParams(temperature, top_p, top_k, seed, repetition_penalty, frequency_penalty,
+                              presence_penalty, bias, min_tokens, logprobs).with_seed()
     thinking = _thinking(model, max_thinking_tokens, end_think_token_id)
     rule = StopRule(max_new_tokens, model.eos_ids(eos_token_id))
     return Prepared(prompt_ids, mode, k, rule, sampling, thinking, stop)
+
+
+def check_logit_bias(logit_bias, vocab: int) -> tuple[tuple[int, float], ...]:
+    """`logit_bias` ({token id: bias}) as SamplingParams holds it; ValueError naming the field otherwise."""
+    if logit_bias is None:
+        return ()
+    if not isinstance(logit_bias, dict):
+        raise ValueError("logit_bias must be a mapping of token ids to biases")
+    for token in logit_bias:
+        if isinstance(token, bool) or not isinstance(token, int) or not 0 <= token < vocab:
+            raise ValueError(f"logit_bias keys must be token ids in [0, {vocab}), got {show(token)}")
+    return tuple(sorted(logit_bias.items()))
 
 
 def prepare_edit(model: ModelHandle, prefix: list[int], plan: EditPlan, temperature: float = 0.0,

@@ -116,6 +116,7 @@ class Plan:
     created: int = field(default_factory=lambda: int(time.time()))
     # Fill in the middle (`suffix`): ("infill", {"suffix": ids, "heal": [whether each prompt was text]}).
     edit: tuple[str, dict] | None = None
+    processors: dict = field(default_factory=dict)  # logit processor settings (GenerationFields.processors)
 
     @property
     def audit_logprobs(self) -> bool:
@@ -132,7 +133,7 @@ class Plan:
                 seed = None if self.seed is None else self.seed + j  # n samples, n different derived seeds
                 out.append(EngineRequest(ids, self.mode, self.max_tokens[p], self.temperature, self.top_p,
                                          self.top_k, seed, self.stop, self.provisional, dict(self.knobs),
-                                         edit=edit))
+                                         edit=edit, **self.processors))
         return out
 
     def review(self) -> dict | None:
@@ -245,6 +246,7 @@ class Server:
         plan = Plan(request_id, chat, prompts, texts, mode, knobs, max_tokens, temperature,
                     body.top_p if body.top_p is not None else 1.0, body.top_k or 0, body.seed, body.stop_list,
                     body.n, route, None, logprobs, body.provisional, echo, risk, decision, rows)
+        plan.processors = body.processors
         if suffix is not None:
             plan.edit = ("infill", {"suffix": suffix_ids, "heal": [isinstance(p, str) for p in body.prompts]})
         if route is not None:

@@ -19,6 +19,9 @@ class GenerationResult:
     mode: str = "ar"
     knobs: dict = field(default_factory=dict)
     spans: list[tuple[int, int]] = field(default_factory=list)  # edits: the character ranges of `text` written
+    # With logprobs asked for: per token, (log-probability, [(alternative id, log-probability), ...]) from the
+    # pass that chose it (AR's distribution in the lossless modes; the revealing pass in diffusion).
+    logprobs: list[tuple[float, list[tuple[int, float]]]] | None = None
 
 
 @dataclass
@@ -28,6 +31,7 @@ class Delta:
     token_ids: list[int]
     text: str
     forward_passes: int | None = None  # the request's forward passes so far (live figures for a stream)
+    logprobs: list[tuple[float, list[tuple[int, float]]]] | None = None  # per token, as GenerationResult's
 
 
 @dataclass

@@ -110,6 +110,7 @@ class Plan:
     constraint: Constraint | None = None  # what every choice must match (serve/structured.py)
     tools: bool = False  # the answer's text is parsed into tool_calls
     structured: bool = False  # response_format asked for JSON (the message carries refusal: null)
+    processors: dict = field(default_factory=dict)  # logit processor settings (GenerationFields.processors)
 
     @property
     def chat(self) -> bool:
@@ -130,7 +131,7 @@ class Plan:
                 seed = None if self.seed is None else self.seed + j  # n samples, n different derived seeds
                 out.append(EngineRequest(ids, self.mode, self.max_tokens[p], self.temperature, self.top_p,
                                          self.top_k, seed, self.stop, self.provisional, dict(self.knobs),
-                                         edit=edit, constraint=self.constraint))
+                                         edit=edit, constraint=self.constraint, **self.processors))
         return out
 
     def review(self) -> dict | None:
@@ -289,6 +290,7 @@ class Planner:
         if suffix is not None:
             plan.edit = ("infill", {"suffix": suffix_ids, "heal": [isinstance(p, str) for p in body.prompts]})
         plan.constraint, plan.structured = constraint, asked_by == "response_format"
+        plan.processors = body.processors
         plan.tools = tool_choice is not None and tool_choice != "none"
         return plan
 

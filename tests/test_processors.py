@@ -100,3 +100,31 @@ def test_decide_equals_choose_without_processors():
 def test_bad_processor_settings_name_the_field(tm, field, value):
     with pytest.raises(ValueError, match=field):
         tm.generate([9, 12], max_new_tokens=8, **{field: value})
+
+
+def test_picks_decided_together_equal_each_decided_alone():
+    """The batched stage merges picks with the same processor settings (one application for their rows): each
+    pick's decision is what it gets alone, greedy and sampled, with and without processors, logprobs, masks."""
+    g = torch.Generator().manual_seed(3)
+    vocab = 40
+    logits = [torch.randn(n, vocab, generator=g, dtype=torch.float64) for n in (1, 3, 2, 1, 2)]
+    pen = SamplingParams(repetition_penalty=1.4, frequency_penalty=0.5, min_tokens=3, logit_bias=((5, 4.0),))
+    hot = SamplingParams(temperature=0.8, top_k=9, seed=5, presence_penalty=1.0, logprobs=2)
+
+    def pick(sampling, n, row, ahead=()):
+        hist = [History([row, 7, 8], [5, 5, row, 2][: row + 1], ahead)]
+        return Pick(sampling, list(range(10, 10 + n)), rows=[0] * n, histories=hist, seen=list(range(n)),
+                    eos=frozenset({2}), confidence=True, logprobs=sampling.logprobs)
+
+    picks = [pick(pen, 1, 0), pick(pen, 3, 1, (5, 9)), pick(hot, 2, 2, (4,)), pick(SamplingParams(), 1, 3),
+             pick(pen, 2, 2, (2,))]
+    picks[3].masks, picks[3].masked_at = torch.zeros(1, vocab, dtype=torch.bool), [0]
+    picks[3].masks[0, 11] = True
+    together = decide(logits, picks)
+    for x, p, d in zip(logits, picks, together):
+        alone = decide([x], [p])[0]
+        assert torch.equal(d.tokens, alone.tokens)
+        assert torch.allclose(d.confidence, alone.confidence)
+        if p.logprobs is not None:
+            assert torch.equal(d.top_ids, alone.top_ids) and torch.allclose(d.logprobs, alone.logprobs)
+    assert together[3].tokens.tolist() == [11]

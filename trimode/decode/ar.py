@@ -43,10 +43,12 @@ def ar(prompt_ids: torch.Tensor, stop: StopRule, sampling: SamplingParams = Samp
     thought = [False] * batch
     for step in range(stop.max_new_tokens):
         tokens = decision.tokens.tolist()
-        if thinking is not None and step >= thinking.max_thinking_tokens:
+        ids = decision.tokens[:, None]  # the next pass's input: the decision's host tensor, unless a token is forced
+        if thinking is not None and step >= thinking.max_thinking_tokens and not all(thought):
             for r in range(batch):
                 if not thought[r]:
                     tokens[r] = thinking.end_think_token_id
+            ids = torch.tensor(tokens)[:, None]
         new: list[list[int]] = [[] for _ in range(batch)]
         for r, t in enumerate(tokens):
             if thinking is not None and t == thinking.end_think_token_id:
@@ -61,8 +63,7 @@ def ar(prompt_ids: torch.Tensor, stop: StopRule, sampling: SamplingParams = Samp
         yield Committed(new, stats, logprobs_of(decision, [[r] if new[r] else [] for r in range(batch)]))
         if all(done) or step == stop.max_new_tokens - 1:
             break
-        decision = yield Forward(torch.tensor(tokens)[:, None], mask="causal", cache="append", logits="last",
-                                 pick=pick(step + 1))
+        decision = yield Forward(ids, mask="causal", cache="append", logits="last", pick=pick(step + 1))
         stats.forward_passes += 1
 
     stats.generated_tokens = sum(len(o) for o in out)

@@ -24,6 +24,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
+from itertools import accumulate
 
 import torch
 
@@ -38,6 +39,9 @@ class History:
     prompt: Sequence[int]
     output: Sequence[int]
     ahead: Sequence[int] = ()
+
+
+NO_HISTORY = History((), ())
 
 
 @dataclass
@@ -59,11 +63,6 @@ class Pick:
     masks: torch.Tensor | None = None  # [M, V] bool: the tokens a grammar allows (decode/grammar.py) at ...
     masked_at: Sequence[int] | None = None  # ... these M of the N positions (None: at all N, in order)
     logits: bool = False  # also the raw logits (a rule that reads them: the learned sampler, drafts under a grammar)
-
-    @property
-    def processors(self) -> tuple:
-        extra = ((AllowedTokens(),) if self.allowed else ()) + ((GRAMMAR,) if self.masks is not None else ())
-        return processors_of(self.sampling) + extra
 
 
 @dataclass
@@ -198,32 +197,75 @@ def history_counts(pick: Pick, vocab: int) -> torch.Tensor:
 # -- the batched decision ----------------------------------------------------------------------------------
 def decide(logits: Sequence[torch.Tensor], picks: Sequence[Pick]) -> list[Decision]:
     """logits[i]: [N_i, V] at pick i's read positions (any dtype, on the model's device). One transfer to the
-    host for all of them; returns each pick's Decision."""
+    host for all of them; returns each pick's Decision. Batched over the picks: each processor runs once over
+    the rows of every pick that switches it on, and greedy rows without processors cost one argmax together."""
     raw = torch.cat(list(logits)) if len(logits) > 1 else logits[0]
     counts = [x.shape[0] for x in logits]
-    starts = [sum(counts[:i]) for i in range(len(counts))]
+    starts = list(accumulate(counts, initial=0))[:-1]
     raw = _blend(raw, picks, starts)
-    proc = raw.float()
-    for pick, s, n in zip(picks, starts, counts):
-        for processor in pick.processors:
-            proc = proc.clone() if proc is raw else proc
-            proc[s : s + n] = processor(proc[s : s + n], pick)
+    proc = _process(raw.float(), raw, picks, starts, counts)
     tokens = _choose(proc, picks, starts, counts)
     fields = [tokens.double()]
     want_conf = [i for i, p in enumerate(picks) if p.confidence or p.given is not None]
-    conf = given = None
     if want_conf:
-        conf, given = _probabilities(proc, tokens, picks, starts, counts, want_conf)
-        fields += [conf, given]
+        fields += _probabilities(proc, tokens, picks, starts, counts, want_conf)
     k = max((p.logprobs for p in picks if p.logprobs is not None), default=None)
     if k is not None:
         fields += _logprobs(raw, tokens, k)  # 1 + 2k rows
     host = torch.stack(fields).cpu()  # the one device-to-host transfer of the step
-    out = [_split(host, p, s, n, conf is not None, k) for p, s, n in zip(picks, starts, counts)]
+    out = _split(host, picks, counts, bool(want_conf), k)
     for d, p, s, n in zip(out, picks, starts, counts):
         if p.logits:  # a machine that truly needs logits: a second transfer, its own
             d.logits = raw[s : s + n].float().cpu()
     return out
+
+
+def _process(proc: torch.Tensor, raw: torch.Tensor, picks: Sequence[Pick], starts: list[int],
+             counts: list[int]) -> torch.Tensor:
+    """The logit processors over every pick's rows. Picks with the same settings (the same processors, the same
+    EOS ids) are processed together as one merged pick; the per-pick ones (allowed tokens, grammar masks) after."""
+    groups: dict[tuple, list[int]] = {}
+    own = []
+    for i, p in enumerate(picks):
+        shared = processors_of(p.sampling)
+        if shared:
+            groups.setdefault((shared, p.eos), []).append(i)
+        if p.allowed or p.masks is not None:
+            own.append(i)
+    if not groups and not own:
+        return proc
+    proc = proc.clone() if proc is raw else proc
+    for (shared, _), members in groups.items():
+        if len(members) == 1:
+            i = members[0]
+            merged, rows = picks[i], slice(starts[i], starts[i] + counts[i])
+        else:
+            merged = _merged([picks[i] for i in members])
+            rows = torch.cat([torch.arange(starts[i], starts[i] + counts[i]) for i in members]).to(proc.device)
+        part = proc[rows]
+        for processor in shared:
+            part = processor(part, merged)
+        proc[rows] = part
+    for i in own:
+        p, rows = picks[i], slice(starts[i], starts[i] + counts[i])
+        extra = ((AllowedTokens(),) if p.allowed else ()) + ((GRAMMAR,) if p.masks is not None else ())
+        part = proc[rows]
+        for processor in extra:
+            part = processor(part, p)
+        proc[rows] = part
+    return proc
+
+
+def _merged(picks: Sequence[Pick]) -> Pick:
+    """One pick over the positions of several with the same processor settings (their rows renumbered)."""
+    positions, rows, seen, histories = [], [], [], []
+    for p in picks:
+        base, r = len(histories), _rows(p)
+        positions += list(p.positions)
+        rows += [base + x for x in r]
+        seen += list(_seen(p))
+        histories += list(p.histories) if p.histories is not None else [NO_HISTORY] * (max(r, default=0) + 1)
+    return Pick(picks[0].sampling, positions, rows=rows, histories=histories, seen=seen, eos=picks[0].eos)
 
 
 def _blend(raw: torch.Tensor, picks: Sequence[Pick], starts: list[int]) -> torch.Tensor:
@@ -278,12 +320,16 @@ def _probabilities(proc, tokens, picks, starts, counts, which) -> tuple[torch.Te
         index += range(starts[i], starts[i] + counts[i])
         g = picks[i].given
         given += list(g) if g is not None else [0] * counts[i]
+    g = torch.tensor(given, dtype=torch.long, device=proc.device)
+    if len(index) == n_all:  # every pick asked (diffusion steps): no gather
+        probs = proc.softmax(-1)
+        return (probs.gather(-1, tokens[:, None]).squeeze(-1).double(),
+                probs.gather(-1, g[:, None]).squeeze(-1).double())
     idx = torch.tensor(index, dtype=torch.long, device=proc.device)
     probs = proc.index_select(0, idx).softmax(-1)
     conf = torch.zeros(n_all, dtype=torch.float64, device=proc.device)
     given_p = torch.zeros(n_all, dtype=torch.float64, device=proc.device)
     conf.index_copy_(0, idx, probs.gather(-1, tokens[idx][:, None]).squeeze(-1).double())
-    g = torch.tensor(given, dtype=torch.long, device=proc.device)
     given_p.index_copy_(0, idx, probs.gather(-1, g[:, None]).squeeze(-1).double())
     return conf, given_p
 
@@ -297,23 +343,33 @@ def _logprobs(raw: torch.Tensor, tokens: torch.Tensor, k: int) -> list[torch.Ten
     return out
 
 
-def _split(host: torch.Tensor, pick: Pick, s: int, n: int, probs: bool, k: int | None) -> Decision:
-    """Pick's share of the step's host tensor: rows tokens, [confidence, given], [logprob, top ids, top values]."""
-    cols = host[:, s : s + n]
-    d = Decision(cols[0].long())
+def _split(host: torch.Tensor, picks: Sequence[Pick], counts: list[int], probs: bool,
+           k: int | None) -> list[Decision]:
+    """Each pick's share of the step's host tensor (rows: tokens, [confidence, given], [logprob, top ids, top
+    values]), as views made by one split per field."""
+    tokens = host[0].long().split(counts)
+    conf = given = logprob = ids = values = None
     at = 1
     if probs:
-        if pick.confidence:
-            d.confidence = cols[1].float()
-        if pick.given is not None:
-            d.given = cols[2].float()
+        conf, given = host[1].float().split(counts), host[2].float().split(counts)
         at = 3
-    if k is not None and pick.logprobs is not None:
-        d.logprobs = cols[at].float()
-        if pick.logprobs > 0:
-            d.top_ids = cols[at + 1 : at + 1 + k][: pick.logprobs].T.long()
-            d.top_logprobs = cols[at + 1 + k : at + 1 + 2 * k][: pick.logprobs].T.float()
-    return d
+    if k is not None:
+        logprob = host[at].float().split(counts)
+        if k > 0:
+            ids = host[at + 1 : at + 1 + k].T.long().split(counts)
+            values = host[at + 1 + k : at + 1 + 2 * k].T.float().split(counts)
+    out = []
+    for i, pick in enumerate(picks):
+        d = Decision(tokens[i])
+        if probs:
+            d.confidence = conf[i] if pick.confidence else None
+            d.given = given[i] if pick.given is not None else None
+        if logprob is not None and pick.logprobs is not None:
+            d.logprobs = logprob[i]
+            if pick.logprobs > 0:
+                d.top_ids, d.top_logprobs = ids[i][:, : pick.logprobs], values[i][:, : pick.logprobs]
+        out.append(d)
+    return out
 
 
 def logprobs_of(decision: Decision, at: list[list[int]]) -> list[list[tuple[float, list]]] | None:

@@ -227,9 +227,8 @@ def _process(proc: torch.Tensor, raw: torch.Tensor, picks: Sequence[Pick], start
     groups: dict[tuple, list[int]] = {}
     own = []
     for i, p in enumerate(picks):
-        shared = processors_of(p.sampling)
-        if shared:
-            groups.setdefault((shared, p.eos), []).append(i)
+        if p.sampling.processed:  # a few attribute reads; hashing the settings only for picks that have some
+            groups.setdefault((processors_of(p.sampling), p.eos), []).append(i)
         if p.allowed or p.masks is not None:
             own.append(i)
     if not groups and not own:

@@ -56,17 +56,31 @@ def random_request(rng: random.Random, tm: TriMode, max_prompt: int = 14, max_ne
         knobs["max_thinking_tokens"] = rng.randint(0, 6)
         knobs["end_think_token_id"] = rng.choice(tokens)
     sampled = rng.random() < 0.5
+    max_new = rng.randint(1, max_new)
+    processors: dict = {}
+    if rng.random() < 0.4:  # logit processors: the lossless modes must still equal AR, the engine the run alone
+        processors = rng.choice([{"repetition_penalty": rng.choice([1.3, 0.8])},
+                                 {"frequency_penalty": rng.choice([0.7, -0.5])},
+                                 {"presence_penalty": rng.choice([1.0, -1.0])},
+                                 {"logit_bias": {rng.choice(tokens): rng.choice([-100.0, 5.0])}},
+                                 {"min_tokens": rng.randint(0, max_new), "frequency_penalty": 0.3}])
+    if rng.random() < 0.3:
+        processors["logprobs"] = rng.choice([0, 2])
     return EngineRequest(
         prompt_ids=prompt,
         mode=mode,
-        max_new_tokens=rng.randint(1, max_new),
+        max_new_tokens=max_new,
         temperature=rng.choice([0.7, 1.0]) if sampled else 0.0,
         top_p=rng.choice([1.0, 0.9]) if sampled else 1.0,
         top_k=rng.choice([0, 8]) if sampled else 0,
         seed=rng.randint(0, 2**31) if sampled else None,
         provisional=mode == "diffusion" and rng.random() < 0.5,
         knobs=knobs,
+        **processors,
     )
+
+
+PROCESSORS = ("repetition_penalty", "frequency_penalty", "presence_penalty", "logit_bias", "min_tokens", "logprobs")
 
 
 def alone(tm: TriMode, req: EngineRequest) -> GenerationResult:
@@ -76,7 +90,8 @@ def alone(tm: TriMode, req: EngineRequest) -> GenerationResult:
         knobs = {k: v for k, v in knobs.items() if k not in ("block_length", "use_drafter")}
     return tm.generate(req.prompt_ids, mode="ar" if req.mode == "auto" else req.mode,
                        max_new_tokens=req.max_new_tokens, temperature=req.temperature, top_p=req.top_p,
-                       top_k=req.top_k, seed=req.seed, stop=req.stop, provisional=req.provisional, **knobs)
+                       top_k=req.top_k, seed=req.seed, stop=req.stop, provisional=req.provisional,
+                       **{k: getattr(req, k) for k in PROCESSORS}, **knobs)
 
 
 def run_mix(engine: Engine, arrivals: list[tuple[int, EngineRequest]]) -> list[GenerationResult]:
@@ -100,6 +115,17 @@ def run_mix(engine: Engine, arrivals: list[tuple[int, EngineRequest]]) -> list[G
             raise AssertionError(f"request {h.request_id}: streamed {streamed} but the result has {result.token_ids}")
         results.append(result)
     return results
+
+
+def same_logprobs(a: GenerationResult, b: GenerationResult, tol: float = 1e-6) -> bool:
+    """Both without logprobs, or the same alternatives with values within `tol`."""
+    if (a.logprobs is None) != (b.logprobs is None):
+        return False
+    if a.logprobs is None:
+        return True
+    pairs = zip(a.logprobs, b.logprobs)
+    return len(a.logprobs) == len(b.logprobs) and all(
+        abs(x - y) <= tol and [i for i, _ in ta] == [i for i, _ in tb] for (x, ta), (y, tb) in pairs)
 
 
 def continued(rng: random.Random, tm: TriMode, req: EngineRequest, result: GenerationResult) -> EngineRequest:
@@ -146,7 +172,8 @@ def check(tm: TriMode, mixes: int, requests: int, seed: int = 0, shared: bool = 
             for (_, req), res in zip(wave, got, strict=True):
                 ref = alone(tm, req)
                 total += 1
-                if (res.token_ids, res.finish_reason) != (ref.token_ids, ref.finish_reason):
+                same = (res.token_ids, res.finish_reason) == (ref.token_ids, ref.finish_reason)
+                if not same or not same_logprobs(res, ref):
                     bad += 1
                     details.append((m, req, res.token_ids, ref.token_ids))
         check.last_stats = engine.stats()

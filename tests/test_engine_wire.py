@@ -15,7 +15,8 @@ from trimode.engine.wire import decode, encode, event_from_wire, event_to_wire, 
 
 def test_a_request_crosses_with_every_field():
     req = EngineRequest([5, 6, 7], "linear_spec", 9, 0.7, 0.9, 5, 3, ["."], True, {"block_length": 4},
-                        ignore_eos=False, prompt_logprobs=2,
+                        ignore_eos=False, prompt_logprobs=2, repetition_penalty=1.3, frequency_penalty=0.5,
+                        presence_penalty=-0.5, logit_bias={7: -100.0, 9: 2.5}, min_tokens=2, logprobs=3,
                         constraint=Constraint.json_schema({"type": "object", "properties": {"a": {"type": "integer"}}}))
     back = request_from_wire(decode(encode(request_to_wire(req))))
     assert dataclasses.asdict(back) == dataclasses.asdict(req)
@@ -24,7 +25,9 @@ def test_a_request_crosses_with_every_field():
 
 def test_a_result_crosses_with_its_prompt_scores():
     scores = [None, PromptLogprob(6, -1.5, 2, [(4, -0.5), (6, -1.5)])]
-    r = GenerationResult([8], "x", DecodeStats("ar", forward_passes=1), "length", prompt_logprobs=scores)
+    r = GenerationResult([8], "x", DecodeStats("ar", forward_passes=1), "length", prompt_logprobs=scores,
+                         logprobs=[(-0.25, [(8, -0.25), (3, -2.0)])])
     kind, fields = event_to_wire(r)
     back = event_from_wire(kind, decode(encode(fields)))
     assert back.prompt_logprobs == scores and back.stats == r.stats
+    assert [(lp, [tuple(t) for t in top]) for lp, top in back.logprobs] == r.logprobs

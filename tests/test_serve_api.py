@@ -535,3 +535,35 @@ def test_metrics_count_what_ran(served, client):
     for name in ("trimode_queue_depth", "trimode_running_requests", "trimode_time_to_first_token_seconds_bucket",
                  "trimode_requests_in_flight"):
         assert name in text
+
+
+@pytest.mark.parametrize("mode", ["ar", "linear_spec", "quadratic_spec", "diffusion"])
+def test_logit_processors_over_http(client, tm, mode):
+    """OpenAI's penalties and logit_bias, vLLM's repetition_penalty and min_tokens, through the real client; the
+    speculative modes still give AR's tokens."""
+    prompt = "def add(a, b):"
+    extra = {"mode": mode, "repetition_penalty": 1.4, "min_tokens": 3}
+    if mode != "ar":
+        extra["block_length"] = 4
+    got = client.completions.create(model=MODEL, prompt=prompt, max_tokens=12, frequency_penalty=1.0,
+                                    presence_penalty=0.5, logit_bias={"40": -100}, extra_body=extra)
+    ids = tm.encode(prompt)
+    ref = tm.generate(ids, mode="ar" if mode != "diffusion" else "diffusion", max_new_tokens=12,
+                      frequency_penalty=1.0, presence_penalty=0.5, logit_bias={40: -100.0}, repetition_penalty=1.4,
+                      min_tokens=3, **({"block_length": 4} if mode == "diffusion" else {}))
+    assert got.choices[0].text == ref.text
+    chat = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=6,
+                                          frequency_penalty=-1.0, extra_body=extra)
+    assert chat.choices[0].message.content is not None
+
+
+@pytest.mark.parametrize("field, value, needle", [
+    ("frequency_penalty", 2.5, "frequency_penalty"), ("presence_penalty", -2.1, "presence_penalty"),
+    ("repetition_penalty", 0, "repetition_penalty"), ("logit_bias", {"40": 150}, "logit_bias"),
+    ("logit_bias", {"99999": 1}, "logit_bias"), ("logit_bias", {"x": 1}, "logit_bias"),
+    ("min_tokens", 9, "min_tokens")])
+def test_bad_logit_processor_settings_are_400(served, field, value, needle):
+    for path, body in (("/v1/completions", {"model": MODEL, "prompt": "hi", "max_tokens": 4}),
+                       ("/v1/chat/completions", {**chat_body(), "max_tokens": 4})):
+        r = post(served, path, {**body, field: value})
+        assert r.status_code == 400 and needle in r.json()["error"]["message"], r.text

@@ -182,3 +182,23 @@ def test_drafts_under_the_grammar_keep_speculation_ahead_of_ar(tm):
             r = tm.generate(chat(tm, prompt), mode=mode, max_new_tokens=80, json_schema=SCHEMA, block_length=6)
             tokens, forwards = tokens + len(r.token_ids), forwards + r.stats.forward_passes
     assert tokens / forwards > 1.5, (tokens, forwards)
+
+
+@pytest.mark.parametrize("sampled", [False, True])
+def test_grammar_and_logit_processors_meet_in_the_decision_stage(tm, sampled):
+    """A grammar's masks and the logit processors apply in the one decision stage: under both, the lossless modes
+    still write AR's tokens (and its log-probabilities), and every answer matches its schema."""
+    ids = chat(tm, PROMPTS[0])
+    kw = dict(max_new_tokens=60, json_schema=SCHEMA, frequency_penalty=0.8, repetition_penalty=1.2, logprobs=2,
+              logit_bias={tm.encode("1")[0]: 3.0})
+    if sampled:
+        kw |= dict(temperature=0.8, seed=11)
+    ref = tm.generate(ids, mode="ar", **kw)
+    jsonschema.validate(json.loads(ref.text), SCHEMA)
+    assert len(ref.logprobs) == len(ref.token_ids)
+    for mode in ("linear_spec", "quadratic_spec"):
+        r = tm.generate(ids, mode=mode, block_length=4, **kw)
+        assert r.token_ids == ref.token_ids, mode
+        assert [lp for lp, _ in r.logprobs] == pytest.approx([lp for lp, _ in ref.logprobs], abs=1e-3), mode
+    r = tm.generate(ids, mode="diffusion", block_length=8, **{k: v for k, v in kw.items() if k != "logprobs"})
+    jsonschema.validate(json.loads(r.text), SCHEMA)

@@ -44,6 +44,16 @@ def load_or_fail(model: str | None, dtype: str | None = None, device: str | None
         fail(str(e))
 
 
+def _parse_bias(text: str | None) -> dict[int, float] | None:
+    """"id:bias,id:bias" as a dict (fails with a message naming --logit-bias)."""
+    if not text:
+        return None
+    try:
+        return {int(k): float(v) for k, v in (item.split(":") for item in text.split(",") if item.strip())}
+    except ValueError:
+        fail(f'--logit-bias takes "token_id:bias" pairs separated by commas, got {text!r}')
+
+
 @app.command()
 def generate(
     prompt: str = typer.Argument(..., help="Prompt text."),
@@ -63,11 +73,17 @@ def generate(
     ar_mix_weight: float | None = typer.Option(None, "--ar-mix-weight", help="quadratic_spec: AR/diffusion logit mix."),
     max_thinking_tokens: int | None = typer.Option(None, "--max-thinking-tokens", help="Force the end-of-thinking token after this many tokens if it has not appeared."),
     end_think_token_id: int | None = typer.Option(None, "--end-think-token-id", help="The end-of-thinking token (default: the vocabulary's </think>)."),
+    repetition_penalty: float = typer.Option(1.0, "--repetition-penalty", help="> 0; above 1 discourages tokens of the prompt and output (divides positive logits, multiplies negative ones)."),
+    frequency_penalty: float = typer.Option(0.0, "--frequency-penalty", help="[-2, 2]: minus this times a token's count in the output."),
+    presence_penalty: float = typer.Option(0.0, "--presence-penalty", help="[-2, 2]: minus this once a token is in the output."),
+    logit_bias: str | None = typer.Option(None, "--logit-bias", help='Token biases in [-100, 100], e.g. "50:-100,51:5".'),
+    min_tokens: int = typer.Option(0, "--min-tokens", help="No end-of-sequence before this many new tokens."),
     chat: bool = typer.Option(False, help="Wrap the prompt in the model's chat template as a user message."),
     dtype: str | None = typer.Option(None, help="float32 / bfloat16 (default: float32 on CPU, bfloat16 on CUDA)."),
     device: str | None = typer.Option(None, help="cpu / cuda (default: cuda when available)."),
 ) -> None:
     """Generate text in one of the four modes and print a one-line summary."""
+    bias = _parse_bias(logit_bias)
     tm = load_or_fail(model, dtype, device)
     text: str | list[int] = prompt
     if tm.tokenizer is None:
@@ -86,7 +102,9 @@ def generate(
     try:
         gen = tm.stream(text, mode=mode.value, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                         top_k=top_k, seed=seed, max_thinking_tokens=max_thinking_tokens,
-                        end_think_token_id=end_think_token_id, **knobs)
+                        end_think_token_id=end_think_token_id, repetition_penalty=repetition_penalty,
+                        frequency_penalty=frequency_penalty, presence_penalty=presence_penalty, logit_bias=bias,
+                        min_tokens=min_tokens, **knobs)
         if tm.tokenizer is not None and not chat:
             typer.echo(prompt, nl=False)
         while True:

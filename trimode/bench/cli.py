@@ -211,7 +211,8 @@ def engine(
     tm = load_or_fail(model, dtype, device)
 
     def progress(c) -> None:
-        typer.echo(f"  {c.mode:>15} x{c.requests:<3} engine/bare {c.ratio:.2f}", err=True)
+        typer.echo(f"  {c.mode:>15} x{c.requests:<3} engine/bare {c.ratio:.2f} served/bare {c.served_ratio:.2f} "
+                   f"syncs/step {c.syncs[0]:.1f} + {c.syncs[1]:.1f}", err=True)
 
     try:
         report, _ = engine_bench.run(tm, mode_list, loads, prompt_tokens, max_new_tokens, rounds, block_length,

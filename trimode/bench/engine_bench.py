@@ -8,13 +8,19 @@ engine / bare is the share of the bare forwards' speed the engine delivers; ever
 (scheduling, paging, masks, sampling, stop rules, detokenization, events) is the difference. Both halves run
 back to back in the same round, so load on the machine hits them alike; rounds alternate and the median ratio
 is reported with its spread.
+
+Served-style: the engine's own background loop (`Engine.start()`), one client thread per request consuming its
+events as a server's handler would; its forwards are replayed on the bare network the same way. Syncs per step:
+host reads of tensor values (`trimode.bench.syncs`) in the engine (runner, decision stage) and in the step
+machines, counted over one short separate run (the counting slows the run, so it is not timed).
 """
 
 from __future__ import annotations
 
 import statistics
+import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -34,6 +40,13 @@ class Cell:
     bare_s: list[float]
     forwards: int
     threads_alive: int
+    served_s: list[float] = field(default_factory=list)
+    served_bare_s: list[float] = field(default_factory=list)
+    syncs: tuple[float, float] = (0.0, 0.0)  # per engine step: (engine, machines)
+
+    @property
+    def served_ratio(self) -> float:
+        return statistics.median([b / e for e, b in zip(self.served_s, self.served_bare_s)]) if self.served_s else 0
 
     @property
     def ratios(self) -> list[float]:
@@ -55,8 +68,6 @@ def run_engine(tm: TriMode, mode: str, prompts: list[list[int]], max_new_tokens:
     engine = Engine(tm, max_queue=len(prompts), max_running=max(64, len(prompts)),
                     cost=CostModel([(1, 1e-3), (1 << 16, 1e-3)]))
     engine.trace = []
-    import threading
-
     requests = [EngineRequest(p, mode=mode, max_new_tokens=max_new_tokens, knobs={"eos_token_id": -1, **knobs})
                 for p in prompts]
     threads = 0
@@ -67,6 +78,50 @@ def run_engine(tm: TriMode, mode: str, prompts: list[list[int]], max_new_tokens:
     results = [h.result() for h in handles]
     seconds = time.perf_counter() - t0
     return seconds, sum(len(r.token_ids) for r in results), engine.trace, threads
+
+
+def run_served(tm: TriMode, mode: str, prompts: list[list[int]], max_new_tokens: int,
+               knobs: dict) -> tuple[float, int, list[ForwardShape]]:
+    """Seconds to serve every prompt with the engine's background loop and one client thread per request
+    (consuming every event), tokens generated, the forwards run."""
+    engine = Engine(tm, max_queue=len(prompts), max_running=max(64, len(prompts)),
+                    cost=CostModel([(1, 1e-3), (1 << 16, 1e-3)]))
+    engine.trace = []
+    results: list = [None] * len(prompts)
+
+    def client(i: int, handle) -> None:
+        for event in handle:
+            results[i] = event
+
+    engine.start()
+    try:
+        t0 = time.perf_counter()
+        handles = [engine.submit(EngineRequest(p, mode=mode, max_new_tokens=max_new_tokens,
+                                               knobs={"eos_token_id": -1, **knobs})) for p in prompts]
+        threads = [threading.Thread(target=client, args=(i, h)) for i, h in enumerate(handles)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        seconds = time.perf_counter() - t0
+    finally:
+        engine.stop()
+    return seconds, sum(len(r.token_ids) for r in results), engine.trace
+
+
+def count_syncs(tm: TriMode, mode: str, prompts: list[list[int]], knobs: dict, max_new_tokens: int = 8):
+    """Host reads per engine step (engine, machines) over a short run of these prompts (prefill included)."""
+    from trimode.bench.syncs import SyncCounter
+
+    engine = Engine(tm, max_queue=len(prompts), max_running=max(64, len(prompts)),
+                    cost=CostModel([(1, 1e-3), (1 << 16, 1e-3)]))
+    for p in prompts:
+        engine.submit(EngineRequest(p, mode=mode, max_new_tokens=max_new_tokens, knobs={"eos_token_id": -1, **knobs}))
+    steps = 0
+    with SyncCounter() as counter:
+        while engine.step():
+            steps += 1
+    return counter.counts["engine"] / max(steps, 1), counter.counts["machines"] / max(steps, 1)
 
 
 @torch.no_grad()
@@ -104,10 +159,14 @@ def run(tm: TriMode, modes: list[str], loads: list[int], prompt_tokens: int, max
             prompts = _prompts(n, prompt_tokens, tm.config.vocab_size, seed=n)
             run_engine(tm, mode, prompts[:1], 4, knobs_of[mode])  # warm the shapes
             cell = Cell(mode, n, 0, [], [], 0, 0)
+            cell.syncs = count_syncs(tm, mode, prompts, knobs_of[mode])
             for _ in range(rounds):
                 seconds, tokens, shapes, threads = run_engine(tm, mode, prompts, max_new_tokens, knobs_of[mode])
                 cell.engine_s.append(seconds)
                 cell.bare_s.append(replay(tm, shapes))
+                served, _, served_shapes = run_served(tm, mode, prompts, max_new_tokens, knobs_of[mode])
+                cell.served_s.append(served)
+                cell.served_bare_s.append(replay(tm, served_shapes))
                 cell.tokens, cell.forwards = tokens, len(shapes)
                 cell.threads_alive = max(cell.threads_alive, threads)
             cells.append(cell)
@@ -122,13 +181,20 @@ def report(tm: TriMode, cells: list[Cell], prompt_tokens: int, max_new_tokens: i
         f"Each request: a {prompt_tokens}-token random prompt, exactly {max_new_tokens} new tokens (EOS off); "
         f"{rounds} round(s) per cell, median ratio (min-max over rounds).",
         "",
-        "| mode | requests | engine tok/s | bare forwards tok/s | engine / bare | fused forwards | threads alive |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        "Replay: the engine stepped in the caller's thread. Served: its background loop, one client thread per "
+        "request. Syncs / step: host reads of tensor values per engine step in the engine (runner, decision stage: "
+        "device syncs on a GPU) + in the step machines (host tensors since the decision stage).",
+        "",
+        "| mode | requests | engine tok/s | bare forwards tok/s | engine / bare | served / bare | syncs / step "
+        "| fused forwards | threads alive |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for c in cells:
         e = c.tokens / statistics.median(c.engine_s)
         b = c.tokens / statistics.median(c.bare_s)
         rs = c.ratios
+        sr = [b / e for e, b in zip(c.served_s, c.served_bare_s)] or [0.0]
         lines.append(f"| {c.mode} | {c.requests} | {e:,.0f} | {b:,.0f} | {c.ratio:.2f} ({min(rs):.2f}-{max(rs):.2f}) "
+                     f"| {c.served_ratio:.2f} ({min(sr):.2f}-{max(sr):.2f}) | {c.syncs[0]:.1f} + {c.syncs[1]:.1f} "
                      f"| {c.forwards} | {c.threads_alive} |")
     return "\n".join(lines) + "\n"

@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 
 from trimode.bench.quality import load_items
-from trimode.decode.diffusion import Schedule, denoise_block, new_block
+from trimode.decode.diffusion import Context, Schedule, denoise_block, new_block
 from trimode.decode.driver import run_forward
 from trimode.decode.sampling import SamplingParams, confidence
 from trimode.decode.stats import DecodeStats
@@ -98,7 +98,8 @@ def run_block(net, cache, block, masked, positions, rule, counter: Counter | Non
     """Denoise `block` (in place) from its state with `rule` through diffusion's `denoise_block`; the passes."""
     length = block.shape[1]
     mask_id = net.config.mask_token_id
-    gen = denoise_block(block, masked, positions, 0, Schedule.of(length, None, None, None, rule), GREEDY, mask_id,
+    ctx = Context(GREEDY, [[]], [[None] * length])
+    gen = denoise_block(block, masked, positions, 0, Schedule.of(length, None, None, None, rule), ctx, mask_id,
                         None, False, StopRule(length), [[]], [0], DecodeStats("sol"))
     reply = None
     while True:

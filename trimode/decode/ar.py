@@ -10,8 +10,9 @@ from dataclasses import dataclass
 
 import torch
 
+from trimode.decode.decide import History, Pick, logprobs_of
 from trimode.decode.grammar import GrammarMatcher
-from trimode.decode.sampling import SamplingParams, choose
+from trimode.decode.sampling import SamplingParams
 from trimode.decode.spec import ModeSpec
 from trimode.decode.stats import DecodeStats
 from trimode.decode.step import Committed, DecodeOutput, Forward, Machine
@@ -22,28 +23,34 @@ def ar(prompt_ids: torch.Tensor, stop: StopRule, sampling: SamplingParams = Samp
        thinking: ThinkingBudget | None = None, grammar: list[GrammarMatcher] | GrammarMatcher | None = None
        ) -> Machine:
     """`grammar`: one matcher per row (or one for a single row); each step chooses among the tokens its grammar
-    allows (decode/grammar.py)."""
+    allows (decode/grammar.py): its masks travel in the pick, one more logit processor of the decision stage."""
     grammars = [grammar] if isinstance(grammar, GrammarMatcher) else grammar
     batch, prompt_len = prompt_ids.shape
     stats = DecodeStats("ar", prompt_tokens=prompt_len)
-    rows = torch.arange(batch)
+    out: list[list[int]] = [[] for _ in range(batch)]
+    prompts = prompt_ids.tolist()
 
-    logits = yield Forward(prompt_ids, mask="causal", cache="append", logits="last")
+    def pick(step: int) -> Pick:  # the token at position prompt_len + step of every row, keyed by its row
+        histories = [History(prompts[r], out[r]) for r in range(batch)] if sampling.penalized else None
+        masks = None if grammars is None else torch.stack([g.allowed() for g in grammars])
+        return Pick(sampling, [prompt_len + step] * batch, rows=list(range(batch)), histories=histories,
+                    eos=stop.eos_token_ids, logprobs=sampling.logprobs, masks=masks)
+
+    decision = yield Forward(prompt_ids, mask="causal", cache="append", logits="last", pick=pick(0))
     stats.forward_passes += 1
 
-    out: list[list[int]] = [[] for _ in range(batch)]
     done = [False] * batch
     thought = [False] * batch
     for step in range(stop.max_new_tokens):
-        if grammars is not None:
-            logits = torch.cat([g.mask(logits[r : r + 1]) for r, g in enumerate(grammars)])
-        tokens = choose(logits, prompt_len + step, sampling, rows=rows)
-        if thinking is not None and step >= thinking.max_thinking_tokens:
+        tokens = decision.tokens.tolist()
+        ids = decision.tokens[:, None]  # the next pass's input: the decision's host tensor, unless a token is forced
+        if thinking is not None and step >= thinking.max_thinking_tokens and not all(thought):
             for r in range(batch):
                 if not thought[r]:
                     tokens[r] = thinking.end_think_token_id
+            ids = torch.tensor(tokens)[:, None]
         new: list[list[int]] = [[] for _ in range(batch)]
-        for r, t in enumerate(tokens.tolist()):
+        for r, t in enumerate(tokens):
             if thinking is not None and t == thinking.end_think_token_id:
                 thought[r] = True
             if not done[r]:
@@ -53,10 +60,10 @@ def ar(prompt_ids: torch.Tensor, stop: StopRule, sampling: SamplingParams = Samp
                 new[r].append(t)
                 done[r] = t in stop.eos_token_ids
         stats.generated_tokens = len(out[0])
-        yield Committed(new, stats)
+        yield Committed(new, stats, logprobs_of(decision, [[r] if new[r] else [] for r in range(batch)]))
         if all(done) or step == stop.max_new_tokens - 1:
             break
-        logits = yield Forward(tokens[:, None], mask="causal", cache="append", logits="last")
+        decision = yield Forward(ids, mask="causal", cache="append", logits="last", pick=pick(step + 1))
         stats.forward_passes += 1
 
     stats.generated_tokens = sum(len(o) for o in out)

@@ -23,13 +23,15 @@ import torch
 from trimode.decode.cycles import (
     accepted_length,
     draft_block,
+    histories,
     quadratic_init,
     quadratic_pass,
     verify_block,
     verify_constrained,
 )
+from trimode.decode.decide import History, Pick, logprobs_of
 from trimode.decode.grammar import GrammarMatcher
-from trimode.decode.sampling import SamplingParams, choose
+from trimode.decode.sampling import SamplingParams
 from trimode.decode.spec import ModeSpec, check_block, check_drafter
 from trimode.decode.stats import DecodeStats
 from trimode.decode.step import Commit, Committed, DecodeOutput, Forward, Machine
@@ -70,20 +72,24 @@ def auto(prompt_ids: torch.Tensor, stop: StopRule, sampling: SamplingParams, mas
     prompt_len = prompt_ids.shape[1]
     stats = DecodeStats("auto", prompt_tokens=prompt_len)
 
+    eos = stop.eos_token_ids
+    prompt = prompt_ids[0].tolist()
     tail: list[int] = []  # guesses for the tokens after `pending`
     mode, b = steer.pick()
     if mode == "quadratic_spec":  # the prefill also drafts, as quadratic_spec's first pass does
-        pending, *tail = yield from quadratic_init(prompt_ids, b, mask_id, sampling, stats, grammar)
+        (pending, *tail), decision = yield from quadratic_init(prompt_ids, b, mask_id, sampling, stats, eos, grammar)
     else:
-        logits = yield Forward(prompt_ids, mask="causal", cache="append", logits="last")
+        pick = Pick(sampling, [prompt_len], histories=histories(sampling, History(prompt, [])), eos=eos,
+                    logprobs=sampling.logprobs, masks=None if grammar is None else grammar.allowed()[None])
+        decision = yield Forward(prompt_ids, mask="causal", cache="append", logits="last", pick=pick)
         stats.forward_passes += 1
-        pending = int(choose(logits if grammar is None else grammar.mask(logits), prompt_len, sampling))
+        pending = int(decision.tokens[0])
     if thinking is not None and thinking.max_thinking_tokens == 0:
         pending = thinking.end_think_token_id
     if grammar is not None:
         grammar.advance(pending)
     out, over = stop.finish([pending])
-    yield Committed([out], stats)
+    yield Committed([out], stats, logprobs_of(decision, [[0]]))
 
     clean = prompt_len  # the position of `pending`: the cache holds everything before it
     while not over:
@@ -93,11 +99,14 @@ def auto(prompt_ids: torch.Tensor, stop: StopRule, sampling: SamplingParams, mas
         if budget_near:
             choice = AR  # AR steps place the forced end-think token exactly where AR would
         mode, b = choice
+        history = History(prompt, out)  # out ends with `pending`
         if mode == "ar":
-            logits = yield Forward(torch.tensor([[pending]], device=dev), mask="causal", cache="append",
-                                   logits="last")
+            pick = Pick(sampling, [clean + 1], histories=histories(sampling, history), eos=eos,
+                        logprobs=sampling.logprobs, masks=None if grammar is None else grammar.allowed()[None])
+            decision = yield Forward(torch.tensor([[pending]], device=dev), mask="causal", cache="append",
+                                     logits="last", pick=pick)
             stats.forward_passes += 1
-            emitted = [int(choose(logits if grammar is None else grammar.mask(logits), clean + 1, sampling))]
+            emitted, at = [int(decision.tokens[0])], [0]
             if budget_near and len(out) >= thinking.max_thinking_tokens:
                 emitted = [thinking.end_think_token_id]
             if grammar is not None:
@@ -105,26 +114,26 @@ def auto(prompt_ids: torch.Tensor, stop: StopRule, sampling: SamplingParams, mas
             tail = []
         elif mode == "linear_spec":
             drafts = yield from draft_block(pending, clean, b, mask_id, sampling, stats, 0.0, use_drafter, dev,
-                                            grammar=grammar)
-            verified = yield from verify_block(drafts, clean, sampling, stats, dev, grammar)
+                                            grammar=grammar, history=history, eos=eos)
+            verified, decision = yield from verify_block(drafts, clean, sampling, stats, dev, history, eos, grammar)
             accepted = accepted_length(verified, drafts, b) if grammar is None else len(verified)
             yield Commit(accepted)
-            emitted = verified[:accepted]
+            emitted, at = verified[:accepted], list(range(accepted))
             tail = []
         else:
             if len(tail) < b - 1:  # too few guesses (from another mode or a smaller block): draft them first
                 tail = (yield from draft_block(pending, clean, b, mask_id, sampling, stats, 0.0, use_drafter,
-                                               dev, grammar=grammar))[1:]
+                                               dev, grammar=grammar, history=history, eos=eos))[1:]
             leaders = [pending] + tail[: b - 1]
-            result = yield from quadratic_pass(leaders, clean, mask_id, sampling, stats, device=dev)
+            result = yield from quadratic_pass(leaders, clean, mask_id, sampling, stats, device=dev,
+                                               history=history, eos=eos, grammar=grammar)
             verified = result.verified
             if grammar is not None:
-                verified = verify_constrained(result.logits[:, 0], result.pred_pos[:, 0], leaders, sampling,
-                                              grammar, b)
+                verified = verify_constrained(verified, leaders, grammar, b)
             accepted = accepted_length(verified, leaders, b) if grammar is None else len(verified)
             yield Commit(slots=[j * (b + 1) for j in range(accepted)])
             tail = result.tail(accepted - 1, grammar)
-            emitted = verified[:accepted]
+            emitted, at, decision = verified[:accepted], [j * (b + 1) for j in range(accepted)], result.decision
         clean += len(emitted)
         pending = emitted[-1]
         before = len(out)
@@ -135,7 +144,8 @@ def auto(prompt_ids: torch.Tensor, stop: StopRule, sampling: SamplingParams, mas
         if mode != "ar":
             stats.acceptance.append(len(out) - before)
         stats.generated_tokens = len(out)
-        yield Committed([out[before:]], stats)
+        logprobs = logprobs_of(decision, [at[: len(out) - before]])
+        yield Committed([out[before:]], stats, logprobs)
 
     stats.generated_tokens = len(out)
     return DecodeOutput([out], stats)

@@ -10,8 +10,9 @@ from dataclasses import dataclass
 
 import torch
 
+from trimode.decode.decide import Decision, History, Pick
 from trimode.decode.grammar import GrammarMatcher
-from trimode.decode.sampling import SamplingParams, choose, confidence
+from trimode.decode.sampling import SamplingParams, choose
 from trimode.decode.stats import DecodeStats
 from trimode.decode.step import Commit, Forward
 from trimode.decode.stopping import ThinkingBudget
@@ -19,17 +20,24 @@ from trimode.decode.transfer import commit_by_threshold, masked_confidence
 from trimode.model.masks import QuadraticInit, QuadraticStep
 
 DRAFT_STEP_KEY = 1 << 12  # keeps draft sampling noise apart from the verify noise at the same position
+NO_HISTORY = History((), ())
+
+
+def histories(sampling: SamplingParams, history: History, ahead: list[int] = ()) -> list[History] | None:
+    """The one row's history for a pick, when a processor reads it."""
+    return [History(history.prompt, history.output, ahead)] if sampling.penalized else None
 
 
 def draft_block(pending: int, start: int, block: int, mask_id: int, sampling: SamplingParams, stats: DecodeStats,
                 threshold: float = 0.0, use_drafter: bool = False, device="cpu", rule=None,
-                grammar: GrammarMatcher | None = None):
+                grammar: GrammarMatcher | None = None, history: History = NO_HISTORY,
+                eos: frozenset[int] = frozenset()):
     """Drafts for the block - 1 tokens after `pending` (at position `start`): diffusion over [pending, MASK x B-1]
     on the read-only cache, drafter adapter on when asked for. Threshold 0 fills every mask in one pass; above 0,
     passes repeat, each committing the masks with confidence >= threshold (at least the best one). A `rule`
     (decode/unmask.py, e.g. the learned sampler) picks each pass's slots instead. With a `grammar` (at the state
     after `pending`) and the one-pass fill, the drafts are chosen left to right under it (`grammar_draft`).
-    Returns the block [pending, d_1, .., d_{B-1}]."""
+    `history`: what the penalties see (the committed output). Returns the block [pending, d_1, .., d_{B-1}]."""
     ids = torch.full((1, block), mask_id, dtype=torch.long, device=device)
     ids[0, 0] = pending
     positions = torch.arange(start, start + block, device=device)
@@ -37,21 +45,25 @@ def draft_block(pending: int, start: int, block: int, mask_id: int, sampling: Sa
     masked = torch.arange(block, device=device)[None, :] > 0
     draft_pass = 0
     while masked.any():
-        logits = yield Forward(ids.clone(), mask="bidirectional", positions=positions, lora=use_drafter)
+        read_logits = rule is not None or (grammar is not None and threshold == 0)
+        pick = Pick(sampling, range(start, start + block), DRAFT_STEP_KEY + draft_pass,
+                    histories=histories(sampling, history), eos=eos, confidence=threshold > 0 or rule is not None,
+                    logits=read_logits)
+        decision = yield Forward(ids.clone(), mask="bidirectional", positions=positions, lora=use_drafter, pick=pick)
         stats.forward_passes += 1
-        proposal = choose(logits[0], positions, sampling, step=DRAFT_STEP_KEY + draft_pass)[None]
+        proposal = decision.tokens[None].clone()
         draft_pass += 1
         if threshold == 0 and rule is None:
             if grammar is not None:
-                proposal[0, 1:] = torch.tensor(grammar_draft(logits[0, 1:], positions[1:], sampling,
+                proposal[0, 1:] = torch.tensor(grammar_draft(decision.logits[1:], positions[1:], sampling,
                                                              DRAFT_STEP_KEY + draft_pass - 1, grammar))
             ids = torch.where(masked, proposal, ids)
             break
-        conf = masked_confidence(confidence(logits, proposal), masked)
+        conf = masked_confidence(decision.confidence[None], masked)
         if rule is None:
             transfer = commit_by_threshold(conf, masked, threshold)
         else:
-            transfer = rule(conf, masked, logits, proposal)
+            transfer = rule(conf, masked, decision.logits[None], proposal)
         ids[transfer] = proposal[transfer]
         masked &= ~transfer
     return ids[0].tolist()
@@ -75,30 +87,54 @@ def grammar_draft(logits: torch.Tensor, positions: torch.Tensor, sampling: Sampl
 
 
 def verify_block(drafts: list[int], start: int, sampling: SamplingParams, stats: DecodeStats, device="cpu",
+                 history: History = NO_HISTORY, eos: frozenset[int] = frozenset(),
                  grammar: GrammarMatcher | None = None, forced: tuple[int, int] | None = None):
     """Causal pass over the drafted block at positions start..; K/V left as scratch (the caller commits the
-    accepted part). Returns ar, where ar[i] is the token chosen at position start + i + 1, exactly as AR would.
-    With a `grammar`, returns the accepted tokens only (`verify_constrained`) and advances the grammar by them."""
-    positions = torch.arange(start, start + len(drafts), device=device)
-    logits = yield Forward(torch.tensor([drafts], device=device), mask="causal", positions=positions)
+    accepted part). Returns (ar, the decision), where ar[i] is the token chosen at position start + i + 1,
+    exactly as AR would: its penalties see `history` (the output, which ends with drafts[0]) and drafts[1..i].
+    With a `grammar`, position i is chosen under the grammar as after drafts[1..i] (`verify_masks`), ar holds
+    the accepted tokens only (`verify_constrained`) and the grammar advances by them."""
+    n = len(drafts)
+    positions = torch.arange(start, start + n, device=device)
+    pick = Pick(sampling, range(start + 1, start + n + 1), histories=histories(sampling, history, drafts[1:]),
+                seen=range(n), eos=eos, logprobs=sampling.logprobs,
+                masks=None if grammar is None else verify_masks(grammar, drafts, n))
+    decision = yield Forward(torch.tensor([drafts], device=device), mask="causal", positions=positions, pick=pick)
     stats.forward_passes += 1
     if grammar is not None:
-        return verify_constrained(logits[0], positions + 1, drafts, sampling, grammar, len(drafts), forced)
-    return choose(logits[0], positions + 1, sampling).tolist()
+        return verify_constrained(decision.tokens.tolist(), drafts, grammar, n, forced), decision
+    return decision.tokens.tolist(), decision
 
 
-def verify_constrained(logits: torch.Tensor, positions: torch.Tensor, drafts: list[int], sampling: SamplingParams,
-                       grammar: GrammarMatcher, limit: int, forced: tuple[int, int] | None = None) -> list[int]:
-    """The verified tokens of one cycle under a grammar: verified[i] is chosen from logits[i] (the causal logits
-    after drafts[0..i], at position positions[i]) masked by the grammar as AR would have it after drafts[1..i],
-    so the grammar advances by each verified token; the cycle stops after the first that differs from the next
-    draft, after `limit`, or when the grammar ends. `forced` = (index, token): the thinking budget's end-think
-    token replaces the choice at that index and ends the cycle. Returns verified[:accepted] (accepted >= 1)."""
+def verify_masks(grammar: GrammarMatcher, drafts: list[int], width: int) -> torch.Tensor:
+    """[width, V] bool: at i, what the grammar allows after drafts[1..i] (AR's mask there had it written them).
+    Past a draft the grammar refuses, all tokens (no position there can be accepted: the verified token before
+    it, chosen under the grammar, differs from it). The grammar is left as it was."""
+    masks = torch.ones((width, grammar.vocab_size), dtype=torch.bool)
+    mark = grammar.checkpoint()
+    try:
+        for i in range(width):
+            masks[i] = grammar.allowed()
+            if i + 1 >= len(drafts) or grammar.finished or not grammar.accepts(drafts[i + 1]):
+                break
+            grammar.advance(drafts[i + 1])
+    finally:
+        grammar.restore(mark)
+    return masks
+
+
+def verify_constrained(chosen: list[int], drafts: list[int], grammar: GrammarMatcher, limit: int,
+                       forced: tuple[int, int] | None = None) -> list[int]:
+    """The verified tokens of one cycle under a grammar: chosen[i] is the decision stage's choice after
+    drafts[0..i] under the grammar's mask as AR would have it after drafts[1..i] (`verify_masks`), so the
+    grammar advances by each verified token; the cycle stops after the first that differs from the next draft,
+    after `limit`, or when the grammar ends. `forced` = (index, token): the thinking budget's end-think token
+    replaces the choice at that index and ends the cycle. Returns verified[:accepted] (accepted >= 1)."""
     if grammar.finished:  # it ended with drafts[0] (EOS): nothing after it is output
         return [drafts[0]]
     verified: list[int] = []
     for i in range(limit):
-        token = int(choose(grammar.mask(logits[i : i + 1]), positions[i : i + 1], sampling)[0])
+        token = chosen[i]
         was_forced = forced is not None and i == forced[0] and forced[1] not in verified
         if was_forced:
             token = forced[1]
@@ -150,55 +186,70 @@ class QuadraticPass:
     verified[j]."""
 
     verified: list[int]
-    logits: torch.Tensor  # [B, B + 1, V]
-    pred_pos: torch.Tensor  # [B, B + 1] position each slot predicts
-    sampling: SamplingParams
+    tokens: torch.Tensor  # [B, B + 1]: slot 0 the verified token, slots 2.. the drafts
+    decision: Decision
+    pred_pos: torch.Tensor | None = None  # [B, B + 1] the position each slot predicts (drafts under a grammar)
+    sampling: SamplingParams | None = None
 
     def tail(self, j: int, grammar: GrammarMatcher | None = None) -> list[int]:
         """With a `grammar` (at the state after verified[j]), drafted under it (`grammar_draft`)."""
         if grammar is not None:
-            return grammar_draft(self.logits[j, 2:], self.pred_pos[j, 2:], self.sampling, DRAFT_STEP_KEY, grammar)
-        return choose(self.logits[j, 2:], self.pred_pos[j, 2:], self.sampling, step=DRAFT_STEP_KEY).tolist()
+            block = self.tokens.shape[0]
+            logits = self.decision.logits.view(block, block + 1, -1)
+            return grammar_draft(logits[j, 2:], self.pred_pos[j, 2:], self.sampling, DRAFT_STEP_KEY, grammar)
+        return self.tokens[j, 2:].tolist()
 
 
 def quadratic_pass(leaders: list[int], start: int, mask_id: int, sampling: SamplingParams, stats: DecodeStats,
-                   ar_mix_weight: float | None = None, device="cpu"):
+                   ar_mix_weight: float | None = None, device="cpu", history: History = NO_HISTORY,
+                   eos: frozenset[int] = frozenset(), grammar: GrammarMatcher | None = None):
     """One quadratic pass (spec 2.4): B groups [d_j, MASK x B], group j at positions start + j .. start + j + B.
-    Slot 1 of every group takes slot 0's logits (the causal prediction after d_j), or with `ar_mix_weight` = l
-    both become l * slot0 + (1 - l) * slot1. K/V left as scratch: commit the accepted leaders' slots
-    (`Commit(slots=[j * (B + 1) ...])`); the leaders see only leaders, so theirs are causal K/V."""
+    Slot 0 of group j gives the causal prediction after d_j (verified, its penalties seeing `history`, which ends
+    with d_0, and d_1..d_j); slots 2.. draft the tokens after it. With `ar_mix_weight` = l slot 0 reads
+    l * slot0 + (1 - l) * slot1. K/V left as scratch: commit the accepted leaders' slots
+    (`Commit(slots=[j * (B + 1) ...])`); the leaders see only leaders, so theirs are causal K/V. With a `grammar`
+    (at the state after d_0), slot 0 of group j is chosen under it as after d_1..d_j (`verify_masks`), and the
+    pass keeps its logits for `tail` to draft under it."""
     block = len(leaders)
     ids = torch.full((block, block + 1), mask_id, dtype=torch.long, device=device)
     ids[:, 0] = torch.tensor(leaders, device=device)
     group = torch.arange(block + 1, device=device)
     positions = start + torch.arange(block, device=device)[:, None] + group[None, :]
-    logits = yield Forward(ids.view(1, -1), mask=QuadraticStep(block), positions=positions.flatten())
-    stats.forward_passes += 1
-    logits = logits.view(block, block + 1, -1).clone()
-    if ar_mix_weight is None:
-        logits[:, 1] = logits[:, 0]
-    else:
-        mixed = ar_mix_weight * logits[:, 0] + (1 - ar_mix_weight) * logits[:, 1]
-        logits[:, 0] = mixed
-        logits[:, 1] = mixed
     # Slot k of group j predicts the token at position start + j + k (slot 0: the causal next token).
-    pred_pos = positions + (group == 0).long()
-    verified = choose(logits[:, 0], pred_pos[:, 0], sampling).tolist()
-    return QuadraticPass(verified, logits, pred_pos, sampling)
+    pred_pos = (positions + (group == 0).long()).flatten().tolist()
+    width = block + 1
+    slot0 = [j * width for j in range(block)]
+    blend = None if ar_mix_weight is None else (ar_mix_weight, slot0, [a + 1 for a in slot0])
+    seen = [0] * (block * width)
+    for j in range(block):
+        seen[j * width] = j
+    steps = [0 if i % width == 0 else DRAFT_STEP_KEY for i in range(block * width)]
+    pick = Pick(sampling, pred_pos, steps, histories=histories(sampling, history, leaders[1:]), seen=seen, eos=eos,
+                logprobs=sampling.logprobs, blend=blend)
+    if grammar is not None:
+        pick.masks, pick.masked_at, pick.logits = verify_masks(grammar, leaders, block), slot0, True
+    decision = yield Forward(ids.view(1, -1), mask=QuadraticStep(block), positions=positions.flatten(), pick=pick)
+    stats.forward_passes += 1
+    tokens = decision.tokens.view(block, width)
+    return QuadraticPass(tokens[:, 0].tolist(), tokens, decision, torch.tensor(pred_pos).view(block, width), sampling)
 
 
 def quadratic_init(prompt_ids: torch.Tensor, block: int, mask_id: int, sampling: SamplingParams,
-                   stats: DecodeStats, grammar: GrammarMatcher | None = None):
+                   stats: DecodeStats, eos: frozenset[int] = frozenset(), grammar: GrammarMatcher | None = None):
     """The first quadratic pass (spec 2.4 init): [prompt, MASK x B], the prompt causal, the masks seeing
-    everything; the cache keeps the prompt. Returns the draft [d_0, .., d_{B-1}]: d_0 the causal choice after
+    everything; the cache keeps the prompt. Returns (the draft [d_0, .., d_{B-1}]: d_0 the causal choice after
     the prompt (as AR's, under the `grammar` when given; the caller advances it), d_1.. the diffusion choices
-    at mask slots 1..B-1."""
+    at mask slots 1..B-1; the decision)."""
     prompt_len = prompt_ids.shape[1]
     masks = torch.full((1, block), mask_id, dtype=torch.long, device=prompt_ids.device)
     read = [prompt_len - 1, *range(prompt_len + 1, prompt_len + block)]  # the causal next token, mask slots 1..
-    logits = yield Forward(torch.cat([prompt_ids, masks], 1), mask=QuadraticInit(prompt_len), logits=read)
+    history = History(prompt_ids[0].tolist(), [])
+    pick = Pick(sampling, range(prompt_len, prompt_len + block), [0] + [DRAFT_STEP_KEY] * (block - 1),
+                histories=histories(sampling, history), eos=eos, logprobs=sampling.logprobs)
+    if grammar is not None:  # d_0 is AR's choice under the grammar
+        pick.masks, pick.masked_at = grammar.allowed()[None], [0]
+    decision = yield Forward(torch.cat([prompt_ids, masks], 1), mask=QuadraticInit(prompt_len), logits=read,
+                             pick=pick)
     yield Commit(prompt_len)
     stats.forward_passes += 1
-    first = choose(logits[0, :1] if grammar is None else grammar.mask(logits[0, :1]), prompt_len, sampling)
-    rest = choose(logits[0, 1:], torch.arange(prompt_len + 1, prompt_len + block), sampling, step=DRAFT_STEP_KEY)
-    return [int(first)] + rest.tolist()
+    return decision.tokens.tolist(), decision

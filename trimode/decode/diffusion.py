@@ -19,9 +19,10 @@ from dataclasses import dataclass, field
 
 import torch
 
+from trimode.decode.decide import Decision, History, Pick, logprobs_of
 from trimode.decode.frontier import Frontier
 from trimode.decode.grammar import GrammarMatcher
-from trimode.decode.sampling import SamplingParams, choose, confidence
+from trimode.decode.sampling import SamplingParams
 from trimode.decode.spec import ModeSpec, check_block, check_bool, check_threshold
 from trimode.decode.stats import DecodeStats
 from trimode.decode.step import Committed, DecodeOutput, Forward, Machine, Provisional
@@ -84,9 +85,10 @@ class Remasking:
         self.threshold, self.mask_id, self.fixed = threshold, mask_id, fixed
         self.remasks = torch.zeros(fixed.shape, dtype=torch.long, device=fixed.device)
 
-    def __call__(self, logits, block, masked, transfer, committed_at) -> None:
+    def __call__(self, given: torch.Tensor, block, masked, transfer, committed_at) -> None:
+        """`given`: the probability of each slot's token before the step (a slot it committed is never doubted)."""
         doubtful = ~masked & ~self.fixed & ~transfer & (self.remasks < REMASKS_PER_SLOT)
-        doubtful &= confidence(logits, block) < self.threshold
+        doubtful &= given < self.threshold
         block[doubtful] = self.mask_id
         masked |= doubtful
         self.remasks += doubtful.long()
@@ -117,10 +119,19 @@ def diffusion(prompt_ids: torch.Tensor, stop: StopRule, sampling: SamplingParams
     generated: list[list[int]] = [[] for _ in range(batch)]
     streamed = [0] * batch
 
+    prompts = prompt_ids.tolist()
+    lp_generated: list[list] = [[] for _ in range(batch)]  # each generated token's log-probability, when asked
+
+    def seed_pick(position: int) -> Pick:  # the causal choice after the cache, per row
+        hist = [History(prompts[r], generated[r]) for r in range(batch)] if sampling.penalized else None
+        masks = None if grammars is None else torch.stack([g.allowed() for g in grammars])
+        return Pick(sampling, [position] * batch, rows=list(range(batch)), histories=hist, eos=stop.eos_token_ids,
+                    logprobs=sampling.logprobs, masks=masks)
+
     # 2. Prefill the prompt into the cache; its last logit gives the seed.
-    logits = yield Forward(prompt_ids, mask=context_mask, cache="append", logits="last")
+    decision = yield Forward(prompt_ids, mask=context_mask, cache="append", logits="last", pick=seed_pick(prompt_len))
     stats.forward_passes += 1
-    seed = _seed(logits, prompt_len, sampling, grammars)
+    seed = decision.tokens
 
     for b in range(math.ceil(stop.max_new_tokens / block_length)):
         start = prompt_len + b * block_length
@@ -131,43 +142,37 @@ def diffusion(prompt_ids: torch.Tensor, stop: StopRule, sampling: SamplingParams
         remasking = None if remask_threshold is None else Remasking(remask_threshold, mask_id, ~masked)
         if frontier is not None:
             frontier.new_block()
+        lp = logprobs_of(decision, [[r] for r in range(batch)]) if causal_context else None
+        slot_lp = [[lp[r][0] if lp is not None else None] * block_length for r in range(batch)]
         # 4. Denoise it; the steps stream what settles.
         committed_at, steps_run = yield from denoise_block(
-            block, masked, positions, b * block_length, schedule, sampling, mask_id, remasking, provisional,
-            stop, generated, streamed, stats, frontier)
+            block, masked, positions, b * block_length, schedule, Context(sampling, prompts, slot_lp), mask_id,
+            remasking, provisional, stop, generated, streamed, stats, lp_generated, frontier)
         if frontier is not None:
             frontier.catch_up(block, masked)  # committed slots past the last frontier commit (a forced end-think)
 
         before = [len(g) for g in generated]
         for r in range(batch):
             generated[r] += block[r].tolist()
+            lp_generated[r] += slot_lp[r]
         finished = [stop.finish(g) for g in generated]
         # A step's commits count only the slots that are output (before EOS and within the budget).
         emitted = [len(out) - n for (out, _), n in zip(finished, before)]
         for s in range(steps_run):
             stats.step_commits.append(sum(int((committed_at[r, : emitted[r]] == s).sum()) for r in range(batch)))
         # What no step streamed: all of a block that had no masked slot, so no step.
-        yield from _stream(finished, streamed, stats)
+        yield from _stream(finished, streamed, stats, lp_generated if sampling.logprobs is not None else None)
         if all(over for _, over in finished):
             break
         # 5. Refresh: the block's causal K/V into the cache; its last logit gives the next seed.
-        logits = yield Forward(block, mask=context_mask, positions=positions, cache="append", logits="last")
+        decision = yield Forward(block, mask=context_mask, positions=positions, cache="append", logits="last",
+                                 pick=seed_pick(start + block_length))
         stats.forward_passes += 1
-        seed = _seed(logits, start + block_length, sampling, grammars)
+        seed = decision.tokens
 
     out = [stop.finish(g)[0] for g in generated]
     stats.generated_tokens = sum(len(o) for o in out)
     return DecodeOutput(out, stats)
-
-
-def _seed(logits: torch.Tensor, position: int, sampling: SamplingParams,
-          grammars: list[GrammarMatcher] | None) -> torch.Tensor:
-    """The causal choice after the cache [B] (under each row's grammar, when given; the block's frontier reads
-    it as the block's first slot)."""
-    batch = logits.shape[0]
-    if grammars is not None:
-        logits = torch.cat([g.mask(logits[r : r + 1]) for r, g in enumerate(grammars)])
-    return choose(logits, torch.full((batch,), position), sampling, rows=torch.arange(batch))
 
 
 def new_block(batch: int, block_length: int, mask_id: int, seed: torch.Tensor | None,
@@ -190,18 +195,31 @@ def new_block(batch: int, block_length: int, mask_id: int, seed: torch.Tensor | 
     return block, masked
 
 
+@dataclass
+class Context:
+    """What a denoising step's pick needs besides the block: the sampling settings, the prompts (repetition
+    penalty) and, per row and slot, the log-probability of the slot's token at the pass that revealed it."""
+
+    sampling: SamplingParams
+    prompts: list[list[int]]
+    slot_lp: list[list]
+
+
 def denoise_block(block: torch.Tensor, masked: torch.Tensor, positions: torch.Tensor, offset: int,
-                  schedule: Schedule, sampling: SamplingParams, mask_id: int, remasking: Remasking | None,
-                  provisional: bool,
-                  stop: StopRule, generated: list[list[int]], streamed: list[int], stats: DecodeStats,
-                  frontier: Frontier | None = None):
+                  schedule: Schedule, ctx: Context, mask_id: int, remasking: Remasking | None,
+                  provisional: bool, stop: StopRule, generated: list[list[int]], streamed: list[int],
+                  stats: DecodeStats, lp_generated: list[list] | None = None, frontier: Frontier | None = None):
     """Spec 2.2 step 4 on `block` and `masked` (in place): bidirectional passes over the read-only cache, each
     committing the slots the schedule picks, until no slot is masked or every row holds a settled EOS. Streams
     each row's settled prefix as it grows. With a `frontier` (a grammar per row), commits follow it (at most
     block_length passes; forced tokens cost none). Returns (the step that committed each slot, -1 for none; steps
-    run)."""
+    run).
+
+    Logit processors see, per slot, the history committed so far: the output of earlier blocks and the block's
+    slots committed by earlier steps (the order inside the block does not matter to them)."""
     batch, block_length = block.shape
-    rows = torch.arange(batch).repeat_interleave(block_length)
+    sampling = ctx.sampling
+    lp_generated = lp_generated if lp_generated is not None else [[] for _ in range(batch)]
     committed_at = torch.full_like(block, -1)  # the step that committed each slot (for honest step counts)
     plan = schedule.plan(masked)
     steps_run = 0
@@ -210,41 +228,87 @@ def denoise_block(block: torch.Tensor, masked: torch.Tensor, positions: torch.Te
             frontier.force(block, masked)
         if not masked.any():
             break
-        logits = yield Forward(block.clone(), mask="bidirectional", positions=positions)
+        pick = _denoise_pick(ctx, block, masked, positions, 1 + offset + step, generated, stop,
+                             remasking is not None, schedule.rule is not None, frontier)
+        decision = yield Forward(block.clone(), mask="bidirectional", positions=positions, pick=pick)
         stats.forward_passes += 1
         steps_run += 1
-        chosen_from = logits if frontier is None else frontier.mask_logits(logits)
-        proposal = choose(chosen_from.flatten(0, 1), positions.repeat(batch), sampling, step=1 + offset + step,
-                          rows=rows).view(batch, block_length)
-        conf = masked_confidence(confidence(logits, proposal), masked)
-        if frontier is None:
-            transfer = schedule.transfer(conf, masked, plan, step, logits, proposal)
-        else:
-            wanted = schedule.transfer(conf, masked, plan, step, logits, proposal) if step < schedule.steps else masked
-            transfer = frontier.commit(proposal, wanted, masked)
+        proposal, transfer = commit_step(decision, block, masked, schedule, plan, step, frontier)
+        _keep_logprobs(decision, transfer, ctx.slot_lp)
         block[transfer] = proposal[transfer]
         committed_at[transfer] = step
         masked &= ~transfer
         if remasking is not None:
-            remasking(logits, block, masked, transfer, committed_at)
+            remasking(decision.given.view(batch, block_length), block, masked, transfer, committed_at)
         if provisional:
             yield Provisional(block.masked_fill(masked, mask_id).tolist(), stats)
         if remasking is not None and masked.any():
             continue  # a committed token may still be remasked: nothing is final before the block is
         settled = [generated[r] + _settled_prefix(block[r], masked[r]) for r in range(batch)]
-        yield from _stream([stop.finish(s) for s in settled], streamed, stats)
+        lps = None if sampling.logprobs is None else [lp_generated[r] + ctx.slot_lp[r] for r in range(batch)]
+        yield from _stream([stop.finish(s) for s in settled], streamed, stats, lps)
         if all(_eos_done(generated[r], block[r], masked[r], stop) for r in range(batch)):
             break
     return committed_at, steps_run
 
 
-def _stream(finished: list[tuple[list[int], bool]], streamed: list[int], stats: DecodeStats):
+def _denoise_pick(ctx: Context, block: torch.Tensor, masked: torch.Tensor, positions: torch.Tensor, key: int,
+                  generated: list[list[int]], stop: StopRule, given: bool, logits: bool,
+                  frontier: Frontier | None) -> Pick:
+    """A denoising pass's pick: every slot of every row (row-major), its confidence; the probability of each
+    slot's current token for remasking; the block's logits for a rule that reads them (the learned sampler);
+    each row's frontier slot under its grammar."""
+    batch, block_length = block.shape
+    sampling = ctx.sampling
+    hist = None
+    if sampling.penalized:
+        hist = [History(ctx.prompts[r], generated[r] + block[r][~masked[r]].tolist()) for r in range(batch)]
+    at, masks = frontier.slot_masks() if frontier is not None else (None, None)
+    return Pick(sampling, positions.repeat(batch).tolist(), key,
+                rows=[r for r in range(batch) for _ in range(block_length)], histories=hist,
+                eos=stop.eos_token_ids, confidence=True, logprobs=sampling.logprobs,
+                given=block.flatten().tolist() if given else None, logits=logits,
+                masks=masks, masked_at=at)
+
+
+def commit_step(decision: Decision, block: torch.Tensor, masked: torch.Tensor, schedule: Schedule,
+                plan: torch.Tensor | None, step: int, frontier: Frontier | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The commit rule of one denoising step, from the decision stage's per-slot proposals and confidences (and
+    the block's logits when the schedule's rule reads them): (the proposals [B, L], the masked slots to commit
+    now [B, L]). With a `frontier`, commits follow it: the frontier slot, then the run after it the schedule
+    wanted and the grammar allows (past the schedule's steps, every masked slot is wanted)."""
+    dev = block.device
+    proposal = decision.tokens.view(block.shape).to(dev)
+    conf = masked_confidence(decision.confidence.view(block.shape).to(dev), masked)
+    logits = None if decision.logits is None else decision.logits.view(*block.shape, -1).to(dev)
+    if frontier is None:
+        return proposal, schedule.transfer(conf, masked, plan, step, logits, proposal)
+    wanted = schedule.transfer(conf, masked, plan, step, logits, proposal) if step < schedule.steps else masked
+    return proposal, frontier.commit(proposal, wanted, masked)
+
+
+def _keep_logprobs(decision: Decision, transfer: torch.Tensor, slot_lp: list[list]) -> None:
+    """Each committed slot keeps its token's log-probability at the pass that revealed it."""
+    if decision.logprobs is None:
+        return
+    width = transfer.shape[1]
+    hits = transfer.nonzero().tolist()
+    for (r, s), entry in zip(hits, logprobs_of(decision, [[r * width + s for r, s in hits]])[0]):
+        slot_lp[r][s] = entry
+
+
+def _stream(finished: list[tuple[list[int], bool]], streamed: list[int], stats: DecodeStats,
+            logprobs: list[list] | None = None):
     """Yield each row's output tokens past those already streamed (nothing when no row has new ones)."""
     new = [out[streamed[r]:] for r, (out, _) in enumerate(finished)]
     if any(new):
+        lps = None
+        if logprobs is not None:
+            lps = [logprobs[r][streamed[r] : streamed[r] + len(t)] for r, t in enumerate(new)]
         for r, tokens in enumerate(new):
             streamed[r] += len(tokens)
-        yield Committed(new, stats)
+        yield Committed(new, stats, lps)
 
 
 def _eos_done(generated: list[int], block: torch.Tensor, masked: torch.Tensor, stop: StopRule) -> bool:

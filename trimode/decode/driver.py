@@ -12,6 +12,7 @@ from collections.abc import Generator
 
 import torch
 
+from trimode.decode.decide import Decision, decide
 from trimode.decode.modes import ModelDefaults, mode_spec, resolve_knobs
 from trimode.decode.sampling import SamplingParams
 from trimode.decode.step import Commit, DecodeOutput, Event, Forward, Machine
@@ -40,13 +41,19 @@ def shape_logits(forward: Forward, logits: torch.Tensor, rows: int) -> torch.Ten
 
 
 @torch.no_grad()
-def run_forward(net: NLDTransformer, cache: KVCache, forward: Forward) -> torch.Tensor:
+def run_forward(net: NLDTransformer, cache: KVCache, forward: Forward) -> torch.Tensor | Decision:
+    """The pass's logits as its machine reads them, or with a pick, the decision stage's reply (the same
+    `decide` the engine runs for many rows)."""
     rows = forward.ids.shape[0]
     index = logits_index(forward, rows)
-    logits = net(forward.ids, mask=forward.mask, cache=cache, positions=forward.positions, lora=forward.lora,
+    dev = net.device
+    positions = forward.positions.to(dev) if forward.positions is not None else None
+    logits = net(forward.ids.to(dev), mask=forward.mask, cache=cache, positions=positions, lora=forward.lora,
                  logits_at=index)
     if forward.cache == "append":
         cache.commit(forward.tokens)
+    if forward.pick is not None:
+        return decide([logits.reshape(-1, logits.shape[-1])], [forward.pick])[0]
     return shape_logits(forward, logits, rows)
 
 
@@ -95,6 +102,6 @@ def decode(net: NLDTransformer, mode: str, prompt_ids: torch.Tensor, stop: StopR
         raise ValueError(f"{mode} decodes one sequence at a time (batch size 1)")
     has_drafter = net.encoder.layers[0].self_attn.o_proj.lora_A is not None
     k = resolve_knobs(mode, ModelDefaults(net.config.block_size, has_drafter, net.sampler), **knobs)
-    machine = spec.machine(prompt_ids, stop, sampling, net.config.mask_token_id, k, thinking, provisional, steer)
+    machine = spec.machine(prompt_ids.cpu(), stop, sampling, net.config.mask_token_id, k, thinking, provisional, steer)
     capacity = spec.kv_slots(prompt_ids.shape[1], stop.max_new_tokens, k)
     return run(net, machine, capacity)

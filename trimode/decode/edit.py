@@ -17,7 +17,7 @@ suffix). Then, in rounds:
   slot changes or after `rounds` rounds.
 Tokens of the block outside holes and editable slots never change. A hole slot may be restricted to some tokens
 (`EditBlock.allowed`: token healing, where the text before a hole was cut after a space); its logits outside them
-are -inf before each choice.
+are -inf before each choice (the decision stage's allowed-tokens processor).
 """
 
 from __future__ import annotations
@@ -26,7 +26,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from trimode.decode.sampling import SamplingParams, choose, confidence
+from trimode.decode.decide import Pick
+from trimode.decode.sampling import SamplingParams
 from trimode.decode.spec import ModeSpec, check_threshold
 from trimode.decode.stats import DecodeStats
 from trimode.decode.step import Committed, DecodeOutput, Forward, Machine, Provisional
@@ -50,16 +51,6 @@ class EditBlock:
             raise ValueError("an edit block needs tokens, holes and editable flags of one non-zero length")
         if any(not 0 <= i < len(self.tokens) or not self.holes[i] or not ids for i, ids in self.allowed.items()):
             raise ValueError("only hole slots can be restricted, each to at least one token")
-
-
-def _restrict(logits: torch.Tensor, allowed: dict[int, torch.Tensor]) -> torch.Tensor:
-    """-inf outside the allowed tokens of the restricted slots (in place; the logits [1, T, V] are this row's)."""
-    for slot, ok in allowed.items():
-        row = logits[0, slot]
-        kept = row[ok]
-        row.fill_(float("-inf"))
-        row[ok] = kept
-    return logits
 
 
 def _hole_runs(holes: list[bool]) -> list[tuple[int, int]]:
@@ -100,30 +91,28 @@ def edit(prefix_ids: torch.Tensor, block: EditBlock, sampling: SamplingParams, m
         ids = full[index][None].clone()
         masked = torch.tensor(block.holes, device=dev)[index][None]
         editable = torch.tensor(block.editable, device=dev)[index][None] & ~masked
-        allowed = {int((index == slot).nonzero()): torch.tensor(toks, dtype=torch.long, device=dev)
-                   for slot, toks in block.allowed.items() if live[slot]}
+        allowed = {int((index == slot).nonzero()): list(toks) for slot, toks in block.allowed.items() if live[slot]}
         positions = torch.arange(prefix_len, prefix_len + index.numel(), device=dev)
         ids[masked] = mask_id
         for r in range(rounds):
             if r > 0:  # revision: find the slots the model would write differently, and remask them
-                logits = yield Forward(ids.clone(), mask="bidirectional", positions=positions)
+                pick = Pick(sampling, positions.tolist(), EDIT_STEP_KEY + step, confidence=True)
+                decision = yield Forward(ids.clone(), mask="bidirectional", positions=positions, pick=pick)
                 stats.forward_passes += 1
-                proposal = choose(logits[0], positions, sampling, step=EDIT_STEP_KEY + step)[None]
+                proposal, conf = decision.tokens[None], decision.confidence[None]
                 step += 1
-                conf = confidence(logits, proposal)
                 wrong = editable & (proposal != ids) & (conf >= revise_threshold)
                 if not wrong.any():
                     break
                 masked = wrong
                 ids[masked] = mask_id
             while masked.any():
-                logits = yield Forward(ids.clone(), mask="bidirectional", positions=positions)
+                pick = Pick(sampling, positions.tolist(), EDIT_STEP_KEY + step, confidence=True, allowed=allowed)
+                decision = yield Forward(ids.clone(), mask="bidirectional", positions=positions, pick=pick)
                 stats.forward_passes += 1
-                if allowed:
-                    logits = _restrict(logits, allowed)
-                proposal = choose(logits[0], positions, sampling, step=EDIT_STEP_KEY + step)[None]
+                proposal = decision.tokens[None]
                 step += 1
-                conf = masked_confidence(confidence(logits, proposal), masked)
+                conf = masked_confidence(decision.confidence[None], masked)
                 transfer = commit_by_threshold(conf, masked, threshold)
                 ids[transfer] = proposal[transfer]
                 masked &= ~transfer

@@ -5,7 +5,8 @@ and only with a token the grammar allows there. Per row, the *frontier* is the f
 read. Each denoising pass
 - first writes the tokens the grammar forces at the frontier (`{"name": "` after `{` under a schema) as given
   tokens, which costs no forward pass (a block they fill needs no pass at all);
-- masks the frontier slot's logits with the grammar's mask, so its proposal is always allowed, and commits it;
+- masks the frontier slot's logits with the grammar's mask (the decision stage applies it), so its proposal
+  is always allowed, and commits it;
 - then commits the slots after it, left to right, while the schedule would have committed them anyway (the
   threshold, the step plan or the learned rule says so) and the grammar allows their proposals.
 Other slots stay masked and keep denoising: the next pass proposes them again with more of the block known.
@@ -62,14 +63,16 @@ class Frontier:
             self.read[r] = c
         return written
 
-    def mask_logits(self, logits: torch.Tensor) -> torch.Tensor:
-        """logits [B, L, V] with each row's frontier slot masked by its grammar (a copy when anything changes)."""
-        logits = logits.clone()
+    def slot_masks(self) -> tuple[list[int], torch.Tensor]:
+        """(the block's frontier slots, row-major indices into [B * L]; what each row's grammar allows there [M, V])
+        for the decision stage to apply as a logit processor (`Pick.masks`, `Pick.masked_at`)."""
+        at, masks = [], []
         for r, g in enumerate(self.grammars):
             c = self.read[r]
             if c < self.block_length:
-                logits[r, c] = g.mask(logits[r, c])
-        return logits
+                at.append(r * self.block_length + c)
+                masks.append(g.allowed())
+        return at, torch.stack(masks) if masks else torch.ones((0, self.grammars[0].vocab_size), dtype=torch.bool)
 
     def commit(self, proposal: torch.Tensor, wanted: torch.Tensor, masked: torch.Tensor) -> torch.Tensor:
         """Which slots this pass commits [B, L]: per row the frontier slot, then the run after it that the

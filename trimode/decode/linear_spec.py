@@ -18,9 +18,17 @@ from dataclasses import dataclass, field
 
 import torch
 
-from trimode.decode.cycles import accepted_length, draft_block, force_end_think, think_forced_at, verify_block
+from trimode.decode.cycles import (
+    accepted_length,
+    draft_block,
+    force_end_think,
+    histories,
+    think_forced_at,
+    verify_block,
+)
+from trimode.decode.decide import History, Pick, logprobs_of
 from trimode.decode.grammar import GrammarMatcher
-from trimode.decode.sampling import SamplingParams, choose
+from trimode.decode.sampling import SamplingParams
 from trimode.decode.spec import ModeSpec, check_block, check_drafter, check_threshold
 from trimode.decode.stats import DecodeStats
 from trimode.decode.step import Commit, Committed, DecodeOutput, Forward, Machine
@@ -35,8 +43,8 @@ def linear_spec(prompt_ids: torch.Tensor, stop: StopRule, sampling: SamplingPara
     """`thinking`: the token at generated index `max_thinking_tokens` is forced to the end-think id unless it
     appeared before, exactly as in AR. `thinking_as_reference=True` reproduces the reference instead: after
     each cycle past the budget, the end-think id replaces the next block's slot 0 in the context only.
-    `rule`: the draft's unmasking rule (decode/unmask.py) instead of the threshold. `grammar`: drafts are free,
-    every verified position is chosen under the grammar as AR would choose it (decode/grammar.py)."""
+    `rule`: the draft's unmasking rule (decode/unmask.py) instead of the threshold. `grammar`: every verified
+    position is chosen under the grammar as AR would choose it (decode/grammar.py), the drafts under it too."""
     if prompt_ids.shape[0] != 1:
         raise ValueError("linear_spec decodes one sequence at a time (batch size 1)")
     if block_length < 2:
@@ -45,9 +53,13 @@ def linear_spec(prompt_ids: torch.Tensor, stop: StopRule, sampling: SamplingPara
     prompt_len = prompt_ids.shape[1]
     stats = DecodeStats("linear_spec", prompt_tokens=prompt_len)
 
-    logits = yield Forward(prompt_ids, mask="causal", cache="append", logits="last")
+    eos = stop.eos_token_ids
+    history = History(prompt_ids[0].tolist(), [])
+    pick = Pick(sampling, [prompt_len], histories=histories(sampling, history), eos=eos, logprobs=sampling.logprobs,
+                masks=None if grammar is None else grammar.allowed()[None])
+    decision = yield Forward(prompt_ids, mask="causal", cache="append", logits="last", pick=pick)
     stats.forward_passes += 1
-    next_token = int(choose(logits if grammar is None else grammar.mask(logits), prompt_len, sampling))
+    next_token = int(decision.tokens[0])
     if thinking is not None and not thinking_as_reference and thinking.max_thinking_tokens == 0:
         next_token = thinking.end_think_token_id
     if grammar is not None:
@@ -55,21 +67,21 @@ def linear_spec(prompt_ids: torch.Tensor, stop: StopRule, sampling: SamplingPara
             raise ValueError("a grammar needs AR's thinking budget, not thinking_as_reference")
         grammar.advance(next_token)
     out, over = stop.finish([next_token])
-    yield Committed([out], stats)
+    yield Committed([out], stats, logprobs_of(decision, [[0]]))
 
     start = prompt_len  # the position of next_token: the cache holds everything before it
     while not over:
+        history = History(history.prompt, out)
         drafts = yield from draft_block(next_token, start, block_length, mask_id, sampling, stats, threshold,
-                                        use_drafter, dev, rule, grammar)
+                                        use_drafter, dev, rule, grammar, history, eos)
+        forced = None if grammar is None else think_forced_at(out, len(out), thinking, block_length)
+        ar, decision = yield from verify_block(drafts, start, sampling, stats, dev, history, eos, grammar, forced)
         if grammar is None:
-            ar = yield from verify_block(drafts, start, sampling, stats, dev)
             limit = block_length
             if not thinking_as_reference:
                 limit = force_end_think(ar, out, len(out), thinking, limit)
             accepted = accepted_length(ar, drafts, limit)
         else:
-            forced = think_forced_at(out, len(out), thinking, block_length)
-            ar = yield from verify_block(drafts, start, sampling, stats, dev, grammar, forced)
             accepted = len(ar)
         yield Commit(accepted)
         start += accepted
@@ -78,7 +90,7 @@ def linear_spec(prompt_ids: torch.Tensor, stop: StopRule, sampling: SamplingPara
         before = len(out)
         out, over = stop.extend(out, ar[:accepted])
         stats.acceptance.append(len(out) - before)  # what the cycle output: nothing past EOS or the budget
-        yield Committed([out[before:]], stats)
+        yield Committed([out[before:]], stats, logprobs_of(decision, [list(range(len(out) - before))]))
         if thinking_as_reference and thinking is not None and len(out) > thinking.max_thinking_tokens:
             if thinking.end_think_token_id not in out:
                 # As the reference: the end-think token enters the context as the next block's slot 0,

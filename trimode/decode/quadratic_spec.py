@@ -27,6 +27,7 @@ from trimode.decode.cycles import (
     think_forced_at,
     verify_constrained,
 )
+from trimode.decode.decide import History, logprobs_of
 from trimode.decode.grammar import GrammarMatcher
 from trimode.decode.sampling import SamplingParams
 from trimode.decode.spec import ModeSpec, check_block
@@ -38,8 +39,8 @@ from trimode.decode.stopping import StopRule, ThinkingBudget
 def quadratic_spec(prompt_ids: torch.Tensor, stop: StopRule, sampling: SamplingParams, mask_id: int,
                    block_length: int = 32, ar_mix_weight: float | None = None,
                    thinking: ThinkingBudget | None = None, grammar: GrammarMatcher | None = None) -> Machine:
-    """`grammar`: the masks' drafts are free; every verified leader is chosen under the grammar as AR would
-    choose it, and the grammar advances by the accepted tokens only (decode/grammar.py)."""
+    """`grammar`: every verified leader is chosen under the grammar as AR would choose it, the masks' drafts under
+    it too, and the grammar advances by the accepted tokens only (decode/grammar.py)."""
     if prompt_ids.shape[0] != 1:
         raise ValueError("quadratic_spec decodes one sequence at a time (batch size 1)")
     if block_length < 2:
@@ -48,35 +49,43 @@ def quadratic_spec(prompt_ids: torch.Tensor, stop: StopRule, sampling: SamplingP
     prompt_len = prompt_ids.shape[1]
     stats = DecodeStats("quadratic_spec", prompt_tokens=prompt_len)
 
-    draft = yield from quadratic_init(prompt_ids, B, mask_id, sampling, stats, grammar)
+    eos = stop.eos_token_ids
+    draft, decision = yield from quadratic_init(prompt_ids, B, mask_id, sampling, stats, eos, grammar)
     if thinking is not None and thinking.max_thinking_tokens == 0:
         draft[0] = thinking.end_think_token_id
     if grammar is not None:
         grammar.advance(draft[0])
+    lead = logprobs_of(decision, [[0]])  # the log-probability of draft[0], from the pass that verified it
 
+    prompt = prompt_ids[0].tolist()
     out: list[int] = []
     over = False
     clean = prompt_len  # the position of draft[0]: the cache holds everything before it
     while not over:
-        result = yield from quadratic_pass(draft, clean, mask_id, sampling, stats, ar_mix_weight, dev)
+        result = yield from quadratic_pass(draft, clean, mask_id, sampling, stats, ar_mix_weight, dev,
+                                           History(prompt, out + draft[:1]), eos, grammar)
         if grammar is None:
             verified = result.verified
             limit = force_end_think(verified, out + draft[:1], len(out) + 1, thinking, B)
             accepted = accepted_length(verified, draft, limit)
         else:
             forced = think_forced_at(out + draft[:1], len(out) + 1, thinking, B)
-            verified = verify_constrained(result.logits[:, 0], result.pred_pos[:, 0], draft, sampling, grammar, B,
-                                          forced)
+            verified = verify_constrained(result.verified, draft, grammar, B, forced)
             accepted = len(verified)
         yield Commit(slots=[j * (B + 1) for j in range(accepted)])
         committed = draft[:accepted]
         clean += accepted
         draft = [verified[accepted - 1]] + result.tail(accepted - 1, grammar)
+        # committed[0] was verified by the pass before; committed[i] by this pass's group i - 1.
+        width = B + 1
+        logprobs = None if lead is None else [lead[0] + logprobs_of(result.decision, [
+            [j * width for j in range(accepted - 1)]])[0]]
+        lead = logprobs_of(result.decision, [[(accepted - 1) * width]])
 
         before = len(out)
         out, over = stop.extend(out, committed)
         stats.acceptance.append(len(out) - before)  # what the cycle output: nothing past EOS or the budget
-        yield Committed([out[before:]], stats)
+        yield Committed([out[before:]], stats, None if logprobs is None else [logprobs[0][: len(out) - before]])
 
     stats.generated_tokens = len(out)
     return DecodeOutput([out], stats)

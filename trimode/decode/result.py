@@ -22,6 +22,9 @@ class GenerationResult:
     # The engine's prompt scores when asked for (`EngineRequest.prompt_logprobs`): one entry per prompt token, the
     # first None (`trimode.engine.scoring.PromptLogprob`).
     prompt_logprobs: list | None = None
+    # With logprobs asked for: per token, (log-probability, [(alternative id, log-probability), ...]) from the
+    # pass that chose it (AR's distribution in the lossless modes; the revealing pass in diffusion).
+    logprobs: list[tuple[float, list[tuple[int, float]]]] | None = None
 
 
 @dataclass
@@ -31,6 +34,7 @@ class Delta:
     token_ids: list[int]
     text: str
     forward_passes: int | None = None  # the request's forward passes so far (live figures for a stream)
+    logprobs: list[tuple[float, list[tuple[int, float]]]] | None = None  # per token, as GenerationResult's
 
 
 @dataclass

@@ -15,7 +15,8 @@ same seed therefore samples different tokens than it did then.)
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -29,6 +30,16 @@ class SamplingParams:
     top_p: float = 1.0
     top_k: int = 0
     seed: int | None = None
+    # Logit processors (`trimode.decode.decide`), applied before temperature / top-k / top-p. The penalties
+    # follow OpenAI (frequency, presence: over the output tokens) and vLLM / HF (repetition: over prompt and
+    # output, positive logits divided, negative multiplied); logit_bias adds to single tokens' logits; below
+    # `min_tokens` output tokens the EOS ids cannot be chosen.
+    repetition_penalty: float = 1.0
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    min_tokens: int = 0
+    logprobs: int | None = None  # report each chosen token's log-probability, and this many alternatives
 
     def __post_init__(self) -> None:
         if self.temperature < 0:
@@ -37,6 +48,18 @@ class SamplingParams:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.top_k < 0:
             raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+        check_processors(self)
+
+    @property
+    def penalized(self) -> bool:
+        """Some processor reads the history of a position (penalties, min_tokens)."""
+        return (self.repetition_penalty != 1.0 or self.frequency_penalty != 0.0 or self.presence_penalty != 0.0
+                or self.min_tokens > 0)
+
+    @property
+    def processed(self) -> bool:
+        """Some logit processor is on."""
+        return self.penalized or bool(self.logit_bias)
 
     @property
     def greedy(self) -> bool:
@@ -47,7 +70,32 @@ class SamplingParams:
         if self.seed is not None or self.greedy:
             return self
         seed = int(torch.randint(0, 2**62, (1,)).item())
-        return SamplingParams(self.temperature, self.top_p, self.top_k, seed)
+        return replace(self, seed=seed)
+
+
+def _number(value, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+    return float(value)
+
+
+def check_processors(p: SamplingParams) -> None:
+    """ValueError naming the field for a processor setting out of its range (OpenAI's, vLLM's)."""
+    if _number(p.repetition_penalty, "repetition_penalty") <= 0:
+        raise ValueError(f"repetition_penalty must be > 0, got {p.repetition_penalty!r}")
+    for name in ("frequency_penalty", "presence_penalty"):
+        if not -2 <= _number(getattr(p, name), name) <= 2:
+            raise ValueError(f"{name} must be in [-2, 2], got {getattr(p, name)!r}")
+    for token, bias in p.logit_bias:
+        if isinstance(token, bool) or not isinstance(token, int) or token < 0:
+            raise ValueError(f"logit_bias keys must be token ids >= 0, got {token!r}")
+        if not -100 <= _number(bias, "logit_bias") <= 100:
+            raise ValueError(f"logit_bias values must be in [-100, 100], got {bias!r} for token {token}")
+    if isinstance(p.min_tokens, bool) or not isinstance(p.min_tokens, int) or p.min_tokens < 0:
+        raise ValueError(f"min_tokens must be an integer >= 0, got {p.min_tokens!r}")
+    lp = p.logprobs
+    if lp is not None and (isinstance(lp, bool) or not isinstance(lp, int) or not 0 <= lp <= 20):
+        raise ValueError(f"logprobs must be an integer in [0, 20], got {lp!r}")
 
 
 def filter_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
@@ -80,13 +128,24 @@ def _mix32(x: torch.Tensor) -> torch.Tensor:
     return x ^ (x >> 16)
 
 
-def uniform_noise(seed: int, positions: torch.Tensor, step: int, vocab: int, rows=None) -> torch.Tensor:
-    """Uniform (0, 1) float64 noise [N, V], a pure function of (seed, row, position, step, vocabulary index)."""
+def _per_token(value, like: torch.Tensor) -> torch.Tensor:
+    """An int or one int per token, as an int64 tensor like `like`."""
+    if isinstance(value, int):
+        return torch.full_like(like, value)
+    return torch.as_tensor(value, dtype=torch.long, device=like.device).reshape(-1)
+
+
+def uniform_noise(seed, positions: torch.Tensor, step, vocab: int, rows=None) -> torch.Tensor:
+    """Uniform (0, 1) float64 noise [N, V], a pure function of (seed, row, position, step, vocabulary index).
+    `seed` and `step` are ints or one per token (the decision stage samples many requests at once)."""
     dev = positions.device
     pos = positions.reshape(-1).long()
     row = torch.zeros_like(pos) if rows is None else torch.as_tensor(rows, dtype=torch.long, device=dev).reshape(-1)
-    key = _mix32(torch.full_like(pos, (seed >> 32) & _M32) ^ _mix32(torch.full_like(pos, seed & _M32)))
-    for counter in (row, pos & _M32, pos >> 32, torch.full_like(pos, step & _M32)):
+    seeds = [seed] if isinstance(seed, int) else list(seed)  # Python ints: any size, the low 64 bits count
+    hi = _per_token([(s >> 32) & _M32 for s in seeds] if len(seeds) > 1 else (seeds[0] >> 32) & _M32, pos)
+    lo = _per_token([s & _M32 for s in seeds] if len(seeds) > 1 else seeds[0] & _M32, pos)
+    key = _mix32(hi ^ _mix32(lo))
+    for counter in (row, pos & _M32, pos >> 32, _per_token(step, pos) & _M32):
         key = _mix32((key + _GOLDEN * (counter & _M32)) & _M32)
     v = torch.arange(vocab, device=dev, dtype=torch.long)[None, :]
     hi = _mix32((key[:, None] ^ _mix32(2 * v)) & _M32)
@@ -95,7 +154,7 @@ def uniform_noise(seed: int, positions: torch.Tensor, step: int, vocab: int, row
     return (bits.double() + 0.5) / float(1 << 53)
 
 
-def gumbel_noise(seed: int, positions: torch.Tensor, step: int, vocab: int, device, rows=None) -> torch.Tensor:
+def gumbel_noise(seed, positions: torch.Tensor, step: int, vocab: int, device, rows=None) -> torch.Tensor:
     """Standard Gumbel noise [N, V], a pure function of (seed, batch row, position, step)."""
     u = uniform_noise(seed, positions.to(device), step, vocab, rows)
     return -torch.log(-torch.log(u))

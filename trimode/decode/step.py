@@ -3,6 +3,8 @@
 A mode is a generator function. It owns its algorithm and nothing else (no model, no cache object, no thread):
 
     logits = yield Forward(ids, mask="causal", cache="append", logits="last")   # a forward pass; its logits
+    decision = yield Forward(ids, ..., pick=Pick(...))                        # or what the decision stage
+                                                                              # makes of them (decode/decide.py)
     yield Commit(n)                                                            # keep K/V of the last pass
     yield Committed(tokens, stats)                                             # tokens that became final
     yield Provisional(block)                                                   # the block being denoised
@@ -25,6 +27,7 @@ from typing import Literal
 
 import torch
 
+from trimode.decode.decide import Decision, Pick
 from trimode.decode.stats import DecodeStats
 from trimode.model.masks import MaskSpec
 
@@ -32,7 +35,9 @@ from trimode.model.masks import MaskSpec
 @dataclass
 class Forward:
     """One forward pass a machine needs. It gets back logits: `"all"` -> [B, T, V], `"last"` -> [B, V] (the last
-    token's), a list of token indices -> [B, len, V]. Only those positions go through the LM head."""
+    token's), a list of token indices -> [B, len, V]. Only those positions go through the LM head. With `pick`,
+    it gets the `Decision` for those positions (row-major) instead: the tokens chosen there, and what else the
+    pick asks for. Machines keep their own tensors on the host: ids and positions may be CPU tensors."""
 
     ids: torch.Tensor  # [B, T] token ids (B > 1 only in the batch-1 driver's multi-row decodes)
     mask: MaskSpec = "causal"
@@ -40,6 +45,7 @@ class Forward:
     lora: bool = False  # the drafter adapter on o_proj, for this pass only
     cache: Literal["read", "append"] = "read"
     logits: Literal["all", "last"] | list[int] = "all"
+    pick: Pick | None = None
 
     @property
     def tokens(self) -> int:
@@ -56,10 +62,12 @@ class Commit:
 
 @dataclass
 class Committed:
-    """Tokens that became final, per batch row (empty lists for rows with nothing new), and the live stats."""
+    """Tokens that became final, per batch row (empty lists for rows with nothing new), and the live stats;
+    with logprobs asked for, each token's (log-probability, [(alternative id, its log-probability), ...])."""
 
     tokens: list[list[int]]
     stats: DecodeStats
+    logprobs: list[list[tuple[float, list]]] | None = None
 
 
 @dataclass
@@ -76,5 +84,5 @@ class DecodeOutput:
     stats: DecodeStats
 
 
-Machine = Generator["Forward | Commit | Committed | Provisional", "torch.Tensor | None", DecodeOutput]
+Machine = Generator["Forward | Commit | Committed | Provisional", "torch.Tensor | Decision | None", DecodeOutput]
 Event = Committed | Provisional

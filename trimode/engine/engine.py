@@ -26,6 +26,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from trimode.decode.decide import decide
 from trimode.decode.modes import mode_spec
 from trimode.decode.result import GenerationResult
 from trimode.decode.stats import DecodeStats
@@ -163,7 +164,9 @@ class Engine:
             new = 1 if request.max_new_tokens == 0 else request.max_new_tokens
             req = prepare(self.tm, request.prompt_ids, request.mode, new, request.temperature,
                           request.top_p, request.top_k, request.seed, request.stop, constraint=request.constraint,
-                          **request.knobs)
+                          repetition_penalty=request.repetition_penalty, frequency_penalty=request.frequency_penalty,
+                          presence_penalty=request.presence_penalty, logit_bias=request.logit_bias,
+                          min_tokens=request.min_tokens, logprobs=request.logprobs, **request.knobs)
             if request.ignore_eos:  # a forced length: no token ends it early
                 if request.constraint is not None:
                     raise ValueError("ignore_eos cannot be used with structured output (the grammar ends it)")
@@ -301,6 +304,7 @@ class Engine:
         if not batches:
             return bool(admitted or dropped)
         timings = []
+        ready: list[tuple[Sequence, torch.Tensor, object]] = []  # passes complete: (request, its logits, reply)
         for batch in batches:
             t1 = time.perf_counter()
             rows = [row for _, row in batch]
@@ -322,12 +326,30 @@ class Engine:
             self._counters["forward_tokens"] += tokens
             for (seq, row), out in zip(batch, logits):
                 reply = seq.ran(row, out)
-                if reply is not None:
-                    self._advance(seq, reply)
+                if reply is not None:  # the pass is complete: its logits (every chunk's, scores taken out)
+                    ready.append((seq, reply.reshape(-1, reply.shape[-1]), reply))
+        for seq, reply in self._decide(ready):
+            self._advance(seq, reply)
         self._counters["steps"] += 1
         if self.policy is not None:
             self.policy.observe_step(time.perf_counter() - t_begin, timings, len(self.scheduler.running) or 1)
         return True
+
+    def _decide(self, ready: list[tuple[Sequence, torch.Tensor, object]]) -> list[tuple[Sequence, object]]:
+        """The decision stage for every complete pass of the step at once (one host transfer): a machine whose
+        Forward carries a pick gets its Decision, the others their logits."""
+        picked = [(seq, out) for seq, out, _ in ready if seq.pending.pick is not None]
+        decisions: dict[int, object] = {}
+        if picked:
+            try:
+                made = decide([out for _, out in picked], [seq.pending.pick for seq, _ in picked])
+                decisions = {id(seq): d for (seq, _), d in zip(picked, made)}
+            except Exception as e:  # a failed decision fails its requests, not the engine
+                log.exception("the decision stage failed; failing its %d requests", len(picked))
+                for seq, _ in picked:
+                    self._end(seq, error=e)
+                return [(seq, reply) for seq, _, reply in ready if seq.pending.pick is None]
+        return [(seq, decisions.get(id(seq), reply)) for seq, _, reply in ready]
 
     def _advance(self, seq: Sequence, reply) -> None:
         try:

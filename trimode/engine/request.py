@@ -47,6 +47,13 @@ class EngineRequest:
     # {"template": text}) with prompt_ids unused. See `TriMode.infill` / `revise` / `fill`.
     edit: tuple[str, dict] | None = None
     ignore_eos: bool = False  # generate exactly max_new_tokens: EOS does not end it (vLLM's ignore_eos)
+    # Logit processors (trimode.decode.decide) and the log-probabilities to report (None: none).
+    repetition_penalty: float = 1.0
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    logit_bias: dict[int, float] | None = None
+    min_tokens: int = 0
+    logprobs: int | None = None
     # Structured output: a `trimode.decode.grammar.Constraint` the output must match (None: free text).
     constraint: object = None
     # Score the prompt: the logprob of every prompt token as a continuation (and this many alternatives per

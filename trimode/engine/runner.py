@@ -90,16 +90,16 @@ def row_masks(rows: list[Row], pasts: torch.Tensor, width: int) -> torch.Tensor:
     if len(kinds) == 1 and not isinstance(rows[0].mask, torch.Tensor):
         patterns = pass_pattern(rows[0].mask, t, dev)[None].expand(len(rows), t, t)
     else:
-        patterns = torch.stack([_pattern(r, p, t) for r, p in zip(rows, pasts.tolist())])
+        patterns = torch.stack([_pattern(r, p, t, dev) for r, p in zip(rows, pasts.tolist())])
     in_pass = (rel >= 0) & (rel < t)
     own = patterns.gather(2, rel.clamp(0, t - 1)[:, None, :].expand(-1, t, -1)) & in_pass[:, None, :]
     return ((rel < 0)[:, None, :] | own)[:, None]
 
 
-def _pattern(row: Row, past: int, t: int) -> torch.Tensor:
+def _pattern(row: Row, past: int, t: int, device) -> torch.Tensor:
     if isinstance(row.mask, torch.Tensor):  # an explicit [T, past + T] mask: its part over the pass
-        return row.mask.reshape(t, past + t)[:, past:].to(row.ids.device)
-    return pass_pattern(row.mask, t, row.ids.device)
+        return row.mask.reshape(t, past + t)[:, past:].to(device)
+    return pass_pattern(row.mask, t, device)
 
 
 def single_row_mask(row: Row, past: int):

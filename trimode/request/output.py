@@ -31,6 +31,7 @@ class TextOutput:
         self.model, self.mode, self.prompt_tokens, self.knobs = model, mode, prompt_tokens, knobs
         self.text = TextStream(model.tokenizer, rule, stop)
         self.stats = DecodeStats(mode, prompt_tokens=prompt_tokens)  # the machine's live statistics
+        self.logprobs: list | None = None  # per committed token, when the request asked for them
 
     @property
     def stop_hit(self) -> bool:
@@ -42,10 +43,15 @@ class TextOutput:
         if event.stats is not None:
             self.stats = event.stats
         if isinstance(event, Committed):
+            before = len(self.text.tokens)
             delta = self.text.add(event.tokens[0])
+            if event.logprobs is not None:
+                self.logprobs = (self.logprobs or [])[:before] + event.logprobs[0]
             if delta is None:
                 return []
             delta.forward_passes = self.stats.forward_passes
+            if self.logprobs is not None:
+                delta.logprobs = self.logprobs[before : before + len(delta.token_ids)]
             return [delta]
         if isinstance(event, Provisional):
             return [_block_state(self.model, event, self.stats.forward_passes)]
@@ -57,8 +63,9 @@ class TextOutput:
         stats.mode, stats.prompt_tokens, stats.generated_tokens = self.mode, self.prompt_tokens, len(text.tokens)
         stats.drop_tail(text.cut_tokens)
         stats.seconds = seconds
+        logprobs = None if self.logprobs is None else self.logprobs[: len(text.tokens)]
         return GenerationResult(list(text.tokens), text.text if self.model.tokenizer else None, stats,
-                                finish or text.finish_reason, self.mode, self.knobs)
+                                finish or text.finish_reason, self.mode, self.knobs, logprobs=logprobs)
 
 
 class EditOutput:

@@ -45,8 +45,9 @@ class Prepared:
         return mode_spec(self.mode).kv_slots(len(self.prompt_ids), self.rule.max_new_tokens, self.knobs)
 
     def machine(self, model: ModelHandle, provisional: bool = False, steer=None) -> Machine:
-        """The step machine of this request (one sequence)."""
-        ids = torch.tensor([self.prompt_ids], dtype=torch.long, device=model.net.device)
+        """The step machine of this request (one sequence). Its tensors live on the host: the drivers move what
+        a forward needs to the model's device, and the decision stage returns host tensors."""
+        ids = torch.tensor([self.prompt_ids], dtype=torch.long)
         grammar = None if self.constraint is None else self.constraint.matcher(self.thinking)
         return mode_spec(self.mode).machine(ids, self.rule, self.sampling, model.config.mask_token_id, self.knobs,
                                             self.thinking, provisional, steer,
@@ -125,10 +126,14 @@ def prepare(model: ModelHandle, prompt: str | list[int], mode: str = "ar", max_n
             stop: list[str] | None = None, eos_token_id: int | None = None, max_thinking_tokens: int | None = None,
             end_think_token_id: int | None = None, constraint: Constraint | None = None, json_schema=None,
             json_object: bool = False, regex: str | None = None, choice: list[str] | None = None,
-            grammar: str | None = None, **knobs) -> Prepared:
+            grammar: str | None = None, repetition_penalty: float = 1.0, frequency_penalty: float = 0.0,
+            presence_penalty: float = 0.0, logit_bias: dict[int, float] | None = None, min_tokens: int = 0,
+            logprobs: int | None = None, **knobs) -> Prepared:
     """Validate a continuation (ValueError naming the problem) and resolve everything it will run with.
     Structured output: one of `constraint` (a `Constraint`), `json_schema` (a dict, JSON text or pydantic model
-    class), `json_object=True`, `regex`, `choice` (a list of strings), `grammar` (llguidance Lark text)."""
+    class), `json_object=True`, `regex`, `choice` (a list of strings), `grammar` (llguidance Lark text).
+    The logit processors (repetition / frequency / presence penalty, logit_bias, min_tokens) and `logprobs`:
+    see `SamplingParams` and `trimode.decode.decide`."""
     spec = mode_spec(mode)
     wanted = constraint_of(constraint, json_schema, json_object, regex, choice, grammar)
     if wanted is not None and not spec.constrained:
@@ -147,13 +152,29 @@ def prepare(model: ModelHandle, prompt: str | list[int], mode: str = "ar", max_n
         raise ValueError(f"prompt ({len(prompt_ids)} tokens) + max_new_tokens ({max_new_tokens}) exceeds the context "
                          f"length {model.max_context}")
     check_stop(stop)
-    sampling = SamplingParams(temperature, top_p, top_k, seed).with_seed()
+    bias = check_logit_bias(logit_bias, vocab)
+    if isinstance(min_tokens, int) and not isinstance(min_tokens, bool) and min_tokens > max_new_tokens:
+        raise ValueError(f"min_tokens ({min_tokens}) exceeds max_new_tokens ({max_new_tokens})")
+    sampling = SamplingParams(temperature, top_p, top_k, seed, repetition_penalty, frequency_penalty,
+                              presence_penalty, bias, min_tokens, logprobs).with_seed()
     thinking = _thinking(model, max_thinking_tokens, end_think_token_id)
     rule = StopRule(max_new_tokens, model.eos_ids(eos_token_id))
     compiled = None
     if wanted is not None:
         compiled = compile_constraint(model.tokenizer, vocab, rule.eos_token_ids, wanted)
     return Prepared(prompt_ids, mode, k, rule, sampling, thinking, stop, constraint=compiled)
+
+
+def check_logit_bias(logit_bias, vocab: int) -> tuple[tuple[int, float], ...]:
+    """`logit_bias` ({token id: bias}) as SamplingParams holds it; ValueError naming the field otherwise."""
+    if logit_bias is None:
+        return ()
+    if not isinstance(logit_bias, dict):
+        raise ValueError("logit_bias must be a mapping of token ids to biases")
+    for token in logit_bias:
+        if isinstance(token, bool) or not isinstance(token, int) or not 0 <= token < vocab:
+            raise ValueError(f"logit_bias keys must be token ids in [0, {vocab}), got {show(token)}")
+    return tuple(sorted(logit_bias.items()))
 
 
 def prepare_edit(model: ModelHandle, prefix: list[int], plan: EditPlan, temperature: float = 0.0,

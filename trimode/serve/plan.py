@@ -117,6 +117,7 @@ class Plan:
     prompt_logprobs: int | None = None
     show_prompt_logprobs: bool = False
     settings: dict = field(default_factory=dict)  # what a Responses API answer repeats of its request
+    processors: dict = field(default_factory=dict)  # logit processor settings (GenerationFields.processors)
 
     @property
     def chat(self) -> bool:
@@ -138,7 +139,7 @@ class Plan:
                 out.append(EngineRequest(ids, self.mode, self.max_tokens[p], self.temperature, self.top_p,
                                          self.top_k, seed, self.stop, self.provisional, dict(self.knobs),
                                          edit=edit, constraint=self.constraint,
-                                         prompt_logprobs=self.prompt_logprobs))
+                                         prompt_logprobs=self.prompt_logprobs, **self.processors))
         return out
 
     def review(self) -> dict | None:
@@ -305,6 +306,7 @@ class Planner:
         if suffix is not None:
             plan.edit = ("infill", {"suffix": suffix_ids, "heal": [isinstance(p, str) for p in body.prompts]})
         plan.constraint, plan.structured = constraint, asked_by == "response_format"
+        plan.processors = body.processors
         plan.tools = tool_choice is not None and tool_choice != "none"
         self._scoring(body, plan)
         return plan

@@ -119,10 +119,13 @@ class GenerationFields(StructuredFields):
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
-    # Accepted for compatibility at their neutral values only: a request relying on them gets a clear 400.
-    frequency_penalty: FiniteFloat = 0.0
-    presence_penalty: FiniteFloat = 0.0
+    # Logit processors (trimode.decode.decide), in every mode: OpenAI's penalties and logit_bias (token id ->
+    # bias; ids outside the vocabulary are rejected by the engine), vLLM's repetition_penalty and min_tokens.
+    frequency_penalty: FiniteFloat = Field(0.0, ge=-2, le=2)
+    presence_penalty: FiniteFloat = Field(0.0, ge=-2, le=2)
     logit_bias: dict[str, FiniteFloat] | None = None
+    repetition_penalty: FiniteFloat = Field(1.0, gt=0)
+    min_tokens: int = Field(0, ge=0)
     # trimode's extra fields.
     mode: RequestMode | None = None
     route: str | None = None
@@ -156,12 +159,31 @@ class GenerationFields(StructuredFields):
             raise ValueError("stop sequences must be non-empty")
         return stops
 
+    @field_validator("logit_bias")
+    @classmethod
+    def _bias(cls, v):
+        if v is None:
+            return None
+        out = {}
+        for key, bias in v.items():
+            if not key.isdigit() or len(key) > 12:
+                raise ValueError(f"logit_bias keys must be token ids, got {key[:20]!r}")
+            if not -100 <= bias <= 100:
+                raise ValueError(f"logit_bias values must be in [-100, 100], got {bias} for token {key}")
+            out[key] = bias
+        return out
+
+    @property
+    def processors(self) -> dict:
+        """The logit processor settings as `EngineRequest` takes them."""
+        bias = {int(k): float(b) for k, b in self.logit_bias.items()} if self.logit_bias else None
+        return {"repetition_penalty": self.repetition_penalty, "frequency_penalty": self.frequency_penalty,
+                "presence_penalty": self.presence_penalty, "logit_bias": bias, "min_tokens": self.min_tokens}
+
     @model_validator(mode="after")
     def _unsupported(self):
-        if self.frequency_penalty != 0 or self.presence_penalty != 0:
-            raise ValueError("frequency_penalty and presence_penalty are not supported (must be 0)")
-        if self.logit_bias:
-            raise ValueError("logit_bias is not supported")
+        if self.max_tokens is not None and self.min_tokens > self.max_tokens:
+            raise ValueError(f"min_tokens ({self.min_tokens}) exceeds max_tokens ({self.max_tokens})")
         if self.stream_options is not None and not self.stream:
             raise ValueError("stream_options needs stream=true")
         if self.provisional and not self.stream:

@@ -328,8 +328,13 @@ def test_logprobs(client, served, tm):
     lp = c.choices[0].logprobs
     assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == len(lp.text_offset) > 0
     assert lp.text_offset[0] == 0 and all(len(d) <= 2 for d in lp.top_logprobs)
-    bad = post(served, "/v1/chat/completions", chat_body(mode="diffusion", logprobs=True))
-    assert bad.status_code == 400 and "logprobs not supported for mode diffusion" in bad.json()["error"]["message"]
+    # Diffusion reports each token's logprob at the pass that revealed it (the engine's decision stage).
+    r = post(served, "/v1/chat/completions", chat_body(mode="diffusion", logprobs=True, top_logprobs=2))
+    assert r.status_code == 200
+    body = r.json()
+    content = body["choices"][0]["logprobs"]["content"]
+    assert len(content) == body["usage"]["completion_tokens"] > 0
+    assert all(e["logprob"] <= 0 and len(e["top_logprobs"]) == 2 for e in content)
 
 
 # -- robustness ----------------------------------------------------------------------------------------------
@@ -354,7 +359,6 @@ def test_logprobs(client, served, tm):
     ({**chat_body(), "max_thinking_tokens": -1}, 400, "max_thinking_tokens"),
     ({**chat_body(), "provisional": True}, 400, "stream"),
     ({**chat_body(), "stream": True, "provisional": True}, 400, "diffusion"),
-    ({**chat_body(), "mode": "diffusion", "stream": True, "logprobs": True}, 400, "logprobs"),
     ({**chat_body(), "messages": []}, 400, "messages"),
     ({**chat_body(), "messages": [{"role": "wizard", "content": "x"}]}, 400, "role"),
     ({"messages": [{"role": "user", "content": "x"}]}, 400, "missing required field 'model'"),

@@ -1,28 +1,19 @@
-"""Per-token log-probabilities of a finished generation, for the OpenAI `logprobs` fields.
+"""Per-token log-probabilities for the OpenAI `logprobs` fields, from the engine's own numbers.
 
-The decoders do not report logprobs, so they are recomputed with one causal forward pass over prompt + output
-(no cache). That pass yields exactly the AR distribution at every position, which is the distribution the
-emitted tokens were chosen from in `ar` and the distribution every token was verified against in
-`linear_spec` and `quadratic_spec` (without logit mixing), and so in the engine's `auto`, which switches
-between those three. Diffusion commits tokens from bidirectional logits
-of a partly masked block, which this pass does not reproduce, so the server refuses logprobs there.
-Values are log-softmax of the raw logits (before temperature / top-p / top-k), as OpenAI reports them.
-
-The prompt's logprobs (`echo` with `logprobs`, vLLM's `prompt_logprobs`) come from the engine, which reads them
-off the request's own prefill (`trimode.engine.scoring`): no extra pass.
+The generated tokens' logprobs come from the engine's decision stage (`EngineRequest.logprobs`, carried on
+`GenerationResult.logprobs`): the distribution each token was chosen from, read off the pass that chose it (AR's
+in `ar`, the verifying pass's in `linear_spec`, `quadratic_spec` and `auto`, equal to AR's; the pass that revealed
+it in `diffusion`). The prompt's (`echo` with `logprobs`, vLLM's `prompt_logprobs`) come from the request's own
+prefill (`trimode.engine.scoring`). No extra model call. Values are log-softmax of the logits before temperature /
+top-p / top-k, as OpenAI reports them.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-
 from trimode.api import TriMode
-from trimode.decode.modes import names
-
-# The modes whose tokens are AR's choices (the registry's lossless modes; auto emits exactly the AR output).
-LOGPROB_MODES = frozenset(names(lossless=True))
+from trimode.decode.result import GenerationResult
 
 
 @dataclass
@@ -34,29 +25,21 @@ class TokenLogprob:
     text_offset: int  # where the token's text starts in the completion text (the echoed prompt's, with echo)
 
 
-@torch.no_grad()
-def token_logprobs(tm: TriMode, prompt_ids: list[int], output_ids: list[int], text: str,
-                   top: int) -> list[TokenLogprob]:
-    """Logprobs of the output tokens whose text is part of `text` (a stop string may cut the tail)."""
-    if not output_ids:
+def token_logprobs(tm: TriMode, result: GenerationResult, text: str, top: int) -> list[TokenLogprob]:
+    """The output tokens' entries whose text is part of `text` (a stop string may cut the tail), from the
+    engine's logprobs of `result` (asked for with `EngineRequest.logprobs`)."""
+    if not result.token_ids:
         return []
-    ids = torch.tensor([prompt_ids + output_ids[:-1]], dtype=torch.long, device=tm.net.device)
-    logits = tm.net(ids, mask="causal")[0, len(prompt_ids) - 1 :].float()
-    logp = torch.log_softmax(logits, dim=-1)
-    chosen = logp.gather(-1, torch.tensor(output_ids, device=logp.device)[:, None]).squeeze(-1).tolist()
-    tops = torch.topk(logp, top, dim=-1) if top > 0 else None
-
+    if result.logprobs is None or len(result.logprobs) < len(result.token_ids):
+        raise RuntimeError("the engine reported no logprobs for a request that asked for them")
     out: list[TokenLogprob] = []
     eos = tm.eos_ids()
-    for i, tid in enumerate(output_ids):
-        offset = len(tm.decode(output_ids[:i]) or "")
+    for i, (tid, (logprob, alternatives)) in enumerate(zip(result.token_ids, result.logprobs, strict=False)):
+        offset = len(tm.decode(result.token_ids[:i]) or "")
         if offset >= len(text) and tid not in eos:
             break  # the rest is cut by a stop string (the end-of-sequence token has an entry: it was generated)
-        alternatives = []
-        if tops is not None:
-            alternatives = [(int(t), token_text(tm, int(t)), float(v))
-                            for v, t in zip(tops.values[i].tolist(), tops.indices[i].tolist(), strict=True)]
-        out.append(TokenLogprob(tid, token_text(tm, tid), float(chosen[i]), alternatives, offset))
+        shown = [(int(t), token_text(tm, int(t)), float(v)) for t, v in list(alternatives)[:top]]
+        out.append(TokenLogprob(tid, token_text(tm, tid), float(logprob), shown, offset))
     return out
 
 

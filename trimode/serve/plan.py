@@ -26,7 +26,6 @@ from trimode.decode.modes import mode_spec, names
 from trimode.engine import Engine, EngineRequest
 from trimode.model.tokenizer import TemplateError
 from trimode.request.tools import chat_inputs
-from trimode.serve.logprobs import LOGPROB_MODES
 from trimode.serve.policy import RISKS, AuditLog, Policy, Route
 from trimode.serve.priority import Decision, ModeMeter
 from trimode.serve.protocol import (
@@ -124,6 +123,16 @@ class Plan:
         return self.endpoint in ("chat.completions", "responses")
 
     @property
+    def engine_logprobs(self) -> int | None:
+        """The alternatives per token the engine reports logprobs with: the client's count, 0 when only the audit
+        record wants the chosen tokens' values, None when nobody does (an edit reports none)."""
+        if self.edit is not None:
+            return None
+        if self.logprobs is not None:
+            return self.logprobs
+        return 0 if self.audit_logprobs else None
+
+    @property
     def audit_logprobs(self) -> bool:
         """Whether the audit record keeps each output token's log-probability."""
         return self.route is not None and self.route.priority == "accuracy_and_auditability"
@@ -139,7 +148,8 @@ class Plan:
                 out.append(EngineRequest(ids, self.mode, self.max_tokens[p], self.temperature, self.top_p,
                                          self.top_k, seed, self.stop, self.provisional, dict(self.knobs),
                                          edit=edit, constraint=self.constraint,
-                                         prompt_logprobs=self.prompt_logprobs, **self.processors))
+                                         prompt_logprobs=self.prompt_logprobs, logprobs=self.engine_logprobs,
+                                         **self.processors))
         return out
 
     def review(self) -> dict | None:
@@ -290,10 +300,6 @@ class Planner:
             budget, logprobs, echo = body.max_tokens, body.logprobs, body.echo
         if any(not p for p in prompts):
             raise APIError(400, "the prompt is empty", param=prompt_param)
-        if logprobs is not None and budget != 0:
-            if mode not in LOGPROB_MODES:
-                raise APIError(400, f"logprobs not supported for mode {mode} (its tokens are not chosen from the "
-                                    f"AR distribution); use {', '.join(sorted(LOGPROB_MODES))}", param="logprobs")
         budget_param = "max_completion_tokens" if chat and body.max_completion_tokens else "max_tokens"
         suffix_ids = self.encode(suffix, "suffix") if suffix is not None else []
         max_tokens = [self._budget(len(p) + len(suffix_ids), budget, budget_param, prompt_param) for p in prompts]

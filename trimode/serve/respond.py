@@ -26,7 +26,6 @@ from trimode.decode.result import BlockState, Delta, GenerationResult
 from trimode.engine import Engine, EngineStopped, QueueFull, RequestHandle
 from trimode.engine.client import EngineClient
 from trimode.serve.logprobs import (
-    LOGPROB_MODES,
     chat_logprobs,
     completion_logprobs,
     prompt_logprobs,
@@ -248,8 +247,6 @@ class Responder:
         """Per choice its `logprobs` object (None when not asked), the generated tokens' entries (for the audit)
         and vLLM's `prompt_logprobs` (None when not asked). With `echo`, the prompt's entries (the engine's
         scores) come first, offsets over the echoed text. The text work runs in a worker thread."""
-        if plan.logprobs is not None and any(r.mode not in LOGPROB_MODES for r in done if r.token_ids):
-            raise APIError(400, f"logprobs not supported for mode {done[0].mode} (auto chose it); name a mode")
         entries = await _logprob_entries(self.tm, plan, done, texts, plan.logprobs or 0)
         scores: list[list | None] = [None] * len(done)
         if plan.show_prompt_logprobs:
@@ -412,8 +409,7 @@ async def _logprob_entries(tm: TriMode, plan: Plan, done: list[GenerationResult]
     """Per choice, its tokens' logprobs, when the client or the audit record wants them (else empty)."""
     if plan.edit is not None or (plan.logprobs is None and not plan.audit_logprobs):
         return []
-    return [await asyncio.to_thread(token_logprobs, tm, plan.prompts[k // plan.n], r.token_ids, texts[k], top)
-            for k, r in enumerate(done)]
+    return [await asyncio.to_thread(token_logprobs, tm, r, texts[k], top) for k, r in enumerate(done)]
 
 
 def _audit_logprobs(plan: Plan, entries: list) -> list[list[float]] | None:

@@ -117,6 +117,7 @@ class Plan:
     prompt_logprobs: int | None = None
     show_prompt_logprobs: bool = False
     settings: dict = field(default_factory=dict)  # what a Responses API answer repeats of its request
+    ignore_eos: bool = False  # vLLM's: every choice generates exactly its max_tokens
 
     @property
     def chat(self) -> bool:
@@ -138,7 +139,7 @@ class Plan:
                 out.append(EngineRequest(ids, self.mode, self.max_tokens[p], self.temperature, self.top_p,
                                          self.top_k, seed, self.stop, self.provisional, dict(self.knobs),
                                          edit=edit, constraint=self.constraint,
-                                         prompt_logprobs=self.prompt_logprobs))
+                                         prompt_logprobs=self.prompt_logprobs, ignore_eos=self.ignore_eos))
         return out
 
     def review(self) -> dict | None:
@@ -307,6 +308,10 @@ class Planner:
         plan.constraint, plan.structured = constraint, asked_by == "response_format"
         plan.tools = tool_choice is not None and tool_choice != "none"
         self._scoring(body, plan)
+        if body.ignore_eos and constraint is not None:
+            raise APIError(400, f"ignore_eos does not combine with {asked_by} (the grammar ends the answer)",
+                           param="ignore_eos")
+        plan.ignore_eos = body.ignore_eos
         return plan
 
     def _constraint(self, body: GenerationFields, mode: str) -> tuple[Constraint | None, str | None, str]:

@@ -5,13 +5,15 @@ subprocesses (one with its engine in a core process)."""
 
 from __future__ import annotations
 
+import json
 import random
+import shutil
 
 import httpx
 import openai
 import pytest
-import torch
 from prometheus_client.parser import text_string_to_metric_families
+from safetensors.torch import load_file, save_file
 
 import trimode
 from tests.test_serve_api import API_KEY, MODEL, ServerThread, build_checkpoint
@@ -102,15 +104,19 @@ def test_chat_usage_cached_tokens_with_the_openai_client(served):
 
 
 @pytest.fixture(scope="module")
-def eos_served(ckpt):
-    """A model that ends early: EOS's head row copies the row of the token greedy decoding emits 4th (slightly
-    larger), so EOS wins where that token would have."""
-    tm = trimode.load(ckpt, dtype="float64")
+def eos_served(ckpt, tmp_path_factory):
+    """A checkpoint that ends early: EOS's head row copies the row of the token greedy decoding emits 4th
+    (slightly larger), so EOS wins where that token would have. Written to disk, so that an engine process loads
+    it too."""
+    path = tmp_path_factory.mktemp("eos") / MODEL
+    shutil.copytree(ckpt, path)
     ids = prompt_ids(4, 8)
-    fourth = tm.generate(ids, mode="ar", max_new_tokens=8, temperature=0.0).token_ids[3]
-    head = tm.net.diffusion_head.weight
-    with torch.no_grad():
-        head[tm.config.eos_token_id] = head[fourth] * 1.05
+    fourth = trimode.load(path, dtype="float64").generate(ids, mode="ar", max_new_tokens=8).token_ids[3]
+    weights = load_file(str(path / "model.safetensors"))
+    head = weights["diffusion_head.weight"]
+    head[json.loads((path / "config.json").read_text())["eos_token_id"]] = head[fourth] * 1.05
+    save_file(weights, str(path / "model.safetensors"), metadata={"format": "pt"})
+    tm = trimode.load(path, dtype="float64")
     with ServerThread(create_app(Engine(tm, max_queue=16), ServerConfig(MODEL, api_key=API_KEY))) as srv:
         yield srv, ids
 

@@ -30,8 +30,8 @@ from starlette.requests import ClientDisconnect
 
 from trimode.decode.modes import names
 from trimode.engine import Engine
-from trimode.engine.request import EngineStopped
 from trimode.engine.client import EngineClient
+from trimode.engine.request import EngineStopped
 from trimode.serve.metrics import CONTENT_TYPE, ServerMetrics
 from trimode.serve.middleware import CLIENT_GONE, BodyLimit, LocalOnly, RequestMetrics, Unhandled
 from trimode.serve.openapi import ERROR_RESPONSES, openapi_schema

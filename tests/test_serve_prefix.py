@@ -6,8 +6,10 @@ subprocesses (one with its engine in a core process)."""
 from __future__ import annotations
 
 import json
+import os
 import random
 import shutil
+import subprocess
 
 import httpx
 import openai
@@ -17,7 +19,7 @@ from safetensors.torch import load_file, save_file
 
 import trimode
 from tests.test_serve_api import API_KEY, MODEL, ServerThread, build_checkpoint
-from tests.test_serve_cli import Served
+from tests.test_serve_cli import Served, trimode_cmd
 from trimode.engine import Engine
 from trimode.serve.app import ServerConfig, create_app
 
@@ -176,3 +178,19 @@ def complete_open(url: str, prompt) -> dict:
                    timeout=120)
     assert r.status_code == 200, r.text
     return r.json()
+
+
+def test_bench_serve_agent_workload_compares_cache_off_and_on(tmp_path):
+    ckpt = build_checkpoint(tmp_path / MODEL, context=4096)  # the agent prompts are longer than the default context
+    out = tmp_path / "agent.md"
+    r = subprocess.run(trimode_cmd("bench", "serve", "--workload", "agent", "--model", str(ckpt), "--max-tokens",
+                                   "4", "--conversations", "2", "--turns", "2", "--threads", "1", "--out", str(out)),
+                       capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = {line.split("|")[2].strip(): [c.strip() for c in line.split("|")[1:-1]]
+            for line in out.read_text().splitlines() if line.startswith("| ar |")}
+    off, on = rows["off"], rows["on"]
+    assert off[2] == on[2] and off[3] == off[2] and off[4] == "0%"  # the same prompts; off computes them all
+    assert int(on[3]) < int(off[3]) / 2 and on[8] == off[8] == "yes"  # the shared prompt comes from the cache
+    bad = subprocess.run(trimode_cmd("bench", "serve", "--workload", "agents"), capture_output=True, text=True)
+    assert bad.returncode == 2 and "--workload: choose load or agent" in bad.stderr

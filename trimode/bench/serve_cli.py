@@ -65,7 +65,7 @@ def serve(
                                 "needs one."),
     workload: str = typer.Option("load", help="load: the prompts above at each concurrency; agent: multi-turn "
                                  "conversations on a long shared system prompt, against two servers (prefix cache "
-                                 "on and off) side by side."),
+                                 "on and off) side by side (default mode: ar)."),
     conversations: int = typer.Option(4, help="agent workload: concurrent conversations (HTTP clients)."),
     turns: int = typer.Option(4, help="agent workload: turns per conversation."),
     out: Path | None = typer.Option(None, help="Also write the markdown report here."),
@@ -95,7 +95,8 @@ def serve(
 
         parse_auto_config(auto_config)  # a bad setting fails here, not in the child server
     if workload != "load":
-        return _agent(workload, url, model, mode_list, conversations, turns, max_tokens, dtype, device, threads,
+        agent_modes = ["ar"] if modes == ",".join(MODES) else mode_list  # a short default run
+        return _agent(workload, url, model, agent_modes, conversations, turns, max_tokens, dtype, device, threads,
                       api_key, auto_config, out)
     if plot is None and out is not None:
         plot = out.with_suffix(".png")

@@ -29,7 +29,7 @@ def as_core_process(engine):
     settings = dict(max_queue=s.max_queue, max_running=s.max_running, max_batch_tokens=s.max_batch_tokens,
                     prefill_chunk=s.prefill_chunk, kv_budget_tokens=engine.kv_budget_tokens,
                     max_pass_bytes=engine.max_pass_bytes, auto=engine.auto_config, cost=engine._cost,
-                    page_size=engine.pool.page_size)
+                    page_size=engine.pool.page_size, prefix_cache=engine.pool.cache is not None)
     spec = CoreSpec(str(tm.path), str(tm.net.dtype).removeprefix("torch."), tm.net.device.type, tm.has_drafter,
                     settings)
     client = EngineClient(tm, CoreSet(spec)).start()  # loaded before the test's server-start deadline counts

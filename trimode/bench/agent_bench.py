@@ -59,11 +59,18 @@ class ModeRun:
         return statistics.median(t[turn] for t in self.ttft)
 
 
+def next_turn(history: str | None, c: int, t: int) -> str:
+    """Conversation c's prompt for turn t: the shared system prompt and tools (history None: the first turn) or
+    the conversation so far with its answers, then a tool result (after the first turn) and the next user message."""
+    base = SYSTEM + TOOLS if history is None else history
+    return base + f"\nUser ({c}): {USER[t % len(USER)]}{TOOL_RESULT if t else ''}\nAgent:"
+
+
 def _conversation(tm: TriMode, engine: Engine, mode: str, knobs: dict, c: int, turns: int, max_new: int,
                   run: ModeRun) -> None:
-    history = SYSTEM + TOOLS
+    history = None
     for t in range(turns):
-        history += f"\nUser ({c}): {USER[t % len(USER)]}{TOOL_RESULT if t else ''}\nAgent:"
+        history = next_turn(history, c, t)
         ids = tm.encode(history)
         t0 = time.perf_counter()
         handle = engine.submit(EngineRequest(ids, mode=mode, max_new_tokens=max_new, knobs=dict(knobs)))

@@ -160,14 +160,15 @@ def free_port() -> int:
 
 def start_server(model: str | None, port: int, block_length: int | None, dtype: str | None, device: str | None,
                  max_queue: int, threads: int | None = None, timeout: float = 300,
-                 auto_config: str | None = None) -> subprocess.Popen:
-
+                 auto_config: str | None = None, extra: list[str] | tuple[str, ...] = ()) -> subprocess.Popen:
+    """`trimode serve` on `model` in a child process (`extra`: more flags), once /health answers."""
     cmd = [sys.executable, "-m", "trimode.cli", "serve", "--port", str(port), "--log-level", "warning",
            "--max-queue", str(max_queue), "--served-model-name", "bench"]
     for flag, value in (("--model", model), ("--block-length", block_length), ("--dtype", dtype),
                         ("--device", device), ("--auto-config", auto_config)):
         if value is not None:
             cmd += [flag, str(value)]
+    cmd += list(extra)
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     if threads is not None:
         env["OMP_NUM_THREADS"] = str(threads)  # torch's intra-op threads in the server

@@ -63,6 +63,11 @@ def serve(
                                            "started server, as `trimode serve --auto-config`."),
     api_key: str = typer.Option("none", "--api-key", envvar="TRIMODE_API_KEY", help="Bearer key, if the server "
                                 "needs one."),
+    workload: str = typer.Option("load", help="load: the prompts above at each concurrency; agent: multi-turn "
+                                 "conversations on a long shared system prompt, against two servers (prefix cache "
+                                 "on and off) side by side (default mode: ar)."),
+    conversations: int = typer.Option(4, help="agent workload: concurrent conversations (HTTP clients)."),
+    turns: int = typer.Option(4, help="agent workload: turns per conversation."),
     out: Path | None = typer.Option(None, help="Also write the markdown report here."),
     plot: Path | None = typer.Option(None, help="PNG of output tokens/s against concurrency (default: next to "
                                      "--out)."),
@@ -89,6 +94,10 @@ def serve(
         from trimode.serve.cli import parse_auto_config
 
         parse_auto_config(auto_config)  # a bad setting fails here, not in the child server
+    if workload != "load":
+        agent_modes = ["ar"] if modes == ",".join(MODES) else mode_list  # a short default run
+        return _agent(workload, url, model, agent_modes, conversations, turns, max_tokens, dtype, device, threads,
+                      api_key, auto_config, out)
     if plot is None and out is not None:
         plot = out.with_suffix(".png")
 
@@ -104,29 +113,58 @@ def serve(
         _fail(str(e))
     given = [("--model", model), ("--url", url), ("--modes", None if modes == ",".join(MODES) else modes),
              ("--concurrency", None if concurrency == "1,4,16,64" else concurrency),
-             ("--requests", None if requests == 32 else requests), ("--max-tokens", None if max_tokens == 32 else
-                                                                      max_tokens),
-             ("--rounds", None if rounds == 1 else rounds), ("--api", None if api == "chat" else api),
-             ("--block-length", block_length), ("--dtype", dtype),
-             ("--device", device), ("--threads", threads),
-             ("--auto-config", None if auto_config is None else f"'{auto_config}'")]
+             ("--requests", None if requests == 32 else requests),
+             ("--max-tokens", None if max_tokens == 32 else max_tokens), ("--rounds", None if rounds == 1 else rounds),
+             ("--api", None if api == "chat" else api), ("--block-length", block_length), ("--dtype", dtype),
+             ("--device", device), ("--threads", threads), ("--auto-config", auto_config and f"'{auto_config}'")]
     command = " ".join(["trimode bench serve"] + [f"{k} {v}" for k, v in given if v is not None])
     header = (f"Command: `{command}`  \nMachine: {platform.machine()}, {_cores()} CPU cores, torch "
               f"{_torch_version()}; {'a running server' if url else 'a `trimode serve` child process'}; at least "
               f"{requests} requests per cell, {rounds} round(s) (median round shown), max_tokens {max_tokens}, "
               f"temperature 0, streaming, {'chat messages' if api == 'chat' else 'raw completions'}.")
-    text = sb.report(cells, header, auto)
-    typer.echo(text, nl=False)
-    if out is not None:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(text)
-        echo(f"wrote {out}")
+    _emit(sb.report(cells, header, auto), out)
     if plot is not None:
         sb.plot(cells, plot, f"trimode bench serve ({model or url or 'bundled model'}, max_tokens {max_tokens})")
         echo(f"wrote {plot}")
     lost = sum(c.sent - c.ok for c in cells)
     if lost:
         _fail(f"{lost} request(s) failed or were lost (see the report)")
+
+
+def _emit(text: str, out: Path | None) -> None:
+    """The report on stdout, and in `out` when given."""
+    typer.echo(text, nl=False)
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(text)
+        typer.echo(f"wrote {out}", err=True)
+
+
+def _agent(workload, url, model, modes, conversations, turns, max_tokens, dtype, device, threads, api_key,
+           auto_config, out) -> None:
+    """`--workload agent`: cache off vs on over HTTP (serve_agent.py); prints the table."""
+    if workload != "agent":
+        _fail(f"--workload: choose load or agent, got {workload!r}")
+    if url is not None:
+        _fail("--workload agent starts its own two servers (cache on and off); it cannot use --url")
+    if conversations < 1 or turns < 1:
+        _fail("--conversations and --turns must be >= 1")
+    from trimode.bench import serve_agent
+
+    def echo(line: str) -> None:
+        typer.echo(line, err=True)
+
+    try:
+        pairs = serve_agent.run(model, modes, conversations, turns, max_tokens, dtype, device, threads, api_key,
+                                echo, auto_config)
+    except ImportError as e:
+        _fail(f"bench serve needs the `openai` client ({e.name} is missing): pip install openai")
+    except (RuntimeError, OSError, ValueError) as e:
+        _fail(str(e))
+    header = (f"Machine: {platform.machine()}, {_cores()} CPU cores, torch {_torch_version()}; model "
+              f"{model or 'bundled'}; temperature 0, streaming completions.")
+    text = serve_agent.report(pairs, conversations, turns, max_tokens, header)
+    _emit(text, out)
 
 
 def _torch_version() -> str:

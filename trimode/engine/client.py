@@ -40,7 +40,9 @@ CHECK_S = 0.1  # how often the I/O thread checks that the cores are alive
 HELLO_S = 0.3  # a core not ready yet is greeted this often (its answer may be lost before the link is up)
 MAX_PENDING = 65536  # events a request's reader may leave unread before the request is dropped
 SUMMED = ("queue_depth", "running_requests", "running_rows", "max_queue", "max_running", "kv_budget_tokens",
-          "kv_free_tokens")
+          "kv_free_tokens", "kv_pages_used", "kv_pages_cached", "kv_pages_free", "prefix_cache_queries",
+          "prefix_cache_hits", "preemptions")
+RESET_TIMEOUT_S = 30.0  # a core answers a prefix-cache reset between two steps
 
 
 class RemoteHandle(RequestHandle):
@@ -85,6 +87,7 @@ class CoreLink:
         self.fatal = False  # it died starting up, or for good ("exit"): no more greetings
         self.started = time.monotonic()
         self.last_hello = 0.0
+        self.pages_dropped: int | None = None  # its answer to the latest prefix-cache reset
 
     def _new_push(self) -> zmq.Socket:
         s = zmq.Context.instance().socket(zmq.PUSH)
@@ -114,7 +117,7 @@ class CoreLink:
 
 
 class EngineClient:
-    """Engine-core processes behind the interface of `Engine`: submit, stats, start, stop, tm.
+    """Engine-core processes behind the interface of `Engine`: submit, stats, reset_prefix_cache, start, stop, tm.
 
     cores: a `CoreSet` this client owns (it starts, restarts and stops them) or the (input, output) addresses of
     cores another process owns. on_death: "restart" or "exit" (see the module docstring); on_fatal(reason) is
@@ -135,6 +138,7 @@ class EngineClient:
         self._thread: threading.Thread | None = None
         self._closing = self._stopping = False
         self._turn = itertools.count()
+        self._resetting = threading.Lock()  # one prefix-cache reset at a time
 
     # -- the Engine interface -------------------------------------------------------------------------------
     def start(self) -> EngineClient:
@@ -234,12 +238,34 @@ class EngineClient:
         out["counters"] = counters
         if snaps:
             out["max_pass_bytes"] = snaps[0].get("max_pass_bytes")
+            out["kv_page_size"] = snaps[0].get("kv_page_size")
+            out["prefix_cache"] = snaps[0].get("prefix_cache")
             if "auto" in snaps[0]:
                 out["auto"] = snaps[0]["auto"]
         out["engines"] = [{"index": link.index, "pid": link.pid, "ready": link.ready, "error": link.down}
                           for link in links]
         out["healthy"] = bool(links) and all(link.ready for link in links)
         return out
+
+    def reset_prefix_cache(self) -> int:
+        """Every ready core forgets its cached KV pages (`Engine.reset_prefix_cache`); the pages dropped, summed.
+        Raises EngineStopped when no core is ready or one stops before it answers."""
+        with self._resetting:
+            with self._lock:
+                links = [link for link in self.links if link.ready]
+                if not links:
+                    raise EngineStopped("no engine process is ready")
+                for link in links:
+                    link.pages_dropped = None
+            for link in links:
+                link.send(["reset_prefix_cache", link.identity])
+            deadline = time.monotonic() + RESET_TIMEOUT_S
+            with self._lock:
+                while any(link.pages_dropped is None for link in links):
+                    if any(not link.ready for link in links) or time.monotonic() > deadline:
+                        raise EngineStopped("an engine process did not answer the prefix-cache reset")
+                    self._lock.wait(0.1)
+                return sum(link.pages_dropped for link in links)
 
     # -- the I/O thread -------------------------------------------------------------------------------------
     def _io_loop(self) -> None:
@@ -269,6 +295,11 @@ class EngineClient:
                 link.ready, link.pid, link.stats, link.down = True, msg[1], msg[2], None
                 self._lock.notify_all()
             log.info("engine core %d ready (pid %d)", link.index, link.pid)
+            return
+        if msg[0] == "prefix_cache_reset":
+            with self._lock:
+                link.pages_dropped, link.stats = msg[1], msg[2]
+                self._lock.notify_all()
             return
         link.stats = msg[1]
         for item in msg[2]:

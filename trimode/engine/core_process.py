@@ -176,6 +176,9 @@ class EngineCore:
                     handle.cancel()
             elif kind == "hello":
                 self.router.send_multipart([msg[1], encode(["ready", os.getpid(), self.engine.stats()])])
+            elif kind == "reset_prefix_cache":
+                dropped = self.engine.reset_prefix_cache()
+                self.router.send_multipart([msg[1], encode(["prefix_cache_reset", dropped, self.engine.stats()])])
             elif kind == "stop":
                 self.stopping = True
 

@@ -5,11 +5,13 @@ Every message is one msgpack frame (msgspec). API server -> core, on the core's 
     ["hello", client]                      a client (its DEALER identity) asks for "ready" (also after a restart)
     ["submit", client, request]            an `EngineRequest` as a dict (`request_to_wire`)
     ["cancel", client, request_id]
+    ["reset_prefix_cache", client]         the core forgets its cached KV pages (between two steps)
     ["stop"]                               the owner stops the core (running requests end with EngineStopped)
 
 Core -> one API server, on the core's ROUTER socket (to that client's DEALER):
 
     ["ready", pid, stats]
+    ["prefix_cache_reset", pages_dropped, stats]   the answer to "reset_prefix_cache"
     ["out", stats, items]                  ONE message per engine step and client: every row's events of the
                                            step, and the core's `Engine.stats()` after it
     item: ["ack", rid] | ["refused", rid, kind, message] | ["event", rid, kind, fields] | ["failed", rid, kind,

@@ -3,6 +3,7 @@
     POST /v1/completions, /v1/chat/completions, /v1/responses, /v1/edits   (JSON or SSE with "stream": true)
     POST /tokenize, /detokenize; GET /tokenizer_info          (vLLM's tokenizer endpoints, tokens.py)
     GET  /v1/models, /v1/models/{id}, /health, /metrics
+    POST /admin/reset_prefix_cache, /reset_prefix_cache      (the engine forgets its cached KV pages)
     GET  /, /playground                                       (the playground page, playground.py)
 
 This module is the factory and the routes. Every generation endpoint takes one path: the body is planned
@@ -30,6 +31,7 @@ from starlette.requests import ClientDisconnect
 from trimode.decode.modes import names
 from trimode.engine import Engine
 from trimode.engine.client import EngineClient
+from trimode.engine.request import EngineStopped
 from trimode.serve.metrics import CONTENT_TYPE, ServerMetrics
 from trimode.serve.middleware import CLIENT_GONE, BodyLimit, LocalOnly, RequestMetrics, Unhandled
 from trimode.serve.openapi import ERROR_RESPONSES, openapi_schema
@@ -140,23 +142,9 @@ def create_app(engine: Engine | EngineClient, config: ServerConfig) -> FastAPI:
         return card
 
     add_tokenizer_routes(app, Tokens(server.planner, config.model_name), authorize)
+    add_admin_routes(app, engine, authorize)
 
-    @app.head("/health", include_in_schema=False)  # a load balancer's probe
-    @app.get("/health")
-    async def health():
-        # `auto`: what the auto policy has learned (estimates, slowdowns, picks, cost curve), when it exists
-        # `engines`: the engine processes' pids and states (--engine-process); 503 while one is down
-        keys = ("queue_depth", "running_requests", "max_running", "max_queue", "auto", "engines")
-        stats = engine.stats()
-        body = {"status": "ok", "model": config.model_name, **{k: v for k, v in stats.items() if k in keys}}
-        if not stats.get("healthy", True):
-            return JSONResponse(body | {"status": "unavailable"}, status_code=503)
-        return body
-
-    @app.get("/metrics")
-    async def metrics_page():
-        return Response(metrics.exposition(), media_type=CONTENT_TYPE)
-
+    add_status_routes(app, engine, config, metrics)
     add_playground(app)  # the playground page (trimode/serve/playground.py): static files, no key needed
     app.openapi = lambda: openapi_schema(app, config)
     # Added innermost first: metrics see every status (405, 413, 415, 421, 500 included); the body limit and the
@@ -185,6 +173,43 @@ def add_tokenizer_routes(app: FastAPI, tokens: Tokens, authorize) -> None:
     async def tokenizer_info(request: Request):
         authorize(request)
         return tokens.info()
+
+
+def add_status_routes(app: FastAPI, engine: Engine | EngineClient, config: ServerConfig,
+                      metrics: ServerMetrics) -> None:
+    """/health (a load balancer's probe) and /metrics (Prometheus), open without the API key."""
+
+    @app.head("/health", include_in_schema=False)  # a load balancer's probe
+    @app.get("/health")
+    async def health():
+        # `auto`: what the auto policy has learned (estimates, slowdowns, picks, cost curve), when it exists
+        # `engines`: the engine processes' pids and states (--engine-process); 503 while one is down
+        keys = ("queue_depth", "running_requests", "max_running", "max_queue", "auto", "engines")
+        stats = engine.stats()
+        body = {"status": "ok", "model": config.model_name, **{k: v for k, v in stats.items() if k in keys}}
+        if not stats.get("healthy", True):
+            return JSONResponse(body | {"status": "unavailable"}, status_code=503)
+        return body
+
+    @app.get("/metrics")
+    async def metrics_page():
+        return Response(metrics.exposition(), media_type=CONTENT_TYPE)
+
+
+def add_admin_routes(app: FastAPI, engine: Engine | EngineClient, authorize) -> None:
+    """POST /admin/reset_prefix_cache (and vLLM's /reset_prefix_cache): every engine forgets its cached KV pages
+    (after changing weights, or to measure cold prompts); behind the API key like /v1."""
+
+    async def reset_prefix_cache(request: Request):
+        authorize(request)
+        try:
+            dropped = await asyncio.to_thread(engine.reset_prefix_cache)
+        except EngineStopped as e:  # no engine process ready (503)
+            raise engine_error(e) from None
+        return {"status": "ok", "pages_dropped": dropped}
+
+    for path in ("/admin/reset_prefix_cache", "/reset_prefix_cache"):
+        app.add_api_route(path, reset_prefix_cache, methods=["POST"], responses=ERROR_RESPONSES)
 
 
 def add_error_handlers(app: FastAPI) -> None:

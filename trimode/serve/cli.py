@@ -37,6 +37,10 @@ def serve(
     max_running: int = typer.Option(64, "--max-running", help="Requests decoding at once (engine rows)."),
     max_queue: int = typer.Option(64, "--max-queue", help="Requests that may wait beyond the running ones; more "
                                   "get 429 with Retry-After (0: no waiting room)."),
+    prefix_cache: bool = typer.Option(True, "--prefix-cache/--no-prefix-cache", help="Keep the KV of full prompt "
+                                      "pages for later requests that start with the same tokens (docs/serving.md)."),
+    kv_cache_tokens: int | None = typer.Option(None, "--kv-cache-tokens", help="KV pool size in tokens, per engine "
+                                               "(default: sized from free memory, as the engine does)."),
     max_body_mb: float = typer.Option(16, "--max-body-mb", help="Largest request body in MiB; larger gets 413."),
     max_block_length: int = typer.Option(64, "--max-block-length", help="Largest block_length a request may ask "
                                          "for (a quadratic pass is B(B+1) tokens per row); larger gets 400."),
@@ -65,7 +69,7 @@ def serve(
     from trimode.cli import fail, load_or_fail
 
     max_body_bytes = check_options(mode, threshold, block_length, max_block_length, max_pass_mb, max_tokens,
-                                   max_running, max_queue, port, max_body_mb)
+                                   max_running, max_queue, port, max_body_mb, kv_cache_tokens)
     auto = None if auto_config is None else parse_auto_config(auto_config)
 
     routing, audit = load_routing(policy, audit_log)  # before the model: a bad policy fails in a second
@@ -73,7 +77,8 @@ def serve(
 
     max_pass_bytes = None if max_pass_mb is None else int(max_pass_mb * 2**20)
     layout = Layout(engine_process, data_parallel_size, api_server_count, on_engine_death, model, dtype, device,
-                    dict(max_queue=max_queue, max_running=max_running, auto=auto, max_pass_bytes=max_pass_bytes))
+                    dict(max_queue=max_queue, max_running=max_running, auto=auto, max_pass_bytes=max_pass_bytes,
+                         prefix_cache=prefix_cache, kv_cache_tokens=kv_cache_tokens))
     if (problem := layout.check()) is not None:
         fail(problem)
     tm = load_or_fail(model, dtype, device)
@@ -122,7 +127,7 @@ def load_routing(policy: Path | None, audit_log: Path):
 
 
 def check_options(mode, threshold, block_length, max_block_length, max_pass_mb, max_tokens, max_running, max_queue,
-                  port, max_body_mb) -> int:
+                  port, max_body_mb, kv_cache_tokens=None) -> int:
     """Refuse bad option values before anything loads; the body limit in bytes."""
     from trimode.cli import fail
 
@@ -138,6 +143,8 @@ def check_options(mode, threshold, block_length, max_block_length, max_pass_mb, 
         fail(f"--max-pass-mb must be > 0, got {max_pass_mb}")
     if max_tokens < 1 or max_running < 1 or max_queue < 0 or not 0 < port < 65536:
         fail("--max-tokens and --max-running must be >= 1, --max-queue >= 0 and --port in 1..65535")
+    if kv_cache_tokens is not None and kv_cache_tokens < 1:
+        fail(f"--kv-cache-tokens must be >= 1, got {kv_cache_tokens}")
     max_body_bytes = int(max_body_mb * 2**20)
     if max_body_bytes < 1024:
         fail(f"--max-body-mb must allow at least 1 KiB, got {max_body_mb}")

@@ -2,7 +2,8 @@
 
 Per mode (the mode that ran): requests, prompt and generated tokens, forward passes, tokens per forward and
 acceptance length (per speculative cycle) histograms, latency and time-to-first-token histograms. Engine
-gauges (queue depth, running requests) are read from `Engine.stats()` at scrape time.
+gauges (queue depth, running requests, KV pages) and counters (prefix-cache lookups, preemptions) are read from
+`Engine.stats()` at scrape time.
 """
 
 from __future__ import annotations
@@ -10,7 +11,9 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.registry import Collector
 
 from trimode.api import GenerationResult
 
@@ -19,6 +22,35 @@ disable_created_metrics()  # no `_created` series: a scraper reads them as extra
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 TPF_BUCKETS = (0.25, 0.5, 0.75, 1, 1.25, 1.5, 2, 2.5, 3, 4, 6, 8, 12, 16, 32)
 ACCEPTANCE_BUCKETS = (1, 2, 3, 4, 5, 6, 8, 12, 16, 24, 32, 64)
+
+
+# name, help, the `Engine.stats()` key: counted by the engine (Prometheus counters) or its state now (gauges).
+ENGINE_COUNTERS = (
+    ("trimode_prefix_cache_queries", "Prompt tokens looked up in the prefix cache", "prefix_cache_queries"),
+    ("trimode_prefix_cache_hits", "Prompt tokens found in the prefix cache (their KV not computed)",
+     "prefix_cache_hits"),
+    ("trimode_preemptions", "Running requests preempted to free KV pages (recomputed later)", "preemptions"),
+)
+ENGINE_GAUGES = (
+    ("trimode_kv_pages_used", "KV pages held by at least one request", "kv_pages_used"),
+    ("trimode_kv_pages_cached", "KV pages in the prefix cache, held or idle (idle ones are evicted when needed)",
+     "kv_pages_cached"),
+    ("trimode_kv_pages_free", "KV pages nobody holds and no cache entry keeps", "kv_pages_free"),
+)
+
+
+class EngineCollector(Collector):
+    """The engine's own counters and KV gauges, read at scrape time (an `EngineClient` sums its cores')."""
+
+    def __init__(self, engine_stats: Callable[[], dict]) -> None:
+        self.engine_stats = engine_stats
+
+    def collect(self):
+        stats = self.engine_stats()
+        for name, doc, key in ENGINE_COUNTERS:
+            yield CounterMetricFamily(name, doc, value=stats.get(key, 0))
+        for name, doc, key in ENGINE_GAUGES:
+            yield GaugeMetricFamily(name, doc, value=stats.get(key, 0))
 
 
 class ServerMetrics:
@@ -52,6 +84,7 @@ class ServerMetrics:
         queue.set_function(lambda: engine_stats()["queue_depth"])
         running = Gauge("trimode_running_requests", "Requests being decoded by the engine", registry=r)
         running.set_function(lambda: engine_stats()["running_requests"])
+        r.register(EngineCollector(engine_stats))
 
     def observe_generation(self, result: GenerationResult) -> None:
         s, mode = result.stats, result.mode

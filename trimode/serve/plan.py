@@ -117,6 +117,7 @@ class Plan:
     show_prompt_logprobs: bool = False
     settings: dict = field(default_factory=dict)  # what a Responses API answer repeats of its request
     processors: dict = field(default_factory=dict)  # logit processor settings (GenerationFields.processors)
+    ignore_eos: bool = False  # vLLM's: every choice generates exactly its max_tokens
 
     @property
     def chat(self) -> bool:
@@ -149,7 +150,7 @@ class Plan:
                                          self.top_k, seed, self.stop, self.provisional, dict(self.knobs),
                                          edit=edit, constraint=self.constraint,
                                          prompt_logprobs=self.prompt_logprobs, logprobs=self.engine_logprobs,
-                                         **self.processors))
+                                         ignore_eos=self.ignore_eos, **self.processors))
         return out
 
     def review(self) -> dict | None:
@@ -315,6 +316,10 @@ class Planner:
         plan.processors = body.processors
         plan.tools = tool_choice is not None and tool_choice != "none"
         self._scoring(body, plan)
+        if body.ignore_eos and constraint is not None:
+            raise APIError(400, f"ignore_eos does not combine with {asked_by} (the grammar ends the answer)",
+                           param="ignore_eos")
+        plan.ignore_eos = body.ignore_eos
         return plan
 
     def _constraint(self, body: GenerationFields, mode: str) -> tuple[Constraint | None, str | None, str]:

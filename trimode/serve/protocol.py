@@ -144,6 +144,8 @@ class GenerationFields(StructuredFields):
     provisional: bool = False
     # vLLM's: the logprob of every prompt token as a continuation, with this many alternatives per position.
     prompt_logprobs: int | None = Field(None, ge=0, le=20)
+    # vLLM's: generate exactly the budget (max_tokens); an end-of-sequence token does not end it.
+    ignore_eos: bool = False
 
     @field_validator("stop")
     @classmethod

@@ -73,9 +73,13 @@ def finish_reason(result: GenerationResult) -> str:
 
 
 def usage(plan: Plan, results: list[GenerationResult]) -> dict:
+    """OpenAI's usage: each prompt counted once (not once per choice), its cached tokens those its first choice
+    found in the engine's prefix cache."""
     prompt = sum(len(p) for p in plan.prompts)
     completion = sum(len(r.token_ids) for r in results)
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+    cached = sum(r.stats.cached_tokens for r in results[::max(1, plan.n)])
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+            "prompt_tokens_details": {"cached_tokens": cached}}
 
 
 class Responder:

@@ -25,7 +25,8 @@ def _usage(chat_usage: dict | None) -> dict | None:
         return None
     return {"input_tokens": chat_usage["prompt_tokens"], "output_tokens": chat_usage["completion_tokens"],
             "total_tokens": chat_usage["total_tokens"],
-            "input_tokens_details": {"cached_tokens": 0, "cache_write_tokens": 0},
+            "input_tokens_details": {"cached_tokens": chat_usage["prompt_tokens_details"]["cached_tokens"],
+                                     "cache_write_tokens": 0},
             "output_tokens_details": {"reasoning_tokens": 0}}
 
 

@@ -13,7 +13,8 @@ Per-slot features (`SamplerConfig.features` in this order):
 SGLang's LearnedSampler layout is top-5 probabilities, margin, entropy, masked ratio, 32-d token embeddings,
 position; the paper's 144-d input is PCA embeddings of the top-3 predictions plus top-1 probability, margin,
 top-3 mass and entropy. Here: the same scalars (top-k mass added, an is-masked flag since committed slots are
-seen too) with smaller embeddings (embed_dim x embed_top) to fit a 2k-vocabulary 192-wide model.
+seen too) with smaller embeddings (embed_dim x embed_top) to fit a 2k-vocabulary 192-wide model. SGLang-format
+checkpoints are not loaded: no published checkpoint or format exists to check a loader against.
 """
 
 from __future__ import annotations

@@ -212,7 +212,8 @@ def test_developer_is_system_and_tool_is_a_tool_response(srv):
                                                    "max_tokens": 4})
     assert developer.status_code == 200, developer.text
     assert developer.json()["choices"][0]["message"] == system.json()["choices"][0]["message"]
-    assert developer.json()["usage"] == system.json()["usage"]
+    counts = [{k: v for k, v in r.json()["usage"].items() if k != "prompt_tokens_details"} for r in (developer, system)]
+    assert counts[0] == counts[1]  # (the second finds the first's prompt in the prefix cache: cached_tokens differ)
     # A tool message answers a tool call (serve/structured.py); misplaced tool_calls are named.
     r = post(srv, "/v1/chat/completions", {"messages": [{"role": "tool", "content": "x"}], "max_tokens": 4})
     assert r.status_code == 200, r.text

@@ -4,7 +4,7 @@ The same requests (raw completion prompts, one mode, greedy, max_tokens each) ru
 - on the engine in this process (its own loop thread; N client threads submit back to back and consume every
   event): the speed the server would reach if HTTP cost nothing;
 - through `trimode serve` started with each layout (`--no-engine-process`, `--engine-process`, ... with
-  `--data-parallel-size`), N `httpx` clients streaming and not.
+  `--data-parallel-size`), N `openai` clients streaming and not.
 Both sides run on the same machine with the same torch thread count, so the ratio server / engine is what the
 server layout costs. TTFT and inter-token latency (the gap between streamed text chunks) come with it.
 """
@@ -12,7 +12,6 @@ server layout costs. TTFT and inter-token latency (the gap between streamed text
 from __future__ import annotations
 
 import asyncio
-import json
 import threading
 import time
 from dataclasses import dataclass, field
@@ -80,20 +79,22 @@ def engine_cell(engine, prompts: list[list[int]], mode: str, clients: int, per_c
 
 async def server_cell(url: str, prompts: list[str], mode: str, clients: int, per_client: int, max_tokens: int,
                       stream: bool, side: str) -> Cell:
+    """The server as its users reach it: the `openai` client (one AsyncOpenAI, a connection per client)."""
     import httpx
+    from openai import AsyncOpenAI
 
     cell = Cell(side, clients, stream)
     limits = httpx.Limits(max_connections=clients + 4, max_keepalive_connections=clients + 4)
-    async with httpx.AsyncClient(limits=limits, timeout=3600) as http:
+    api = AsyncOpenAI(base_url=url, api_key="unused", max_retries=0,
+                      http_client=httpx.AsyncClient(limits=limits, timeout=3600))
+    async with api:
         async def client(i: int) -> None:
             for k in range(per_client):
-                body = {"model": "bench", "prompt": prompts[(i * per_client + k) % len(prompts)], "mode": mode,
-                        "max_tokens": max_tokens, "temperature": 0, "stream": stream}
-                if stream:
-                    body["stream_options"] = {"include_usage": True}
+                args = {"model": "bench", "prompt": prompts[(i * per_client + k) % len(prompts)],
+                        "max_tokens": max_tokens, "temperature": 0, "extra_body": {"mode": mode}}
                 t0 = time.perf_counter()
                 try:
-                    tokens = await (_streamed(http, url, body, cell, t0) if stream else _whole(http, url, body))
+                    tokens = await (_streamed(api, args, cell, t0) if stream else _whole(api, args))
                 except Exception:  # counted; the other clients go on
                     cell.errors += 1
                     continue
@@ -106,31 +107,26 @@ async def server_cell(url: str, prompts: list[str], mode: str, clients: int, per
     return cell
 
 
-async def _whole(http, url: str, body: dict) -> int:
-    r = await http.post(url + "/completions", json=body)
-    r.raise_for_status()
-    return r.json()["usage"]["completion_tokens"]
+async def _whole(api, args: dict) -> int:
+    r = await api.completions.create(**args)
+    return r.usage.completion_tokens
 
 
-async def _streamed(http, url: str, body: dict, cell: Cell, t0: float) -> int:
+async def _streamed(api, args: dict, cell: Cell, t0: float) -> int:
     last, tokens = None, None
-    async with http.stream("POST", url + "/completions", json=body) as r:
-        r.raise_for_status()
-        async for line in r.aiter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            chunk = json.loads(line[6:])
-            if chunk.get("usage"):
-                tokens = chunk["usage"]["completion_tokens"]
-            if chunk.get("choices") and chunk["choices"][0].get("text"):
-                now = time.perf_counter()
-                if last is None:
-                    cell.ttft.append(now - t0)
-                else:
-                    cell.itl.append(now - last)
-                last = now
+    stream = await api.completions.create(**args, stream=True, stream_options={"include_usage": True})
+    async for chunk in stream:
+        if chunk.usage:
+            tokens = chunk.usage.completion_tokens
+        if chunk.choices and chunk.choices[0].text:
+            now = time.perf_counter()
+            if last is None:
+                cell.ttft.append(now - t0)
+            else:
+                cell.itl.append(now - last)
+            last = now
     if tokens is None:
-        raise RuntimeError("no usage chunk")
+        raise RuntimeError("the stream ended without usage")
     return tokens
 
 

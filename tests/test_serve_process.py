@@ -2,7 +2,8 @@
 
 An engine process that dies mid-load must not hang a client: every request in flight ends with an answer or a
 clear error (503 JSON, or an SSE error event), /health turns 503, and then, per --on-engine-death, the engine is
-restarted (later requests are answered) or the server exits with status 75. A client that stops reading must
+restarted (later requests are answered) or the server exits with status 75. An engine process that lives but
+stops answering (SIGSTOP) is killed after --engine-stall-timeout and handled the same way. A client that stops reading must
 not slow anyone else down.
 """
 
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import threading
@@ -117,6 +119,49 @@ def test_kill_an_engine_under_load_then_restart(tmp_path):
     assert "Traceback" not in err, err
 
 
+def stall_under_load(srv, clients: int = 8) -> tuple[list, int]:
+    """SIGSTOP the (first) engine process while `clients` clients stream and not: it lives but answers nothing.
+    Every client must end with an answer or a clear error naming the stall, never hang."""
+    pid = engine_pids(srv.url)[0]
+    outcomes: list = []
+    threads = load(srv.url, clients, outcomes, per_client=4)  # some run at the stop, the later ones meet it
+    time.sleep(0.3)
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        health = wait_health(srv.url, 503, timeout=30)  # seen as dead once the stall timeout passes
+        # the API server that saw the stall names it; another one (--api-server-count) sees the killed process die
+        assert not health["engines"][0]["ready"] and re.search("stopped answering|died", health["engines"][0]["error"])
+        for t in threads:
+            t.join(timeout=60)
+        assert not any(t.is_alive() for t in threads), "a client hung on a stopped engine"
+    finally:
+        try:
+            os.kill(pid, signal.SIGCONT)  # only if the server failed to kill it: let the test's stop() end it
+        except ProcessLookupError:
+            pass
+    kinds = [k for k, _ in outcomes]
+    assert "broken" not in kinds and kinds.count("error") > 0, [o for o in outcomes if o[0] != "error"]
+    errors = [what for k, what in outcomes if k == "error"]
+    assert any("stopped answering" in what for what in errors), errors
+    assert all(re.search("stopped answering|died|no engine", what) for what in errors), errors
+    return outcomes, pid
+
+
+@pytest.mark.parametrize("api_servers", ["1", "2"])
+def test_a_stopped_engine_is_killed_and_restarted(tmp_path, api_servers):
+    srv = start(tmp_path, "--engine-stall-timeout", "3", "--api-server-count", api_servers, "--max-tokens", "400")
+    try:
+        _, pid = stall_under_load(srv)
+        wait_health(srv.url, 200, timeout=120)  # a fresh core
+        assert engine_pids(srv.url)[0] != pid
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)  # the stopped one is gone, not left behind
+        assert [one_request(srv.url, stream=s, max_tokens=16)[0] for s in (True, False)] == ["ok", "ok"]
+    finally:
+        code, err = srv.stop()
+    assert "Traceback" not in err, err
+
+
 def test_engine_death_exits_for_a_supervisor(tmp_path):
     srv = start(tmp_path, "--on-engine-death", "exit", "--max-tokens", "120")
     outcomes: list = []
@@ -182,6 +227,45 @@ def test_several_api_servers_and_engines(tmp_path):
         assert [k for k, _ in outcomes] == ["ok"] * 16, outcomes
         texts = {text for _, text in outcomes}
         assert len(texts) == 1  # greedy, the same prompt: every server and engine gives the same text
+    finally:
+        code, err = srv.stop()
+    assert code == 0 and "Traceback" not in err, err
+
+
+def scrape(url: str) -> dict:
+    """{(name, labels): value} of one /metrics answer (a fresh connection: any API server may answer); a series
+    that shows twice fails the test."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    out: dict = {}
+    for family in text_string_to_metric_families(httpx.get(url + "/metrics", timeout=10).text):
+        for s in family.samples:
+            key = (s.name, tuple(sorted(s.labels.items())))
+            assert key not in out, f"{key} shows twice"
+            out[key] = s.value
+    return out
+
+
+def test_metrics_add_up_across_api_servers(tmp_path):
+    srv = start(tmp_path, "--api-server-count", "2", "--max-tokens", "8")
+    try:
+        body = {"model": MODEL, "prompt": "hello there " * 10, "mode": "ar"}
+        sent, generated, cached = 16, 0, 0
+        for _ in range(sent):  # a fresh connection each: SO_REUSEPORT spreads them over both API servers
+            r = httpx.post(srv.url + "/v1/completions", json=body, timeout=60)
+            assert r.status_code == 200
+            generated += r.json()["usage"]["completion_tokens"]
+            cached += r.json()["usage"]["prompt_tokens_details"]["cached_tokens"]
+        assert cached > 0  # the same prompt: later requests found its pages in the one core's cache
+        time.sleep(1.0)  # the core sends its latest stats to an API server that has not heard them within 0.5 s
+        for _ in range(8):  # whichever process answers, the totals are every process's
+            m = scrape(srv.url)
+            assert m[("trimode_requests_total", (("endpoint", "/v1/completions"), ("status", "200")))] == sent
+            assert m[("trimode_generated_tokens_total", (("mode", "ar"),))] == generated
+            assert m[("trimode_requests_in_flight", ())] == 0
+            # the engine's counters come from the cores once, not once per API server
+            assert m[("trimode_prefix_cache_hits_total", ())] == cached
+            assert m[("trimode_running_requests", ())] == 0
     finally:
         code, err = srv.stop()
     assert code == 0 and "Traceback" not in err, err

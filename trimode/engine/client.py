@@ -17,6 +17,13 @@ the same addresses; its queue, cache and learned auto state are gone; /health is
 "exit" (`on_fatal(reason)` is called: the server shuts down and exits non-zero for a supervisor). A client that
 does not own the cores (one of several API server processes) only fails the requests and waits for the owner's
 restart.
+
+A core that stops answering while its process lives (stuck in a forward, deadlocked, stopped by a signal) is
+treated the same way: when this client has requests on a core and has heard nothing from it for `stall_timeout`
+seconds (a core's loop sends at least a beat every `core_process.BEAT_S` while it holds our requests), the
+client kills the process (SIGKILL) and follows the death path above, with a reason that says it stalled.
+`stall_timeout` 0 turns the check off; it must exceed the longest single engine step (a first long prefill on a
+slow CPU).
 """
 
 from __future__ import annotations
@@ -24,6 +31,7 @@ from __future__ import annotations
 import itertools
 import logging
 import os
+import signal
 import threading
 import time
 from collections.abc import Callable
@@ -42,7 +50,9 @@ MAX_PENDING = 65536  # events a request's reader may leave unread before the req
 SUMMED = ("queue_depth", "running_requests", "running_rows", "max_queue", "max_running", "kv_budget_tokens",
           "kv_free_tokens", "kv_pages_used", "kv_pages_cached", "kv_pages_free", "prefix_cache_queries",
           "prefix_cache_hits", "preemptions")
+LIMITS = ("max_running", "max_queue")
 RESET_TIMEOUT_S = 30.0  # a core answers a prefix-cache reset between two steps
+STALL_TIMEOUT_S = 120.0  # default: silence from a core with our requests on it, before it counts as dead
 
 
 class RemoteHandle(RequestHandle):
@@ -87,7 +97,9 @@ class CoreLink:
         self.fatal = False  # it died starting up, or for good ("exit"): no more greetings
         self.started = time.monotonic()
         self.last_hello = 0.0
+        self.heard = time.monotonic()  # when it last sent us anything, or we gave it work while it was idle
         self.pages_dropped: int | None = None  # its answer to the latest prefix-cache reset
+        self.limits: dict = {}  # its max_running and max_queue, kept while it is down (what a request may ask)
 
     def _new_push(self) -> zmq.Socket:
         s = zmq.Context.instance().socket(zmq.PUSH)
@@ -106,6 +118,10 @@ class CoreLink:
             self.push = self._new_push()
         self.ready, self.inflight, self.stats, self.started = False, 0, {}, time.monotonic()
 
+    def stalled(self, now: float, timeout: float) -> bool:
+        """Work is pending here and the core has said nothing for `timeout` seconds."""
+        return bool(timeout) and self.ready and self.inflight > 0 and now - self.heard > timeout
+
     @property
     def load(self) -> int:
         reported = self.stats.get("running_requests", 0) + self.stats.get("queue_depth", 0)
@@ -121,13 +137,18 @@ class EngineClient:
 
     cores: a `CoreSet` this client owns (it starts, restarts and stops them) or the (input, output) addresses of
     cores another process owns. on_death: "restart" or "exit" (see the module docstring); on_fatal(reason) is
-    called for "exit" (default: nothing more than the failed requests and an unhealthy /health).
+    called for "exit" (default: nothing more than the failed requests and an unhealthy /health). stall_timeout:
+    seconds of silence from a core holding our requests before it is killed as hung (0: never).
     """
 
     def __init__(self, tm, cores: CoreSet | list[tuple[str, str]], on_death: str = "restart",
-                 on_fatal: Callable[[str], None] | None = None, ready_timeout: float | None = None) -> None:
+                 on_fatal: Callable[[str], None] | None = None, ready_timeout: float | None = None,
+                 stall_timeout: float = STALL_TIMEOUT_S) -> None:
         if on_death not in ("restart", "exit"):
             raise ValueError("on_death must be 'restart' or 'exit'")
+        if stall_timeout < 0:
+            raise ValueError("stall_timeout must be >= 0 (0 turns the check off)")
+        self.stall_timeout = stall_timeout
         self.tm = tm
         self.owned = cores if isinstance(cores, CoreSet) else None
         self.addresses = cores.addresses if isinstance(cores, CoreSet) else list(cores)
@@ -200,6 +221,8 @@ class EngineClient:
                 handle = RemoteHandle(request, link)
                 with self._lock:
                     self._live[request.request_id] = handle
+                    if link.inflight == 0:  # the silence that counts starts now, not when it last spoke
+                        link.heard = time.monotonic()
                     link.inflight += 1
                 link.send(["submit", link.identity, request_to_wire(request)])
                 handles.append(handle)
@@ -231,6 +254,10 @@ class EngineClient:
         links = self.links
         snaps = [link.stats for link in links if link.stats]
         out: dict = {k: sum(s.get(k, 0) for s in snaps) for k in SUMMED}
+        for link in links:  # a request's size is checked against every core's room, a restarting one's too
+            if link.stats:
+                link.limits = {k: link.stats.get(k, 0) for k in LIMITS}
+        out.update({k: sum(link.limits.get(k, 0) for link in links) for k in LIMITS})
         counters: dict = {}
         for s in snaps:
             for k, v in s.get("counters", {}).items():
@@ -290,6 +317,10 @@ class EngineClient:
                     self._check(link, now)
 
     def _on_message(self, link: CoreLink, msg: list) -> None:
+        link.heard = time.monotonic()
+        if msg[0] == "beat":
+            link.stats = msg[1]
+            return
         if msg[0] == "ready":
             with self._lock:
                 link.ready, link.pid, link.stats, link.down = True, msg[1], msg[2], None
@@ -331,20 +362,28 @@ class EngineClient:
                 handle.link.inflight -= 1
 
     def _check(self, link: CoreLink, now: float) -> None:
-        """Greet a core that is not ready; notice a core that died."""
+        """Greet a core that is not ready; notice a core that died or stalled."""
         if self._stopping:
             return
+        stalled = link.stalled(now, self.stall_timeout)
         if not link.ready:
             if not link.fatal and now - link.last_hello >= HELLO_S:
                 link.last_hello = now
                 link.send(["hello", link.identity])
             if self.owned is None or link.fatal or self.owned.alive(link.index):
                 return
-        elif self._alive(link):
+        elif not stalled and self._alive(link):
             return
-        code = self.owned.exitcode(link.index) if self.owned is not None else None
         pid = link.pid if link.pid is not None or self.owned is None else self.owned.pid(link.index)
-        reason = f"the engine process {link.index} (pid {pid}) died" + ("" if code is None else f" (exit code {code})")
+        if stalled:
+            reason = (f"the engine process {link.index} (pid {pid}) stopped answering (nothing from it for "
+                      f"{now - link.heard:.1f} s with requests pending; --engine-stall-timeout "
+                      f"{self.stall_timeout:g}) and was killed")
+            self._kill(link)
+        else:
+            code = self.owned.exitcode(link.index) if self.owned is not None else None
+            reason = f"the engine process {link.index} (pid {pid}) died" + ("" if code is None else
+                                                                              f" (exit code {code})")
         log.error("%s; failing its requests", reason)
         was_ready = link.ready
         with self._lock:
@@ -361,6 +400,16 @@ class EngineClient:
         link.fatal = True
         if self.on_fatal is not None:
             self.on_fatal(reason)
+
+    def _kill(self, link: CoreLink) -> None:
+        """End a hung core for good (SIGKILL also ends a stopped process); its owner sees a death and restarts it."""
+        if self.owned is not None:
+            self.owned.kill(link.index)
+            return
+        try:
+            os.kill(link.pid, signal.SIGKILL)
+        except (OSError, TypeError):  # already gone
+            pass
 
     def _alive(self, link: CoreLink) -> bool:
         if self.owned is not None:

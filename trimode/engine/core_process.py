@@ -9,6 +9,13 @@ PULL socket (submissions, cancellations, hellos), run one `Engine.step()`, then 
 with every event its requests produced in that step (the wire format: `wire.py`). The core never waits on a
 client: the ROUTER socket never blocks (no high-water mark; a vanished client's messages are dropped).
 
+Liveness: an API server with requests on this core hears from it at least every `BEAT_S` (a "beat" when no step
+produced anything for it, e.g. its request waits in the queue behind others). The beat is sent by the loop
+itself, between two steps, so a core stuck in a forward, deadlocked or stopped falls silent, and the client
+(`client.py`, `stall_timeout`) treats a silence while it has work here as the core's death. A beat also carries
+the engine's stats to an API server that has heard nothing since they changed (another API server's requests
+ran), so every API server's /metrics is at most `BEAT_S` behind.
+
 A core ignores SIGINT (Ctrl-C reaches the whole process group; the owner stops it with a "stop" message) and
 exits when its parent goes away, so it never outlives the server.
 """
@@ -32,6 +39,7 @@ log = logging.getLogger("trimode.engine.core")
 
 IDLE_POLL_MS = 500  # an idle core still checks for its parent this often
 WAIT_POLL_MS = 50  # requests wait for room and no step progressed: look again this often (as Engine's loop)
+BEAT_S = 0.5  # an API server with requests here hears from the loop at least this often
 
 
 @dataclass
@@ -93,6 +101,13 @@ class CoreSet:
         p = self.procs[index]
         return None if p is None else p.pid
 
+    def kill(self, index: int) -> None:
+        """End core `index` at once (SIGKILL: also a core that is stopped or stuck) and reap it."""
+        p = self.procs[index]
+        if p is not None and p.is_alive():
+            p.kill()
+            p.join(timeout=10)
+
     def stop(self, timeout: float = 10.0) -> None:
         """Ask every core to stop (requests end with EngineStopped), then make sure they are gone."""
         ctx = zmq.Context.instance()
@@ -141,6 +156,9 @@ class EngineCore:
         self.router.bind(out_addr)
         self.live: dict[tuple[bytes, int], object] = {}  # (client, request id) -> RequestHandle
         self.outbox: dict[bytes, list] = {}
+        self.last_sent: dict[bytes, float] = {}  # client -> when the loop last sent it anything
+        self.version = 0  # bumped whenever the stats may have changed (a step sent something, a reset)
+        self.seen: dict[bytes, int] = {}  # client -> the version of the stats it last got
         self.parent = os.getppid()
         self.stopping = False
 
@@ -156,6 +174,7 @@ class EngineCore:
                 break
             progressed = self.step() if self.live else False
             self.flush()
+            self.beat()
         self.engine.stop()  # requests still running end with EngineStopped
         self.flush()
         self.router.close(linger=2000)
@@ -175,10 +194,11 @@ class EngineCore:
                 if handle is not None:
                     handle.cancel()
             elif kind == "hello":
-                self.router.send_multipart([msg[1], encode(["ready", os.getpid(), self.engine.stats()])])
+                self.send(msg[1], ["ready", os.getpid(), self.engine.stats()])
             elif kind == "reset_prefix_cache":
                 dropped = self.engine.reset_prefix_cache()
-                self.router.send_multipart([msg[1], encode(["prefix_cache_reset", dropped, self.engine.stats()])])
+                self.version += 1
+                self.send(msg[1], ["prefix_cache_reset", dropped, self.engine.stats()])
             elif kind == "stop":
                 self.stopping = True
 
@@ -222,7 +242,24 @@ class EngineCore:
         if not self.outbox:
             return
         stats = self.engine.stats()
+        self.version += 1
         for client, items in self.outbox.items():
-            self.router.send_multipart([client, encode(["out", stats, items])])
+            self.send(client, ["out", stats, items])
         self.outbox = {}
+
+    def send(self, client: bytes, msg: list) -> None:
+        """Every message to a client carries the stats as of now: note that it has them."""
+        self.router.send_multipart([client, encode(msg)])
+        self.last_sent[client], self.seen[client] = time.monotonic(), self.version
+
+    def beat(self) -> None:
+        """A client silent for `BEAT_S` hears that the loop goes on, if it has requests here or stale stats."""
+        now = time.monotonic()
+        busy = {client for client, _ in self.live}
+        due = [c for c, t in self.last_sent.items()
+               if now - t >= BEAT_S and (c in busy or self.seen[c] != self.version)]
+        if due:
+            stats = self.engine.stats()
+            for client in due:
+                self.send(client, ["beat", stats])
 

@@ -14,6 +14,8 @@ Core -> one API server, on the core's ROUTER socket (to that client's DEALER):
     ["prefix_cache_reset", pages_dropped, stats]   the answer to "reset_prefix_cache"
     ["out", stats, items]                  ONE message per engine step and client: every row's events of the
                                            step, and the core's `Engine.stats()` after it
+    ["beat", stats]                        the loop goes on (sent between two steps to a client that got nothing
+                                           for a while and has requests on the core, or stale stats)
     item: ["ack", rid] | ["refused", rid, kind, message] | ["event", rid, kind, fields] | ["failed", rid, kind,
           message]; a "result" event ends its request, as does "failed".
 

@@ -61,6 +61,8 @@ def serve(
                                          "(SO_REUSEPORT), each a client of every engine process."),
     on_engine_death: str = typer.Option("restart", "--on-engine-death", help="When an engine process dies (its "
                                         "requests get 503): restart it, or exit (status 75) for a supervisor."),
+    engine_stall_timeout: float = typer.Option(120, "--engine-stall-timeout", help="Seconds a busy engine process "
+                                               "may stay silent (hung) before it is killed as dead (0: never)."),
     allowed_host: list[str] = typer.Option([], "--allowed-host", help="A Host name to answer besides localhost, "
                                            "127.0.0.1 and ::1 (repeatable; behind a proxy: its public name; '*': "
                                            "any). Bound to a non-loopback address, no Host check unless given."),
@@ -70,15 +72,13 @@ def serve(
 
     max_body_bytes = check_options(mode, threshold, block_length, max_block_length, max_pass_mb, max_tokens,
                                    max_running, max_queue, port, max_body_mb, kv_cache_tokens)
-    auto = None if auto_config is None else parse_auto_config(auto_config)
-
+    engine = dict(max_queue=max_queue, max_running=max_running, prefix_cache=prefix_cache,
+                  kv_cache_tokens=kv_cache_tokens, auto=None if auto_config is None else parse_auto_config(auto_config),
+                  max_pass_bytes=None if max_pass_mb is None else int(max_pass_mb * 2**20))
     routing, audit = load_routing(policy, audit_log)  # before the model: a bad policy fails in a second
     from trimode.serve.launch import Layout, serve_layout
-
-    max_pass_bytes = None if max_pass_mb is None else int(max_pass_mb * 2**20)
-    layout = Layout(engine_process, data_parallel_size, api_server_count, on_engine_death, model, dtype, device,
-                    dict(max_queue=max_queue, max_running=max_running, auto=auto, max_pass_bytes=max_pass_bytes,
-                         prefix_cache=prefix_cache, kv_cache_tokens=kv_cache_tokens))
+    layout = Layout(engine_process, data_parallel_size, api_server_count, on_engine_death, engine_stall_timeout,
+                    model, dtype, device, engine)
     if (problem := layout.check()) is not None:
         fail(problem)
     tm = load_or_fail(model, dtype, device)

@@ -11,7 +11,8 @@
 When a core dies, its requests fail with 503 / an SSE error event and /health answers 503; then `--on-engine-death`
 restart: a fresh core process loads the model again (what the dead one held, its queue, KV cache and learned auto
 state, is lost; /health is 503 until it is ready) or exit: the server shuts down with exit status 75
-(EX_TEMPFAIL) for a supervisor (systemd, Kubernetes) to restart.
+(EX_TEMPFAIL) for a supervisor (systemd, Kubernetes) to restart. A core that holds requests and sends nothing
+for `--engine-stall-timeout` seconds (stuck in a forward, deadlocked, stopped) is killed and handled as dead.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import os
 import signal
 import socket
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -38,6 +40,7 @@ class Layout:
     data_parallel_size: int = 1
     api_server_count: int = 1
     on_engine_death: str = "restart"
+    engine_stall_timeout: float = 120.0  # seconds of silence from a core with requests before it counts as dead
     model: str | None = None
     dtype: str | None = None
     device: str | None = None
@@ -48,6 +51,8 @@ class Layout:
             return "--data-parallel-size and --api-server-count must be >= 1"
         if self.on_engine_death not in ("restart", "exit"):
             return f"--on-engine-death must be restart or exit, got {self.on_engine_death!r}"
+        if not self.engine_stall_timeout >= 0:
+            return "--engine-stall-timeout must be >= 0 (0 turns the check off)"
         if not self.engine_process and (self.data_parallel_size > 1 or self.api_server_count > 1):
             return "--data-parallel-size and --api-server-count > 1 need --engine-process"
         return None
@@ -82,7 +87,7 @@ def serve_layout(tm, config, layout: Layout, host: str, port: int, log_level: st
         from trimode.engine.core_process import CoreSet
 
         engine = EngineClient(tm, CoreSet(core_spec(layout), layout.data_parallel_size), layout.on_engine_death,
-                              on_fatal=exit_flag)
+                              on_fatal=exit_flag, stall_timeout=layout.engine_stall_timeout)
     else:
         from trimode.engine import Engine
 
@@ -113,8 +118,11 @@ def reuseport_socket(host: str, port: int) -> socket.socket:
 def supervise(tm, config, layout: Layout, host: str, port: int, log_level: str) -> int:
     """Start the cores, then `api_server_count` API server processes; restart a core that dies (or stop all and
     return ENGINE_DIED_EXIT); stop everything on SIGINT / SIGTERM or when an API server exits."""
+    from prometheus_client.multiprocess import mark_process_dead
+
     from trimode.engine.client import EngineClient
     from trimode.engine.core_process import CoreSet
+    from trimode.serve.metrics import MULTIPROC_ENV
 
     probe = reuseport_socket(host, port)  # fail now, before any model loads, when the port is taken
     cores = CoreSet(core_spec(layout), layout.data_parallel_size).start()
@@ -127,6 +135,8 @@ def supervise(tm, config, layout: Layout, host: str, port: int, log_level: str) 
     waiter.owned = None  # disconnect only: the cores stay for the API servers
     waiter.stop()
     audit_path = config.audit_log.path if config.audit_log is not None else None
+    metrics_dir = tempfile.TemporaryDirectory(prefix="trimode-metrics-")
+    os.environ[MULTIPROC_ENV] = metrics_dir.name  # read by each API server's prometheus_client at import (spawn)
     ctx = multiprocessing.get_context("spawn")
     worker_config = replace(config, audit_log=None)
     workers = [ctx.Process(target=api_worker, name=f"trimode-api{i}", daemon=False,
@@ -161,7 +171,10 @@ def supervise(tm, config, layout: Layout, host: str, port: int, log_level: str) 
         w.join(timeout=15)
         if w.is_alive():
             w.kill()
+            w.join()
+        mark_process_dead(w.pid, metrics_dir.name)  # its live gauges leave the sums
     cores.stop()
+    metrics_dir.cleanup()
     return code
 
 
@@ -179,7 +192,7 @@ def api_worker(layout: Layout, config, audit_path: Path | None, addresses, host:
     tm = trimode.load(layout.model, dtype=layout.dtype, device=layout.device)
     if audit_path is not None:
         config = replace(config, audit_log=AuditLog(audit_path))
-    engine = EngineClient(tm, [tuple(a) for a in addresses])
+    engine = EngineClient(tm, [tuple(a) for a in addresses], stall_timeout=layout.engine_stall_timeout)
     sock = reuseport_socket(host, port)
     server = uvicorn.Server(uvicorn.Config(create_app(engine, config), log_level=log_level))
     server.run(sockets=[sock])

@@ -4,13 +4,21 @@ Per mode (the mode that ran): requests, prompt and generated tokens, forward pas
 acceptance length (per speculative cycle) histograms, latency and time-to-first-token histograms. Engine
 gauges (queue depth, running requests, KV pages) and counters (prefix-cache lookups, preemptions) are read from
 `Engine.stats()` at scrape time.
+
+Several API server processes (`trimode serve --api-server-count M`): the supervisor sets PROMETHEUS_MULTIPROC_DIR
+to a private directory before it starts them, so prometheus_client keeps each process's HTTP metrics in files
+there, and a scrape of any process merges every process's files (`MultiProcessCollector`; the in-flight gauge
+sums the live processes). The engine's own numbers are not in those files: the answering process reads them from
+its engine client (every core's latest stats, summed), once, so they are not counted once per API server.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, generate_latest
+from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.registry import Collector
@@ -31,7 +39,10 @@ ENGINE_COUNTERS = (
      "prefix_cache_hits"),
     ("trimode_preemptions", "Running requests preempted to free KV pages (recomputed later)", "preemptions"),
 )
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"  # set: this process is one of several API servers (prometheus_client's)
 ENGINE_GAUGES = (
+    ("trimode_queue_depth", "Requests waiting in the engine queue", "queue_depth"),
+    ("trimode_running_requests", "Requests being decoded by the engine", "running_requests"),
     ("trimode_kv_pages_used", "KV pages held by at least one request", "kv_pages_used"),
     ("trimode_kv_pages_cached", "KV pages in the prefix cache, held or idle (idle ones are evicted when needed)",
      "kv_pages_cached"),
@@ -79,12 +90,14 @@ class ServerMetrics:
                                  registry=r)
         self.reviews = Counter("trimode_review_flags", "Routed requests flagged for human review, by route",
                                ["route"], registry=r)
-        self.in_flight = Gauge("trimode_requests_in_flight", "HTTP generation requests being answered", registry=r)
-        queue = Gauge("trimode_queue_depth", "Requests waiting in the engine queue", registry=r)
-        queue.set_function(lambda: engine_stats()["queue_depth"])
-        running = Gauge("trimode_running_requests", "Requests being decoded by the engine", registry=r)
-        running.set_function(lambda: engine_stats()["running_requests"])
+        self.in_flight = Gauge("trimode_requests_in_flight", "HTTP generation requests being answered", registry=r,
+                               multiprocess_mode="livesum")
         r.register(EngineCollector(engine_stats))
+        self.exposed = r  # what a scrape reads: this registry, or every API server's files and our engine's stats
+        if os.environ.get(MULTIPROC_ENV):
+            self.exposed = CollectorRegistry()
+            MultiProcessCollector(self.exposed)
+            self.exposed.register(EngineCollector(engine_stats))
 
     def observe_generation(self, result: GenerationResult) -> None:
         s, mode = result.stats, result.mode
@@ -98,4 +111,4 @@ class ServerMetrics:
             self.acceptance.labels(mode).observe(accepted)
 
     def exposition(self) -> bytes:
-        return generate_latest(self.registry)
+        return generate_latest(self.exposed)

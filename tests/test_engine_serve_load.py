@@ -83,3 +83,27 @@ def test_bench_serve_checks_auto_config_before_starting_a_server():
         result = CliRunner().invoke(app, ["bench", "serve", *args], env={"COLUMNS": "200"})
         assert result.exit_code == 2 and needle in result.stderr, result.stderr
         assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_bench_serve_vs_engine(tmp_path):
+    """`bench serve --vs-engine`: a real `trimode serve` child beside the engine in this process, one table with the
+    engine's row and the server's streamed and whole rows, their ratio, TTFT and ITL."""
+    from typer.testing import CliRunner
+
+    from trimode.cli import app
+
+    out = tmp_path / "vs.md"  # the bundled model: the bench prompts fit its context
+    args = ["bench", "serve", "--vs-engine", "process", "--concurrency", "2",
+            "--requests", "4", "--max-tokens", "6", "--rounds", "1", "--out", str(out)]
+    result = CliRunner().invoke(app, args, env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.stderr
+    rows = [line.split("|")[1:-1] for line in out.read_text().splitlines() if line.startswith("| ")][1:]
+    got = {(r[0].strip(), r[2].strip()): r for r in rows}
+    assert set(got) == {("engine", "events"), ("process", "yes"), ("process", "no")}, rows
+    for side, r in got.items():
+        assert r[1].strip() == "2" and r[3].strip() == "4" and r[4].strip() == "0", r  # 4 ok, 0 errors
+        assert float(r[5]) > 0
+    assert got[("process", "yes")][6].strip().endswith("x") and "nan" not in got[("process", "yes")][8]
+    assert "trimode bench serve --vs-engine process --modes ar" in out.read_text()
+    bad = CliRunner().invoke(app, ["bench", "serve", "--vs-engine", "sideways"], env={"COLUMNS": "200"})
+    assert bad.exit_code == 2 and "choose layouts from" in bad.stderr

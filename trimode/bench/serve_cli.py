@@ -68,6 +68,9 @@ def serve(
                                  "on and off) side by side (default mode: ar)."),
     conversations: int = typer.Option(4, help="agent workload: concurrent conversations (HTTP clients)."),
     turns: int = typer.Option(4, help="agent workload: turns per conversation."),
+    vs_engine: str | None = typer.Option(None, "--vs-engine", help="Server layouts (thread,process,process-dp2) "
+                                         "to run beside the engine in-process, streaming and not, per mode and N "
+                                         "(raw completions; as `bench serve-vs-engine`)."),
     out: Path | None = typer.Option(None, help="Also write the markdown report here."),
     plot: Path | None = typer.Option(None, help="PNG of output tokens/s against concurrency (default: next to "
                                      "--out)."),
@@ -94,6 +97,11 @@ def serve(
         from trimode.serve.cli import parse_auto_config
 
         parse_auto_config(auto_config)  # a bad setting fails here, not in the child server
+    if vs_engine is not None:
+        if url is not None or workload != "load":
+            _fail("--vs-engine starts its own servers on the load workload; it cannot use --url or --workload")
+        vs_modes = ["ar"] if modes == ",".join(MODES) else mode_list  # a short default run
+        return _vs_engine(vs_engine, model, vs_modes, levels, requests, max_tokens, threads, rounds, out)
     if workload != "load":
         agent_modes = ["ar"] if modes == ",".join(MODES) else mode_list  # a short default run
         return _agent(workload, url, model, agent_modes, conversations, turns, max_tokens, dtype, device, threads,
@@ -111,17 +119,8 @@ def serve(
         _fail(f"bench serve needs the `openai` client ({e.name} is missing): pip install openai")
     except (RuntimeError, OSError, ValueError) as e:
         _fail(str(e))
-    given = [("--model", model), ("--url", url), ("--modes", None if modes == ",".join(MODES) else modes),
-             ("--concurrency", None if concurrency == "1,4,16,64" else concurrency),
-             ("--requests", None if requests == 32 else requests),
-             ("--max-tokens", None if max_tokens == 32 else max_tokens), ("--rounds", None if rounds == 1 else rounds),
-             ("--api", None if api == "chat" else api), ("--block-length", block_length), ("--dtype", dtype),
-             ("--device", device), ("--threads", threads), ("--auto-config", auto_config and f"'{auto_config}'")]
-    command = " ".join(["trimode bench serve"] + [f"{k} {v}" for k, v in given if v is not None])
-    header = (f"Command: `{command}`  \nMachine: {platform.machine()}, {_cores()} CPU cores, torch "
-              f"{_torch_version()}; {'a running server' if url else 'a `trimode serve` child process'}; at least "
-              f"{requests} requests per cell, {rounds} round(s) (median round shown), max_tokens {max_tokens}, "
-              f"temperature 0, streaming, {'chat messages' if api == 'chat' else 'raw completions'}.")
+    header = _load_header(model, url, modes, concurrency, requests, max_tokens, rounds, api, block_length, dtype,
+                          device, threads, auto_config)
     _emit(sb.report(cells, header, auto), out)
     if plot is not None:
         sb.plot(cells, plot, f"trimode bench serve ({model or url or 'bundled model'}, max_tokens {max_tokens})")
@@ -131,6 +130,22 @@ def serve(
         _fail(f"{lost} request(s) failed or were lost (see the report)")
 
 
+def _load_header(model, url, modes, concurrency, requests, max_tokens, rounds, api, block_length, dtype, device,
+                 threads, auto_config) -> str:
+    """The load report's first lines: the command (options left at their defaults left out) and the machine."""
+    given = [("--model", model), ("--url", url), ("--modes", None if modes == ",".join(MODES) else modes),
+             ("--concurrency", None if concurrency == "1,4,16,64" else concurrency),
+             ("--requests", None if requests == 32 else requests),
+             ("--max-tokens", None if max_tokens == 32 else max_tokens), ("--rounds", None if rounds == 1 else rounds),
+             ("--api", None if api == "chat" else api), ("--block-length", block_length), ("--dtype", dtype),
+             ("--device", device), ("--threads", threads), ("--auto-config", auto_config and f"'{auto_config}'")]
+    command = " ".join(["trimode bench serve"] + [f"{k} {v}" for k, v in given if v is not None])
+    return (f"Command: `{command}`  \nMachine: {platform.machine()}, {_cores()} CPU cores, torch "
+            f"{_torch_version()}; {'a running server' if url else 'a `trimode serve` child process'}; at least "
+            f"{requests} requests per cell, {rounds} round(s) (median round shown), max_tokens {max_tokens}, "
+            f"temperature 0, streaming, {'chat messages' if api == 'chat' else 'raw completions'}.")
+
+
 def _emit(text: str, out: Path | None) -> None:
     """The report on stdout, and in `out` when given."""
     typer.echo(text, nl=False)
@@ -138,6 +153,32 @@ def _emit(text: str, out: Path | None) -> None:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(text)
         typer.echo(f"wrote {out}", err=True)
+
+
+def _vs_engine(layouts: str, model, modes: list[str], levels: list[int], requests: int, max_tokens: int,
+               threads: int | None, rounds: int, out: Path | None) -> None:
+    """`--vs-engine`: the server in each layout beside the engine in-process, one table per mode
+    (serve_vs_engine.py)."""
+    from trimode.bench import serve_vs_engine as sve
+
+    try:
+        names = sve.layout_names(layouts, "--vs-engine")
+    except typer.BadParameter as e:
+        _fail(f"--vs-engine: {e.message}")
+    threads = threads or 1
+    reports = []
+    for mode in modes:
+        command = (f"trimode bench serve --vs-engine {','.join(names)} --modes {mode} --concurrency "
+                   f"{','.join(map(str, levels))} --requests {requests} --max-tokens {max_tokens} --threads "
+                   f"{threads} --rounds {rounds}")
+        try:
+            reports.append(sve.compare(model, names, levels, requests, max_tokens, mode, threads, rounds, command,
+                                       echo=lambda line: typer.echo(line, err=True)))
+        except ImportError as e:
+            _fail(f"bench serve needs the `openai` client ({e.name} is missing): pip install openai")
+        except (RuntimeError, OSError, ValueError) as e:
+            _fail(str(e))
+    _emit("\n".join(reports), out)
 
 
 def _agent(workload, url, model, modes, conversations, turns, max_tokens, dtype, device, threads, api_key,

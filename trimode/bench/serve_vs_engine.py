@@ -1,4 +1,5 @@
-"""`trimode bench serve-vs-engine`: what the HTTP server costs, per server layout, next to the engine alone.
+"""`trimode bench serve-vs-engine` (also `trimode bench serve --vs-engine LAYOUTS`): what the HTTP server costs,
+per server layout, next to the engine alone.
 
 The same requests (raw completion prompts, one mode, greedy, max_tokens each) run, per number of clients N:
 - on the engine in this process (its own loop thread; N client threads submit back to back and consume every
@@ -52,7 +53,12 @@ def engine_cell(engine, prompts: list[list[int]], mode: str, clients: int, per_c
         for k in range(per_client):
             t0 = time.perf_counter()
             last, ttft, itl = None, None, []
-            h = engine.submit(EngineRequest(prompts[(i * per_client + k) % len(prompts)], mode, max_tokens))
+            try:
+                h = engine.submit(EngineRequest(prompts[(i * per_client + k) % len(prompts)], mode, max_tokens))
+            except ValueError:  # counted, as the server side counts its 400s
+                with lock:
+                    cell.errors += 1
+                continue
             for ev in h:
                 if isinstance(ev, Delta) and ev.text:
                     now = time.perf_counter()
@@ -229,25 +235,37 @@ def command(
     out: Path | None = typer.Option(None, help="Also write the markdown report here."),
 ) -> None:
     """Server tokens/s per layout beside the same requests on the engine in-process, streaming and not."""
-    import os
-    import platform
-
-    names = [x.strip() for x in layouts.split(",") if x.strip()]
-    if not names or any(x not in LAYOUTS for x in names):
-        raise typer.BadParameter(f"choose layouts from {', '.join(LAYOUTS)}", param_hint="--layouts")
+    names = layout_names(layouts, "--layouts")
     try:
         levels = [int(x) for x in clients.split(",") if x.strip()]
     except ValueError:
         raise typer.BadParameter("comma-separated whole numbers", param_hint="--clients") from None
     if not levels or min(levels) < 1 or requests < 1 or max_tokens < 1 or threads < 1:
         raise typer.BadParameter("--clients, --requests, --max-tokens and --threads must be >= 1")
-    cells = run(model, names, levels, requests, max_tokens, mode, threads, rounds,
-                echo=lambda s: typer.echo(s, err=True))
-    header = (f"Command: `trimode bench serve-vs-engine --layouts {','.join(names)} --clients {clients} --requests "
-              f"{requests} --max-tokens {max_tokens} --mode {mode} --threads {threads} --rounds {rounds}`  \nMachine: "
-              f"{platform.machine()}, {os.cpu_count()} CPU cores; raw completion prompts, greedy; the load generator "
-              f"shares the CPU on both sides; every side's cells interleaved, the median of {rounds} rounds shown.")
-    text = report(cells, header)
+    command = (f"trimode bench serve-vs-engine --layouts {','.join(names)} --clients {clients} --requests {requests} "
+               f"--max-tokens {max_tokens} --mode {mode} --threads {threads} --rounds {rounds}")
+    text = compare(model, names, levels, requests, max_tokens, mode, threads, rounds, command,
+                   echo=lambda s: typer.echo(s, err=True))
     typer.echo(text, nl=False)
     if out is not None:
         out.write_text(text)
+
+
+def layout_names(text: str, option: str) -> list[str]:
+    names = [x.strip() for x in text.split(",") if x.strip()]
+    if not names or any(x not in LAYOUTS for x in names):
+        raise typer.BadParameter(f"choose layouts from {', '.join(LAYOUTS)}", param_hint=option)
+    return names
+
+
+def compare(model: str | None, layouts: list[str], clients: list[int], requests: int, max_tokens: int, mode: str,
+            threads: int, rounds: int, command: str, echo=print) -> str:
+    """Run the comparison (`run`) and return its markdown report, headed by the command that made it."""
+    import os
+    import platform
+
+    cells = run(model, layouts, clients, requests, max_tokens, mode, threads, rounds, echo=echo)
+    header = (f"Command: `{command}`  \nMachine: {platform.machine()}, {os.cpu_count()} CPU cores; mode {mode}, raw "
+              f"completion prompts, greedy; the load generator shares the CPU on both sides; every side's cells "
+              f"interleaved, the median of {rounds} rounds shown.")
+    return report(cells, header)

@@ -39,7 +39,7 @@ from collections.abc import Callable
 import zmq
 
 from trimode.engine.core_process import CoreSet
-from trimode.engine.request import EngineRequest, EngineStopped, RequestHandle, _Failure
+from trimode.engine.request import EngineRequest, EngineStopped, RequestHandle, Wakeups, _Failure
 from trimode.engine.wire import EngineDied, decode, encode, error_from_wire, event_from_wire, request_to_wire
 
 log = logging.getLogger("trimode.engine.client")
@@ -69,12 +69,13 @@ class RemoteHandle(RequestHandle):
             self.link.send(["cancel", self.link.identity, self.request_id])
         super().cancel()
 
-    def _put(self, item) -> None:
+    def _put(self, item, wakeups: Wakeups | None = None) -> None:
         if len(self._items) >= MAX_PENDING and not self.done:  # the reader is stuck: drop the request
-            super()._put(_Failure(RuntimeError(f"the client read too slowly ({MAX_PENDING} events unread)")))
+            super()._put(_Failure(RuntimeError(f"the client read too slowly ({MAX_PENDING} events unread)")),
+                         wakeups)
             self.cancel()
             return
-        super()._put(item)
+        super()._put(item, wakeups)
 
 
 class CoreLink:
@@ -333,6 +334,7 @@ class EngineClient:
                 self._lock.notify_all()
             return
         link.stats = msg[1]
+        wakeups = Wakeups()  # the step's events reach their readers first, then one wake-up per event loop
         for item in msg[2]:
             handle = self._live.get(item[1])
             if handle is None:
@@ -344,9 +346,9 @@ class EngineClient:
                 ev = event_from_wire(item[2], item[3])
                 if item[2] == "result":
                     self._forget(handle)
-                    handle._finish(ev)
+                    handle._finish(ev, wakeups)
                 else:
-                    handle._put(ev)
+                    handle._put(ev, wakeups)
             else:  # "refused" or "failed"
                 self._forget(handle)
                 error = error_from_wire(item[2], item[3])
@@ -354,7 +356,8 @@ class EngineClient:
                     handle.refusal = error
                     handle.answered.set()
                 else:
-                    handle._fail(error)
+                    handle._fail(error, wakeups)
+        wakeups.fire()
 
     def _forget(self, handle: RemoteHandle) -> None:
         with self._lock:

@@ -71,6 +71,31 @@ class _Failure:
         self.error = error
 
 
+class Wakeups:
+    """Asyncio readers to wake, gathered while a batch of events is handed out (one engine-core message): one
+    `call_soon_threadsafe` per event loop for the whole batch, not one per event."""
+
+    def __init__(self) -> None:
+        self.events: dict[asyncio.AbstractEventLoop, list[asyncio.Event]] = {}
+
+    def add(self, wakers: list[tuple[asyncio.AbstractEventLoop, asyncio.Event]]) -> None:
+        for loop, event in wakers:
+            self.events.setdefault(loop, []).append(event)
+
+    def fire(self) -> None:
+        for loop, events in self.events.items():
+            try:
+                loop.call_soon_threadsafe(_set_all, events)
+            except RuntimeError:  # the client's event loop is closed: nobody is listening any more
+                pass
+        self.events = {}
+
+
+def _set_all(events: list[asyncio.Event]) -> None:
+    for event in events:
+        event.set()
+
+
 class RequestHandle:
     """The client's side of a running request: iterate (blocking) or `aiter()` (asyncio); `cancel()` any time."""
 
@@ -99,7 +124,8 @@ class RequestHandle:
         self._cancelled.set()
 
     # -- engine side -------------------------------------------------------------------------------------
-    def _put(self, item) -> None:
+    def _put(self, item, wakeups: Wakeups | None = None) -> None:
+        """Queue `item` for the reader; wake an asyncio reader now, or add it to `wakeups` (fired by the caller)."""
         with self._cond:
             if self._closed:
                 return
@@ -107,19 +133,22 @@ class RequestHandle:
             if item is _END or isinstance(item, _Failure):
                 self._closed = True
             self._cond.notify_all()
-            wakers = list(self._wakers)
-        for loop, event in wakers:
-            try:
-                loop.call_soon_threadsafe(event.set)
-            except RuntimeError:  # the client's event loop is closed: nobody is listening any more
-                pass
+            if not self._wakers:
+                return
+            batch = wakeups if wakeups is not None else Wakeups()
+            batch.add(self._wakers)
+        if wakeups is None:
+            batch.fire()
 
-    def _finish(self, result) -> None:
-        self._put(result)
-        self._put(_END)
+    def _finish(self, result, wakeups: Wakeups | None = None) -> None:
+        batch = wakeups if wakeups is not None else Wakeups()
+        self._put(result, batch)
+        self._put(_END, batch)
+        if wakeups is None:
+            batch.fire()
 
-    def _fail(self, error: BaseException) -> None:
-        self._put(_Failure(error))
+    def _fail(self, error: BaseException, wakeups: Wakeups | None = None) -> None:
+        self._put(_Failure(error), wakeups)
 
     # -- a relay (the engine-core process forwards a handle's events to an API server process) ----------------
     def drain(self) -> list:

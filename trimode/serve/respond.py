@@ -371,6 +371,10 @@ class Responder:
 
 async def _events(handles: list[RequestHandle]) -> AsyncIterator[tuple[int, object]]:
     """(choice index, event) from all handles as they come; an engine error is re-raised here."""
+    if len(handles) == 1:  # the common case (n = 1, one prompt): no pump task and queue hop per event
+        async for ev in handles[0].aiter():
+            yield 0, ev
+        return
     queue: asyncio.Queue = asyncio.Queue()
 
     async def pump(k: int, handle: RequestHandle) -> None:

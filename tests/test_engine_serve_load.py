@@ -100,7 +100,7 @@ def test_bench_serve_vs_engine(tmp_path):
     rows = [line.split("|")[1:-1] for line in out.read_text().splitlines() if line.startswith("| ")][1:]
     got = {(r[0].strip(), r[2].strip()): r for r in rows}
     assert set(got) == {("engine", "events"), ("process", "yes"), ("process", "no")}, rows
-    for side, r in got.items():
+    for r in got.values():
         assert r[1].strip() == "2" and r[3].strip() == "4" and r[4].strip() == "0", r  # 4 ok, 0 errors
         assert float(r[5]) > 0
     assert got[("process", "yes")][6].strip().endswith("x") and "nan" not in got[("process", "yes")][8]

@@ -3,8 +3,8 @@
 An engine process that dies mid-load must not hang a client: every request in flight ends with an answer or a
 clear error (503 JSON, or an SSE error event), /health turns 503, and then, per --on-engine-death, the engine is
 restarted (later requests are answered) or the server exits with status 75. An engine process that lives but
-stops answering (SIGSTOP) is killed after --engine-stall-timeout and handled the same way. A client that stops reading must
-not slow anyone else down.
+stops answering (SIGSTOP) is killed after --engine-stall-timeout and handled the same way. A client that stops
+reading must not slow anyone else down. With several API servers, /metrics adds up every one of them.
 """
 
 from __future__ import annotations

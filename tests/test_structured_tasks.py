@@ -100,3 +100,12 @@ def test_training_prompts_are_the_inference_prompts(tok):
     for d in docs:  # and the ids a server encodes for the same messages
         item = next(t for n in names for t in load_tasks(n, 5, 0, "train") if prompt_text(t, tok) == d.prompt)
         assert tok.encode(d.prompt) == tok.encode_chat(list(item.messages), tools=list(item.tools) or None)
+
+
+def test_plain_tasks_leave_the_conversations_out():
+    """Benches and the sampler recipe default to the tasks asked as one prompt: the same five as before the
+    structured tasks were registered."""
+    from trimode.tasks import TASKS, plain_tasks
+
+    assert sorted(plain_tasks()) == ["arithmetic", "copy", "python_next_line", "reverse", "sort"]
+    assert set(STRUCTURED_TASKS) <= set(TASKS) and not set(STRUCTURED_TASKS) & set(plain_tasks())

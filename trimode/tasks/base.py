@@ -84,9 +84,16 @@ class TaskSpec:
     description: str
     # items(rng, split) yields an endless (or exhausting) stream of candidate items of `split`
     items: Callable[[random.Random, str], Iterator[Task]]
+    conversation: bool = False  # items are conversations (a schema, tools): not among the defaults of plain_tasks
 
 
 TASKS: dict[str, TaskSpec] = {}
+
+
+def plain_tasks() -> list[str]:
+    """The names of the tasks asked as one prompt, in registration order: what benches and the sampler recipe
+    take when no task is named (the structured tasks are conversations and are named explicitly)."""
+    return [name for name, spec in TASKS.items() if not spec.conversation]
 
 
 def register(spec: TaskSpec) -> TaskSpec:

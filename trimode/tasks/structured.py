@@ -155,7 +155,7 @@ def _spec(kind: str, task: str, make: Callable[[str, Task, random.Random], Task]
         for base in TASKS[task].items(rng, split):
             yield make(task, base, rng)
 
-    return register(TaskSpec(f"{kind}_{task}", description, items))
+    return register(TaskSpec(f"{kind}_{task}", description, items, conversation=True))
 
 
 for _task in BASE_TASKS:

@@ -5,8 +5,9 @@
 On held-out items of the structured tasks (`trimode.tasks.structured`), greedy, every mode (`ar`, `linear_spec`,
 `quadratic_spec`, `diffusion`, and `auto` through the engine):
 - JSON under a schema (`json_<task>`: the schema in the system turn, the task in the user turn): the same prompt
-  once with the schema as the constraint (bounded so that every answer fits the budget: `bounded`) and once free; schema-valid rate (jsonschema) and answer accuracy of
-  both, tokens per forward of both (prefill counted, as the accuracy table counts it);
+  once with the schema as the constraint (bounded so that every answer fits the budget: `bounded`) and once
+  free; schema-valid rate (jsonschema) and answer accuracy of both, tokens per forward of both (prefill counted,
+  as the accuracy table counts it);
 - tool calls (`toolcall_<task>`, 1-2 tools offered): `tool_choice` "required" (the model picks the tool) and the
   task's tool named; right when the one call has the task's tool and its arguments (`request/tools.py`'s
   grammar writes the call, its parser reads it);

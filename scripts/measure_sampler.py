@@ -11,7 +11,7 @@ import trimode
 from trimode.bench.quality import load_items
 from trimode.bench.sol import end_to_end
 from trimode.model.loading import attach_sampler
-from trimode.tasks import TASKS
+from trimode.tasks import plain_tasks
 
 
 def main() -> None:
@@ -19,7 +19,7 @@ def main() -> None:
     tm = trimode.load()
     attach_sampler(tm.net, Path(sys.argv[1]))
     n, seed = int(sys.argv[2]), int(sys.argv[3])
-    items = [it for name in sorted(TASKS) for it in load_items(name, n, seed)]
+    items = [it for name in sorted(plain_tasks()) for it in load_items(name, n, seed)]
     cfg = {f"thr {t}": {"mode": "diffusion", "threshold": t} for t in (0.5, 0.7, 0.9)}
     cfg |= {f"learned {t}": {"mode": "diffusion", "unmask": "learned", "threshold": t} for t in (0.3, 0.5, 0.7, 0.9)}
     t0 = time.time()

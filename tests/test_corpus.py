@@ -190,8 +190,11 @@ def test_chat_template(trained):
                     "<|user|>\nSort: 2 1\n<|assistant|>\n")
     assert tok.apply_chat_template(msgs[:2], add_generation_prompt=False).endswith("Copy: a b\n")
     assert chat_renderer().apply_chat_template(msgs) == text
-    with pytest.raises(TemplateError, match="unknown role tool"):
-        tok.apply_chat_template([{"role": "tool", "content": "x"}])
+    with pytest.raises(TemplateError, match="unknown role robot"):
+        tok.apply_chat_template([{"role": "robot", "content": "x"}])
+    # the template knows tools (as the bundled model's does): a tool result is a user turn
+    assert tok.apply_chat_template([{"role": "tool", "content": "7"}], add_generation_prompt=False) == \
+        "<s><|user|>\n<tool_response>\n7\n</tool_response>\n"
 
 
 def test_tokenizer_accepts_strings_and_rejects_tiny_vocab(tmp_path):

@@ -21,7 +21,7 @@ from trimode.api import TriMode, load
 from trimode.bench.humaneval import load_humaneval
 from trimode.bench.timing import machine_name
 from trimode.decode.modes import names
-from trimode.tasks import EDIT_TASKS, TASKS, infill_items, load_tasks, prompt_text, revision_items
+from trimode.tasks import EDIT_TASKS, infill_items, load_tasks, plain_tasks, prompt_text, revision_items
 
 HUMANEVAL = "humaneval"
 
@@ -98,7 +98,7 @@ class Outcome:
 
 
 def task_names() -> list[str]:
-    return [HUMANEVAL, *sorted(TASKS)]
+    return [HUMANEVAL, *sorted(plain_tasks())]
 
 
 def load_items(name: str, n: int, seed: int) -> list:

@@ -70,9 +70,9 @@ def percentile(xs: list[float], q: float) -> float:
 
 def bench_prompts(n: int = 40, seed: int = 0) -> list[str]:
     """Held-out prompts of the bundled tasks, interleaved (arithmetic, code, copy, reverse, sort)."""
-    from trimode.tasks import TASKS, load_tasks
+    from trimode.tasks import load_tasks, plain_tasks
 
-    per_task = [load_tasks(name, n=n, seed=seed, split="heldout") for name in TASKS]
+    per_task = [load_tasks(name, n=n, seed=seed, split="heldout") for name in plain_tasks()]
     return [items[i].prompt for i in range(n) for items in per_task if i < len(items)]
 
 

@@ -271,7 +271,7 @@ def run(model: str | None = None, tasks: list[str] | None = None, n: int = 8, th
         json_path: Path | None = None, plot: Path | None = None, progress=None) -> tuple[str, dict]:
     """The SOL table of a model (default the bundled one) on `n` held-out items per task."""
     import trimode
-    from trimode.tasks import TASKS
+    from trimode.tasks import plain_tasks
 
     if n < 1 or cap < 1:
         raise ValueError("--items and --cap must be >= 1")
@@ -288,7 +288,7 @@ def run(model: str | None = None, tasks: list[str] | None = None, n: int = 8, th
     length = block_length or tm.config.block_size
     rules = {f"threshold {t:g}": threshold_rule(t) for t in thresholds}
     rules |= {f"learned {t:g}": LearnedRule(sampler, t) for t in learned}
-    items = [it for name in (tasks or sorted(TASKS)) for it in load_items(name, n, seed)]
+    items = [it for name in (tasks or sorted(plain_tasks())) for it in load_items(name, n, seed)]
     sol = SolRun(length)
     for i, item in enumerate(items):
         ids = tm.encode(prompt_text(item, tm.tokenizer))
@@ -302,7 +302,7 @@ def run(model: str | None = None, tasks: list[str] | None = None, n: int = 8, th
     configs["linear_spec"] = {"mode": "linear_spec", "block_length": length}
     real = end_to_end(tm, items, configs)
     result = figures(sol, real, cap)
-    result |= {"model": str(tm.path), "items": len(items), "tasks": tasks or sorted(TASKS)}
+    result |= {"model": str(tm.path), "items": len(items), "tasks": tasks or sorted(plain_tasks())}
     if json_path is not None:
         json_path.parent.mkdir(parents=True, exist_ok=True)
         json_path.write_text(json.dumps(result, indent=2) + "\n")

@@ -150,13 +150,21 @@ class NLDTokenizer:
             ids += self._text_only.encode(run, add_special_tokens=False).ids
         return ids
 
+    @property
+    def _template(self):
+        """The chat template, compiled once per text (compiling costs far more than rendering)."""
+        cached = getattr(self, "_compiled", None)
+        if cached is None or cached[0] != self.chat_template:
+            cached = self._compiled = (self.chat_template, self._env.from_string(self.chat_template))
+        return cached[1]
+
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True,
                             tools: list[dict] | None = None) -> str:
         """The template rendered; `tools` (OpenAI tool dicts) only for a template that `knows_tools`."""
         if not self.chat_template:
             raise TemplateError("this checkpoint has no chat template; use a completion instead")
         try:
-            template = self._env.from_string(self.chat_template)
+            template = self._template
             return template.render(
                 messages=messages,
                 add_generation_prompt=add_generation_prompt,

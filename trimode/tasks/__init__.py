@@ -6,9 +6,10 @@
     prompt_text(items[0], tokenizer)        # what the model is given: a chat item as a user turn
 """
 
-from trimode.tasks import arithmetic, code, sequences  # noqa: F401  (each module registers its tasks)
-from trimode.tasks.base import SPLITS, TASKS, Task, TaskSpec, load_tasks, prompt_text, split_of
+from trimode.tasks import arithmetic, code, sequences, structured  # noqa: F401  (each module registers its tasks)
+from trimode.tasks.base import SPLITS, TASKS, Task, TaskSpec, load_tasks, plain_tasks, prompt_text, split_of
 from trimode.tasks.edits import EDIT_TASKS, cut_hole, infill_items, revision_items, wrong_draft
+from trimode.tasks.structured import STRUCTURED_TASKS
 
-__all__ = ["EDIT_TASKS", "SPLITS", "TASKS", "Task", "TaskSpec", "cut_hole", "infill_items", "load_tasks",
-           "prompt_text", "revision_items", "split_of", "wrong_draft"]
+__all__ = ["EDIT_TASKS", "SPLITS", "TASKS", "Task", "TaskSpec", "cut_hole", "infill_items", "load_tasks", "plain_tasks",
+           "prompt_text", "revision_items", "split_of", "wrong_draft", "STRUCTURED_TASKS"]

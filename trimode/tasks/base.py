@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import random
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 SPLITS = ("train", "heldout")
 HELDOUT_FRACTION = 0.1
@@ -42,7 +42,11 @@ def exact_line(output: str, answer: str) -> bool:
 
 @dataclass(frozen=True)
 class Task:
-    """One item: `prompt` (a user message when `chat`, else raw text to continue) and its `answer`."""
+    """One item: `prompt` (a user message when `chat`, else raw text to continue) and its `answer`.
+
+    A conversation item (structured output, tool calls) also has `messages`, the chat before the answer (the
+    user turn, a system turn with a schema, earlier tool calls and results), and `tools`, the OpenAI tool dicts
+    the chat template lists; `prompt` is then the user's request, the item's identity."""
 
     name: str
     prompt: str
@@ -51,6 +55,8 @@ class Task:
     chat: bool = True
     max_new_tokens: int = 32
     target: str = ""  # the exact continuation to train on, when it differs from `answer` (e.g. a leading newline)
+    messages: tuple[dict, ...] = field(default=(), hash=False)
+    tools: tuple[dict, ...] = field(default=(), hash=False)
 
     def check(self, output_text: str) -> bool:
         """Whether the model's generated text (prompt excluded) answers the item correctly."""
@@ -64,9 +70,11 @@ class Task:
 
 def prompt_text(item, tokenizer) -> str:
     """What a model is given for `item` (a `Task`, or any item with `.prompt` and `.chat`): a chat item's prompt
-    as a user turn when `tokenizer` (an `NLDTokenizer`, or None) has a chat template, else the prompt as is."""
+    as a user turn (a conversation item's `messages`, with its `tools`) when `tokenizer` (an `NLDTokenizer`, or
+    None) has a chat template, else the prompt as is."""
     if getattr(item, "chat", False) and tokenizer is not None and tokenizer.chat_template:
-        return tokenizer.apply_chat_template([{"role": "user", "content": item.prompt}])
+        messages = list(getattr(item, "messages", ())) or [{"role": "user", "content": item.prompt}]
+        return tokenizer.apply_chat_template(messages, tools=list(getattr(item, "tools", ())) or None)
     return item.prompt
 
 
@@ -76,9 +84,16 @@ class TaskSpec:
     description: str
     # items(rng, split) yields an endless (or exhausting) stream of candidate items of `split`
     items: Callable[[random.Random, str], Iterator[Task]]
+    conversation: bool = False  # items are conversations (a schema, tools): not among the defaults of plain_tasks
 
 
 TASKS: dict[str, TaskSpec] = {}
+
+
+def plain_tasks() -> list[str]:
+    """The names of the tasks asked as one prompt, in registration order: what benches and the sampler recipe
+    take when no task is named (the structured tasks are conversations and are named explicitly)."""
+    return [name for name, spec in TASKS.items() if not spec.conversation]
 
 
 def register(spec: TaskSpec) -> TaskSpec:

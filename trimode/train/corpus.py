@@ -22,6 +22,8 @@ whatever the seed; `seed` only picks and orders the documents and draws the task
 Task items become SFT documents: `prompt` is the user turn rendered with the model's chat template (the one
 `tokenizer_train` writes) up to the open assistant tag, `text` the answer; the trainer appends EOS and never
 masks the prompt. Items that are raw completions (`chat=False`, e.g. python_next_line) keep their raw prompt.
+Conversation items (structured output, tool calls: `Task.messages`, `Task.tools`) are rendered whole, tools
+included, up to the open assistant tag.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ import warnings
 from pathlib import Path
 
 from trimode.tasks import load_tasks
-from trimode.tasks.base import split_of
+from trimode.tasks.base import prompt_text, split_of
 from trimode.tasks.code import stdlib_files
 from trimode.train.data import Document, read_jsonl
 from trimode.train.tokenizer_train import chat_renderer
@@ -205,7 +207,8 @@ def _task_documents(source: dict, split: str, seed: int, where: str) -> list[Doc
     # Rendering compiles the template each time; render once around a placeholder (the template does not
     # transform message content, which tests/test_corpus.py checks against the renderer itself).
     placeholder = "\x00CONTENT\x00"
-    user_turn = chat_renderer().apply_chat_template([{"role": "user", "content": placeholder}])
+    renderer = chat_renderer()
+    user_turn = renderer.apply_chat_template([{"role": "user", "content": placeholder}])
     docs = []
     for name, n in counts.items():
         if not isinstance(n, int) or n < 0:
@@ -218,7 +221,9 @@ def _task_documents(source: dict, split: str, seed: int, where: str) -> list[Doc
             raise CorpusError(f"{where}: {e}") from None
         for t in items:
             prompt = t.prompt
-            if t.chat:
+            if t.messages:  # a conversation (a schema, tools, a tool's result): rendered whole
+                prompt = prompt_text(t, renderer)
+            elif t.chat:
                 prompt = user_turn.replace(placeholder, t.prompt)
             docs.append(Document(t.completion, prompt))
     return docs

@@ -11,6 +11,8 @@ reading the question: always answering the most frequent answer of the task's tr
 
 Chat items are wrapped in the model's chat template (when it has one); raw-completion items are fed as is.
 
+`--structured` evaluates JSON under a schema and tool calls per mode instead (`trimode.train.evaluate_structured`).
+
 `--editing` evaluates the editing skills instead (`evaluate_editing`), on held-out copy / reverse / sort items
 (`trimode.tasks.edits` cuts them), through `tm.infill` and `tm.revise`, greedy:
 - infill: a hole of one or two items of the answer (the suffix of a hole at the end of the answer is [EOS]);
@@ -38,6 +40,7 @@ from trimode.tasks import EDIT_TASKS, TASKS, Task, cut_hole, load_tasks, prompt_
 from trimode.tasks.edits import Hole
 from trimode.train.corpus import load_corpus
 from trimode.train.data import split_words
+from trimode.train.evaluate_structured import evaluate_structured, markdown_schema_by_task, markdown_structured_table
 
 DEFAULT_TASKS = ("arithmetic", "copy", "reverse", "sort", "python_next_line")
 DEFAULT_MODES: list[dict] = [
@@ -338,6 +341,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default=None, help="cpu / cuda (default: cuda when available)")
     ap.add_argument("--no-baseline", action="store_true", help="leave out the most-frequent-answer row")
     ap.add_argument("--progress", action="store_true", help="print progress to stderr")
+    ap.add_argument("--structured", action="store_true",
+                    help="JSON under a schema and tool calls per mode instead (trimode.train.evaluate_structured)")
     ap.add_argument("--editing", action="store_true",
                     help="evaluate infill and revision on copy / reverse / sort instead of the modes")
     ap.add_argument("--suffix-span", action="store_true",
@@ -360,6 +365,8 @@ def main(argv: list[str] | None = None) -> int:
         tm = load(args.model, device=args.device)
         if args.editing:
             return _main_editing(tm, args)
+        if args.structured:
+            return _main_structured(tm, args)
         names = [t for t in args.tasks.split(",") if t]
         unknown = [t for t in names if t not in TASKS]
         if unknown:
@@ -389,6 +396,21 @@ def main(argv: list[str] | None = None) -> int:
     print("Tokens per forward by task (prefill counted):")
     print()
     print(markdown_tpf_table(rows))
+    return 0
+
+
+def _main_structured(tm: TriMode, args) -> int:
+    start = time.perf_counter()
+    rows = evaluate_structured(tm, args.n, args.seed, progress=args.progress)
+    where = tm.path if tm.path is not None else "(in memory)"
+    print(f"model {where}: {args.n} held-out items per task (arithmetic, copy, reverse, sort) and kind (seed "
+          f"{args.seed}), greedy; {torch.get_num_threads()} torch thread(s), {time.perf_counter() - start:.0f}s")
+    print()
+    print(markdown_structured_table(rows))
+    print()
+    print("Accuracy under the schema by task:")
+    print()
+    print(markdown_schema_by_task(rows))
     return 0
 
 

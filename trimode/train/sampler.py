@@ -27,7 +27,7 @@ from trimode.decode.sampling import SamplingParams
 from trimode.decode.stopping import StopRule
 from trimode.decode.transfer import commit_by_threshold
 from trimode.model.sampler import BlockSampler, SamplerConfig
-from trimode.tasks import TASKS, load_tasks, prompt_text
+from trimode.tasks import load_tasks, plain_tasks, prompt_text
 
 
 @dataclass
@@ -193,7 +193,7 @@ def train_sampler(tm, recipe: SamplerRecipe, log=print) -> tuple[BlockSampler, d
     sampler = BlockSampler(cfg)
     with torch.no_grad():
         sampler.token_proj.copy_(token_projection(tm.net.encoder.embed_tokens.weight.cpu(), cfg.embed_dim))
-    items = [it for name in (recipe.tasks or sorted(TASKS))
+    items = [it for name in (recipe.tasks or sorted(plain_tasks()))
              for it in load_tasks(name, recipe.items_per_task, recipe.seed, split="train")]
     random.Random(recipe.seed).shuffle(items)
     cut = max(1, int(len(items) * recipe.holdout_fraction))

@@ -31,17 +31,55 @@ THINK, END_THINK = "<think>", "</think>"
 SPECIAL_TOKENS = [PAD, BOS, EOS, MASK, SYSTEM, USER, ASSISTANT]
 
 # One turn per role tag; an assistant turn ends with the EOS token, so a model trained on rendered
-# conversations stops after its answer. `add_generation_prompt` leaves the assistant tag open.
+# conversations stops after its answer. `add_generation_prompt` leaves the assistant tag open. With `tools`, the
+# system part lists them (the preamble of trimode/request/tools.py, each tool as JSON); an assistant message's
+# `tool_calls` are written as `<tool_call>` blocks, a `role: "tool"` message as a user turn holding
+# `<tool_response>`: the text the tool-call grammar and parser of request/tools.py write and read.
 CHAT_TEMPLATE = (
     "{{ bos_token }}"
+    "{% if tools %}"
+    "<|system|>\n{% if messages[0]['role'] == 'system' %}"
+    "{{ messages[0]['content'] }}"
+    "\n\n{% endif %}"
+    "{{ \"# Tools\\n\\nYou may call one or more functions to assist with the user query. The functions are "
+    "listed as JSON between <tools> and </tools>. For each call, write a JSON object with the function's name "
+    "and arguments between <tool_call> and </tool_call>:\\n<tool_call>\\n{\\\"name\\\": <function-name>, "
+    "\\\"arguments\\\": <args-json-object>}\\n</tool_call>\\n\" }}"
+    "<tools>\n{% for tool in tools %}"
+    "{{ tool | tojson }}"
+    "\n{% endfor %}"
+    "</tools>\n{% endif %}"
     "{% for message in messages %}"
-    "{% if message['role'] == 'system' %}<|system|>\n{{ message['content'] }}\n"
-    "{% elif message['role'] == 'user' %}<|user|>\n{{ message['content'] }}\n"
-    "{% elif message['role'] == 'assistant' %}<|assistant|>\n{{ message['content'] }}{{ eos_token }}\n"
-    "{% else %}{{ raise_exception('unknown role ' ~ message['role'] ~ ': use system, user or assistant') }}"
+    "{% if message['role'] == 'system' %}"
+    "{% if not tools %}"
+    "<|system|>\n{{ message['content'] }}"
+    "\n{% elif not loop.first %}"
+    "<|system|>\n{{ message['content'] }}"
+    "\n{% endif %}"
+    "{% elif message['role'] == 'user' %}"
+    "<|user|>\n{{ message['content'] }}"
+    "\n{% elif message['role'] == 'assistant' %}"
+    "<|assistant|>\n{{ message['content'] }}"
+    "{% for call in message['tool_calls'] or [] %}"
+    "{% if not loop.first %}"
+    "\n{% endif %}"
+    "<tool_call>\n{\"name\": {{ call['function']['name'] | tojson }}"
+    ", \"arguments\": {% if call['function']['arguments'] is string %}"
+    "{{ call['function']['arguments'] }}"
+    "{% else %}"
+    "{{ call['function']['arguments'] | tojson }}"
+    "{% endif %}"
+    "}"
+    "\n</tool_call>{% endfor %}"
+    "{{ eos_token }}"
+    "\n{% elif message['role'] == 'tool' %}"
+    "<|user|>\n<tool_response>\n{{ message['content'] }}"
+    "\n</tool_response>\n{% else %}"
+    "{{ raise_exception('unknown role ' ~ message['role'] ~ ': use system, user, assistant or tool') }}"
     "{% endif %}"
     "{% endfor %}"
-    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+    "{% if add_generation_prompt %}"
+    "<|assistant|>\n{% endif %}"
 )
 
 TOKENIZER_CONFIG = {

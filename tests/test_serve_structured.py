@@ -166,6 +166,38 @@ def test_tool_results_in_the_history_and_auto(client):
         assert r.choices[0].message.tool_calls is None
 
 
+@pytest.mark.parametrize("mode,knobs", MODES)
+def test_auto_tool_choice_streams_content_then_calls(client, mode, knobs):
+    """`tool_choice="auto"`: text, calls, or text then calls; streamed, every content delta comes before the
+    first tool_calls delta, and finish_reason is "tool_calls" exactly when a call was made ("stop" for text)."""
+    for q in QUESTIONS:
+        kw = dict(model=MODEL, messages=ask(q), tools=[WEATHER, CLOCK], tool_choice="auto", max_tokens=40,
+                  extra_body={"mode": mode, **knobs})
+        c = client.chat.completions.create(**kw).choices[0]
+        assert "<tool_call>" not in (c.message.content or "")
+        assert c.finish_reason in (("tool_calls",) if c.message.tool_calls else ("stop", "length")), c
+        content, kinds, calls, finish = "", [], {}, None
+        for chunk in client.chat.completions.create(**kw, stream=True):
+            d = chunk.choices[0].delta
+            if d.content:
+                content, kinds = content + d.content, kinds + ["content"]
+            for t in d.tool_calls or []:
+                kinds.append("tool_calls")
+                slot = calls.setdefault(t.index, {"name": "", "arguments": ""})
+                slot["name"] += (t.function.name or "") if t.function else ""
+                slot["arguments"] += (t.function.arguments or "") if t.function else ""
+            finish = chunk.choices[0].finish_reason or finish
+        if calls:
+            assert finish == "tool_calls" and "content" not in kinds[kinds.index("tool_calls"):], kinds
+        else:
+            assert finish in ("stop", "length")
+        if mode != "ar":
+            continue  # the stream runs again; only AR's greedy answer is the same text whatever the batch
+        assert content.strip() == (c.message.content or "").strip()
+        assert [(v["name"], json.loads(v["arguments"])) for v in calls.values()] == \
+            [(t.function.name, json.loads(t.function.arguments)) for t in c.message.tool_calls or []]
+
+
 @pytest.mark.parametrize("body,field", [
     ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {
         "type": "object", "properties": {"a": {"$ref": "#/$defs/nowhere"}}, "required": ["a"]}}}},

@@ -12,9 +12,9 @@ Request fields (chat and completions unless said):
 - chat only: `tools` (`[{"type": "function", "function": {"name", "description", "parameters", "strict"}}]`),
   `tool_choice` ("none", "auto" (the default with tools), "required", or `{"type": "function", "function":
   {"name": ...}}`), `parallel_tool_calls` (default true; false: at most one call). "required" and a named
-  function are always written under the call grammar; "auto" lets the model write text or calls, a call under
-  the grammar from its first character. The answer's `message.tool_calls` holds the calls (`content` the text
-  outside them, or null) and `finish_reason` is "tool_calls". Messages may carry `tool_calls` (assistant) and
+  function are always written under the call grammar; "auto" lets the model write text, calls, or text then
+  calls, a call under the grammar from its `<tool_call>` on. The answer's `message.tool_calls` holds the calls
+  (`content` the text outside them, or null) and `finish_reason` is "tool_calls". Messages may carry `tool_calls` (assistant) and
   `role: "tool"` (with `tool_call_id`).
 A schema or grammar outside what the engine supports (a dangling `$ref`, a schema too large or too deep, a bad
 regex) is a 400 naming the field. Structured output runs in every generation mode (not in edits).

@@ -14,8 +14,8 @@ Request fields (chat and completions unless said):
   {"name": ...}}`), `parallel_tool_calls` (default true; false: at most one call). "required" and a named
   function are always written under the call grammar; "auto" lets the model write text, calls, or text then
   calls, a call under the grammar from its `<tool_call>` on. The answer's `message.tool_calls` holds the calls
-  (`content` the text outside them, or null) and `finish_reason` is "tool_calls". Messages may carry `tool_calls` (assistant) and
-  `role: "tool"` (with `tool_call_id`).
+  (`content` the text outside them, or null) and `finish_reason` is "tool_calls". Messages may carry
+  `tool_calls` (assistant) and `role: "tool"` (with `tool_call_id`).
 A schema or grammar outside what the engine supports (a dangling `$ref`, a schema too large or too deep, a bad
 regex) is a 400 naming the field. Structured output runs in every generation mode (not in edits).
 """

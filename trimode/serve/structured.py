@@ -81,6 +81,52 @@ class NamedToolChoice(BaseModel):
     function: Name
 
 
+class ResponsesTool(BaseModel):
+    """A function tool in the Responses API's flat shape (`{"type": "function", "name", "parameters", ...}`)."""
+
+    model_config = STRICT
+    type: Literal["function"]
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.\-]+$")
+    description: str | None = None
+    parameters: dict | None = None
+    strict: bool | None = None
+
+    @property
+    def function(self) -> FunctionDef:  # the chat shape's part, which `functions_of` reads
+        return FunctionDef(name=self.name, description=self.description, parameters=self.parameters,
+                           strict=self.strict)
+
+
+class ResponsesFormat(BaseModel):
+    """The Responses API's `text.format`: text, json_object, or a flat json_schema (`name`, `schema`, `strict`)."""
+
+    model_config = STRICT
+    type: Literal["text", "json_object", "json_schema"]
+    name: str | None = Field(None, min_length=1, max_length=64)
+    schema_: dict | None = Field(None, alias="schema")
+    strict: bool | None = None
+    description: str | None = None
+
+    def response_format(self) -> ResponseFormat:
+        """The chat shape of this format (ValueError when a json_schema lacks its name or schema)."""
+        if self.type != "json_schema":
+            return ResponseFormat(type=self.type)
+        if self.name is None or self.schema_ is None:
+            raise ValueError("text.format of type json_schema needs name and schema")
+        return ResponseFormat(type="json_schema", json_schema=JSONSchemaFormat(
+            name=self.name, schema=self.schema_, strict=self.strict, description=self.description))
+
+
+def responses_tool_choice(v):
+    """The Responses API's `tool_choice` as the chat path reads it: "none", "auto", "required" or a name."""
+    if v is None or v in ("none", "auto", "required"):
+        return v
+    if isinstance(v, dict) and v.get("type") == "function" and set(v) == {"type", "name"} \
+            and isinstance(v["name"], str):
+        return v["name"]
+    raise ValueError('tool_choice must be "none", "auto", "required" or {"type": "function", "name": ...}')
+
+
 class StructuredFields(BaseModel):
     """The fields a generation request adds (mixed into the request models)."""
 

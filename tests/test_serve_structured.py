@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from pydantic import BaseModel, Field
 
 import trimode
-from tests.test_serve_api import ServerThread
+from tests.test_serve_api import ServerThread, build_checkpoint
 from trimode.engine import Engine
 from trimode.engine.auto import CostModel
 from trimode.serve.app import ServerConfig, create_app
@@ -197,6 +197,54 @@ def test_auto_tool_choice_streams_content_then_calls(client, mode, knobs):
         assert content.strip() == (c.message.content or "").strip()
         assert [(v["name"], json.loads(v["arguments"])) for v in calls.values()] == \
             [(t.function.name, json.loads(t.function.arguments)) for t in c.message.tool_calls or []]
+
+
+@pytest.fixture(scope="module")
+def call_token_client(tmp_path_factory):
+    """A tiny random checkpoint whose vocabulary has `<tool_call>` as one plain token (as Qwen-style ones do),
+    served: a logit_bias on that token makes the model write some text, then open a call."""
+    path = build_checkpoint(tmp_path_factory.mktemp("calls") / MODEL, context=1024, extra_tokens=("<tool_call>",))
+    tm = trimode.load(path)
+    engine = Engine(tm, cost=CostModel([(1, 1e-3), (1 << 16, 1e-3)]))
+    with ServerThread(create_app(engine, ServerConfig(MODEL, default_max_tokens=150))) as srv:
+        yield openai.OpenAI(base_url=srv.url + "/v1", api_key="none", max_retries=0), tm.tokenizer
+
+
+@pytest.mark.parametrize("mode,knobs", MODES)
+def test_auto_tool_choice_writes_text_then_a_call(call_token_client, mode, knobs):
+    """Under "auto" the model writes text, then its `<tool_call>` token, and the call grammar takes over: the
+    answer is the text as `content` and the call as `tool_calls` (finish_reason "tool_calls"); streamed, the
+    content deltas come first, then the call's; the lossless modes answer what AR answers."""
+    client, tok = call_token_client
+    kw = dict(model=MODEL, messages=ask("Weather in Oslo?"), tools=[WEATHER], tool_choice="auto",
+              parallel_tool_calls=False, max_tokens=150, logit_bias={str(tok.token_id("<tool_call>")): 10},
+              extra_body={"mode": mode, **knobs})
+    c = client.chat.completions.create(**kw).choices[0]
+    assert c.finish_reason == "tool_calls" and len(c.message.tool_calls) == 1, c
+    assert c.message.content and "<tool_call>" not in c.message.content
+    jsonschema.validate(json.loads(c.message.tool_calls[0].function.arguments), WEATHER["function"]["parameters"])
+    content, kinds, calls, finish = "", [], {}, None
+    for chunk in client.chat.completions.create(**kw, stream=True):
+        d = chunk.choices[0].delta
+        if d.content:
+            content, kinds = content + d.content, kinds + ["content"]
+        for t in d.tool_calls or []:
+            kinds.append("tool_calls")
+            slot = calls.setdefault(t.index, {"name": "", "arguments": ""})
+            slot["name"] += (t.function.name or "") if t.function else ""
+            slot["arguments"] += (t.function.arguments or "") if t.function else ""
+        finish = chunk.choices[0].finish_reason or finish
+    assert finish == "tool_calls" and kinds[0] == "content" and len(calls) == 1, kinds
+    assert "content" not in kinds[kinds.index("tool_calls"):], kinds
+    if mode in ("ar", "linear_spec", "quadratic_spec"):
+        assert content.strip() == c.message.content
+        assert [(v["name"], v["arguments"]) for v in calls.values()] == \
+            [(t.function.name, t.function.arguments) for t in c.message.tool_calls]
+        ar = client.chat.completions.create(**{**kw, "extra_body": {"mode": "ar"}}).choices[0]
+        assert (ar.message.content, ar.message.tool_calls[0].function.arguments) == \
+            (c.message.content, c.message.tool_calls[0].function.arguments)
+    required = client.chat.completions.create(**{**kw, "tool_choice": "required"}).choices[0]
+    assert required.finish_reason == "tool_calls" and required.message.content is None, required
 
 
 @pytest.mark.parametrize("body,field", [

@@ -329,7 +329,9 @@ class Planner:
     def _constraint(self, body: GenerationFields, mode: str) -> tuple[Constraint | None, str | None, str]:
         """The constraint the body asks for (compiled now, off the event loop), its tool choice and its field."""
         try:
-            constraint, tool_choice, field_name = requested_constraint(body)
+            tok = self.tm.tokenizer
+            call_token = tok.token_id("<tool_call>") if tok is not None else None  # Qwen-style vocabularies
+            constraint, tool_choice, field_name = requested_constraint(body, call_token)
             if constraint is not None:
                 if mode == "edit":
                     raise FieldError(field_name, f"{field_name} does not combine with suffix (an edit)")

@@ -157,9 +157,9 @@ def functions_of(body) -> list[Function]:
                      bool(t.function.strict)) for t in tools]
 
 
-def requested_constraint(body) -> tuple[Constraint | None, str | None, str]:
+def requested_constraint(body, open_token: int | None = None) -> tuple[Constraint | None, str | None, str]:
     """(the constraint the body asks for, the tool choice that applies or None, the field that asked) or a
-    ValueError naming the field."""
+    ValueError naming the field. `open_token`: the vocabulary's `<tool_call>` token, if it has one."""
     fmt, so = body.response_format, body.structured_outputs
     functions = functions_of(body)
     choice = getattr(body, "tool_choice", None)
@@ -188,7 +188,7 @@ def requested_constraint(body) -> tuple[Constraint | None, str | None, str]:
                 raise ValueError("tools: function names must be unique")
             choice = choice or "auto"
             parallel = body.parallel_tool_calls is not False
-            return tool_grammar(functions, choice, parallel), choice, "tools"
+            return tool_grammar(functions, choice, parallel, open_token), choice, "tools"
     except ValueError as e:
         raise _named(given[0] if given else "tool_choice", str(e)) from None
     return None, None, ""

@@ -162,6 +162,33 @@ def test_forced_tokens_cost_diffusion_no_pass(tm):
     assert r.stats.forward_passes < len(r.token_ids) / 2, (r.stats.forward_passes, len(r.token_ids))
 
 
+def test_provisional_blocks_mark_the_tokens_the_grammar_forced(tm):
+    """A diffusion block's provisional states say which slots the grammar forced (given tokens, no pass): the
+    schema's keys and punctuation; without a grammar, nothing is marked."""
+    schema = {"type": "object", "properties": {"label": {"enum": ["positive_review", "negative_review"]}},
+              "required": ["label"], "additionalProperties": False}
+    ids = chat(tm, "Classify: good")
+    blocks = []
+    events = tm.stream(ids, mode="diffusion", provisional=True, max_new_tokens=40, json_schema=schema,
+                       block_length=8)
+    while True:
+        try:
+            ev = next(events)
+        except StopIteration as stop:
+            result = stop.value
+            break
+        if hasattr(ev, "forced"):
+            blocks.append(ev)
+    assert blocks and all(b.forced is not None and len(b.forced) == len(b.token_ids) for b in blocks)
+    forced = [[t for t, f in zip(b.token_ids, b.forced, strict=True) if f] for b in blocks]
+    assert all(t is not None for ts in forced for t in ts)
+    assert '"label": "' in "".join(tm.tokenizer.decode(ts) for ts in forced), forced
+    assert result.stats.forward_passes < len(result.token_ids)
+    free = [e for e in tm.stream(ids, mode="diffusion", provisional=True, max_new_tokens=8, block_length=8)
+            if hasattr(e, "forced")]
+    assert free and all(b.forced is None for b in free)
+
+
 def test_rollback_over_eos_restores_the_state(tm):
     compiled = compile_constraint(tm.tokenizer, tm.config.vocab_size, tm.eos_ids(), Constraint.choice(["ab1"]))
     g = compiled.matcher()

@@ -1,12 +1,13 @@
 """What crosses the engine-core process boundary comes back as it left: every `EngineRequest` field (a grammar
-constraint, prompt scoring, forced lengths) and every result field (the prompt scores)."""
+constraint, prompt scoring, forced lengths), every result field (the prompt scores) and a provisional block's
+slots the grammar forced."""
 
 from __future__ import annotations
 
 import dataclasses
 
 from trimode.decode.grammar import Constraint
-from trimode.decode.result import GenerationResult
+from trimode.decode.result import BlockState, GenerationResult
 from trimode.decode.stats import DecodeStats
 from trimode.engine.request import EngineRequest
 from trimode.engine.scoring import PromptLogprob
@@ -31,3 +32,9 @@ def test_a_result_crosses_with_its_prompt_scores():
     back = event_from_wire(kind, decode(encode(fields)))
     assert back.prompt_logprobs == scores and back.stats == r.stats
     assert [(lp, [tuple(t) for t in top]) for lp, top in back.logprobs] == r.logprobs
+
+
+def test_a_block_crosses_with_its_forced_slots():
+    block = BlockState([5, None, 9], "x", 3, forced=[True, False, False])
+    kind, fields = event_to_wire(block)
+    assert event_from_wire(kind, decode(encode(fields))) == block

@@ -364,3 +364,47 @@ def test_the_learned_sampler_runs_diffusion_as_tm_generate_does(bundled_page, bu
     expected = tm.generate(prompt, mode="diffusion", max_new_tokens=16, unmask="learned", threshold=0.5)
     assert p.locator(".text").inner_text() == expected.text
     assert p.locator(".forwards").inner_text() == str(expected.stats.forward_passes)
+
+
+# Records each render of a diffusion block as (its forced cells' texts, the model's filled cells).
+FORCED_OBSERVER = """() => {
+  window.blocks = [];
+  new MutationObserver((records) => {
+    for (const r of records) {
+      if (!(r.target.classList && r.target.classList.contains("block")) || !r.addedNodes.length) continue;
+      const cells = [...r.target.children];
+      window.blocks.push([cells.filter((c) => c.classList.contains("forced")).map((c) => c.textContent),
+                          cells.filter((c) => /\\bc[0-9]\\b/.test(c.className)).length]);
+    }
+  }).observe(document.getElementById("results"), {childList: true, subtree: true});
+}"""
+
+
+def test_the_diffusion_block_marks_the_tokens_a_schema_forced(bundled_page, bundled):
+    """A JSON-schema run in diffusion: the block shows the tokens the grammar forced (the keys and punctuation,
+    written without a forward pass) apart from the model's own, with a legend; the answer matches the schema."""
+    page = bundled_page
+    schema = {"type": "object", "properties": {"label": {"enum": ["positive_review", "negative_review"]},
+                                               "score": {"type": "integer", "minimum": 0, "maximum": 9}},
+              "required": ["label", "score"], "additionalProperties": False}
+    page.fill("#prompt", "Classify: good")
+    page.select_option("#mode-a", "diffusion")
+    page.set_checked("#compare", False)
+    page.fill("#max-tokens", "40")
+    page.fill("#block-length", "8")
+    page.click("#structured summary")
+    page.fill("#json-schema", json.dumps(schema))
+    page.evaluate(FORCED_OBSERVER)
+    with page.expect_request("**/v1/chat/completions") as request:
+        page.click("#run")
+    assert json.loads(request.value.post_data)["provisional"] is True
+    p = panel(page, "diffusion")
+    expect(p.locator(".state")).to_contain_text("done", timeout=60_000)
+    answer = json.loads(p.locator(".text").inner_text())
+    assert answer["label"] in ("positive_review", "negative_review") and 0 <= answer["score"] <= 9
+    blocks = page.evaluate("window.blocks")
+    forced = "".join(t for texts, _ in blocks for t in texts).replace("\u2423", " ")  # spaces are shown as ␣
+    assert '"label": "' in forced or '"score": ' in forced, blocks  # keys the schema fixes
+    assert any(own for _, own in blocks), blocks  # and the model's own slots, styled apart
+    expect(p.locator(".block-legend")).to_be_visible()
+    expect(p.locator(".block-legend")).to_contain_text("forced by the grammar")

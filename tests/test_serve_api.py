@@ -49,14 +49,16 @@ ai_generation_policy:
 MODES = ("ar", "diffusion", "linear_spec", "quadratic_spec", "auto")
 
 
-def build_checkpoint(out: Path, context: int = CONTEXT) -> Path:
-    """A tiny NLD checkpoint with tokenizer.json, tokenizer_config.json (eos, chat template) and a drafter."""
+def build_checkpoint(out: Path, context: int = CONTEXT, extra_tokens: tuple[str, ...] = ()) -> Path:
+    """A tiny NLD checkpoint with tokenizer.json, tokenizer_config.json (eos, chat template) and a drafter;
+    `extra_tokens`: plain (not special) tokens added to the vocabulary, one id each."""
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=320, special_tokens=SPECIALS, show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(CORPUS, trainer)
+    tok.add_tokens(list(extra_tokens))
     out.mkdir(parents=True, exist_ok=True)
     tok.save(str(out / "tokenizer.json"))
     (out / "tokenizer_config.json").write_text(

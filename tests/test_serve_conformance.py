@@ -215,17 +215,17 @@ def test_responses_api(client, served):
 
 
 @pytest.mark.parametrize("extra, param", [
-    ({"tools": [{"type": "function", "name": "f", "parameters": {}}]}, "tools"),
+    ({"tools": [{"type": "web_search"}]}, "tools"),
     ({"previous_response_id": "resp_1"}, "previous_response_id"),
     ({"store": True}, "store"),
-    ({"text": {"format": {"type": "json_object"}}}, "text"),
-    ({"input": [{"type": "function_call_output", "call_id": "c", "output": "x"}]}, "input"),
+    ({"text": {"verbosity": "high"}}, "text"),
+    ({"input": [{"type": "reasoning", "summary": []}]}, "input"),
     ({"max_tokens": 5}, "max_tokens"),
     ({"bogus": 1}, "bogus"),
 ])
 def test_responses_refuses_what_it_does_not_serve(served, extra, param):
     r = post(served, "/v1/responses", {"model": MODEL, "input": "hi", **extra})
-    assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
+    assert r.status_code == 400 and r.json()["error"]["param"].split(".")[0] == param, r.text
 
 
 def test_openai_agents_plain_agent(served):

@@ -13,6 +13,7 @@ from trimode.decode.grammar import Constraint, compile_constraint
 from trimode.decode.stopping import ThinkingBudget
 from trimode.engine import Engine, EngineRequest
 from trimode.engine.auto import CostModel
+from trimode.request.tools import Function, ToolCallStream, chat_inputs, parse_tool_calls, tool_grammar
 
 PROMPTS = ["What is 3 + 4?", "Sort: 5 2 9", "Name a fruit.", "Reverse the word cat.", "Count to three."]
 SCHEMA = {
@@ -161,6 +162,33 @@ def test_forced_tokens_cost_diffusion_no_pass(tm):
     assert r.stats.forward_passes < len(r.token_ids) / 2, (r.stats.forward_passes, len(r.token_ids))
 
 
+def test_provisional_blocks_mark_the_tokens_the_grammar_forced(tm):
+    """A diffusion block's provisional states say which slots the grammar forced (given tokens, no pass): the
+    schema's keys and punctuation; without a grammar, nothing is marked."""
+    schema = {"type": "object", "properties": {"label": {"enum": ["positive_review", "negative_review"]}},
+              "required": ["label"], "additionalProperties": False}
+    ids = chat(tm, "Classify: good")
+    blocks = []
+    events = tm.stream(ids, mode="diffusion", provisional=True, max_new_tokens=40, json_schema=schema,
+                       block_length=8)
+    while True:
+        try:
+            ev = next(events)
+        except StopIteration as stop:
+            result = stop.value
+            break
+        if hasattr(ev, "forced"):
+            blocks.append(ev)
+    assert blocks and all(b.forced is not None and len(b.forced) == len(b.token_ids) for b in blocks)
+    forced = [[t for t, f in zip(b.token_ids, b.forced, strict=True) if f] for b in blocks]
+    assert all(t is not None for ts in forced for t in ts)
+    assert '"label": "' in "".join(tm.tokenizer.decode(ts) for ts in forced), forced
+    assert result.stats.forward_passes < len(result.token_ids)
+    free = [e for e in tm.stream(ids, mode="diffusion", provisional=True, max_new_tokens=8, block_length=8)
+            if hasattr(e, "forced")]
+    assert free and all(b.forced is None for b in free)
+
+
 def test_rollback_over_eos_restores_the_state(tm):
     compiled = compile_constraint(tm.tokenizer, tm.config.vocab_size, tm.eos_ids(), Constraint.choice(["ab1"]))
     g = compiled.matcher()
@@ -202,3 +230,63 @@ def test_grammar_and_logit_processors_meet_in_the_decision_stage(tm, sampled):
         assert [lp for lp, _ in r.logprobs] == pytest.approx([lp for lp, _ in ref.logprobs], abs=1e-3), mode
     r = tm.generate(ids, mode="diffusion", block_length=8, **{k: v for k, v in kw.items() if k != "logprobs"})
     jsonschema.validate(json.loads(r.text), SCHEMA)
+
+
+WEATHER = Function("get_weather", {"type": "object", "properties": {"city": {"enum": ["Paris", "Oslo"]}},
+                                   "required": ["city"], "additionalProperties": False})
+CALL = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
+
+
+def walk(tm, matcher, text: str) -> bool:
+    """Whether the grammar takes every token of `text` (the matcher is left after the last one it took)."""
+    for t in tm.tokenizer.encode(text):
+        if not matcher.accepts(t):
+            return False
+        matcher.advance(t)
+    return True
+
+
+def test_auto_tool_choice_lets_text_come_before_a_call(tm):
+    """`tool_choice="auto"`: free text, a call, or text then calls; from `<tool_call>\n` on, the call grammar
+    holds (its name and arguments forced or masked), and nothing follows the last call."""
+    def matcher(parallel=True):
+        c = tool_grammar([WEATHER], "auto", parallel)
+        return compile_constraint(tm.tokenizer, tm.config.vocab_size, tm.eos_ids(), c).matcher()
+
+    for text in ("Just text, no call.", "a <tool_ca", CALL, "Let me check.\n" + CALL, f"Both:\n{CALL}\n{CALL}"):
+        g = matcher()
+        assert walk(tm, g, text) and g.is_accepting(), text
+    g = matcher()
+    assert walk(tm, g, "Let me check.\n<tool_call>\n")
+    assert not g.is_accepting()
+    assert tm.tokenizer.decode(g.forced_tokens()) == '{"name": "get_weather", "arguments": {"city": "'
+    assert not walk(tm, matcher(), 'x <tool_call>\n{"name": "other"')
+    assert not walk(tm, matcher(), CALL + " and text after it")
+    assert not walk(tm, matcher(parallel=False), f"{CALL}\n{CALL}")
+    content, calls = parse_tool_calls("Let me check.\n" + CALL)
+    assert content == "Let me check." and [c["function"]["name"] for c in calls] == ["get_weather"]
+    stream, deltas = ToolCallStream(), []
+    for ch in "Let me check.\n" + CALL:  # one character at a time, as a stream may cut it
+        deltas += stream.feed(ch)
+    deltas += stream.close()
+    assert "".join(d.get("content", "") for d in deltas).strip() == "Let me check."
+    kinds = [k for d in deltas for k in d]
+    first_call = kinds.index("tool_calls")
+    assert "content" in kinds[:first_call] and "content" not in kinds[first_call:], kinds
+
+
+@pytest.mark.parametrize("sampled", [False, True])
+def test_speculation_writes_what_ar_writes_under_auto_tool_choice(tm, sampled):
+    c = tool_grammar([WEATHER], "auto")
+    bias = {t: 4.0 for t in tm.tokenizer.encode("<tool_call>")}  # '<' and its pieces come up in the text
+    for prompt in PROMPTS[:3]:
+        msgs, tools = chat_inputs(tm.tokenizer, [{"role": "user", "content": prompt}], [WEATHER])
+        ids = tm.tokenizer.encode_chat(msgs, tools=tools) if tools else tm.tokenizer.encode_chat(msgs)
+        kw = dict(max_new_tokens=48, constraint=c, logit_bias=bias)
+        kw |= dict(temperature=0.9, seed=3) if sampled else {}
+        ar = tm.generate(ids, mode="ar", **kw)
+        for mode, block in (("linear_spec", 4), ("quadratic_spec", 4)):
+            r = tm.generate(ids, mode=mode, block_length=block, **kw)
+            assert r.token_ids == ar.token_ids, (mode, prompt)
+        r = tm.generate(ids, mode="diffusion", block_length=8, **kw)
+        assert "<tool_call>" not in r.text or parse_tool_calls(r.text)[1], r.text

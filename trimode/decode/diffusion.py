@@ -241,7 +241,8 @@ def denoise_block(block: torch.Tensor, masked: torch.Tensor, positions: torch.Te
         if remasking is not None:
             remasking(decision.given.view(batch, block_length), block, masked, transfer, committed_at)
         if provisional:
-            yield Provisional(block.masked_fill(masked, mask_id).tolist(), stats)
+            forced = None if frontier is None else [row[:] for row in frontier.forced]
+            yield Provisional(block.masked_fill(masked, mask_id).tolist(), stats, forced)
         if remasking is not None and masked.any():
             continue  # a committed token may still be remasked: nothing is final before the block is
         settled = [generated[r] + _settled_prefix(block[r], masked[r]) for r in range(batch)]

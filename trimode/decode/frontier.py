@@ -27,9 +27,11 @@ class Frontier:
         self.grammars = grammars
         self.block_length = block_length
         self.read = [0] * len(grammars)  # slots of the current block each row's grammar has read
+        self.forced = [[False] * block_length for _ in grammars]  # per row and slot: written by `force`
 
     def new_block(self) -> None:
         self.read = [0] * len(self.grammars)
+        self.forced = [[False] * self.block_length for _ in self.grammars]
 
     def catch_up(self, block: torch.Tensor, masked: torch.Tensor) -> None:
         """Read the slots at each frontier that are already committed (the seed, a forced end-think token). One
@@ -46,8 +48,8 @@ class Frontier:
             self.read[r] = c
 
     def force(self, block: torch.Tensor, masked: torch.Tensor) -> int:
-        """Write the tokens each grammar forces at its frontier into the block (given, not denoised); returns how
-        many were written."""
+        """Write the tokens each grammar forces at its frontier into the block (given, not denoised; `forced`
+        marks their slots); returns how many were written."""
         self.catch_up(block, masked)
         written = 0
         for r, g in enumerate(self.grammars):
@@ -57,6 +59,7 @@ class Frontier:
                     break
                 block[r, c] = token
                 masked[r, c] = False
+                self.forced[r][c] = True
                 g.advance(token)
                 c += 1
                 written += 1

@@ -39,8 +39,10 @@ class Delta:
 
 @dataclass
 class BlockState:
-    """A provisional view of the diffusion block being denoised (mask slots shown as None)."""
+    """A provisional view of the diffusion block being denoised (mask slots shown as None). `forced`: per slot,
+    whether the request's grammar forced its token (no forward pass wrote it); None without a grammar."""
 
     token_ids: list[int | None]
     text: str
     forward_passes: int | None = None
+    forced: list[bool] | None = None

@@ -72,10 +72,13 @@ class Committed:
 
 @dataclass
 class Provisional:
-    """The current state of the block being denoised, per row; undecided slots hold the mask id."""
+    """The current state of the block being denoised, per row; undecided slots hold the mask id. `forced`: per
+    row and slot, whether its grammar forced the token (written as a given token, no forward pass: see
+    decode/frontier.py); None without a grammar."""
 
     block: list[list[int]]
     stats: DecodeStats | None = None
+    forced: list[list[bool]] | None = None
 
 
 @dataclass

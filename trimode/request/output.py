@@ -20,7 +20,8 @@ from trimode.request.edit_plan import EditPlan
 
 def _block_state(model: ModelHandle, event: Provisional, passes: int) -> BlockState:
     block = [None if t == model.config.mask_token_id else t for t in event.block[0]]
-    return BlockState(block, model.decode([t for t in block if t is not None]) or "", passes)
+    forced = event.forced[0] if event.forced is not None else None
+    return BlockState(block, model.decode([t for t in block if t is not None]) or "", passes, forced)
 
 
 class TextOutput:

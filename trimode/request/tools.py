@@ -15,8 +15,8 @@ assistant message's `tool_calls` in this format, and a `role: "tool"` message as
 assistant contents before the template runs.
 
 `tool_grammar` builds the llguidance grammar for a `tool_choice`: "required" and a named function write calls
-only (each call's arguments follow that function's JSON schema); "auto" writes either free text without
-`<tool_call>` in it, or calls (constrained from the first character of a call on); "none" is unconstrained.
+only (each call's arguments follow that function's JSON schema); "auto" writes text without `<tool_call>` in it,
+calls, or text followed by calls (constrained from the first `<tool_call>` on); "none" is unconstrained.
 """
 
 from __future__ import annotations
@@ -123,8 +123,12 @@ def _call_schema(f: Function) -> dict:
             "required": ["name", "arguments"], "additionalProperties": False}
 
 
-def tool_grammar(functions: list[Function], choice: str, parallel: bool = True) -> Constraint | None:
-    """The constraint of a `tool_choice`: "none" (None: free text), "auto", "required", or a function's name."""
+def tool_grammar(functions: list[Function], choice: str, parallel: bool = True,
+                 open_token: int | None = None) -> Constraint | None:
+    """The constraint of a `tool_choice`: "none" (None: free text), "auto", "required", or a function's name.
+    `open_token`: the id of a vocabulary token that is `<tool_call>` whole (Qwen-style vocabularies add one),
+    which opens a call as well as the text does (llguidance reads such a token as special, never as text, so
+    without this a model could not write its own call token)."""
     if choice == "none" or not functions:
         return None
     chosen = functions if choice in ("auto", "required") else [f for f in functions if f.name == choice]
@@ -133,13 +137,21 @@ def tool_grammar(functions: list[Function], choice: str, parallel: bool = True) 
     schemas = [_call_schema(f) for f in chosen]
     schema = schemas[0] if len(schemas) == 1 else {"anyOf": schemas}
     schema = {**schema, "x-guidance": JSON_FORMAT}
-    lines = [f"call: {json.dumps(OPEN)} body {json.dumps(CLOSE)}", f"body: %json {json.dumps(schema)}",
-             'calls: call ("\\n" call)*' if parallel and choice in ("auto", "required") else "calls: call"]
+    many = parallel and choice in ("auto", "required")
+    by_token = "" if open_token is None else f' | <[{int(open_token)}]> "\\n"'
+    lines = [f"open: {json.dumps(OPEN)}{by_token}", f"call: %json {json.dumps(schema)} {json.dumps(CLOSE)}",
+             'more: ("\\n" open call)*' if many else 'more: ""']
     if choice == "auto":
-        lines.insert(0, "start: TEXT | calls")
-        lines.append("TEXT: /(.|\\n)+/ & ~/(.|\\n)*<tool_call>(.|\\n)*/")
+        # Free text that never holds `<tool_call>`, or text (maybe none) up to the first `<tool_call>\n` and
+        # calls from there: `head` is lazy, so it ends at the first `<tool_call>\n` and the call grammar takes
+        # over (a greedy text terminal could not end where a call begins). A `<tool_call>` token is no text, so
+        # text before it ends where it comes.
+        start = "start: TEXT | head call more" + ("" if open_token is None else
+                                                  f' | TEXT? <[{int(open_token)}]> "\\n" call more')
+        lines[:0] = [start, "head[lazy]: /(.|\\n)*<tool_call>\\n/",
+                     "TEXT: /(.|\\n)+/ & ~/(.|\\n)*<tool_call>(.|\\n)*/"]
     else:
-        lines.insert(0, "start: calls")
+        lines.insert(0, "start: open call more")
     return Constraint.grammar("\n".join(lines))
 
 

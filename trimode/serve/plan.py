@@ -197,10 +197,14 @@ class Planner:
         if route is not None:
             plan.review_flag = route.flags_for_review(plan.request_id, risk)
         if endpoint == "responses":
+            choice = body.tool_choice or "auto"
             plan.settings = {"instructions": body.instructions, "max_output_tokens": body.max_output_tokens,
                              "metadata": body.metadata or {}, "temperature": plan.temperature, "top_p": plan.top_p,
-                             "tool_choice": body.tool_choice or "auto", "parallel_tool_calls":
+                             "tool_choice": choice if choice in ("none", "auto", "required") else
+                             {"type": "function", "name": choice}, "parallel_tool_calls":
                              body.parallel_tool_calls if body.parallel_tool_calls is not None else True,
+                             "tools": [t.model_dump(by_alias=True, exclude_none=True) for t in body.tools or []],
+                             "text": {"format": (body.text or {}).get("format") or {"type": "text"}},
                              "user": body.user, "safety_identifier": body.safety_identifier}
         return plan
 
@@ -325,7 +329,9 @@ class Planner:
     def _constraint(self, body: GenerationFields, mode: str) -> tuple[Constraint | None, str | None, str]:
         """The constraint the body asks for (compiled now, off the event loop), its tool choice and its field."""
         try:
-            constraint, tool_choice, field_name = requested_constraint(body)
+            tok = self.tm.tokenizer
+            call_token = tok.token_id("<tool_call>") if tok is not None else None  # Qwen-style vocabularies
+            constraint, tool_choice, field_name = requested_constraint(body, call_token)
             if constraint is not None:
                 if mode == "edit":
                     raise FieldError(field_name, f"{field_name} does not combine with suffix (an edit)")

@@ -23,7 +23,14 @@ from pydantic import BaseModel, ConfigDict, Field, FiniteFloat, ValidationError,
 from pydantic_core import from_json
 
 from trimode.decode.modes import KNOB_NAMES, MODES
-from trimode.serve.structured import StructuredFields, ToolFields
+from trimode.serve.structured import (
+    MAX_TOOLS,
+    ResponsesFormat,
+    ResponsesTool,
+    StructuredFields,
+    ToolFields,
+    responses_tool_choice,
+)
 
 # What a request's `mode` may name (edits have their own fields and route: `suffix`, /v1/edits).
 RequestMode = Literal[tuple(name for name, spec in MODES.items() if not spec.editing)]  # type: ignore[valid-type]
@@ -419,10 +426,12 @@ class ResponsesStreamOptions(BaseModel):
 
 class ResponsesRequest(GenerationFields):
     """POST /v1/responses (OpenAI's Responses API) over the chat path: `instructions` and `input` (a string, or
-    message items whose content is a string or input_text / output_text parts) become the conversation;
-    `max_output_tokens` its budget. trimode's extra fields apply as on the other routes. What would change the
-    answer's meaning and is not served (tools, structured output, stored conversations, reasoning settings) is a
-    400 naming the field; settings without effect here (store=false, empty tools, metadata, user) are accepted."""
+    message items whose content is a string or input_text / output_text parts, `function_call` items and
+    `function_call_output` items) become the conversation; `max_output_tokens` its budget. `text.format`
+    (json_object, json_schema) and function `tools` / `tool_choice` run the chat path's structured output
+    (serve/structured.py). trimode's extra fields apply as on the other routes. What would change the answer's
+    meaning and is not served (stored conversations, reasoning settings) is a 400 naming the field; settings
+    without effect here (store=false, metadata, user) are accepted."""
 
     input: Any = Field(json_schema_extra={"anyOf": [{"type": "string"}, {"type": "array", "items": {
         "type": "object"}}]})
@@ -432,8 +441,9 @@ class ResponsesRequest(GenerationFields):
     metadata: dict[str, str] | None = None
     store: bool | None = None
     include: list[str] | None = None
-    tools: list[dict] | None = None
-    tool_choice: Any = None
+    tools: list[ResponsesTool] | None = Field(None, max_length=MAX_TOOLS)
+    tool_choice: Any = Field(None, json_schema_extra={"anyOf": [
+        {"enum": ["none", "auto", "required"]}, {"type": "object"}]})
     parallel_tool_calls: bool | None = None
     max_tool_calls: int | None = None
     text: dict | None = None
@@ -460,12 +470,13 @@ class ResponsesRequest(GenerationFields):
             "conversation": (self.conversation is not None, "conversations are not stored here"),
             "prompt": (self.prompt is not None, "stored prompt templates are not supported"),
             "background": (bool(self.background), "background responses are not supported"),
-            "tools": (bool(self.tools), "tools (function calling) are not supported yet"),
-            "tool_choice": (self.tool_choice not in (None, "none", "auto"), "no tools are served"),
+            "max_tool_calls": (self.max_tool_calls not in (None, 1), "only max_tool_calls 1 (one call) is served; "
+                               "leave it out for any number"),
             "include": (bool(self.include), "no extra output data (such as logprobs) is served on this route yet"),
             "top_logprobs": (self.top_logprobs not in (None, 0), "logprobs are not served on this route yet"),
             "prompt_logprobs": (self.prompt_logprobs is not None, "prompt scores are served by /v1/completions"),
-            "text": (not _plain_text(self.text), "only plain text output (text.format type text) is supported"),
+            "text": (set(self.text or {}) - {"format", "verbosity"} or (self.text or {}).get("verbosity")
+                     is not None, "text takes format (text, json_object or json_schema); verbosity is not served"),
             "truncation": (self.truncation == "auto", "the input is never truncated here (use disabled)"),
             "reasoning": (any(v is not None for v in (self.reasoning or {}).values()),
                           "this model has no reasoning settings"),
@@ -473,7 +484,24 @@ class ResponsesRequest(GenerationFields):
         for name, (bad, why) in refused.items():
             if bad:
                 raise APIError(400, f"{name}: {why}", param=name, code="unsupported_parameter")
+        if self.max_tool_calls == 1:
+            self.parallel_tool_calls = False
+        fmt = (self.text or {}).get("format")
+        if fmt is not None:
+            try:
+                chat_format = ResponsesFormat.model_validate(fmt).response_format()
+            except (ValueError, ValidationError) as e:
+                raise APIError(400, f"text.format: {_first_error(e)}", param="text", code="invalid_value") from None
+            if chat_format.type != "text":
+                if self.response_format is not None:
+                    raise APIError(400, "give text.format or response_format, not both", param="text")
+                self.response_format = chat_format
         return self
+
+    @field_validator("tool_choice")
+    @classmethod
+    def _tool_choice(cls, v):
+        return responses_tool_choice(v)
 
     @field_validator("input")
     @classmethod
@@ -482,7 +510,21 @@ class ResponsesRequest(GenerationFields):
             return [ChatMessage(role="user", content=v)]
         if not isinstance(v, list) or not v:
             raise ValueError("input must be a string or a non-empty list of message items")
-        return [_input_message(item, i) for i, item in enumerate(v)]
+        messages: list[ChatMessage] = []
+        for i, item in enumerate(v):
+            kind = item.get("type", "message") if isinstance(item, dict) else None
+            if kind == "function_call":  # joins the assistant message before it, as chat's tool_calls
+                call = _input_call(item, i)
+                last = messages[-1] if messages else None
+                if last is not None and last.role == "assistant":
+                    messages[-1] = last.model_copy(update={"tool_calls": [*(last.tool_calls or []), call]})
+                else:
+                    messages.append(ChatMessage(role="assistant", content=None, tool_calls=[call]))
+            elif kind == "function_call_output":
+                messages.append(_input_output(item, i))
+            else:
+                messages.append(_input_message(item, i))
+        return messages
 
     @property
     def messages(self) -> list[ChatMessage]:
@@ -503,11 +545,35 @@ class ResponsesRequest(GenerationFields):
         return self.max_output_tokens
 
 
-def _plain_text(text: dict | None) -> bool:
-    if not text:
-        return True
-    fmt = text.get("format") or {"type": "text"}
-    return set(text) <= {"format", "verbosity"} and text.get("verbosity") is None and fmt == {"type": "text"}
+def _first_error(e: Exception) -> str:
+    if isinstance(e, ValidationError):
+        err = e.errors()[0]
+        return f"{'.'.join(map(str, err['loc'])) or 'value'}: {err['msg']}"
+    return str(e)
+
+
+def _input_fields(item: dict, i: int, required: tuple[str, ...], optional: tuple[str, ...]) -> None:
+    for name in required:
+        if not isinstance(item.get(name), str):
+            raise ValueError(f"input[{i}].{name} must be a string")
+    extra = set(item) - {"type", *required, *optional}
+    if extra:
+        raise ValueError(f"input[{i}]: unknown field {sorted(extra)[0]!r}")
+
+
+def _input_call(item: dict, i: int) -> ToolCall:
+    """A `function_call` item (a call the model made in an earlier turn) as a chat tool call."""
+    _input_fields(item, i, ("call_id", "name", "arguments"), ("id", "status"))
+    return ToolCall(id=item["call_id"], function=ToolCallFunction(name=item["name"], arguments=item["arguments"]))
+
+
+def _input_output(item: dict, i: int) -> ChatMessage:
+    """A `function_call_output` item (what a call returned) as a chat `tool` message."""
+    output = item.get("output")
+    if isinstance(output, list):  # output parts: their texts
+        output = "".join(p.get("text", "") for p in output if isinstance(p, dict))
+    _input_fields({**item, "output": output}, i, ("call_id", "output"), ("id", "status"))
+    return ChatMessage(role="tool", tool_call_id=item["call_id"], content=output)
 
 
 def _input_message(item, i: int) -> ChatMessage:
@@ -516,7 +582,8 @@ def _input_message(item, i: int) -> ChatMessage:
         raise ValueError(f"input[{i}] must be a message item (an object)")
     kind = item.get("type", "message")
     if kind != "message":
-        raise ValueError(f"input[{i}]: items of type {kind!r} are not supported (messages only; no tools yet)")
+        raise ValueError(f"input[{i}]: items of type {kind!r} are not supported (message, function_call, "
+                         "function_call_output)")
     extra = set(item) - {"type", "role", "content", "id", "status", "phase"}
     if extra:
         raise ValueError(f"input[{i}]: unknown field {sorted(extra)[0]!r}")

@@ -318,8 +318,9 @@ class Responder:
                                 continue
                             yield self._chunk(plan, k, ev.text or None, trimode=event_fields(self.tm, ev))
                         elif isinstance(ev, BlockState):
+                            forced = {} if ev.forced is None else {"forced": ev.forced}  # under a grammar
                             yield self._chunk(plan, k, None, trimode=event_fields(self.tm, ev), provisional={
-                                "token_ids": ev.token_ids, "text": ev.text})
+                                "token_ids": ev.token_ids, "text": ev.text, **forced})
                         elif isinstance(ev, GenerationResult):
                             results[k] = ev
             except Exception as e:  # the stream has started: report in-band, as OpenAI does

@@ -12,10 +12,10 @@ Request fields (chat and completions unless said):
 - chat only: `tools` (`[{"type": "function", "function": {"name", "description", "parameters", "strict"}}]`),
   `tool_choice` ("none", "auto" (the default with tools), "required", or `{"type": "function", "function":
   {"name": ...}}`), `parallel_tool_calls` (default true; false: at most one call). "required" and a named
-  function are always written under the call grammar; "auto" lets the model write text or calls, a call under
-  the grammar from its first character. The answer's `message.tool_calls` holds the calls (`content` the text
-  outside them, or null) and `finish_reason` is "tool_calls". Messages may carry `tool_calls` (assistant) and
-  `role: "tool"` (with `tool_call_id`).
+  function are always written under the call grammar; "auto" lets the model write text, calls, or text then
+  calls, a call under the grammar from its `<tool_call>` on. The answer's `message.tool_calls` holds the calls
+  (`content` the text outside them, or null) and `finish_reason` is "tool_calls". Messages may carry
+  `tool_calls` (assistant) and `role: "tool"` (with `tool_call_id`).
 A schema or grammar outside what the engine supports (a dangling `$ref`, a schema too large or too deep, a bad
 regex) is a 400 naming the field. Structured output runs in every generation mode (not in edits).
 """
@@ -81,6 +81,52 @@ class NamedToolChoice(BaseModel):
     function: Name
 
 
+class ResponsesTool(BaseModel):
+    """A function tool in the Responses API's flat shape (`{"type": "function", "name", "parameters", ...}`)."""
+
+    model_config = STRICT
+    type: Literal["function"]
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.\-]+$")
+    description: str | None = None
+    parameters: dict | None = None
+    strict: bool | None = None
+
+    @property
+    def function(self) -> FunctionDef:  # the chat shape's part, which `functions_of` reads
+        return FunctionDef(name=self.name, description=self.description, parameters=self.parameters,
+                           strict=self.strict)
+
+
+class ResponsesFormat(BaseModel):
+    """The Responses API's `text.format`: text, json_object, or a flat json_schema (`name`, `schema`, `strict`)."""
+
+    model_config = STRICT
+    type: Literal["text", "json_object", "json_schema"]
+    name: str | None = Field(None, min_length=1, max_length=64)
+    schema_: dict | None = Field(None, alias="schema")
+    strict: bool | None = None
+    description: str | None = None
+
+    def response_format(self) -> ResponseFormat:
+        """The chat shape of this format (ValueError when a json_schema lacks its name or schema)."""
+        if self.type != "json_schema":
+            return ResponseFormat(type=self.type)
+        if self.name is None or self.schema_ is None:
+            raise ValueError("text.format of type json_schema needs name and schema")
+        return ResponseFormat(type="json_schema", json_schema=JSONSchemaFormat(
+            name=self.name, schema=self.schema_, strict=self.strict, description=self.description))
+
+
+def responses_tool_choice(v):
+    """The Responses API's `tool_choice` as the chat path reads it: "none", "auto", "required" or a name."""
+    if v is None or v in ("none", "auto", "required"):
+        return v
+    if isinstance(v, dict) and v.get("type") == "function" and set(v) == {"type", "name"} \
+            and isinstance(v["name"], str):
+        return v["name"]
+    raise ValueError('tool_choice must be "none", "auto", "required" or {"type": "function", "name": ...}')
+
+
 class StructuredFields(BaseModel):
     """The fields a generation request adds (mixed into the request models)."""
 
@@ -111,9 +157,9 @@ def functions_of(body) -> list[Function]:
                      bool(t.function.strict)) for t in tools]
 
 
-def requested_constraint(body) -> tuple[Constraint | None, str | None, str]:
+def requested_constraint(body, open_token: int | None = None) -> tuple[Constraint | None, str | None, str]:
     """(the constraint the body asks for, the tool choice that applies or None, the field that asked) or a
-    ValueError naming the field."""
+    ValueError naming the field. `open_token`: the vocabulary's `<tool_call>` token, if it has one."""
     fmt, so = body.response_format, body.structured_outputs
     functions = functions_of(body)
     choice = getattr(body, "tool_choice", None)
@@ -142,7 +188,7 @@ def requested_constraint(body) -> tuple[Constraint | None, str | None, str]:
                 raise ValueError("tools: function names must be unique")
             choice = choice or "auto"
             parallel = body.parallel_tool_calls is not False
-            return tool_grammar(functions, choice, parallel), choice, "tools"
+            return tool_grammar(functions, choice, parallel, open_token), choice, "tools"
     except ValueError as e:
         raise _named(given[0] if given else "tool_choice", str(e)) from None
     return None, None, ""

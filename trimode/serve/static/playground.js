@@ -370,7 +370,8 @@
     // block (slots masked again are refilled in place) unless its hole grows.
     const fresh = !old || old.length !== ids.length || (!run.edit && (old.every((c) => c.id !== null) ||
       old.some((c, i) => c.id !== null && ids[i] === null)));
-    if (fresh) run.block = ids.map(() => ({ id: null, piece: null, pass: null }));
+    if (fresh) run.block = ids.map(() => ({ id: null, piece: null, pass: null, forced: false }));
+    const forced = prov.forced || []; // under a grammar: the slots it forced (given tokens, no forward pass)
     const pass = passIndex(run);
     const asRead = fresh && run.edit === "revise"; // the draft's first state: not told apart from what it was
     ids.forEach((t, i) => {
@@ -378,6 +379,7 @@
       if (t !== null && cell.id !== t) cell.pass = asRead ? null : pass;
       cell.id = t;
       cell.piece = pieces[i];
+      cell.forced = t !== null && Boolean(forced[i]);
     });
     // An edit's given slots: the suffix of an infill (its last slots), the open end of a revision (the last).
     const givenFrom = run.edit === "infill" ? ids.length - suffixSlots(pieces, run.suffix) : ids.length;
@@ -390,6 +392,10 @@
       } else if (c.id === null) {
         el.className = "cell mask";
         el.title = "masked";
+      } else if (c.forced) {
+        el.className = "cell forced";
+        el.textContent = visible(c.piece === null ? "" : c.piece);
+        el.title = `token ${c.id}, forced by the grammar: written without a forward pass`;
       } else if (i >= givenFrom || c.pass === null) {
         el.className = "cell given";
         el.textContent = visible(c.piece === null ? "" : c.piece);
@@ -403,6 +409,7 @@
     });
     const filled = run.block.filter((c) => c.id !== null).length;
     run.q("block").replaceChildren(...cells);
+    if (forced.some(Boolean)) run.q("block-legend").hidden = false;
     run.q("block").setAttribute("aria-label", `block being ${run.edit ? "edited" : "denoised"}: ${filled} of ${run.block.length} slots filled`);
     if (run.edit && run.filling) showFilling(run, Math.min(givenFrom, openAt < 0 ? ids.length : openAt));
     updateFigures(run);

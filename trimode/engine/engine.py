@@ -35,7 +35,7 @@ from trimode.engine.kv_pool import KVPool
 from trimode.engine.request import EngineRequest, EngineStopped, QueueFull, RequestCancelled, RequestHandle
 from trimode.engine.runner import run_step
 from trimode.engine.scheduler import Scheduler
-from trimode.engine.sequence import Sequence, Status
+from trimode.engine.sequence import Sequence, Status, read_pending_ids
 from trimode.model.handle import ModelHandle
 from trimode.request import Prepared, fill_request, infill_request, prepare, revise_request
 
@@ -295,6 +295,8 @@ class Engine:
                 steer = AutoSteer(self.policy, seq.prepared.knobs.block_length)
             seq.start(self.tm, seq.cache, steer, time.perf_counter())
             self._advance(seq, None)
+        read_pending_ids(self.scheduler.running)  # one host read of every row's ids the prefix cache needs
+        for seq in admitted:
             if seq.status is Status.RUNNING:
                 seq.adopt_prefix()
         for seq in list(self.scheduler.running):

@@ -11,7 +11,7 @@ per group (`PackedView.attend`). Built with a handful of batched tensor ops howe
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -30,10 +30,10 @@ class Row:
     mask: MaskSpec
     lora: bool
     read: list[int] | None  # token indices whose logits the row needs; None: all
+    tokens: int = field(init=False)  # T (kept as an int: the scheduler and the runner ask for it often)
 
-    @property
-    def tokens(self) -> int:
-        return self.ids.numel()
+    def __post_init__(self) -> None:
+        self.tokens = self.ids.numel()
 
 
 class RowsView:

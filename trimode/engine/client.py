@@ -59,12 +59,12 @@ class RemoteHandle(RequestHandle):
             self.link.send(["cancel", self.link.identity, self.request_id])
         super().cancel()
 
-    def _put(self, item) -> None:
+    def _put(self, item, wake: bool = True) -> None:
         if len(self._items) >= MAX_PENDING and not self.done:  # the reader is stuck: drop the request
             super()._put(_Failure(RuntimeError(f"the client read too slowly ({MAX_PENDING} events unread)")))
             self.cancel()
             return
-        super()._put(item)
+        super()._put(item, wake)
 
 
 class CoreLink:

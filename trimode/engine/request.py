@@ -81,6 +81,7 @@ class RequestHandle:
         self._wakers: list[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = []
         self._cancelled = threading.Event()
         self._closed = False
+        self._unread = False  # items queued since the client was last woken
 
     @property
     def request_id(self) -> int:
@@ -99,13 +100,26 @@ class RequestHandle:
         self._cancelled.set()
 
     # -- engine side -------------------------------------------------------------------------------------
-    def _put(self, item) -> None:
+    def _put(self, item, wake: bool = True) -> None:
+        """Queue an item for the client; `wake=False` leaves the waking to a later `_wake` (the engine queues a
+        step's events as it makes them and wakes each client once, after the step, so woken client threads do
+        not contend with the loop's Python work mid-step)."""
         with self._cond:
             if self._closed:
                 return
             self._items.append(item)
             if item is _END or isinstance(item, _Failure):
                 self._closed = True
+            self._unread = True
+        if wake:
+            self._wake()
+
+    def _wake(self) -> None:
+        """Wake the client (a blocked iterator, an asyncio reader) if something was queued since the last wake."""
+        with self._cond:
+            if not self._unread:
+                return
+            self._unread = False
             self._cond.notify_all()
             wakers = list(self._wakers)
         for loop, event in wakers:

@@ -113,7 +113,7 @@ class Sequence:
             if op is None:
                 continue
             for event in self.output.events(op):
-                self.handle._put(event)
+                self.handle._put(event, wake=False)  # the engine wakes the client after the step
             if self.output.stop_hit:
                 self.machine.close()
                 return self.result()
@@ -168,6 +168,10 @@ class Sequence:
         f = self.pending
         t = f.tokens
         start, end = self.chunk_done, t
+        if f.logits == "last" and not start and self.scorer is None and not self.chunkable(prefill_chunk):
+            self.read = [t - 1]  # the common case (an AR step, a short prompt pass): the whole pass, its last logits
+            positions = f.positions if f.positions is None or f.positions.dim() == 1 else f.positions.reshape(-1)
+            return Row(self.cache, f.ids[0], positions, f.mask, f.lora, self.read)
         positions = f.positions  # None: right after the cache (a chunk's earlier chunks are committed by then)
         mask = f.mask
         if start and isinstance(mask, QuadraticInit):
@@ -212,8 +216,8 @@ class Sequence:
             ids = self.host_ids()[self.chunk_done : self.chunk_done + row.tokens] if self.cache.clean and causal else None
             self.cache.commit(row.tokens, ids, causal, row.lora)
         self.chunk_done += row.tokens
-        wanted = None if f.logits == "all" else {f.tokens - 1} if f.logits == "last" else set(f.logits)
         if self.scoring:
+            wanted = None if f.logits == "all" else {f.tokens - 1} if f.logits == "last" else set(f.logits)
             prompt = set(self.scorer.positions)
             self.scorer.add([p for p in self.read if p in prompt], logits[[i for i, p in enumerate(self.read)
                                                                            if p in prompt]])
@@ -248,7 +252,10 @@ def read_pending_ids(seqs: list[Sequence]) -> None:
     need = [s for s in seqs if s.needs_ids]
     if not need:
         return
-    flat = torch.cat([s.pending.ids[0].cpu() for s in need]).tolist()
+    parts = [s.pending.ids for s in need]  # [1, T] each
+    if len({p.device for p in parts}) > 1:
+        parts = [p.cpu() for p in parts]
+    flat = (torch.cat(parts, 1) if len(parts) > 1 else parts[0])[0].tolist()
     at = 0
     for s in need:
         t = s.pending.tokens

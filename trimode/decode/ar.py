@@ -43,7 +43,7 @@ def ar(prompt_ids: torch.Tensor, stop: StopRule, sampling: SamplingParams = Samp
     done = [False] * batch
     thought = [False] * batch
     for step in range(stop.max_new_tokens):
-        tokens = decision.tokens.tolist()
+        tokens = list(decision.token_ids)
         ids = decision.tokens[:, None]  # the next pass's input: the decision's host tensor, unless a token is forced
         if thinking is not None and step >= thinking.max_thinking_tokens and not all(thought):
             for r in range(batch):

@@ -260,7 +260,6 @@ class Engine:
             for buf in (self.pool.k, self.pool.v):
                 buf.normal_()
                 buf[:, 0] = 0
-            self.pool.gathered.clear()
 
     def prompts_pending(self) -> int:
         """Requests waiting, or running with part of their prompt not in the cache yet."""

@@ -23,7 +23,6 @@ import threading
 
 import torch
 
-from trimode.engine.gathered import GatheredStore
 from trimode.engine.prefix_cache import PrefixCache, page_key
 from trimode.model.config import NLDConfig
 
@@ -47,8 +46,6 @@ class KVPool:
         self._free = list(range(self.num_pages - 1, -1, -1))  # pop() hands out low pages first
         self.refs = [0] * self.num_pages  # requests holding each page
         self.cache = PrefixCache(page_size, salt) if prefix_cache else None
-        # Width groups' keys kept gathered between steps (engine/gathered.py), within an eighth of the pool's bytes.
-        self.gathered = GatheredStore(2 * self.k.numel() * self.k.element_size() // 8)
         self._lock = threading.Lock()
 
     @staticmethod
@@ -157,7 +154,6 @@ class PagedCache:
         self.keys: list[bytes] = []  # chain key of each published page (page i: self.keys[i])
         self.clean = pool.cache is not None
         self.cached_tokens = 0  # prompt tokens taken from the prefix cache
-        self.gathered = None  # the gathered-keys buffer that last wrote its slots (engine/gathered.py), if any
 
     @property
     def capacity(self) -> int:
@@ -211,7 +207,6 @@ class PagedCache:
 
     def free(self) -> None:
         self.pool.release(self.pages)
-        self.gathered = None
         self.pages, self.keys, self.tokens, self.lora = [], [], [], []
         self.slots = self.slots[:0]
         self.length = 0
@@ -228,7 +223,6 @@ class PagedCache:
         dst = self.slots[self.length : self.length + src.numel()]
         for pool in (self.pool.k, self.pool.v):
             pool.index_copy_(1, dst, pool.index_select(1, src))
-        self.gathered = None  # K/V moved inside the pool: a gathered copy of its slots is stale
         self.length += src.numel()
         self._record(src.numel(), ids, causal, lora)
 

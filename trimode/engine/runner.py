@@ -52,7 +52,6 @@ class RowsView:
         self.first_slot = None
         if len(caches) == 1 and caches[0].is_contiguous(width):
             self.first_slot = 1 + caches[0].pages[0] * pool.page_size
-            caches[0].gathered = None
             return
         # The slots of every row's first `width` positions, from its page list (one small tensor, no per-row tensor
         # op); a row with fewer pages is padded with page 0, which the next line masks: it reads the null slot
@@ -64,14 +63,7 @@ class RowsView:
         table = table[:, :width].to(dev)
         cols = torch.arange(width, device=dev)
         self.read = torch.where(cols[None, :] < (self.pasts + t)[:, None], table, 0)  # [R, width]
-        at = self.pasts[:, None] + torch.arange(t, device=dev)[None, :]  # [R, T]: the columns of the new tokens
-        self.write = table.gather(1, at).flatten()
-        # The rows' keys kept from the last step when the same rows ran (only the new tokens are written), else
-        # gathered from the pool (into a buffer kept for the next step, when it fits the budget).
-        self.kept, self.fill = pool.gathered.take(pool.k, caches, t, width)
-        if self.kept is not None:
-            self.kept.valid = [n + t for n in lengths]
-            self.kept_write = (at + torch.arange(len(caches), device=dev)[:, None] * self.kept.capacity).flatten()
+        self.write = table.gather(1, self.pasts[:, None] + torch.arange(t, device=dev)[None, :]).flatten()
 
     def reserve(self, total: int) -> None:
         """The scheduler grew every row's cache to hold its pass before the forward."""
@@ -86,19 +78,10 @@ class RowsView:
             return (self.pool.k[layer, s0:end].transpose(0, 1)[None], self.pool.v[layer, s0:end].transpose(0, 1)[None])
         width = self.read.shape[1]
         out = []
-        kept = (self.kept.k[layer], self.kept.v[layer]) if self.kept is not None else (None, None)
-        for pool, new, buf in zip((self.pool.k[layer], self.pool.v[layer]), (k, v), kept):
-            new = new.transpose(1, 2).reshape(r * t, h, d)
+        for pool, new in ((self.pool.k[layer], k), (self.pool.v[layer], v)):
             # index_copy_ / index_select: several times faster than advanced indexing for these shapes.
-            pool.index_copy_(0, self.write, new)
-            if buf is None:
-                out.append(pool.index_select(0, self.read.flatten()).view(r, width, h, d).transpose(1, 2))
-                continue
-            if self.fill:
-                buf[:, :width] = pool.index_select(0, self.read.flatten()).view(r, width, h, d)
-            else:
-                buf.view(-1, h, d).index_copy_(0, self.kept_write, new)
-            out.append(buf[:, :width].transpose(1, 2))
+            pool.index_copy_(0, self.write, new.transpose(1, 2).reshape(r * t, h, d))
+            out.append(pool.index_select(0, self.read.flatten()).view(r, width, h, d).transpose(1, 2))
         return out[0], out[1]
 
 

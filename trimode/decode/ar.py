@@ -29,11 +29,12 @@ def ar(prompt_ids: torch.Tensor, stop: StopRule, sampling: SamplingParams = Samp
     stats = DecodeStats("ar", prompt_tokens=prompt_len)
     out: list[list[int]] = [[] for _ in range(batch)]
     prompts = prompt_ids.tolist()
+    rows = list(range(batch))
 
     def pick(step: int) -> Pick:  # the token at position prompt_len + step of every row, keyed by its row
         histories = [History(prompts[r], out[r]) for r in range(batch)] if sampling.penalized else None
         masks = None if grammars is None else torch.stack([g.allowed() for g in grammars])
-        return Pick(sampling, [prompt_len + step] * batch, rows=list(range(batch)), histories=histories,
+        return Pick(sampling, [prompt_len + step] * batch, rows=rows, histories=histories,
                     eos=stop.eos_token_ids, logprobs=sampling.logprobs, masks=masks)
 
     decision = yield Forward(prompt_ids, mask="causal", cache="append", logits="last", pick=pick(0))
@@ -42,7 +43,7 @@ def ar(prompt_ids: torch.Tensor, stop: StopRule, sampling: SamplingParams = Samp
     done = [False] * batch
     thought = [False] * batch
     for step in range(stop.max_new_tokens):
-        tokens = decision.tokens.tolist()
+        tokens = list(decision.token_ids)
         ids = decision.tokens[:, None]  # the next pass's input: the decision's host tensor, unless a token is forced
         if thinking is not None and step >= thinking.max_thinking_tokens and not all(thought):
             for r in range(batch):
@@ -60,7 +61,8 @@ def ar(prompt_ids: torch.Tensor, stop: StopRule, sampling: SamplingParams = Samp
                 new[r].append(t)
                 done[r] = t in stop.eos_token_ids
         stats.generated_tokens = len(out[0])
-        yield Committed(new, stats, logprobs_of(decision, [[r] if new[r] else [] for r in range(batch)]))
+        logprobs = None if decision.logprobs is None else logprobs_of(decision, [[r] if new[r] else [] for r in rows])
+        yield Committed(new, stats, logprobs)
         if all(done) or step == stop.max_new_tokens - 1:
             break
         decision = yield Forward(ids, mask="causal", cache="append", logits="last", pick=pick(step + 1))

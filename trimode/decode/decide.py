@@ -70,6 +70,7 @@ class Decision:
     """What a machine receives for its pick: host tensors over its N read positions."""
 
     tokens: torch.Tensor  # [N] int64
+    token_ids: list[int] | None = None  # the same as a list (read once for all picks of the step)
     confidence: torch.Tensor | None = None  # [N] float32
     given: torch.Tensor | None = None  # [N] float32
     logprobs: torch.Tensor | None = None  # [N] float32
@@ -346,7 +347,10 @@ def _split(host: torch.Tensor, picks: Sequence[Pick], counts: list[int], probs: 
            k: int | None) -> list[Decision]:
     """Each pick's share of the step's host tensor (rows: tokens, [confidence, given], [logprob, top ids, top
     values]), as views made by one split per field."""
-    tokens = host[0].long().split(counts)
+    tokens = host[0].long()
+    chosen = tokens.tolist()  # one read for every pick (a machine need not read its own)
+    starts = list(accumulate(counts, initial=0))
+    tokens = tokens.split(counts)
     conf = given = logprob = ids = values = None
     at = 1
     if probs:
@@ -359,7 +363,7 @@ def _split(host: torch.Tensor, picks: Sequence[Pick], counts: list[int], probs: 
             values = host[at + 1 + k : at + 1 + 2 * k].T.float().split(counts)
     out = []
     for i, pick in enumerate(picks):
-        d = Decision(tokens[i])
+        d = Decision(tokens[i], chosen[starts[i] : starts[i + 1]])
         if probs:
             d.confidence = conf[i] if pick.confidence else None
             d.given = given[i] if pick.given is not None else None

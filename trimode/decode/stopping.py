@@ -23,12 +23,18 @@ class StopRule:
 
     def extend(self, out: list[int], new: list[int]) -> tuple[list[int], bool]:
         """`finish(out + new)` for an `out` that holds no EOS yet, checking only the new tokens."""
-        room = self.max_new_tokens - len(out)
+        kept, over = self.take(len(out), new)
+        return out + kept, over
+
+    def take(self, done: int, new: list[int]) -> tuple[list[int], bool]:
+        """The part of `new` that `extend` keeps after `done` tokens without EOS, and whether generation is over
+        (without copying the tokens so far: a stream appends it to its own list)."""
+        room = self.max_new_tokens - done
         for i, t in enumerate(new[:room]):
             if t in self.eos_token_ids:
-                return out + new[: i + 1], True
-        kept = out + new[:room]
-        return kept, len(kept) >= self.max_new_tokens
+                return new[: i + 1], True
+        kept = new[:room]
+        return kept, done + len(kept) >= self.max_new_tokens
 
     def finish(self, tokens: list[int]) -> tuple[list[int], bool]:
         """`tokens` cut after the first EOS and to the budget; and whether generation is over."""

@@ -32,9 +32,8 @@ class TextStream:
         """Take newly committed tokens; return the delta to emit (None when there is nothing to show)."""
         if self.done:
             return None
-        kept, over = self.rule.extend(self.tokens, new)
-        new = kept[len(self.tokens) :]
-        self.tokens = kept
+        new, over = self.rule.take(len(self.tokens), new)
+        self.tokens += new
         if new and new[-1] in self.rule.eos_token_ids:
             self.finish_reason = "stop"
         self.done = over

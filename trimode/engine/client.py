@@ -69,13 +69,13 @@ class RemoteHandle(RequestHandle):
             self.link.send(["cancel", self.link.identity, self.request_id])
         super().cancel()
 
-    def _put(self, item, wakeups: Wakeups | None = None) -> None:
+    def _put(self, item, wakeups: Wakeups | None = None, wake: bool = True) -> None:
         if len(self._items) >= MAX_PENDING and not self.done:  # the reader is stuck: drop the request
             super()._put(_Failure(RuntimeError(f"the client read too slowly ({MAX_PENDING} events unread)")),
                          wakeups)
             self.cancel()
             return
-        super()._put(item, wakeups)
+        super()._put(item, wakeups, wake)
 
 
 class CoreLink:

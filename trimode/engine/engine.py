@@ -35,7 +35,7 @@ from trimode.engine.kv_pool import KVPool
 from trimode.engine.request import EngineRequest, EngineStopped, QueueFull, RequestCancelled, RequestHandle
 from trimode.engine.runner import run_step
 from trimode.engine.scheduler import Scheduler
-from trimode.engine.sequence import Sequence, Status
+from trimode.engine.sequence import Sequence, Status, read_pending_ids
 from trimode.model.handle import ModelHandle
 from trimode.request import Prepared, fill_request, infill_request, prepare, revise_request
 
@@ -60,8 +60,8 @@ class ForwardShape:
         for r in rows:
             widths.setdefault(r.tokens, []).append(r)
         return [cls(len(g), t, max(r.cache.length for r in g),
-                    tuple("tensor" if isinstance(r.mask, torch.Tensor) else r.mask for r in g),
-                    tuple(r.lora for r in g), sum(r.tokens if r.read is None else len(r.read) for r in g))
+                    tuple(["tensor" if isinstance(r.mask, torch.Tensor) else r.mask for r in g]),
+                    tuple([r.lora for r in g]), sum([t if r.read is None else len(r.read) for r in g]))
                 for t, g in widths.items()]
 DEFAULT_KV_BYTES = {"cuda": 0.5, "cpu": 1 << 30}  # CUDA: half the free memory; CPU: 1 GiB
 DEFAULT_PASS_BYTES = {"cuda": 0.25, "cpu": 2 << 30}  # the widest pass's activations: CUDA a quarter of free memory
@@ -110,6 +110,7 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._stopping = False
         self._counters: Counter = Counter()
+        self._advanced: list[Sequence] = []  # the step's advanced requests: their clients are woken after it
         self.trace: list[ForwardShape] | None = None  # set to a list to record every fused forward (benchmarks)
 
     # -- public API --------------------------------------------------------------------------------------
@@ -280,7 +281,16 @@ class Engine:
         """Admit, run one fused forward per group of pending passes, advance the machines, free the finished.
 
         Returns False when there was nothing to do. The background loop calls this; tests may call it directly
-        (without `start()`) to control arrival times exactly."""
+        (without `start()`) to control arrival times exactly. The clients whose requests made events are woken
+        once, at the end of the step."""
+        try:
+            return self._step()
+        finally:
+            advanced, self._advanced = self._advanced, []
+            for seq in advanced:
+                seq.handle._wake()
+
+    def _step(self) -> bool:
         self._ensure_policy()
         t_begin = time.perf_counter()
         with self._lock:
@@ -295,6 +305,8 @@ class Engine:
                 steer = AutoSteer(self.policy, seq.prepared.knobs.block_length)
             seq.start(self.tm, seq.cache, steer, time.perf_counter())
             self._advance(seq, None)
+        read_pending_ids(self.scheduler.running)  # one host read of every row's ids the prefix cache needs
+        for seq in admitted:
             if seq.status is Status.RUNNING:
                 seq.adopt_prefix()
         for seq in list(self.scheduler.running):
@@ -327,7 +339,7 @@ class Engine:
             for (seq, row), out in zip(batch, logits):
                 reply = seq.ran(row, out)
                 if reply is not None:  # the pass is complete: its logits (every chunk's, scores taken out)
-                    ready.append((seq, reply.reshape(-1, reply.shape[-1]), reply))
+                    ready.append((seq, reply if reply.dim() == 2 else reply.reshape(-1, reply.shape[-1]), reply))
         for seq, reply in self._decide(ready):
             self._advance(seq, reply)
         self._counters["steps"] += 1
@@ -352,6 +364,7 @@ class Engine:
         return [(seq, decisions.get(id(seq), reply)) for seq, _, reply in ready]
 
     def _advance(self, seq: Sequence, reply) -> None:
+        self._advanced.append(seq)
         try:
             result = seq.advance(reply)
         except Exception as e:  # a failing machine fails its request, not the engine

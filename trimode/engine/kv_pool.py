@@ -157,7 +157,7 @@ class PagedCache:
 
     @property
     def capacity(self) -> int:
-        return self.slots.numel()
+        return len(self.pages) * self.pool.page_size  # = slots.numel(), without a tensor call
 
     @property
     def batch_size(self) -> int:

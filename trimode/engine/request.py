@@ -106,6 +106,7 @@ class RequestHandle:
         self._wakers: list[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = []
         self._cancelled = threading.Event()
         self._closed = False
+        self._unread = False  # items queued since the client was last woken
 
     @property
     def request_id(self) -> int:
@@ -124,14 +125,27 @@ class RequestHandle:
         self._cancelled.set()
 
     # -- engine side -------------------------------------------------------------------------------------
-    def _put(self, item, wakeups: Wakeups | None = None) -> None:
-        """Queue `item` for the reader; wake an asyncio reader now, or add it to `wakeups` (fired by the caller)."""
+    def _put(self, item, wakeups: Wakeups | None = None, wake: bool = True) -> None:
+        """Queue `item` for the reader. `wake=False` leaves the waking to a later `_wake` (the engine queues a
+        step's events as it makes them and wakes each client once, after the step, so woken client threads do
+        not contend with the loop's Python work mid-step); asyncio readers are woken now, or added to `wakeups`
+        (fired by the caller: one wake-up per event loop for a whole message)."""
         with self._cond:
             if self._closed:
                 return
             self._items.append(item)
             if item is _END or isinstance(item, _Failure):
                 self._closed = True
+            self._unread = True
+        if wake:
+            self._wake(wakeups)
+
+    def _wake(self, wakeups: Wakeups | None = None) -> None:
+        """Wake the client (a blocked iterator, an asyncio reader) if something was queued since the last wake."""
+        with self._cond:
+            if not self._unread:
+                return
+            self._unread = False
             self._cond.notify_all()
             if not self._wakers:
                 return

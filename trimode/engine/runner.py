@@ -11,11 +11,10 @@ per group (`PackedView.attend`). Built with a handful of batched tensor ops howe
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
-from torch.nn.utils.rnn import pad_sequence
 
 from trimode.engine.kv_pool import KVPool, PagedCache
 from trimode.model.masks import MaskSpec, pass_pattern, resolve
@@ -30,10 +29,10 @@ class Row:
     mask: MaskSpec
     lora: bool
     read: list[int] | None  # token indices whose logits the row needs; None: all
+    tokens: int = field(init=False)  # T (kept as an int: the scheduler and the runner ask for it often)
 
-    @property
-    def tokens(self) -> int:
-        return self.ids.numel()
+    def __post_init__(self) -> None:
+        self.tokens = self.ids.numel()
 
 
 class RowsView:
@@ -45,17 +44,23 @@ class RowsView:
     def __init__(self, pool: KVPool, caches: list[PagedCache], t: int) -> None:
         dev = pool.k.device
         self.pool = pool
-        self.pasts = torch.tensor([c.length for c in caches], device=dev)
-        self.length = int(self.pasts.max())
+        lengths = [c.length for c in caches]
+        self.pasts = torch.tensor(lengths, device=dev)
+        self.length = max(lengths)
         width = self.length + t
         # One row whose slots are consecutive (pages handed out in order): read and write the pool in place.
         self.first_slot = None
         if len(caches) == 1 and caches[0].is_contiguous(width):
-            self.first_slot = int(caches[0].slots[0])
+            self.first_slot = 1 + caches[0].pages[0] * pool.page_size
             return
-        table = pad_sequence([c.slots[:width] for c in caches], batch_first=True)  # [R, <= width], 0 = null slot
-        if table.shape[1] < width:
-            table = torch.nn.functional.pad(table, (0, width - table.shape[1]))
+        # The slots of every row's first `width` positions, from its page list (one small tensor, no per-row tensor
+        # op); a row with fewer pages is padded with page 0, which the next line masks: it reads the null slot
+        # past its own prefix and pass.
+        ps = pool.page_size
+        n = -(-width // ps)
+        pages = torch.tensor([c.pages[:n] + [0] * (n - len(c.pages[:n])) for c in caches], dtype=torch.long)
+        table = (1 + pages[:, :, None] * ps + torch.arange(ps)[None, None, :]).view(len(caches), n * ps)
+        table = table[:, :width].to(dev)
         cols = torch.arange(width, device=dev)
         self.read = torch.where(cols[None, :] < (self.pasts + t)[:, None], table, 0)  # [R, width]
         self.write = table.gather(1, self.pasts[:, None] + torch.arange(t, device=dev)[None, :]).flatten()

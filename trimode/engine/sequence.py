@@ -36,6 +36,10 @@ class Sequence:
     machine: Machine | None = None
     pending: Forward | None = None  # the pass it waits for
     last: Forward | None = None  # the pass it ran last (a Commit keeps some of its tokens)
+    # The token ids of `pending` / `last` as a host list (row 0), which key the pages they fill in the prefix cache:
+    # the engine reads every row's in one transfer per step (`read_pending_ids`); None while nobody needs them.
+    pending_ids: list[int] | None = None
+    last_ids: list[int] | None = None
     chunk_done: int = 0  # tokens of `pending` already run or found in the prefix cache
     commit_skip: int = 0  # tokens of `last` that were in the prefix cache already (its Commit counts them)
     output: TextOutput | EditOutput | None = None  # what the client sees (from the first `start` on)
@@ -76,7 +80,7 @@ class Sequence:
             prompt = f.tokens
         else:
             return 0
-        found = self.cache.adopt_prefix(f.ids[0, :prompt].tolist(), prompt - 1)
+        found = self.cache.adopt_prefix(self.host_ids()[:prompt], prompt - 1)
         self.chunk_done = found
         self.commit_skip = found if f.cache == "read" else 0
         if self.preemptions == 0:
@@ -87,6 +91,7 @@ class Sequence:
         """Send the machine its logits and run it to its next forward (cache commits and events on the way).
         Returns the result when the request is over."""
         self.last, self.pending, self.chunk_done, self.pieces = self.pending, None, 0, []
+        self.last_ids, self.pending_ids = self.pending_ids, None
         if self.request.max_new_tokens == 0 and (self.scorer is None or self.scorer.done):
             return self.scored()
         while True:
@@ -108,7 +113,7 @@ class Sequence:
             if op is None:
                 continue
             for event in self.output.events(op):
-                self.handle._put(event)
+                self.handle._put(event, wake=False)  # the engine wakes the client after the step
             if self.output.stop_hit:
                 self.machine.close()
                 return self.result()
@@ -117,15 +122,17 @@ class Sequence:
         """Keep K/V of the last pass, telling the cache which tokens they are and whether they are causal."""
         f, skip, self.commit_skip = self.last, self.commit_skip, 0
         known = self.cache.clean  # only a cache that may still publish pages needs the tokens
+        if known and self.last_ids is None:
+            self.last_ids = f.ids[0].tolist()
         if op.slots is not None:
             step = isinstance(f.mask, QuadraticStep)  # its leaders (slot 0 of each group) see only leaders
             causal = (step and all(s % (f.mask.block + 1) == 0 for s in op.slots)) or _causal(f.mask)
-            ids = f.ids[0, op.slots].tolist() if known and causal else None
+            ids = [self.last_ids[s] for s in op.slots] if known and causal else None
             self.cache.commit_slots(op.slots, ids, causal, f.lora)
             return
         init = isinstance(f.mask, QuadraticInit)  # its prompt part is causal
         causal = (init and op.n <= f.mask.prompt_len) or _causal(f.mask)
-        ids = f.ids[0, skip : op.n].tolist() if known and causal else None
+        ids = self.last_ids[skip : op.n] if known and causal else None
         self.cache.commit(op.n - skip, ids, causal, f.lora)
 
     def _unseen(self, op):
@@ -149,7 +156,7 @@ class Sequence:
             self.machine.close()
         if self.cache is not None:
             self.cache.free()
-        self.machine = self.cache = self.pending = self.last = None
+        self.machine = self.cache = self.pending = self.last = self.pending_ids = self.last_ids = None
         self.chunk_done = self.commit_skip = 0
         self.replay, self.sent = max(self.replay, self.sent), 0
         self.status = Status.WAITING
@@ -161,6 +168,10 @@ class Sequence:
         f = self.pending
         t = f.tokens
         start, end = self.chunk_done, t
+        if f.logits == "last" and not start and self.scorer is None and not self.chunkable(prefill_chunk):
+            self.read = [t - 1]  # the common case (an AR step, a short prompt pass): the whole pass, its last logits
+            positions = f.positions if f.positions is None or f.positions.dim() == 1 else f.positions.reshape(-1)
+            return Row(self.cache, f.ids[0], positions, f.mask, f.lora, self.read)
         positions = f.positions  # None: right after the cache (a chunk's earlier chunks are committed by then)
         mask = f.mask
         if start and isinstance(mask, QuadraticInit):
@@ -178,6 +189,17 @@ class Sequence:
                    None if whole else [i - start for i in self.read])
 
     @property
+    def needs_ids(self) -> bool:
+        """Whether the prefix cache needs the ids of `pending` on the host and they are not read yet."""
+        return self.pending is not None and self.pending_ids is None and self.cache.clean
+
+    def host_ids(self) -> list[int]:
+        """The ids of `pending` as a list (read here when the engine's batched read did not include them)."""
+        if self.pending_ids is None:
+            self.pending_ids = self.pending.ids[0].tolist()
+        return self.pending_ids
+
+    @property
     def scoring(self) -> bool:
         """Whether the pending pass is the first one of a request that scores its prompt."""
         return self.scorer is not None and not self.scorer.done
@@ -191,11 +213,11 @@ class Sequence:
         f = self.pending
         if f.cache == "append":
             causal = _causal(row.mask)
-            ids = row.ids.tolist() if self.cache.clean and causal else None
+            ids = self.host_ids()[self.chunk_done : self.chunk_done + row.tokens] if self.cache.clean and causal else None
             self.cache.commit(row.tokens, ids, causal, row.lora)
         self.chunk_done += row.tokens
-        wanted = None if f.logits == "all" else {f.tokens - 1} if f.logits == "last" else set(f.logits)
         if self.scoring:
+            wanted = None if f.logits == "all" else {f.tokens - 1} if f.logits == "last" else set(f.logits)
             prompt = set(self.scorer.positions)
             self.scorer.add([p for p in self.read if p in prompt], logits[[i for i, p in enumerate(self.read)
                                                                            if p in prompt]])
@@ -222,6 +244,22 @@ class Sequence:
         result = self.result("length")
         result.stats.forward_passes = int(self.scorer is not None)
         return result
+
+
+def read_pending_ids(seqs: list[Sequence]) -> None:
+    """The ids of every pending pass the prefix cache will need, read to the host in one transfer (not one per
+    row: on a GPU each read waits for the device)."""
+    need = [s for s in seqs if s.needs_ids]
+    if not need:
+        return
+    parts = [s.pending.ids for s in need]  # [1, T] each
+    if len({p.device for p in parts}) > 1:
+        parts = [p.cpu() for p in parts]
+    flat = (torch.cat(parts, 1) if len(parts) > 1 else parts[0])[0].tolist()
+    at = 0
+    for s in need:
+        t = s.pending.tokens
+        s.pending_ids, at = flat[at : at + t], at + t
 
 
 def _causal(mask) -> bool:

@@ -59,6 +59,18 @@ def test_diffusion_applies_processors(tm, setting):
     assert len(out.logprobs) == len(out.token_ids) and all(lp <= 0 for lp, _ in out.logprobs)
 
 
+@pytest.mark.parametrize("causal_context", [True, False])
+def test_diffusion_reports_a_written_token_with_probability_one(tm, causal_context):
+    """A token no denoising pass revealed (here the end-think token the thinking budget forces) still has a
+    logprobs entry: 0.0, itself the only alternative (not a missing entry the server could not render)."""
+    out = tm.generate([9, 12, 7, 30], mode="diffusion", max_new_tokens=8, block_length=5, threshold=0.5,
+                      eos_token_id=-1, causal_context=causal_context, max_thinking_tokens=3, end_think_token_id=50,
+                      logprobs=2)
+    assert out.token_ids[3] == 50 and len(out.logprobs) == len(out.token_ids)
+    assert out.logprobs[3] == (0.0, [(50, 0.0)])
+    assert all(entry is not None and entry[0] <= 0 for entry in out.logprobs)
+
+
 def test_min_tokens_holds_back_eos(tm):
     eos = 3
     bias = {eos: 100.0}  # EOS would win every position

@@ -143,7 +143,7 @@ def diffusion(prompt_ids: torch.Tensor, stop: StopRule, sampling: SamplingParams
         if frontier is not None:
             frontier.new_block()
         lp = logprobs_of(decision, [[r] for r in range(batch)]) if causal_context else None
-        slot_lp = [[lp[r][0] if lp is not None else None] * block_length for r in range(batch)]
+        slot_lp = [[lp[r][0] if lp is not None else None] + [None] * (block_length - 1) for r in range(batch)]
         # 4. Denoise it; the steps stream what settles.
         committed_at, steps_run = yield from denoise_block(
             block, masked, positions, b * block_length, schedule, Context(sampling, prompts, slot_lp), mask_id,
@@ -152,6 +152,8 @@ def diffusion(prompt_ids: torch.Tensor, stop: StopRule, sampling: SamplingParams
             frontier.catch_up(block, masked)  # committed slots past the last frontier commit (a forced end-think)
 
         before = [len(g) for g in generated]
+        if sampling.logprobs is not None:
+            _given_logprobs(block, masked, slot_lp)
         for r in range(batch):
             generated[r] += block[r].tolist()
             lp_generated[r] += slot_lp[r]
@@ -235,6 +237,8 @@ def denoise_block(block: torch.Tensor, masked: torch.Tensor, positions: torch.Te
         steps_run += 1
         proposal, transfer = commit_step(decision, block, masked, schedule, plan, step, frontier)
         _keep_logprobs(decision, transfer, ctx.slot_lp)
+        if ctx.sampling.logprobs is not None:
+            _given_logprobs(block, masked, ctx.slot_lp)
         block[transfer] = proposal[transfer]
         committed_at[transfer] = step
         masked &= ~transfer
@@ -287,6 +291,17 @@ def commit_step(decision: Decision, block: torch.Tensor, masked: torch.Tensor, s
         return proposal, schedule.transfer(conf, masked, plan, step, logits, proposal)
     wanted = schedule.transfer(conf, masked, plan, step, logits, proposal) if step < schedule.steps else masked
     return proposal, frontier.commit(proposal, wanted, masked)
+
+
+def _given_logprobs(block: torch.Tensor, masked: torch.Tensor, slot_lp: list[list]) -> None:
+    """A slot no pass revealed (a forced end-think token, a token the grammar forces) holds a token the engine
+    wrote, not one the model chose: it reports log-probability 0.0 (it had probability 1 under the rule that
+    wrote it), with itself as its only alternative."""
+    for r, row in enumerate(slot_lp):
+        for s, entry in enumerate(row):
+            if entry is None and not masked[r, s]:
+                token = int(block[r, s])
+                row[s] = (0.0, [(token, 0.0)])
 
 
 def _keep_logprobs(decision: Decision, transfer: torch.Tensor, slot_lp: list[list]) -> None:

@@ -213,7 +213,9 @@ class Sequence:
         f = self.pending
         if f.cache == "append":
             causal = _causal(row.mask)
-            ids = self.host_ids()[self.chunk_done : self.chunk_done + row.tokens] if self.cache.clean and causal else None
+            ids = None
+            if self.cache.clean and causal:
+                ids = self.host_ids()[self.chunk_done : self.chunk_done + row.tokens]
             self.cache.commit(row.tokens, ids, causal, row.lora)
         self.chunk_done += row.tokens
         if self.scoring:

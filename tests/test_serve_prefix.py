@@ -191,6 +191,8 @@ def test_bench_serve_agent_workload_compares_cache_off_and_on(tmp_path):
             for line in out.read_text().splitlines() if line.startswith("| ar |")}
     off, on = rows["off"], rows["on"]
     assert off[2] == on[2] and off[3] == off[2] and off[4] == "0%"  # the same prompts; off computes them all
-    assert int(on[3]) < int(off[3]) / 2 and on[8] == off[8] == "yes"  # the shared prompt comes from the cache
+    # the second turns come from the cache (their first turn's pages); the shared system prompt too when the two
+    # first turns do not start in the same step (then both compute it: about 54% of `off`, as on a loaded machine)
+    assert int(on[3]) < 0.6 * int(off[3]) and on[8] == off[8] == "yes"
     bad = subprocess.run(trimode_cmd("bench", "serve", "--workload", "agents"), capture_output=True, text=True)
     assert bad.returncode == 2 and "--workload: choose load or agent" in bad.stderr

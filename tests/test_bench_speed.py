@@ -1,5 +1,6 @@
-"""`trimode bench speed` end to end on the tiny checkpoint: every table, and transformers' greedy tokens equal to
-this engine's on the exported weights, in the same run (the timings themselves are not asserted)."""
+"""`trimode bench speed` and `trimode bench engine` end to end on the tiny checkpoint: every table, and
+transformers' greedy tokens equal to this engine's on the exported weights, in the same run (the timings themselves
+are not asserted)."""
 
 from typer.testing import CliRunner
 
@@ -40,3 +41,17 @@ def test_bench_speed_errors():
     assert r.exit_code == 2 and "unknown mode" in r.output
     r = runner.invoke(app, ["bench", "speed", "--model", str(TINY_A), "--token-counts", "1,a"])
     assert r.exit_code == 2 and "--token-counts" in r.output
+
+
+def test_bench_engine_reports_both_kinds_of_served_clients(tmp_path):
+    out = tmp_path / "engine.md"
+    r = CliRunner().invoke(app, ["bench", "engine", "--model", str(TINY_A), "--modes", "ar,linear_spec", "--requests",
+                                 "3", "-n", "4", "--rounds", "1", "--served", "asyncio,threads", "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    table = [line for line in out.read_text().splitlines() if line.startswith("| ")]
+    assert "served (asyncio) / bare" in table[0] and "served (threads) / bare" in table[0]
+    for row in table[1:]:
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        assert cells[1] == "3" and all(float(c.split()[0]) > 0 for c in cells[4:7]), row
+    bad = CliRunner().invoke(app, ["bench", "engine", "--model", str(TINY_A), "--served", "processes"])
+    assert bad.exit_code != 0 and "--served" in bad.output

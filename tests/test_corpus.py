@@ -111,6 +111,13 @@ def test_max_chars_and_chunks():
     assert all(len(d.text) <= 400 for d in docs) and 4000 < sum(len(d.text) for d in docs) <= 5000
 
 
+def test_a_source_can_turn_infill_examples_off():
+    docs = load_corpus([{"kind": "tasks", "counts": {"copy": 4}, "infill": False},
+                        {"kind": "tasks", "counts": {"sort": 4}}], "train")
+    assert sorted((d.prompt.split("<|user|>")[-1].split(":")[0].strip(), d.infill) for d in docs) == (
+        [("Copy", False)] * 4 + [("Sort", True)] * 4)
+
+
 @pytest.mark.parametrize("sources, message", [
     ([{"kind": "web"}], "unknown kind 'web'"),
     ([{"kind": "stdlib", "max_char": 3}], "unknown key.*max_char"),
@@ -121,6 +128,7 @@ def test_max_chars_and_chunks():
     ([{"kind": "jsonl", "path": "/nonexistent.jsonl"}], "does not exist"),
     ([{"kind": "shakespeare"}], "needs path"),
     ([{"kind": "text_files", "glob": "*.md", "heldout_fraction": 2}], "heldout_fraction"),
+    ([{"kind": "tasks", "counts": {"copy": 3}, "infill": "no"}], "infill must be true or false"),
     ("stdlib", "must be a list"),
 ])
 def test_source_errors_name_the_problem(sources, message):

@@ -346,6 +346,15 @@ def test_infill_examples_are_mixed_in_seeded_and_tokenised_like_a_caller(tok):
     spans = [e for e in mixed if isinstance(e, Example)]
     assert plain == tokenize(docs, tok, 2) and 0 < len(spans) < len(docs)
     assert infill_examples(docs, tok, 2, InfillOptions(share=0.0), 1, PAD, 48) == tokenize(docs, tok, 2)
+    kept = [Document(d.text, d.prompt, infill=i % 2 == 0) for i, d in enumerate(docs)]
+    some = infill_examples(kept, tok, 2, InfillOptions(share=2.0, max_hole=2, tail=0.0), 1, PAD, 48)
+    owner, cut_from = -1, []  # each document's infill examples follow it
+    for e in some:
+        if isinstance(e, Example):
+            cut_from.append(owner)
+        else:
+            owner += 1
+    assert owner == len(kept) - 1 and cut_from and all(kept[i].infill for i in cut_from)
     prompt = tok.encode("say: ")
     for e in spans:
         s, end = e.span

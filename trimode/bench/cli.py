@@ -195,6 +195,9 @@ def engine(
     device: str | None = typer.Option(None, help="cpu / cuda (default: cuda when available)."),
     dtype: str | None = typer.Option(None, help="float32 / bfloat16 (default: float32 on CPU, bfloat16 on CUDA)."),
     threads: int | None = typer.Option(None, help="CPU threads for torch (default: torch's choice)."),
+    served: str = typer.Option("asyncio", help="Clients of the served measurement, comma-separated: asyncio (one "
+                               "event loop reads every request, as the HTTP server) and/or threads (one thread per "
+                               "request)."),
 ) -> None:
     """Engine tokens/s against the bare batched forwards it runs, per mode and number of requests."""
     from trimode.bench import engine_bench
@@ -208,15 +211,19 @@ def engine(
         _fail(f"--modes: unknown {', '.join(bad) or '(none given)'}; choose from {', '.join(MODES)}")
     if not loads or min(loads) < 1 or rounds < 1 or max_new_tokens < 1 or prompt_tokens < 1:
         _fail("--requests, --rounds, --max-new-tokens and --prompt-tokens must be positive")
+    clients = tuple(_split(served, name="served"))
+    if not clients or any(c not in engine_bench.SERVED for c in clients):
+        _fail(f"--served: choose from {', '.join(engine_bench.SERVED)}, got {served!r}")
     tm = load_or_fail(model, dtype, device)
 
     def progress(c) -> None:
-        typer.echo(f"  {c.mode:>15} x{c.requests:<3} engine/bare {c.ratio:.2f} served/bare {c.served_ratio:.2f} "
+        ratios = " ".join(f"served({k})/bare {c.served_ratio(k):.2f}" for k in clients)
+        typer.echo(f"  {c.mode:>15} x{c.requests:<3} engine/bare {c.ratio:.2f} {ratios} "
                    f"syncs/step {c.syncs[0]:.1f} + {c.syncs[1]:.1f}", err=True)
 
     try:
         report, _ = engine_bench.run(tm, mode_list, loads, prompt_tokens, max_new_tokens, rounds, block_length,
-                                     progress)
+                                     progress, clients)
     except ERRORS as e:
         _fail(str(e))
     _emit(report, out, ctx)

@@ -9,14 +9,17 @@ engine / bare is the share of the bare forwards' speed the engine delivers; ever
 back to back in the same round, so load on the machine hits them alike; rounds alternate and the median ratio
 is reported with its spread.
 
-Served-style: the engine's own background loop (`Engine.start()`), one client thread per request consuming its
-events as a server's handler would; its forwards are replayed on the bare network the same way. Syncs per step:
+Served-style: the engine's own background loop (`Engine.start()`) with every request's events consumed, its
+forwards replayed on the bare network the same way. Two kinds of clients (`served`): `asyncio`, every request read
+through `handle.aiter()` on one event loop in another thread, as the HTTP server's handlers read; `threads`, one
+client thread per request iterating its handle (a Python program calling the engine from many threads). Syncs per step:
 host reads of tensor values (`trimode.bench.syncs`) in the engine (runner, decision stage) and in the step
 machines, counted over one short separate run (the counting slows the run, so it is not timed).
 """
 
 from __future__ import annotations
 
+import asyncio
 import statistics
 import threading
 import time
@@ -40,13 +43,17 @@ class Cell:
     bare_s: list[float]
     forwards: int
     threads_alive: int
-    served_s: list[float] = field(default_factory=list)
-    served_bare_s: list[float] = field(default_factory=list)
+    # per kind of clients (`SERVED`): seconds served, seconds of the same forwards bare
+    served_s: dict[str, list[float]] = field(default_factory=dict)
+    served_bare_s: dict[str, list[float]] = field(default_factory=dict)
     syncs: tuple[float, float] = (0.0, 0.0)  # per engine step: (engine, machines)
 
-    @property
-    def served_ratio(self) -> float:
-        return statistics.median([b / e for e, b in zip(self.served_s, self.served_bare_s)]) if self.served_s else 0
+    def served_ratios(self, clients: str) -> list[float]:
+        return [b / e for e, b in zip(self.served_s.get(clients, []), self.served_bare_s.get(clients, []))]
+
+    def served_ratio(self, clients: str) -> float:
+        ratios = self.served_ratios(clients)
+        return statistics.median(ratios) if ratios else 0.0
 
     @property
     def ratios(self) -> list[float]:
@@ -80,30 +87,53 @@ def run_engine(tm: TriMode, mode: str, prompts: list[list[int]], max_new_tokens:
     return seconds, sum(len(r.token_ids) for r in results), engine.trace, threads
 
 
-def run_served(tm: TriMode, mode: str, prompts: list[list[int]], max_new_tokens: int,
-               knobs: dict) -> tuple[float, int, list[ForwardShape]]:
-    """Seconds to serve every prompt with the engine's background loop and one client thread per request
-    (consuming every event), tokens generated, the forwards run."""
+SERVED = ("asyncio", "threads")
+
+
+def run_served(tm: TriMode, mode: str, prompts: list[list[int]], max_new_tokens: int, knobs: dict,
+               clients: str = "asyncio") -> tuple[float, int, list[ForwardShape]]:
+    """Seconds to serve every prompt with the engine's background loop, every event consumed by `clients`
+    (`SERVED`: one asyncio loop reading every handle, or one thread per request), tokens generated, the forwards
+    run. The clients are waiting before the first request is submitted, as a server's are."""
+    if clients not in SERVED:
+        raise ValueError(f"served clients must be one of {', '.join(SERVED)}, got {clients!r}")
     engine = Engine(tm, max_queue=len(prompts), max_running=max(64, len(prompts)),
                     cost=CostModel([(1, 1e-3), (1 << 16, 1e-3)]))
     engine.trace = []
     results: list = [None] * len(prompts)
+    requests = [EngineRequest(p, mode=mode, max_new_tokens=max_new_tokens, knobs={"eos_token_id": -1, **knobs})
+                for p in prompts]
 
     def client(i: int, handle) -> None:
         for event in handle:
             results[i] = event
 
+    async def read(i: int, handle) -> None:
+        async for event in handle.aiter():
+            results[i] = event
+
+    async def serve_all() -> float:
+        t0 = time.perf_counter()
+        await asyncio.gather(*(read(i, engine.submit(r)) for i, r in enumerate(requests)))
+        return time.perf_counter() - t0
+
     engine.start()
     try:
-        t0 = time.perf_counter()
-        handles = [engine.submit(EngineRequest(p, mode=mode, max_new_tokens=max_new_tokens,
-                                               knobs={"eos_token_id": -1, **knobs})) for p in prompts]
-        threads = [threading.Thread(target=client, args=(i, h)) for i, h in enumerate(handles)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        seconds = time.perf_counter() - t0
+        if clients == "asyncio":
+            box: list[float] = []
+            loop_thread = threading.Thread(target=lambda: box.append(asyncio.run(serve_all())))
+            loop_thread.start()
+            loop_thread.join()
+            seconds = box[0]
+        else:
+            t0 = time.perf_counter()
+            handles = [engine.submit(r) for r in requests]
+            threads = [threading.Thread(target=client, args=(i, h)) for i, h in enumerate(handles)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            seconds = time.perf_counter() - t0
     finally:
         engine.stop()
     return seconds, sum(len(r.token_ids) for r in results), engine.trace
@@ -151,7 +181,7 @@ def replay(tm: TriMode, forwards: list[list[ForwardShape]]) -> float:
 
 
 def run(tm: TriMode, modes: list[str], loads: list[int], prompt_tokens: int, max_new_tokens: int, rounds: int,
-        block_length: int | None, progress=None) -> tuple[str, list[Cell]]:
+        block_length: int | None, progress=None, served: tuple[str, ...] = ("asyncio",)) -> tuple[str, list[Cell]]:
     knobs_of = {m: ({"block_length": block_length} if block_length and m != "ar" else {}) for m in modes}
     cells = []
     for mode in modes:
@@ -164,37 +194,43 @@ def run(tm: TriMode, modes: list[str], loads: list[int], prompt_tokens: int, max
                 seconds, tokens, shapes, threads = run_engine(tm, mode, prompts, max_new_tokens, knobs_of[mode])
                 cell.engine_s.append(seconds)
                 cell.bare_s.append(replay(tm, shapes))
-                served, _, served_shapes = run_served(tm, mode, prompts, max_new_tokens, knobs_of[mode])
-                cell.served_s.append(served)
-                cell.served_bare_s.append(replay(tm, served_shapes))
+                for clients in served:
+                    seconds, _, served_shapes = run_served(tm, mode, prompts, max_new_tokens, knobs_of[mode], clients)
+                    cell.served_s.setdefault(clients, []).append(seconds)
+                    cell.served_bare_s.setdefault(clients, []).append(replay(tm, served_shapes))
                 cell.tokens, cell.forwards = tokens, len(shapes)
                 cell.threads_alive = max(cell.threads_alive, threads)
             cells.append(cell)
             if progress:
                 progress(cell)
-    return report(tm, cells, prompt_tokens, max_new_tokens, rounds), cells
+    return report(tm, cells, prompt_tokens, max_new_tokens, rounds, served), cells
 
 
-def report(tm: TriMode, cells: list[Cell], prompt_tokens: int, max_new_tokens: int, rounds: int) -> str:
+def report(tm: TriMode, cells: list[Cell], prompt_tokens: int, max_new_tokens: int, rounds: int,
+           served: tuple[str, ...] = ("asyncio",)) -> str:
     lines = [
         f"Machine: {machine_name(tm.net.device)}; model {tm.path.name if tm.path else '?'} ({tm.net.dtype}).",
         f"Each request: a {prompt_tokens}-token random prompt, exactly {max_new_tokens} new tokens (EOS off); "
         f"{rounds} round(s) per cell, median ratio (min-max over rounds).",
         "",
-        "Replay: the engine stepped in the caller's thread. Served: its background loop, one client thread per "
-        "request. Syncs / step: host reads of tensor values per engine step in the engine (runner, decision stage: "
-        "device syncs on a GPU) + in the step machines (host tensors since the decision stage).",
+        "Replay: the engine stepped in the caller's thread. Served: its background loop, every event consumed "
+        "(asyncio: one event loop reading every request through `handle.aiter()`, as the HTTP server does; "
+        "threads: one client thread per request). Syncs / step: host reads of tensor values per engine step in "
+        "the engine (runner, decision stage: device syncs on a GPU) + in the step machines (host tensors since "
+        "the decision stage).",
         "",
-        "| mode | requests | engine tok/s | bare forwards tok/s | engine / bare | served / bare | syncs / step "
-        "| fused forwards | threads alive |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| mode | requests | engine tok/s | bare forwards tok/s | engine / bare | "
+        + "".join(f"served ({c}) / bare | " for c in served) + "syncs / step | fused forwards | threads alive |",
+        "|---|---:|---:|---:|---:|" + "---:|" * len(served) + "---:|---:|---:|",
     ]
     for c in cells:
         e = c.tokens / statistics.median(c.engine_s)
         b = c.tokens / statistics.median(c.bare_s)
         rs = c.ratios
-        sr = [b / e for e, b in zip(c.served_s, c.served_bare_s)] or [0.0]
+        cols = ""
+        for clients in served:
+            sr = c.served_ratios(clients) or [0.0]
+            cols += f"| {c.served_ratio(clients):.2f} ({min(sr):.2f}-{max(sr):.2f}) "
         lines.append(f"| {c.mode} | {c.requests} | {e:,.0f} | {b:,.0f} | {c.ratio:.2f} ({min(rs):.2f}-{max(rs):.2f}) "
-                     f"| {c.served_ratio:.2f} ({min(sr):.2f}-{max(sr):.2f}) | {c.syncs[0]:.1f} + {c.syncs[1]:.1f} "
-                     f"| {c.forwards} | {c.threads_alive} |")
+                     f"{cols}| {c.syncs[0]:.1f} + {c.syncs[1]:.1f} | {c.forwards} | {c.threads_alive} |")
     return "\n".join(lines) + "\n"

@@ -9,9 +9,11 @@ Each source is a dict with a `kind`:
     {kind: text_files, glob: PATTERN}                  any text files (`**` allowed)
     {kind: jsonl, path: FILE, text_field: text, prompt_field: prompt}   one document per line
 
-Common keys: `max_chars` (take documents in a seeded order up to this many characters, the last one cut at a
-line), `chunk_chars` (split documents at blank lines into pieces of at most this many characters; default:
-whole documents), `heldout_fraction` (not for stdlib, whose split is shared with the code tasks).
+Common keys: `infill` (false: no infill examples are cut from this source's documents, e.g. long conversations
+whose prompt would be repeated in each; default true), `max_chars` (take documents in a seeded order up to this
+many characters, the last one cut at a line), `chunk_chars` (split documents at blank lines into pieces of at
+most this many characters; default: whole documents), `heldout_fraction` (not for stdlib, whose split is shared
+with the code tasks).
 Relative paths are relative to the current directory.
 
 Splits: "train" or "heldout" ("validation" is accepted as another name for "heldout"). The unit of the split
@@ -43,11 +45,11 @@ SPLIT_NAMES = {"train": "train", "heldout": "heldout", "validation": "heldout"}
 DEFAULT_HELDOUT_FRACTION = 0.1
 FETCH_SHAKESPEARE = "scripts/fetch_shakespeare.sh"
 
-_COMMON = {"kind", "max_chars", "chunk_chars"}
+_COMMON = {"kind", "max_chars", "chunk_chars", "infill"}
 _KEYS = {
     "stdlib": _COMMON,
     "shakespeare": _COMMON | {"path", "folio", "heldout_fraction"},
-    "tasks": {"kind", "counts", "heldout_counts"},
+    "tasks": {"kind", "counts", "heldout_counts", "infill"},
     "text_files": _COMMON | {"glob", "heldout_fraction"},
     "jsonl": _COMMON | {"path", "text_field", "prompt_field", "heldout_fraction"},
 }
@@ -87,6 +89,18 @@ def _load_source(source: dict, split: str, seed: int, where: str) -> list[Docume
     if not isinstance(fraction, int | float) or not 0 <= fraction < 1:
         raise CorpusError(f"{where}: heldout_fraction must be a number in [0, 1), got {fraction!r}")
 
+    infill = source.get("infill", True)
+    if not isinstance(infill, bool):
+        raise CorpusError(f"{where}: infill must be true or false, got {infill!r}")
+    docs = _documents(kind, source, split, seed, fraction, rng, where)
+    if not infill:
+        for d in docs:
+            d.infill = False
+    return docs
+
+
+def _documents(kind: str, source: dict, split: str, seed: int, fraction: float, rng: random.Random,
+               where: str) -> list[Document]:
     if kind == "tasks":
         return _task_documents(source, split, seed, where)
     if kind == "stdlib":

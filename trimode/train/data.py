@@ -45,6 +45,7 @@ PACKING = ("concat", "pad")
 class Document:
     text: str
     prompt: str = ""
+    infill: bool = True  # may infill examples be cut from it (a source's `infill: false` says no)
 
 
 @dataclass
@@ -327,6 +328,8 @@ def infill_examples(docs: list[Document], tokenizer: NLDTokenizer, eos_id: int, 
     whole, frac = int(options.share), options.share - int(options.share)
     cuts: list[tuple[int, InfillCut]] = []
     for i, d in enumerate(docs):
+        if not d.infill:
+            continue
         for _ in range(whole + (rng.random() < frac)):
             c = cut_infill(d.text, rng, options, count_tokens)
             if c is not None:

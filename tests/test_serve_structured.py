@@ -449,3 +449,23 @@ def test_openai_agents_responses_model_calls_the_tool_and_finishes(served):
         result = asyncio.run(run(streamed))
         assert calls and calls[0][0] in ("Paris", "Oslo") and 1 <= calls[0][1] <= 7, result.final_output
         assert result.final_output == "sunny"
+
+
+def test_responses_max_tool_calls_bounds_the_calls(call_token_client):
+    """`max_tool_calls` N on /v1/responses: the call grammar ends after the N-th call. With a bias towards a next
+    call (the newline after `</tool_call>` and the `<tool_call>` token), the model calls again and again
+    unbounded; bounded, it makes exactly N calls."""
+    client, tok = call_token_client
+    bias = {str(tok.token_id("<tool_call>")): 10, **{str(t): 10 for t in tok.encode("\n")}}
+    kw = dict(model=MODEL, input="Weather in Oslo?", tools=[RESPONSES_WEATHER], tool_choice="required",
+              max_output_tokens=400)
+    free = client.responses.create(**kw, extra_body={"logit_bias": bias})
+    assert len([o for o in free.output if o.type == "function_call"]) > 2, free.output
+    for n in (1, 2):
+        r = client.responses.create(**kw, max_tool_calls=n, extra_body={"logit_bias": bias})
+        calls = [o for o in r.output if o.type == "function_call"]
+        assert r.status == "completed" and len(calls) == n and r.max_tool_calls == n, r.output
+    for bad in (0, 129):
+        with pytest.raises(openai.BadRequestError) as e:
+            client.responses.create(**kw, max_tool_calls=bad)
+        assert e.value.body["param"] == "max_tool_calls", e.value.body

@@ -275,6 +275,21 @@ def test_auto_tool_choice_lets_text_come_before_a_call(tm):
     assert "content" in kinds[:first_call] and "content" not in kinds[first_call:], kinds
 
 
+@pytest.mark.parametrize("choice", ["auto", "required"])
+def test_max_calls_bounds_the_number_of_calls(tm, choice):
+    def matcher(n):
+        c = tool_grammar([WEATHER], choice, max_calls=n)
+        return compile_constraint(tm.tokenizer, tm.config.vocab_size, tm.eos_ids(), c).matcher()
+
+    for n, calls in ((1, 1), (2, 1), (2, 2), (3, 3)):
+        g = matcher(n)
+        assert walk(tm, g, "\n".join([CALL] * calls)) and g.is_accepting(), (n, calls)
+    for n in (1, 2, 3):
+        assert not walk(tm, matcher(n), "\n".join([CALL] * (n + 1))), n
+    with pytest.raises(ValueError, match="max_tool_calls must be between 1 and 128"):
+        tool_grammar([WEATHER], choice, max_calls=0)
+
+
 @pytest.mark.parametrize("sampled", [False, True])
 def test_speculation_writes_what_ar_writes_under_auto_tool_choice(tm, sampled):
     c = tool_grammar([WEATHER], "auto")

@@ -123,9 +123,13 @@ def _call_schema(f: Function) -> dict:
             "required": ["name", "arguments"], "additionalProperties": False}
 
 
+MAX_CALLS = 128  # the largest bound on calls a request may set (the grammar nests one optional call per call)
+
+
 def tool_grammar(functions: list[Function], choice: str, parallel: bool = True,
-                 open_token: int | None = None) -> Constraint | None:
+                 open_token: int | None = None, max_calls: int | None = None) -> Constraint | None:
     """The constraint of a `tool_choice`: "none" (None: free text), "auto", "required", or a function's name.
+    `parallel` false or `max_calls` 1: one call; `max_calls` N: at most N calls (None: any number).
     `open_token`: the id of a vocabulary token that is `<tool_call>` whole (Qwen-style vocabularies add one),
     which opens a call as well as the text does (llguidance reads such a token as special, never as text, so
     without this a model could not write its own call token)."""
@@ -137,10 +141,16 @@ def tool_grammar(functions: list[Function], choice: str, parallel: bool = True,
     schemas = [_call_schema(f) for f in chosen]
     schema = schemas[0] if len(schemas) == 1 else {"anyOf": schemas}
     schema = {**schema, "x-guidance": JSON_FORMAT}
-    many = parallel and choice in ("auto", "required")
+    if max_calls is not None and not 1 <= max_calls <= MAX_CALLS:
+        raise ValueError(f"max_tool_calls must be between 1 and {MAX_CALLS}, got {max_calls}")
+    many = parallel and choice in ("auto", "required") and max_calls != 1
     by_token = "" if open_token is None else f' | <[{int(open_token)}]> "\\n"'
-    lines = [f"open: {json.dumps(OPEN)}{by_token}", f"call: %json {json.dumps(schema)} {json.dumps(CLOSE)}",
-             'more: ("\\n" open call)*' if many else 'more: ""']
+    more = 'more: ""'
+    if many and max_calls is None:
+        more = 'more: ("\\n" open call)*'
+    elif many:  # up to max_calls - 1 more calls: each optional call may be followed by the next
+        more = "more: " + "".join('("\\n" open call ' for _ in range(max_calls - 1)) + ")?" * (max_calls - 1)
+    lines = [f"open: {json.dumps(OPEN)}{by_token}", f"call: %json {json.dumps(schema)} {json.dumps(CLOSE)}", more]
     if choice == "auto":
         # Free text that never holds `<tool_call>`, or text (maybe none) up to the first `<tool_call>\n` and
         # calls from there: `head` is lazy, so it ends at the first `<tool_call>\n` and the call grammar takes

@@ -203,6 +203,7 @@ class Planner:
                              "tool_choice": choice if choice in ("none", "auto", "required") else
                              {"type": "function", "name": choice}, "parallel_tool_calls":
                              body.parallel_tool_calls if body.parallel_tool_calls is not None else True,
+                             "max_tool_calls": body.max_tool_calls,
                              "tools": [t.model_dump(by_alias=True, exclude_none=True) for t in body.tools or []],
                              "text": {"format": (body.text or {}).get("format") or {"type": "text"}},
                              "user": body.user, "safety_identifier": body.safety_identifier}

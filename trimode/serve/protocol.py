@@ -23,6 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field, FiniteFloat, ValidationError,
 from pydantic_core import from_json
 
 from trimode.decode.modes import KNOB_NAMES, MODES
+from trimode.request.tools import MAX_CALLS
 from trimode.serve.structured import (
     MAX_TOOLS,
     ResponsesFormat,
@@ -470,8 +471,9 @@ class ResponsesRequest(GenerationFields):
             "conversation": (self.conversation is not None, "conversations are not stored here"),
             "prompt": (self.prompt is not None, "stored prompt templates are not supported"),
             "background": (bool(self.background), "background responses are not supported"),
-            "max_tool_calls": (self.max_tool_calls not in (None, 1), "only max_tool_calls 1 (one call) is served; "
-                               "leave it out for any number"),
+            "max_tool_calls": (self.max_tool_calls is not None and not 1 <= self.max_tool_calls <= MAX_CALLS,
+                               f"the most function calls in the response: between 1 and {MAX_CALLS} (leave it out "
+                               "for any number)"),
             "include": (bool(self.include), "no extra output data (such as logprobs) is served on this route yet"),
             "top_logprobs": (self.top_logprobs not in (None, 0), "logprobs are not served on this route yet"),
             "prompt_logprobs": (self.prompt_logprobs is not None, "prompt scores are served by /v1/completions"),
@@ -484,8 +486,6 @@ class ResponsesRequest(GenerationFields):
         for name, (bad, why) in refused.items():
             if bad:
                 raise APIError(400, f"{name}: {why}", param=name, code="unsupported_parameter")
-        if self.max_tool_calls == 1:
-            self.parallel_tool_calls = False
         fmt = (self.text or {}).get("format")
         if fmt is not None:
             try:

@@ -188,7 +188,8 @@ def requested_constraint(body, open_token: int | None = None) -> tuple[Constrain
                 raise ValueError("tools: function names must be unique")
             choice = choice or "auto"
             parallel = body.parallel_tool_calls is not False
-            return tool_grammar(functions, choice, parallel, open_token), choice, "tools"
+            max_calls = getattr(body, "max_tool_calls", None)  # /v1/responses: at most this many calls
+            return tool_grammar(functions, choice, parallel, open_token, max_calls), choice, "tools"
     except ValueError as e:
         raise _named(given[0] if given else "tool_choice", str(e)) from None
     return None, None, ""

@@ -76,3 +76,11 @@ def test_example_recipes_parse(name):
     r = Recipe.load(path)
     assert r.objective.alpha == 0.3
     assert Path(r.output_dir).is_absolute() == path.is_absolute()
+
+
+@pytest.mark.parametrize("stage", ["", "_stage2", "_stage3", "_stage4", "_stage5", "_stage5b"])
+def test_the_bundled_models_recipes_parse(stage):
+    from pathlib import Path
+
+    r = Recipe.load(Path(__file__).parent.parent / "recipes" / f"default_model{stage}.yaml")
+    assert r.data.sources and r.train.steps > 0

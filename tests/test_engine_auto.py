@@ -1,6 +1,7 @@
 """`mode: auto`: lossless whatever it picks, and its rule follows the cost curve and the observed acceptance."""
 
 import random
+import time
 
 import pytest
 import torch
@@ -215,6 +216,22 @@ def test_slowdowns_are_measured_for_every_mode_at_start_up():
         measured = set(engine.stats()["auto"]["slowdown"])
         assert "ar" in measured and f"linear_spec@{tm.config.block_size}" in measured
         assert all(c == "ar" or c.startswith("linear_spec@") for c in measured)
+
+
+def test_the_start_up_measurement_is_bounded_in_time():
+    """A choice the curve predicts slower than `slowest` is not run (it borrows its mode's nearest block length);
+    the others run at most `budget` seconds of cycles (a large model on a CPU starts in seconds)."""
+    tm = TriMode(random_model(5, lora=True))
+    steep = CostModel([(1, 1e-4), (8, 1e-4), (16, 10.0)])  # a pass of more than 8 tokens: seconds
+    slowdowns = measure_slowdowns(tm.net, steep, block=4, cycles=64, slowest=1.0)
+    assert set(slowdowns) == {AR, ("linear_spec", 2), L4, ("quadratic_spec", 2)}  # Q4: 4 x 5 = 20 tokens a pass
+    policy = AutoPolicy(AutoConfig(), steep, lambda: 1)
+    policy.slowdowns = slowdowns
+    assert policy.slowdown(Q4) == slowdowns[("quadratic_spec", 2)]
+    assert measure_slowdowns(tm.net, steep, block=4, slowest=0.0) == {}
+    t0 = time.perf_counter()
+    measure_slowdowns(tm.net, CostModel.measure(tm.net, sizes=(1, 4, 16, 64)), block=4, cycles=10_000, budget=0.05)
+    assert time.perf_counter() - t0 < 10  # 5 choices x (a warm-up cycle + 0.05 s); unbounded: to the end of the context
 
 
 def test_starting_an_engine_leaves_the_global_rng_alone():

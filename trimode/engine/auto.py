@@ -158,10 +158,17 @@ class CostModel:
 
 @torch.no_grad()
 def measure_slowdowns(net: NLDTransformer, cost: CostModel, block: int, config: AutoConfig | None = None,
-                      cycles: int = 16, prompt_tokens: int = 32) -> dict[Choice, float]:
+                      cycles: int = 16, prompt_tokens: int = 32, budget: float = 0.5,
+                      slowest: float = 1.0) -> dict[Choice, float]:
     """Per choice (mode and block length) auto has for requests of this block length: the median seconds of one
     cycle run alone (one row, a random prompt), over what the cost curve predicts for that cycle. Only the time
-    is used, so the prompt's content does not matter."""
+    is used, so the prompt's content does not matter.
+
+    Bounded in time, so that starting an engine on a large model on a CPU takes seconds, not minutes: after one
+    warm-up cycle, a choice runs up to `cycles` cycles or until `budget` seconds of them have run (at least one);
+    a choice whose cycle the cost curve predicts above `slowest` seconds is not run at all (it takes the nearest
+    measured block length of its mode, `AutoPolicy.slowdown`; such a pass is far above the curve's knee, where
+    auto does not pick it anyway)."""
     policy = AutoPolicy(config or AutoConfig(), cost, lambda: 1)
     room = net.config.max_position_embeddings - block * (block + 2)  # what the cache may hold besides scratch
     prompt_tokens = max(1, min(prompt_tokens, room // 2))
@@ -170,7 +177,10 @@ def measure_slowdowns(net: NLDTransformer, cost: CostModel, block: int, config: 
     ids = torch.randint(0, net.config.vocab_size, (1, prompt_tokens), generator=rng).to(net.device)
     out = {}
     for choice in policy.candidates(block):
-        for _ in range(2):  # the first run warms the choice's shapes
+        if policy.cycle_seconds(choice, rows=1) > slowest:
+            continue
+        times: list[float] = []
+        for wanted in (1, cycles):  # the first run warms the choice's shapes (one cycle after the prompt)
             stream = decode(net, "auto", ids, StopRule(max_new), SamplingParams(), steer=FixedChoice(choice),
                             block_length=block, use_drafter=False)
             times = []
@@ -180,8 +190,9 @@ def measure_slowdowns(net: NLDTransformer, cost: CostModel, block: int, config: 
                 if t is not None:
                     times.append(now - t)
                 t = now
-                if len(times) == cycles:
+                if len(times) == wanted or sum(times) > budget:
                     break
+            stream.close()
         if times:  # (none when the context is too short for a second cycle)
             times.sort()
             out[choice] = times[len(times) // 2] / policy.cycle_seconds(choice, rows=1)

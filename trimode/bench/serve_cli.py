@@ -171,6 +171,7 @@ def _vs_engine(layouts: str, model, modes: list[str], levels: list[int], request
         command = (f"trimode bench serve --vs-engine {','.join(names)} --modes {mode} --concurrency "
                    f"{','.join(map(str, levels))} --requests {requests} --max-tokens {max_tokens} --threads "
                    f"{threads} --rounds {rounds}")
+        command += f" --model {model}" if model else ""
         try:
             reports.append(sve.compare(model, names, levels, requests, max_tokens, mode, threads, rounds, command,
                                        echo=lambda line: typer.echo(line, err=True)))

@@ -244,6 +244,7 @@ def command(
         raise typer.BadParameter("--clients, --requests, --max-tokens and --threads must be >= 1")
     command = (f"trimode bench serve-vs-engine --layouts {','.join(names)} --clients {clients} --requests {requests} "
                f"--max-tokens {max_tokens} --mode {mode} --threads {threads} --rounds {rounds}")
+    command += f" --model {model}" if model else ""
     text = compare(model, names, levels, requests, max_tokens, mode, threads, rounds, command,
                    echo=lambda s: typer.echo(s, err=True))
     typer.echo(text, nl=False)

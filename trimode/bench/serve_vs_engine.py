@@ -167,7 +167,10 @@ def run(model: str | None, layouts: list[str], clients: list[int], requests: int
         for name in layouts:
             port = free_port()
             echo(f"starting `trimode serve {' '.join(LAYOUTS[name])}` ...")
+            t0 = time.perf_counter()
             servers[name] = (start(model, LAYOUTS[name], threads, port), f"http://127.0.0.1:{port}/v1")
+            echo(f"  /health answered 200 after {time.perf_counter() - t0:.1f} s (process start, model load, "
+                 "engine start-up measurements)")
         tm = trimode.load(model)
         tok = tm.tokenizer.tok
         prompts = [tok.encode_batch([t], add_special_tokens=False)[0].ids for t in texts]  # as the server does

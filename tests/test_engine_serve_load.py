@@ -105,5 +105,6 @@ def test_bench_serve_vs_engine(tmp_path):
         assert float(r[5]) > 0
     assert got[("process", "yes")][6].strip().endswith("x") and "nan" not in got[("process", "yes")][8]
     assert "trimode bench serve --vs-engine process --modes ar" in out.read_text()
+    assert "/health answered 200 after" in result.stderr  # how long a user waits for the server
     bad = CliRunner().invoke(app, ["bench", "serve", "--vs-engine", "sideways"], env={"COLUMNS": "200"})
     assert bad.exit_code == 2 and "choose layouts from" in bad.stderr

@@ -37,7 +37,8 @@ def ar(prompt_ids: torch.Tensor, stop: StopRule, sampling: SamplingParams = Samp
         return Pick(sampling, [prompt_len + step] * batch, rows=rows, histories=histories,
                     eos=stop.eos_token_ids, logprobs=sampling.logprobs, masks=masks)
 
-    decision = yield Forward(prompt_ids, mask="causal", cache="append", logits="last", pick=pick(0))
+    decision = yield Forward(prompt_ids, mask="causal", cache="append", logits="last", pick=pick(0),
+                             host_ids=prompts[0])
     stats.forward_passes += 1
 
     done = [False] * batch
@@ -65,7 +66,8 @@ def ar(prompt_ids: torch.Tensor, stop: StopRule, sampling: SamplingParams = Samp
         yield Committed(new, stats, logprobs)
         if all(done) or step == stop.max_new_tokens - 1:
             break
-        decision = yield Forward(ids, mask="causal", cache="append", logits="last", pick=pick(step + 1))
+        decision = yield Forward(ids, mask="causal", cache="append", logits="last", pick=pick(step + 1),
+                                 host_ids=tokens[:1])
         stats.forward_passes += 1
 
     stats.generated_tokens = sum(len(o) for o in out)

@@ -46,6 +46,7 @@ class Forward:
     cache: Literal["read", "append"] = "read"
     logits: Literal["all", "last"] | list[int] = "all"
     pick: Pick | None = None
+    host_ids: list[int] | None = None  # row 0's ids as a list, when the machine has them (spares the engine a read)
 
     @property
     def tokens(self) -> int:

@@ -32,7 +32,7 @@ from trimode.decode.result import GenerationResult
 from trimode.decode.stats import DecodeStats
 from trimode.engine.auto import AutoConfig, AutoPolicy, AutoSteer, CostModel, measure_slowdowns
 from trimode.engine.kv_pool import KVPool
-from trimode.engine.request import EngineRequest, EngineStopped, QueueFull, RequestCancelled, RequestHandle
+from trimode.engine.request import EngineRequest, EngineStopped, QueueFull, RequestCancelled, RequestHandle, Wakeups
 from trimode.engine.runner import run_step
 from trimode.engine.scheduler import Scheduler
 from trimode.engine.sequence import Sequence, Status, read_pending_ids
@@ -282,13 +282,16 @@ class Engine:
 
         Returns False when there was nothing to do. The background loop calls this; tests may call it directly
         (without `start()`) to control arrival times exactly. The clients whose requests made events are woken
-        once, at the end of the step."""
+        once, at the end of the step: one call into each asyncio reader's event loop for all its requests (a
+        server's handlers share one loop: one wake-up per step, not one per request)."""
         try:
             return self._step()
         finally:
             advanced, self._advanced = self._advanced, []
+            wakeups = Wakeups()
             for seq in advanced:
-                seq.handle._wake()
+                seq.handle._wake(wakeups)
+            wakeups.fire()
 
     def _step(self) -> bool:
         self._ensure_policy()

@@ -104,7 +104,7 @@ class Sequence:
                 if self.scorer is not None and not self.scorer.done and not scores_prompt(op, self.scorer.prompt):
                     raise ValueError(f"prompt_logprobs: the first pass of {self.prepared.mode} is not a causal pass "
                                      "over the prompt (use ar, linear_spec, quadratic_spec or auto)")
-                self.pending = op
+                self.pending, self.pending_ids = op, op.host_ids
                 return None
             if isinstance(op, Commit):
                 self._commit(op)

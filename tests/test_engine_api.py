@@ -161,6 +161,29 @@ def test_asyncio_clients(tm):
         assert r.token_ids == alone(tm, req((9, k), max_new_tokens=8, mode="quadratic_spec")).token_ids
 
 
+def test_asyncio_readers_on_one_loop_are_woken_once_per_step(tm):
+    """A server's handlers share one event loop: the engine calls into it once per step for every request that
+    made events (and once per request that ends), not once per request per step."""
+    calls = []
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        real = loop.call_soon_threadsafe
+        loop.call_soon_threadsafe = lambda *a, **k: (calls.append(1), real(*a, **k))[1]
+        handles = [engine.submit(req((9, k), max_new_tokens=12, mode="ar")) for k in range(20, 36)]
+
+        async def consume(h):
+            return [ev async for ev in h.aiter()][-1]
+
+        return await asyncio.gather(*(consume(h) for h in handles))
+
+    with Engine(tm, cost=flat_cost()) as engine:
+        results = asyncio.run(main())
+        steps = engine.stats()["counters"]["steps"]
+    assert all(len(r.token_ids) == 12 for r in results)
+    assert steps >= 10
+    assert len(calls) <= steps + 2 * len(results)  # one per step, plus a request's end (not 16 per step)
+
 def test_one_loop_thread_however_many_requests_run(tm):
     before = threading.active_count()
     engine = Engine(tm, cost=flat_cost()).start()

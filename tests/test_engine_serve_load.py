@@ -60,6 +60,21 @@ def test_bench_report_and_plot(served, tmp_path):
     assert merged.ok == 2 * cells[0].done and merged.tokens_per_s == cells[0].tokens_per_s
 
 
+def test_bench_serve_structured_runs_each_mode_free_and_under_the_schema(served):
+    """`bench serve --structured`: held-out JSON-task chats, each mode once free and once with the prompt's schema
+    as response_format; the report pairs their tokens per forward (the server's own counts)."""
+    _, url = served
+    prompts = sb.structured_prompts(n=2)
+    assert len(prompts) == 8 and all(p.schema["type"] == "object" and p.messages[0]["role"] == "system"
+                                     for p in prompts)
+    cells = [asyncio.run(sb.run_cell(url, "bench", "diffusion", 4, 1, prompts, 16, "none", "chat", schema))
+             for schema in (False, True)]
+    assert [c.mode for c in cells] == ["diffusion", "diffusion + schema"]
+    assert all(c.errors == [] and c.done == 4 and c.forwards > 0 for c in cells)
+    text = sb.report(cells, "header")
+    assert "- diffusion x4: " in text and "free" in text and "under the schema" in text
+
+
 def test_auto_verdicts_compare_with_the_best_fixed_and_the_best_lossless_mode():
     cells = [sb.Cell("ar", 4, wall=1.0, tokens=100, round_tokens_per_s=[90.0, 100.0, 104.0]),
              sb.Cell("diffusion", 4, wall=1.0, tokens=120),

@@ -11,9 +11,9 @@ from trimode.decode.grammar import Constraint, compile_constraint
 from trimode.model.tokenizer import NLDTokenizer
 from trimode.request.tools import parse_tool_calls, tool_grammar
 from trimode.tasks import STRUCTURED_TASKS, load_tasks, prompt_text
-from trimode.tasks.structured import BASE_TASKS, TOOLS
+from trimode.tasks.structured import BASE_TASKS, TOOLS, bounded, item_schema
 from trimode.train.corpus import load_corpus
-from trimode.train.evaluate_structured import bounded, item_functions, item_schema
+from trimode.train.evaluate_structured import item_functions
 from trimode.train.tokenizer_train import CHAT_TEMPLATE
 
 

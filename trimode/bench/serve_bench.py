@@ -77,16 +77,38 @@ def bench_prompts(n: int = 40, seed: int = 0) -> list[str]:
 
 
 APIS = ("chat", "completions")
+SCHEMA = " + schema"  # a cell whose requests carried their JSON schema (`--structured`)
 
 
-async def run_cell(base_url: str, model: str, mode: str, concurrency: int, per_client: int, prompts: list[str],
-                   max_tokens: int, api_key: str, api: str = "chat") -> Cell:
+@dataclass(frozen=True)
+class StructuredPrompt:
+    """A held-out `json_<task>` item as a chat request: its messages (the schema in the system turn) and the
+    schema its `response_format` carries (bounded as the model card's evaluation bounds it)."""
+
+    messages: tuple[dict, ...]
+    schema: dict
+
+
+def structured_prompts(n: int = 20, seed: int = 0) -> list[StructuredPrompt]:
+    """Held-out items of the JSON tasks, interleaved (arithmetic, copy, reverse, sort)."""
+    from trimode.tasks import load_tasks
+    from trimode.tasks.structured import BASE_TASKS, bounded, item_schema
+
+    per_task = [load_tasks(f"json_{task}", n=n, seed=seed, split="heldout") for task in BASE_TASKS]
+    return [StructuredPrompt(tuple(items[i].messages), bounded(item_schema(items[i])))
+            for i in range(n) for items in per_task if i < len(items)]
+
+
+async def run_cell(base_url: str, model: str, mode: str, concurrency: int, per_client: int,
+                   prompts: list[str] | list[StructuredPrompt], max_tokens: int, api_key: str, api: str = "chat",
+                   schema: bool = False) -> Cell:
     """`api` "chat": each prompt is one user message (the chat template applies, as for a chat client);
-    "completions": the prompt is sent as raw text."""
+    "completions": the prompt is sent as raw text. A `StructuredPrompt` is sent as its messages, with
+    `response_format` json_schema (strict) when `schema` (the cell is then labelled mode + SCHEMA)."""
     import httpx
     from openai import AsyncOpenAI
 
-    cell = Cell(mode, concurrency)
+    cell = Cell(mode + (SCHEMA if schema else ""), concurrency)
     limits = httpx.Limits(max_connections=concurrency + 8, max_keepalive_connections=concurrency + 8)
     client = AsyncOpenAI(base_url=base_url, api_key=api_key, max_retries=0, timeout=3600,
                          http_client=httpx.AsyncClient(limits=limits, timeout=3600))
@@ -101,7 +123,12 @@ async def run_cell(base_url: str, model: str, mode: str, concurrency: int, per_c
             try:
                 common = dict(model=model, max_tokens=max_tokens, temperature=0.0, stream=True,
                               stream_options={"include_usage": True}, extra_body={"mode": mode})
-                if api == "chat":
+                if isinstance(prompt, StructuredPrompt):
+                    if schema:
+                        common["response_format"] = {"type": "json_schema", "json_schema": {
+                            "name": "answer", "schema": prompt.schema, "strict": True}}
+                    stream = await client.chat.completions.create(messages=list(prompt.messages), **common)
+                elif api == "chat":
                     stream = await client.chat.completions.create(
                         messages=[{"role": "user", "content": prompt}], **common)
                 else:
@@ -219,6 +246,14 @@ def report(cells: list[Cell], header: str, auto: dict | None = None) -> str:
             f"| {1e3 * percentile(c.itl, 50):.1f} / {1e3 * percentile(c.itl, 90):.1f} / "
             f"{1e3 * percentile(c.itl, 99):.1f} | {c.tokens_per_forward:.2f} "
             f"| {', '.join(f'{x:.0f}' for x in c.round_tokens_per_s) or '-'} |")
+    paired = [(c, s) for c in cells for s in cells
+              if s.mode == c.mode + SCHEMA and s.concurrency == c.concurrency]
+    if paired:
+        lines += ["", "Tokens per forward on the same JSON-task prompts, free / under their schemas (the server's "
+                  "own count, from each response's `trimode` usage statistics):", ""]
+        lines += [f"- {c.mode} x{c.concurrency}: {c.tokens_per_forward:.2f} free, {s.tokens_per_forward:.2f} under "
+                  f"the schema ({s.tokens_per_forward / c.tokens_per_forward if c.tokens_per_forward else 0:.2f}x)"
+                  for c, s in paired]
     verdicts = auto_verdicts(cells)
     if verdicts:
         lines += ["", "auto against the best fixed mode (output tokens/s):", ""]
@@ -309,11 +344,16 @@ def round_order(modes: list[str], r: int) -> list[str]:
 def run(model: str | None, url: str | None, modes: list[str], concurrency: list[int], requests: int,
         max_tokens: int, block_length: int | None, dtype: str | None, device: str | None, api_key: str,
         threads: int | None = None, rounds: int = 1, warmup: int = 4, echo=print, api: str = "chat",
-        auto_config: str | None = None) -> tuple[list[Cell], dict | None]:
-    """The cells, and the server's auto state at the end (None when it has none)."""
+        auto_config: str | None = None, structured: bool = False) -> tuple[list[Cell], dict | None]:
+    """The cells, and the server's auto state at the end (None when it has none). `structured`: the prompts are
+    held-out JSON-task chats (`structured_prompts`), each mode run on them free and under their schemas (cells
+    `mode` and `mode + schema`, side by side in every round)."""
     if api not in APIS:
         raise ValueError(f"api must be one of {', '.join(APIS)}, got {api!r}")
-    prompts = bench_prompts()
+    if structured and api != "chat":
+        raise ValueError("structured prompts are chats: use api chat")
+    prompts = structured_prompts() if structured else bench_prompts()
+    variants = (False, True) if structured else (False,)
     proc = None
     if url is None:
         port = free_port()
@@ -324,18 +364,21 @@ def run(model: str | None, url: str | None, modes: list[str], concurrency: list[
     cells = []
     try:
         for mode in modes:  # warm every mode's code path before anything is timed
-            asyncio.run(run_cell(url, "bench", mode, 1, warmup, prompts, max_tokens, api_key, api))
+            for schema in variants:
+                asyncio.run(run_cell(url, "bench", mode, 1, warmup, prompts, max_tokens, api_key, api, schema))
         for n in concurrency:
             per_client = -(-requests // n)
-            runs: dict[str, list[Cell]] = {m: [] for m in modes}
+            runs: dict[str, list[Cell]] = {}
             for r in range(rounds):
                 for mode in round_order(modes, r):
-                    cell = asyncio.run(run_cell(url, "bench", mode, n, per_client, prompts, max_tokens, api_key,
-                                                api))
-                    echo(f"{mode:>15} x{n:<3} round {r + 1}: {cell.done}/{cell.sent} ok, {cell.tokens_per_s:8.1f} "
-                         f"tok/s, TTFT p50 {1e3 * percentile(cell.ttft, 50):.0f} ms, TPF {cell.tokens_per_forward:.2f}")
-                    runs[mode].append(cell)
-            cells += [merge(runs[m]) for m in modes]
+                    for schema in variants:
+                        cell = asyncio.run(run_cell(url, "bench", mode, n, per_client, prompts, max_tokens, api_key,
+                                                    api, schema))
+                        echo(f"{cell.mode:>24} x{n:<3} round {r + 1}: {cell.done}/{cell.sent} ok, "
+                             f"{cell.tokens_per_s:8.1f} tok/s, TTFT p50 {1e3 * percentile(cell.ttft, 50):.0f} ms, "
+                             f"TPF {cell.tokens_per_forward:.2f}")
+                        runs.setdefault(cell.mode, []).append(cell)
+            cells += [merge(runs[m]) for m in sorted(runs, key=lambda m: (modes.index(m.removesuffix(SCHEMA)), m))]
         auto = auto_state(url, api_key) if "auto" in modes else None
     finally:
         if proc is not None:

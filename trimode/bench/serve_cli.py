@@ -71,6 +71,10 @@ def serve(
     vs_engine: str | None = typer.Option(None, "--vs-engine", help="Server layouts (thread,process,process-dp2) "
                                          "to run beside the engine in-process, streaming and not, per mode and N "
                                          "(raw completions; as `bench serve-vs-engine`)."),
+    structured: bool = typer.Option(False, "--structured", help="load workload: the prompts are held-out JSON-task "
+                                    "chats, each mode run on them free and under each prompt's JSON schema "
+                                    "(response_format json_schema, strict), side by side: tokens/forward and speed "
+                                    "with and without a schema, as the server counts them."),
     out: Path | None = typer.Option(None, help="Also write the markdown report here."),
     plot: Path | None = typer.Option(None, help="PNG of output tokens/s against concurrency (default: next to "
                                      "--out)."),
@@ -97,6 +101,8 @@ def serve(
         from trimode.serve.cli import parse_auto_config
 
         parse_auto_config(auto_config)  # a bad setting fails here, not in the child server
+    if structured and (api != "chat" or workload != "load" or vs_engine is not None):
+        _fail("--structured runs chats on the load workload: no --api completions, --workload or --vs-engine")
     if vs_engine is not None:
         if url is not None or workload != "load":
             _fail("--vs-engine starts its own servers on the load workload; it cannot use --url or --workload")
@@ -114,13 +120,14 @@ def serve(
 
     try:
         cells, auto = sb.run(model, url, mode_list, levels, requests, max_tokens, block_length, dtype, device,
-                             api_key, threads, rounds, echo=echo, api=api, auto_config=auto_config)
+                             api_key, threads, rounds, echo=echo, api=api, auto_config=auto_config,
+                             structured=structured)
     except ImportError as e:
         _fail(f"bench serve needs the `openai` client ({e.name} is missing): pip install openai")
     except (RuntimeError, OSError, ValueError) as e:
         _fail(str(e))
     header = _load_header(model, url, modes, concurrency, requests, max_tokens, rounds, api, block_length, dtype,
-                          device, threads, auto_config)
+                          device, threads, auto_config, structured)
     _emit(sb.report(cells, header, auto), out)
     if plot is not None:
         sb.plot(cells, plot, f"trimode bench serve ({model or url or 'bundled model'}, max_tokens {max_tokens})")
@@ -131,19 +138,22 @@ def serve(
 
 
 def _load_header(model, url, modes, concurrency, requests, max_tokens, rounds, api, block_length, dtype, device,
-                 threads, auto_config) -> str:
+                 threads, auto_config, structured: bool = False) -> str:
     """The load report's first lines: the command (options left at their defaults left out) and the machine."""
     given = [("--model", model), ("--url", url), ("--modes", None if modes == ",".join(MODES) else modes),
              ("--concurrency", None if concurrency == "1,4,16,64" else concurrency),
              ("--requests", None if requests == 32 else requests),
              ("--max-tokens", None if max_tokens == 32 else max_tokens), ("--rounds", None if rounds == 1 else rounds),
              ("--api", None if api == "chat" else api), ("--block-length", block_length), ("--dtype", dtype),
-             ("--device", device), ("--threads", threads), ("--auto-config", auto_config and f"'{auto_config}'")]
-    command = " ".join(["trimode bench serve"] + [f"{k} {v}" for k, v in given if v is not None])
+             ("--device", device), ("--threads", threads), ("--auto-config", auto_config and f"'{auto_config}'"),
+             ("--structured", "" if structured else None)]
+    command = " ".join(["trimode bench serve"] + [f"{k} {v}".rstrip() for k, v in given if v is not None])
     return (f"Command: `{command}`  \nMachine: {platform.machine()}, {_cores()} CPU cores, torch "
             f"{_torch_version()}; {'a running server' if url else 'a `trimode serve` child process'}; at least "
             f"{requests} requests per cell, {rounds} round(s) (median round shown), max_tokens {max_tokens}, "
-            f"temperature 0, streaming, {'chat messages' if api == 'chat' else 'raw completions'}.")
+            f"temperature 0, streaming, "
+            + ("held-out JSON-task chats, each mode free and under the prompt's schema." if structured
+               else f"{'chat messages' if api == 'chat' else 'raw completions'}."))
 
 
 def _emit(text: str, out: Path | None) -> None:

@@ -51,6 +51,27 @@ def schema_instruction(schema: dict) -> str:
     return "Answer with a JSON object that follows this schema: " + json.dumps(schema)
 
 
+def item_schema(item: Task) -> dict:
+    """The schema a `json_<task>` item's system turn gives."""
+    return json.loads(item.messages[0]["content"].split("schema: ", 1)[1])
+
+
+def bounded(schema: dict) -> dict:
+    """`schema` with its strings, arrays and integers bounded (strings 24 characters, lists 8 items of 4, integers
+    |n| <= 9999), so that every answer it allows fits in the generation budget: a JSON cut by the budget does not
+    parse (docs/structured.md). The prompt shows the schema as given; the engine holds the output to this one."""
+    props = {}
+    for key, p in schema["properties"].items():
+        if p["type"] == "string":
+            p = {**p, "maxLength": 24}
+        elif p["type"] == "array":
+            p = {**p, "maxItems": 8, "items": {**p["items"], "maxLength": 4}}
+        elif p["type"] == "integer":
+            p = {**p, "minimum": -9999, "maximum": 9999}
+        props[key] = p
+    return {**schema, "properties": props}
+
+
 def function_of(task: str) -> Function:
     name, description, (param, param_schema), _ = TOOLS[task]
     return Function(name, schema_of({param: param_schema}), description)

@@ -31,30 +31,9 @@ from trimode.engine.engine import Engine
 from trimode.engine.request import EngineRequest
 from trimode.request.tools import Function, tool_grammar
 from trimode.tasks import Task, load_tasks
-from trimode.tasks.structured import BASE_TASKS, TOOLS
+from trimode.tasks.structured import BASE_TASKS, TOOLS, bounded, item_schema
 
 MODES = ("ar", "linear_spec", "quadratic_spec", "diffusion", "auto")
-
-
-def item_schema(item: Task) -> dict:
-    """The schema a `json_<task>` item's system turn gives."""
-    return json.loads(item.messages[0]["content"].split("schema: ", 1)[1])
-
-
-def bounded(schema: dict) -> dict:
-    """`schema` with its strings, arrays and integers bounded (strings 24 characters, lists 8 items of 4, integers
-    |n| <= 9999), so that every answer it allows fits in the generation budget: a JSON cut by the budget does not
-    parse (docs/structured.md). The prompt shows the schema as given; the engine holds the output to this one."""
-    props = {}
-    for key, p in schema["properties"].items():
-        if p["type"] == "string":
-            p = {**p, "maxLength": 24}
-        elif p["type"] == "array":
-            p = {**p, "maxItems": 8, "items": {**p["items"], "maxLength": 4}}
-        elif p["type"] == "integer":
-            p = {**p, "minimum": -9999, "maximum": 9999}
-        props[key] = p
-    return {**schema, "properties": props}
 
 
 def item_functions(item: Task) -> list[Function]:

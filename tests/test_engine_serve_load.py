@@ -70,9 +70,11 @@ def test_bench_serve_structured_runs_each_mode_free_and_under_the_schema(served)
     cells = [asyncio.run(sb.run_cell(url, "bench", "diffusion", 4, 1, prompts, 16, "none", "chat", schema))
              for schema in (False, True)]
     assert [c.mode for c in cells] == ["diffusion", "diffusion + schema"]
-    assert all(c.errors == [] and c.done == 4 and c.forwards > 0 for c in cells)
+    assert all(c.errors == [] and c.done == 4 and c.forwards > 0 and c.checked == 4 for c in cells)
     text = sb.report(cells, "header")
     assert "- diffusion x4: " in text and "free" in text and "under the schema" in text
+    assert f"right {cells[0].right}/4 " in text and f"{cells[1].right}/4 " in text
+    assert not any(p.check("not json") or p.check("{}") for p in prompts)
 
 
 def test_auto_verdicts_compare_with_the_best_fixed_and_the_best_lossless_mode():

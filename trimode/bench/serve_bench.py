@@ -20,6 +20,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -43,6 +44,8 @@ class Cell:
     itl: list[float] = field(default_factory=list)
     rounds_ok: int | None = None  # requests completed over all rounds (merged cells)
     round_tokens_per_s: list[float] = field(default_factory=list)  # each round's output tokens/s (merged cells)
+    checked: int = 0  # structured prompts: answers checked against the item (all rounds, for merged cells)
+    right: int = 0  # ... and right (the item's own checker on the streamed text, as the model card's evaluation)
 
     @property
     def ok(self) -> int:
@@ -82,11 +85,13 @@ SCHEMA = " + schema"  # a cell whose requests carried their JSON schema (`--stru
 
 @dataclass(frozen=True)
 class StructuredPrompt:
-    """A held-out `json_<task>` item as a chat request: its messages (the schema in the system turn) and the
-    schema its `response_format` carries (bounded as the model card's evaluation bounds it)."""
+    """A held-out `json_<task>` item as a chat request: its messages (the schema in the system turn), the
+    schema its `response_format` carries (bounded as the model card's evaluation bounds it), and its checker
+    (`check(text)`: whether the streamed answer is right)."""
 
     messages: tuple[dict, ...]
     schema: dict
+    check: Callable[[str], bool] = field(compare=False, repr=False)
 
 
 def structured_prompts(n: int = 20, seed: int = 0) -> list[StructuredPrompt]:
@@ -95,7 +100,7 @@ def structured_prompts(n: int = 20, seed: int = 0) -> list[StructuredPrompt]:
     from trimode.tasks.structured import BASE_TASKS, bounded, item_schema
 
     per_task = [load_tasks(f"json_{task}", n=n, seed=seed, split="heldout") for task in BASE_TASKS]
-    return [StructuredPrompt(tuple(items[i].messages), bounded(item_schema(items[i])))
+    return [StructuredPrompt(tuple(items[i].messages), bounded(item_schema(items[i])), items[i].check)
             for i in range(n) for items in per_task if i < len(items)]
 
 
@@ -120,6 +125,7 @@ async def run_cell(base_url: str, model: str, mode: str, concurrency: int, per_c
             t0 = time.perf_counter()
             first = last = None
             usage = None
+            text = []
             try:
                 common = dict(model=model, max_tokens=max_tokens, temperature=0.0, stream=True,
                               stream_options={"include_usage": True}, extra_body={"mode": mode})
@@ -134,7 +140,10 @@ async def run_cell(base_url: str, model: str, mode: str, concurrency: int, per_c
                 else:
                     stream = await client.completions.create(prompt=prompt, **common)
                 async for chunk in stream:
-                    if chunk.choices and (chunk.choices[0].delta.content if api == "chat" else chunk.choices[0].text):
+                    piece = chunk.choices and (chunk.choices[0].delta.content if api == "chat"
+                                               else chunk.choices[0].text)
+                    if piece:
+                        text.append(piece)
                         now = time.perf_counter()
                         if first is None:
                             first = now
@@ -154,6 +163,9 @@ async def run_cell(base_url: str, model: str, mode: str, concurrency: int, per_c
             cell.done += 1
             cell.tokens += usage.usage.completion_tokens
             cell.forwards += int(stats.get("forward_passes", 0))
+            if isinstance(prompt, StructuredPrompt):
+                cell.checked += 1
+                cell.right += bool(prompt.check("".join(text)))
 
     t0 = time.perf_counter()
     try:
@@ -176,6 +188,8 @@ def merge(rounds: list[Cell]) -> Cell:
     out.itl = [x for c in rounds for x in c.itl]
     out.rounds_ok = sum(c.done for c in rounds)
     out.round_tokens_per_s = [c.tokens_per_s for c in rounds]
+    out.checked = sum(c.checked for c in rounds)
+    out.right = sum(c.right for c in rounds)
     return out
 
 
@@ -234,6 +248,10 @@ def auto_state(base_url: str, api_key: str) -> dict | None:
     return health.get("auto") if isinstance(health, dict) else None
 
 
+def answers(c: Cell) -> str:
+    return f"{c.right}/{c.checked} ({100 * c.right / c.checked:.1f}%)" if c.checked else "-"
+
+
 def report(cells: list[Cell], header: str, auto: dict | None = None) -> str:
     lines = [header, "",
              "| mode | clients | requests ok/sent | errors | req/s | output tok/s | TTFT p50 / p90 ms "
@@ -250,9 +268,11 @@ def report(cells: list[Cell], header: str, auto: dict | None = None) -> str:
               if s.mode == c.mode + SCHEMA and s.concurrency == c.concurrency]
     if paired:
         lines += ["", "Tokens per forward on the same JSON-task prompts, free / under their schemas (the server's "
-                  "own count, from each response's `trimode` usage statistics):", ""]
+                  "own count, from each response's `trimode` usage statistics), and the answers right (each item's "
+                  "checker on the streamed text; a free answer must be the JSON object too):", ""]
         lines += [f"- {c.mode} x{c.concurrency}: {c.tokens_per_forward:.2f} free, {s.tokens_per_forward:.2f} under "
-                  f"the schema ({s.tokens_per_forward / c.tokens_per_forward if c.tokens_per_forward else 0:.2f}x)"
+                  f"the schema ({s.tokens_per_forward / c.tokens_per_forward if c.tokens_per_forward else 0:.2f}x); "
+                  f"right {answers(c)} free, {answers(s)} under the schema"
                   for c, s in paired]
     verdicts = auto_verdicts(cells)
     if verdicts:

@@ -78,7 +78,7 @@ def test_example_recipes_parse(name):
     assert Path(r.output_dir).is_absolute() == path.is_absolute()
 
 
-@pytest.mark.parametrize("stage", ["", "_stage2", "_stage3", "_stage4", "_stage5", "_stage5b", "_stage5c", "_stage5d"])
+@pytest.mark.parametrize("stage", ["", "_stage2", "_stage3", "_stage4"] + [f"_stage5{r}" for r in ("", *"bcdefgh")])
 def test_the_bundled_models_recipes_parse(stage):
     from pathlib import Path
 

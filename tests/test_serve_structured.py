@@ -172,7 +172,7 @@ def test_auto_tool_choice_streams_content_then_calls(client, mode, knobs):
     """`tool_choice="auto"`: text, calls, or text then calls; streamed, every content delta comes before the
     first tool_calls delta, and finish_reason is "tool_calls" exactly when a call was made ("stop" for text)."""
     for q in QUESTIONS:
-        kw = dict(model=MODEL, messages=ask(q), tools=[WEATHER, CLOCK], tool_choice="auto", max_tokens=40,
+        kw = dict(model=MODEL, messages=ask(q), tools=[WEATHER, CLOCK], tool_choice="auto", max_tokens=64,
                   extra_body={"mode": mode, **knobs})
         c = client.chat.completions.create(**kw).choices[0]
         assert "<tool_call>" not in (c.message.content or "")

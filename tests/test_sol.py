@@ -38,9 +38,10 @@ def test_sol_bounds_the_threshold_rule_on_the_same_items(tm, items):
     assert r["sol_tokens_per_forward"] >= r["greedy_oracle_tokens_per_forward"] - 1e-9
     assert r["sol_tokens_per_forward"] >= r["compaction_tokens_per_forward"] - 1e-9
     for name, f in r["rules_on_sol_blocks"].items():
-        assert f["reached_target"] > 0.5, name
+        assert f["reached_target"] > 0, name  # some blocks to compare on (how many is the model's, not the bound's)
+        # The bound holds on the same blocks; the mean over all blocks need not bound a rule's mean over the
+        # (often easier) blocks where it reached the target.
         assert f["sol_on_same_blocks"] >= f["tokens_per_forward_on_target"] - 1e-9, name
-        assert r["sol_tokens_per_forward"] >= f["tokens_per_forward_on_target"], name
 
 
 def test_compaction_search_respects_its_cap_and_reports_it(tm, items):

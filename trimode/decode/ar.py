@@ -45,12 +45,12 @@ def ar(prompt_ids: torch.Tensor, stop: StopRule, sampling: SamplingParams = Samp
     thought = [False] * batch
     for step in range(stop.max_new_tokens):
         tokens = list(decision.token_ids)
-        ids = decision.tokens[:, None]  # the next pass's input: the decision's host tensor, unless a token is forced
         if thinking is not None and step >= thinking.max_thinking_tokens and not all(thought):
             for r in range(batch):
                 if not thought[r]:
                     tokens[r] = thinking.end_think_token_id
-            ids = torch.tensor(tokens)[:, None]
+        # The next pass's input: one row's token as a host list (the engine batches them), several rows' as a tensor.
+        ids = None if batch == 1 else torch.tensor(tokens)[:, None]
         new: list[list[int]] = [[] for _ in range(batch)]
         for r, t in enumerate(tokens):
             if thinking is not None and t == thinking.end_think_token_id:

@@ -67,16 +67,23 @@ class Pick:
 
 @dataclass
 class Decision:
-    """What a machine receives for its pick: host tensors over its N read positions."""
+    """What a machine receives for its pick: host values over its N read positions."""
 
-    tokens: torch.Tensor  # [N] int64
-    token_ids: list[int] | None = None  # the same as a list (read once for all picks of the step)
+    token_ids: list[int]  # [N] the chosen tokens (read once for all picks of the step)
     confidence: torch.Tensor | None = None  # [N] float32
     given: torch.Tensor | None = None  # [N] float32
     logprobs: torch.Tensor | None = None  # [N] float32
     top_ids: torch.Tensor | None = None  # [N, k] int64, most likely first
     top_logprobs: torch.Tensor | None = None  # [N, k] float32
     logits: torch.Tensor | None = None  # [N, V] float32, the model's (blended) logits when the pick asked
+    _tokens: torch.Tensor | None = field(default=None, repr=False)
+
+    @property
+    def tokens(self) -> torch.Tensor:
+        """[N] int64, made on first use: a machine that reads only `token_ids` (AR) costs no tensor op."""
+        if self._tokens is None:
+            self._tokens = torch.tensor(self.token_ids, dtype=torch.long)
+        return self._tokens
 
 
 # -- logit processors: (logits [n, V] float32 of one pick, the pick) -> logits ------------------------------
@@ -347,10 +354,8 @@ def _split(host: torch.Tensor, picks: Sequence[Pick], counts: list[int], probs: 
            k: int | None) -> list[Decision]:
     """Each pick's share of the step's host tensor (rows: tokens, [confidence, given], [logprob, top ids, top
     values]), as views made by one split per field."""
-    tokens = host[0].long()
-    chosen = tokens.tolist()  # one read for every pick (a machine need not read its own)
+    chosen = host[0].long().tolist()  # one read for every pick (a machine need not read its own)
     starts = list(accumulate(counts, initial=0))
-    tokens = tokens.split(counts)
     conf = given = logprob = ids = values = None
     at = 1
     if probs:
@@ -363,7 +368,7 @@ def _split(host: torch.Tensor, picks: Sequence[Pick], counts: list[int], probs: 
             values = host[at + 1 + k : at + 1 + 2 * k].T.float().split(counts)
     out = []
     for i, pick in enumerate(picks):
-        d = Decision(tokens[i], chosen[starts[i] : starts[i + 1]])
+        d = Decision(chosen[starts[i] : starts[i + 1]])
         if probs:
             d.confidence = conf[i] if pick.confidence else None
             d.given = given[i] if pick.given is not None else None

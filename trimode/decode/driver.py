@@ -44,11 +44,11 @@ def shape_logits(forward: Forward, logits: torch.Tensor, rows: int) -> torch.Ten
 def run_forward(net: NLDTransformer, cache: KVCache, forward: Forward) -> torch.Tensor | Decision:
     """The pass's logits as its machine reads them, or with a pick, the decision stage's reply (the same
     `decide` the engine runs for many rows)."""
-    rows = forward.ids.shape[0]
+    rows = forward.rows
     index = logits_index(forward, rows)
     dev = net.device
     positions = forward.positions.to(dev) if forward.positions is not None else None
-    logits = net(forward.ids.to(dev), mask=forward.mask, cache=cache, positions=positions, lora=forward.lora,
+    logits = net(forward.id_tensor().to(dev), mask=forward.mask, cache=cache, positions=positions, lora=forward.lora,
                  logits_at=index)
     if forward.cache == "append":
         cache.commit(forward.tokens)
@@ -71,7 +71,7 @@ def run(net: NLDTransformer, machine: Machine, capacity: int = 256) -> DecodeStr
             reply = None
             if isinstance(op, Forward):
                 if cache is None:
-                    cache = net.new_cache(op.ids.shape[0], capacity)
+                    cache = net.new_cache(op.rows, capacity)
                 reply = run_forward(net, cache, op)
             elif isinstance(op, Commit):
                 if op.slots is not None:

@@ -37,9 +37,11 @@ class Forward:
     """One forward pass a machine needs. It gets back logits: `"all"` -> [B, T, V], `"last"` -> [B, V] (the last
     token's), a list of token indices -> [B, len, V]. Only those positions go through the LM head. With `pick`,
     it gets the `Decision` for those positions (row-major) instead: the tokens chosen there, and what else the
-    pick asks for. Machines keep their own tensors on the host: ids and positions may be CPU tensors."""
+    pick asks for. Machines keep their own tensors on the host: ids and positions may be CPU tensors. A one-row
+    pass may give its ids as `host_ids` alone (`ids=None`, an AR step): the engine batches host lists with one
+    tensor op for all its rows, and `id_tensor()` makes the tensor where one is needed."""
 
-    ids: torch.Tensor  # [B, T] token ids (B > 1 only in the batch-1 driver's multi-row decodes)
+    ids: torch.Tensor | None  # [B, T] token ids (B > 1 only in the batch-1 driver's multi-row decodes)
     mask: MaskSpec = "causal"
     positions: torch.Tensor | None = None  # [T] absolute positions; None: cache length + arange(T)
     lora: bool = False  # the drafter adapter on o_proj, for this pass only
@@ -50,7 +52,17 @@ class Forward:
 
     @property
     def tokens(self) -> int:
-        return self.ids.shape[1]
+        return len(self.host_ids) if self.ids is None else self.ids.shape[1]
+
+    @property
+    def rows(self) -> int:
+        return 1 if self.ids is None else self.ids.shape[0]
+
+    def id_tensor(self) -> torch.Tensor:
+        """[B, T] int64 ids (made from `host_ids` once, when the pass was given as a list)."""
+        if self.ids is None:
+            self.ids = torch.tensor([self.host_ids], dtype=torch.long)
+        return self.ids
 
 
 @dataclass

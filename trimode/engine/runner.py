@@ -24,7 +24,7 @@ from trimode.model.transformer import NLDTransformer
 @dataclass
 class Row:
     cache: PagedCache
-    ids: torch.Tensor  # [T]
+    ids: torch.Tensor | list[int]  # [T] (a host list: an AR step's token)
     positions: torch.Tensor | None  # [T]; None: right after the cache's committed length
     mask: MaskSpec
     lora: bool
@@ -32,7 +32,14 @@ class Row:
     tokens: int = field(init=False)  # T (kept as an int: the scheduler and the runner ask for it often)
 
     def __post_init__(self) -> None:
-        self.tokens = self.ids.numel()
+        self.tokens = len(self.ids) if isinstance(self.ids, list) else self.ids.numel()
+
+
+def batch_ids(rows: list[Row]) -> torch.Tensor:
+    """Every row's ids in order, flat [sum T]: one tensor op when every row gave a host list (AR steps)."""
+    if all(isinstance(r.ids, list) for r in rows):
+        return torch.tensor([i for r in rows for i in r.ids], dtype=torch.long)
+    return torch.cat([torch.tensor(r.ids, dtype=torch.long) if isinstance(r.ids, list) else r.ids for r in rows])
 
 
 class RowsView:
@@ -172,7 +179,7 @@ def run_step(net: NLDTransformer, pool: KVPool, rows: list[Row]) -> list[torch.T
     packed = [rows[i] for i in order]
     dev = net.device
     view = PackedView(pool, [[rows[i] for i in idx] for idx in by_width.values()])
-    ids = torch.cat([r.ids for r in packed]).to(dev)[None]
+    ids = batch_ids(packed).to(dev)[None]
     positions = torch.cat([r.positions if r.positions is not None
                            else r.cache.length + torch.arange(r.tokens) for r in packed]).to(dev)[None]
     lora = False
@@ -199,7 +206,7 @@ def run_rows(net: NLDTransformer, pool: KVPool, rows: list[Row]) -> list[torch.T
     t = rows[0].tokens
     dev = net.device
     view = RowsView(pool, [r.cache for r in rows], t)
-    ids = torch.cat([r.ids for r in rows]).view(len(rows), t).to(dev)
+    ids = batch_ids(rows).view(len(rows), t).to(dev)
     if all(r.positions is None for r in rows):
         positions = view.pasts[:, None] + torch.arange(t, device=dev)[None, :]
     else:

@@ -33,8 +33,8 @@ def scores_prompt(forward: Forward, prompt: list[int]) -> bool:
     n = len(prompt)
     causal = forward.mask == "causal" if isinstance(forward.mask, str) else (
         isinstance(forward.mask, QuadraticInit) and forward.mask.prompt_len == n)
-    return (causal and forward.positions is None and not forward.lora and forward.ids.shape == (1, forward.tokens)
-            and forward.tokens >= n and forward.ids[0, :n].tolist() == prompt)
+    return (causal and forward.positions is None and not forward.lora and forward.rows == 1
+            and forward.tokens >= n and forward.id_tensor()[0, :n].tolist() == prompt)
 
 
 class PromptScorer:

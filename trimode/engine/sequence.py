@@ -70,7 +70,7 @@ class Sequence:
         prompt token, whose logits the machine needs) and skip computing it. Only a causal prompt pass from
         position 0 qualifies (a bidirectional one computes other values). Returns the tokens found."""
         f = self.pending
-        if f is None or self.cache.length or f.positions is not None or f.ids.shape[0] != 1:
+        if f is None or self.cache.length or f.positions is not None or f.rows != 1:
             return 0
         if self.request.prompt_logprobs is not None:
             return 0  # scoring reads the logits of every prompt position: the whole prompt is computed
@@ -123,7 +123,7 @@ class Sequence:
         f, skip, self.commit_skip = self.last, self.commit_skip, 0
         known = self.cache.clean  # only a cache that may still publish pages needs the tokens
         if known and self.last_ids is None:
-            self.last_ids = f.ids[0].tolist()
+            self.last_ids = f.id_tensor()[0].tolist()
         if op.slots is not None:
             step = isinstance(f.mask, QuadraticStep)  # its leaders (slot 0 of each group) see only leaders
             causal = (step and all(s % (f.mask.block + 1) == 0 for s in op.slots)) or _causal(f.mask)
@@ -171,7 +171,8 @@ class Sequence:
         if f.logits == "last" and not start and self.scorer is None and not self.chunkable(prefill_chunk):
             self.read = [t - 1]  # the common case (an AR step, a short prompt pass): the whole pass, its last logits
             positions = f.positions if f.positions is None or f.positions.dim() == 1 else f.positions.reshape(-1)
-            return Row(self.cache, f.ids[0], positions, f.mask, f.lora, self.read)
+            ids = f.host_ids if f.ids is None else f.ids[0]  # an AR step's host list: batched by the runner
+            return Row(self.cache, ids, positions, f.mask, f.lora, self.read)
         positions = f.positions  # None: right after the cache (a chunk's earlier chunks are committed by then)
         mask = f.mask
         if start and isinstance(mask, QuadraticInit):
@@ -185,7 +186,7 @@ class Sequence:
         if positions is not None:
             positions = positions[start:end].reshape(-1)
         whole = f.logits == "all" and (start, end) == (0, t)
-        return Row(self.cache, f.ids[0, start:end], positions, mask, f.lora,
+        return Row(self.cache, f.id_tensor()[0, start:end], positions, mask, f.lora,
                    None if whole else [i - start for i in self.read])
 
     @property
@@ -196,7 +197,7 @@ class Sequence:
     def host_ids(self) -> list[int]:
         """The ids of `pending` as a list (read here when the engine's batched read did not include them)."""
         if self.pending_ids is None:
-            self.pending_ids = self.pending.ids[0].tolist()
+            self.pending_ids = self.pending.id_tensor()[0].tolist()
         return self.pending_ids
 
     @property
@@ -254,7 +255,7 @@ def read_pending_ids(seqs: list[Sequence]) -> None:
     need = [s for s in seqs if s.needs_ids]
     if not need:
         return
-    parts = [s.pending.ids for s in need]  # [1, T] each
+    parts = [s.pending.id_tensor() for s in need]  # [1, T] each
     if len({p.device for p in parts}) > 1:
         parts = [p.cpu() for p in parts]
     flat = (torch.cat(parts, 1) if len(parts) > 1 else parts[0])[0].tolist()

@@ -147,7 +147,6 @@ class PagedCache:
     def __init__(self, pool: KVPool) -> None:
         self.pool = pool
         self.pages: list[int] = []
-        self.slots = torch.zeros(0, dtype=torch.long, device=pool.k.device)
         self.length = 0
         self.tokens: list[int] = []  # the committed token ids (while clean)
         self.lora: list[bool] = []  # whether the adapter was on in the pass that wrote each of them
@@ -203,12 +202,16 @@ class PagedCache:
 
     def _add_pages(self, pages: list[int]) -> None:
         self.pages += pages
-        self.slots = torch.cat([self.slots, self.pool.slot_index(pages)])
+
+    @property
+    def slots(self) -> torch.Tensor:
+        """The pool slot of every position: [capacity] (made when asked: only a slot commit needs it, so a
+        growing cache costs no tensor op per page)."""
+        return self.pool.slot_index(self.pages)
 
     def free(self) -> None:
         self.pool.release(self.pages)
         self.pages, self.keys, self.tokens, self.lora = [], [], [], []
-        self.slots = self.slots[:0]
         self.length = 0
 
     def commit(self, n: int, ids: list[int] | None = None, causal: bool = False, lora: bool = False) -> None:
@@ -219,8 +222,9 @@ class PagedCache:
 
     def commit_slots(self, offsets: torch.Tensor | list[int], ids: list[int] | None = None, causal: bool = False,
                      lora: bool = False) -> None:
-        src = self.slots[torch.as_tensor(offsets, dtype=torch.long, device=self.slots.device) + self.length]
-        dst = self.slots[self.length : self.length + src.numel()]
+        slots = self.slots
+        src = slots[torch.as_tensor(offsets, dtype=torch.long, device=slots.device) + self.length]
+        dst = slots[self.length : self.length + src.numel()]
         for pool in (self.pool.k, self.pool.v):
             pool.index_copy_(1, dst, pool.index_select(1, src))
         self.length += src.numel()

@@ -29,12 +29,16 @@ class GenerationResult:
 
 @dataclass
 class Delta:
-    """Newly committed tokens and their text."""
+    """Newly committed tokens and their text (None while its reader has not decoded it: the engine leaves the
+    decoding of a stream without stop strings to the thread that reads it)."""
 
     token_ids: list[int]
     text: str
     forward_passes: int | None = None  # the request's forward passes so far (live figures for a stream)
     logprobs: list[tuple[float, list[tuple[int, float]]]] | None = None  # per token, as GenerationResult's
+    # A deferred stream's delta (`text` None until its reader decodes it: trimode.decode.text.DeferredText):
+    # whether it is the stream's last, so an incomplete character at the end is shown as it is.
+    final: bool = False
 
 
 @dataclass

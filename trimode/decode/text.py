@@ -1,28 +1,82 @@
 """From committed token ids to text deltas: incremental detokenization, stop strings, EOS and the token budget.
 
 `TextStream` is fed the tokens a step machine commits and returns what to show. Detokenization is incremental
-(the scheme vLLM uses): only a short window of recent tokens is decoded per event, so a long output costs the
-same per event as a short one. Text that may begin a stop string or ends in an incomplete UTF-8 character is held
-back until it is settled.
+(`Detokenizer`, the scheme vLLM uses): only a short window of recent tokens is decoded per event, so a long output
+costs the same per event as a short one. Text that may begin a stop string or ends in an incomplete UTF-8 character
+is held back until it is settled.
+
+A stream with no stop strings may leave the text to its reader (`defer=True`, the engine's choice): it counts
+tokens only (EOS, the budget) and emits deltas whose `text` is None; whoever reads them turns them into text with a
+`Detokenizer` of its own (`RequestHandle`, on the client's thread: the engine's loop thread does no decoding for
+such requests). The text is the same either way: the same window decoding over the same tokens.
 """
 
 from __future__ import annotations
 
-from trimode.decode.result import Delta
+from trimode.decode.result import Delta, GenerationResult
 from trimode.decode.stopping import StopRule
 from trimode.model.tokenizer import NLDTokenizer
 
 
+class Detokenizer:
+    """Incremental detokenization of a growing token list: `decoded` is the text of every token fed so far
+    (trailing incomplete UTF-8 characters excepted until more tokens or the end settle them)."""
+
+    def __init__(self, decode) -> None:
+        self.decode = decode  # token ids -> text
+        self.tokens: list[int] = []
+        self.decoded = ""
+        self._prefix = 0  # token offsets of the decode window (vLLM's prefix_offset / read_offset)
+        self._read = 0
+
+    def feed(self, new: list[int], final: bool = False) -> None:
+        """Add tokens and decode the ones after `_read` in the window starting at `_prefix` (so merges at the seam
+        are seen). `final`: no more tokens come, an incomplete character is decoded as it is."""
+        self.tokens += new
+        before = self.decode(self.tokens[self._prefix : self._read])
+        after = self.decode(self.tokens[self._prefix :])
+        if after.endswith("\ufffd") and len(self.tokens) > self._read and not final:
+            return  # an incomplete character: wait for the next token
+        if after.startswith(before):
+            self.decoded += after[len(before) :]
+        else:  # the window's start decodes differently with more context (rare): decode everything once
+            self.decoded = self.decode(self.tokens)
+        self._prefix, self._read = self._read, len(self.tokens)
+
+
+class DeferredText:
+    """A reader's side of a deferred stream (`TextStream(defer=True)`): fills in the text of its deltas, in
+    order, and of the result, as the stream would have (`settle`)."""
+
+    def __init__(self, decode) -> None:
+        self.detok = Detokenizer(decode)
+        self.shown = 0  # characters of `detok.decoded` shown so far
+
+    def settle(self, item):
+        if isinstance(item, Delta) and item.text is None:
+            self.detok.feed(item.token_ids, item.final)
+            text = self.detok.decoded
+            end = len(text) if item.final else max(self.shown, len(text.rstrip("\ufffd")))
+            item.text, self.shown = text[self.shown : end], end
+        elif isinstance(item, GenerationResult) and item.text is None:
+            if self.detok.tokens == item.token_ids:  # the text shown (all of it after the final delta)
+                item.text = self.detok.decoded[: self.shown]
+            else:  # its deltas were not all read through here: decode the whole output
+                item.text = self.detok.decode(list(item.token_ids))
+        return item
+
+
 class TextStream:
-    def __init__(self, tokenizer: NLDTokenizer | None, rule: StopRule, stop: list[str] | None = None) -> None:
+    def __init__(self, tokenizer: NLDTokenizer | None, rule: StopRule, stop: list[str] | None = None,
+                 defer: bool = False) -> None:
         self.tokenizer = tokenizer
         self.rule = rule
         self.stops = [s for s in (stop or []) if s]
+        # Text left to the reader: only without stop strings (a stop string must end the machine here, now).
+        self.deferred = defer and tokenizer is not None and not self.stops
         self.tokens: list[int] = []
         self.text = ""  # text shown so far
-        self._decoded = ""  # all text decoded so far (some of it may be held back)
-        self._prefix = 0  # token offsets of the decode window (vLLM's prefix_offset / read_offset)
-        self._read = 0
+        self.detok = Detokenizer(tokenizer.decode) if tokenizer is not None and not self.deferred else None
         self.finish_reason = "length"
         self.done = False
         self.stop_hit = False  # a stop string ended the text: the machine must not run further
@@ -39,7 +93,9 @@ class TextStream:
         self.done = over
         if self.tokenizer is None:
             return Delta(new, "") if new else None
-        self._decode_new()
+        if self.deferred:  # the reader decodes (DeferredText)
+            return Delta(new, None, final=self.done) if new or self.done else None
+        self.detok.feed(new, self.done)
         hit = self._find_stop()
         if hit is not None:
             self.finish_reason, self.done, self.stop_hit = "stop", True, True
@@ -55,18 +111,10 @@ class TextStream:
             return Delta(new, delta)
         return None
 
-    def _decode_new(self) -> None:
-        """Decode the tokens after `_read` in the window starting at `_prefix` (so merges at the seam are seen)."""
-        dec = self.tokenizer.decode
-        before = dec(self.tokens[self._prefix : self._read])
-        after = dec(self.tokens[self._prefix :])
-        if after.endswith("\ufffd") and len(self.tokens) > self._read and not self.done:
-            return  # an incomplete character: wait for the next token
-        if after.startswith(before):
-            self._decoded += after[len(before) :]
-        else:  # the window's start decodes differently with more context (rare): decode everything once
-            self._decoded = dec(self.tokens)
-        self._prefix, self._read = self._read, len(self.tokens)
+    @property
+    def _decoded(self) -> str:
+        """All text decoded so far (some of it may be held back)."""
+        return self.detok.decoded
 
     def _find_stop(self) -> tuple[int, int] | None:
         """(start, end) of the first stop string in the text not shown yet, or None."""

@@ -58,8 +58,8 @@ STALL_TIMEOUT_S = 120.0  # default: silence from a core with our requests on it,
 class RemoteHandle(RequestHandle):
     """A request running in a core process; `cancel()` also tells the core."""
 
-    def __init__(self, request: EngineRequest, link: CoreLink) -> None:
-        super().__init__(request)
+    def __init__(self, request: EngineRequest, link: CoreLink, decode=None) -> None:
+        super().__init__(request, decode)
         self.link = link
         self.answered = threading.Event()  # the core accepted or refused it (or died)
         self.refusal: BaseException | None = None
@@ -219,7 +219,8 @@ class EngineClient:
         try:
             for request in requests:
                 link = self._pick()
-                handle = RemoteHandle(request, link)
+                decode = self.tm.tokenizer.decode if self.tm.tokenizer is not None else None  # its reader decodes
+                handle = RemoteHandle(request, link, decode)
                 with self._lock:
                     self._live[request.request_id] = handle
                     if link.inflight == 0:  # the silence that counts starts now, not when it last spoke

@@ -206,7 +206,7 @@ class Engine:
     def submit(self, request: EngineRequest) -> RequestHandle:
         """Queue a request (ValueError when invalid, QueueFull when at capacity, EngineStopped when stopped)."""
         prepared = self.validate(request)
-        handle = RequestHandle(request)
+        handle = RequestHandle(request, self.tm.tokenizer.decode if self.tm.tokenizer is not None else None)
         with self._lock:
             if self._stopping:
                 raise EngineStopped("the engine is stopped")

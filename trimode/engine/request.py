@@ -3,6 +3,11 @@
 A handle is a thread-safe stream of events: `Delta` / `BlockState` (`trimode.decode.result`) while the request
 runs, then exactly one `GenerationResult` (finish_reason "stop", "length" or "cancelled"), after which the
 iteration ends. If the request fails inside the engine, iterating raises that error instead.
+
+Text is decoded by the reader: for a continuation without stop strings the engine queues deltas whose text is
+None, and the handle's reader (its thread, or its asyncio loop) fills it in as it takes each event
+(`trimode.decode.text.DeferredText`), so the engine's loop thread does no detokenization for it. `drain` (a
+relay to another process) passes them on as they are; the handle at the far end decodes them.
 """
 
 from __future__ import annotations
@@ -13,6 +18,8 @@ import threading
 from collections import deque
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
+
+from trimode.decode.text import DeferredText
 
 _ids = itertools.count(1)
 
@@ -71,39 +78,58 @@ class _Failure:
         self.error = error
 
 
+class Waker:
+    """An asyncio reader's wake-up: the future it awaits while its handle has nothing queued (a bare future, not
+    an `asyncio.Event`: a reader wakes once per engine step, and the event's own bookkeeping would cost the
+    loop's thread, which every request's reader shares, more Python per step than the reading itself)."""
+
+    __slots__ = ("loop", "future")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.future: asyncio.Future | None = None
+
+    def wake(self) -> None:  # on the reader's loop
+        future, self.future = self.future, None
+        if future is not None and not future.done():
+            future.set_result(None)
+
+
 class Wakeups:
     """Asyncio readers to wake, gathered while a batch of events is handed out (one engine-core message): one
     `call_soon_threadsafe` per event loop for the whole batch, not one per event."""
 
     def __init__(self) -> None:
-        self.events: dict[asyncio.AbstractEventLoop, list[asyncio.Event]] = {}
+        self.events: dict[asyncio.AbstractEventLoop, list[Waker]] = {}
 
-    def add(self, wakers: list[tuple[asyncio.AbstractEventLoop, asyncio.Event]]) -> None:
-        for loop, event in wakers:
-            self.events.setdefault(loop, []).append(event)
+    def add(self, wakers: list[Waker]) -> None:
+        for waker in wakers:
+            self.events.setdefault(waker.loop, []).append(waker)
 
     def fire(self) -> None:
-        for loop, events in self.events.items():
+        for loop, wakers in self.events.items():
             try:
-                loop.call_soon_threadsafe(_set_all, events)
+                loop.call_soon_threadsafe(_wake_all, wakers)
             except RuntimeError:  # the client's event loop is closed: nobody is listening any more
                 pass
         self.events = {}
 
 
-def _set_all(events: list[asyncio.Event]) -> None:
-    for event in events:
-        event.set()
+def _wake_all(wakers: list[Waker]) -> None:
+    for waker in wakers:
+        waker.wake()
 
 
 class RequestHandle:
     """The client's side of a running request: iterate (blocking) or `aiter()` (asyncio); `cancel()` any time."""
 
-    def __init__(self, request: EngineRequest) -> None:
+    def __init__(self, request: EngineRequest, decode=None) -> None:
         self.request = request
+        self.decode = decode  # token ids -> text: the reader decodes deferred text with it (None: no tokenizer)
+        self._text: DeferredText | None = None
         self._cond = threading.Condition()
         self._items: deque = deque()
-        self._wakers: list[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = []
+        self._wakers: list[Waker] = []
         self._cancelled = threading.Event()
         self._closed = False
         self._unread = False  # items queued since the client was last woken
@@ -187,6 +213,14 @@ class RequestHandle:
             raise item.error
         return item
 
+    def _settle(self, item):
+        """The text of a deferred delta or result, decoded here, on the reader's side (outside the lock)."""
+        if self.decode is None or getattr(item, "text", "") is not None:
+            return item
+        if self._text is None:
+            self._text = DeferredText(self.decode)
+        return self._text.settle(item)
+
     def __iter__(self) -> Iterator:
         while True:
             with self._cond:
@@ -195,7 +229,7 @@ class RequestHandle:
                 item = self._pop()
             if item is _END:
                 return
-            yield item
+            yield self._settle(item)
 
     def result(self):
         """Wait for the end and return the GenerationResult (the events not read yet are consumed)."""
@@ -205,22 +239,21 @@ class RequestHandle:
         return last
 
     async def aiter(self) -> AsyncIterator:
-        loop = asyncio.get_running_loop()
-        event = asyncio.Event()
+        waker = Waker(asyncio.get_running_loop())
         with self._cond:
-            self._wakers.append((loop, event))
+            self._wakers.append(waker)
         try:
             while True:
                 with self._cond:
                     item = self._pop() if self._items else None
-                    if item is None:
-                        event.clear()  # cleared under the lock: a later _put schedules set() after this
+                    if item is None:  # set under the lock: a later _put's wake-up resolves this future
+                        waker.future = waker.loop.create_future()
                 if item is None:
-                    await event.wait()
+                    await waker.future
                     continue
                 if item is _END:
                     return
-                yield item
+                yield self._settle(item)
         finally:
             with self._cond:
-                self._wakers.remove((loop, event))
+                self._wakers.remove(waker)

@@ -60,7 +60,8 @@ class Sequence:
         """Run on `cache` (empty) from the start: first admission, or again after a preemption."""
         self.cache, self.status = cache, Status.RUNNING
         if self.output is None:
-            self.output, self.started = self.prepared.output(model), now
+            # The handle's reader decodes the text where it can (off the loop thread: `RequestHandle.text`).
+            self.output, self.started = self.prepared.output(model, self.handle.decode is not None), now
         self.machine = self.prepared.machine(model, self.request.provisional, steer)
         if self.request.prompt_logprobs is not None:
             self.scorer = PromptScorer(self.prepared.prompt_ids, self.request.prompt_logprobs)

@@ -28,9 +28,11 @@ class TextOutput:
     """A continuation's output: text deltas as tokens commit, then the result."""
 
     def __init__(self, model: ModelHandle, mode: str, rule: StopRule, stop: list[str] | None, prompt_tokens: int,
-                 knobs: dict) -> None:
+                 knobs: dict, defer_text: bool = False) -> None:
         self.model, self.mode, self.prompt_tokens, self.knobs = model, mode, prompt_tokens, knobs
-        self.text = TextStream(model.tokenizer, rule, stop)
+        # defer_text: without stop strings, the text is left to the reader (deltas and result with text None,
+        # filled in by `trimode.decode.text.DeferredText`).
+        self.text = TextStream(model.tokenizer, rule, stop, defer=defer_text)
         self.stats = DecodeStats(mode, prompt_tokens=prompt_tokens)  # the machine's live statistics
         self.logprobs: list | None = None  # per committed token, when the request asked for them
 
@@ -65,7 +67,8 @@ class TextOutput:
         stats.drop_tail(text.cut_tokens)
         stats.seconds = seconds
         logprobs = None if self.logprobs is None else self.logprobs[: len(text.tokens)]
-        return GenerationResult(list(text.tokens), text.text if self.model.tokenizer else None, stats,
+        shown = text.text if self.model.tokenizer and not text.deferred else None
+        return GenerationResult(list(text.tokens), shown, stats,
                                 finish or text.finish_reason, self.mode, self.knobs, logprobs=logprobs)
 
 

@@ -53,11 +53,12 @@ class Prepared:
                                             self.thinking, provisional, steer,
                                             self.edit.block if self.edit is not None else None, grammar)
 
-    def output(self, model: ModelHandle) -> TextOutput | EditOutput:
-        """What turns this request's machine events into the caller's deltas and result."""
+    def output(self, model: ModelHandle, defer_text: bool = False) -> TextOutput | EditOutput:
+        """What turns this request's machine events into the caller's deltas and result (`defer_text`: a
+        continuation without stop strings leaves its text to the reader, `TextOutput`)."""
         if self.edit is not None:
             return EditOutput(model, self.edit, self.prompt_ids, self.knob_dict, self.stop)
-        return TextOutput(model, self.mode, self.rule, self.stop, len(self.prompt_ids), self.knob_dict)
+        return TextOutput(model, self.mode, self.rule, self.stop, len(self.prompt_ids), self.knob_dict, defer_text)
 
 
 def model_defaults(model: ModelHandle) -> ModelDefaults:

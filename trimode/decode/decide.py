@@ -213,15 +213,19 @@ def decide(logits: Sequence[torch.Tensor], picks: Sequence[Pick]) -> list[Decisi
     raw = _blend(raw, picks, starts)
     proc = _process(raw.float(), raw, picks, starts, counts)
     tokens = _choose(proc, picks, starts, counts)
-    fields = [tokens.double()]
+    fields = []
     want_conf = [i for i, p in enumerate(picks) if p.confidence or p.given is not None]
     if want_conf:
         fields += _probabilities(proc, tokens, picks, starts, counts, want_conf)
     k = max((p.logprobs for p in picks if p.logprobs is not None), default=None)
     if k is not None:
         fields += _logprobs(raw, tokens, k)  # 1 + 2k rows
-    host = torch.stack(fields).cpu()  # the one device-to-host transfer of the step
-    out = _split(host, picks, counts, bool(want_conf), k)
+    if fields:  # the one device-to-host transfer of the step: the tokens and every other field
+        host = torch.stack([tokens.double()] + fields).cpu()
+        chosen = host[0].long().tolist()
+    else:  # the tokens alone (greedy or sampled, nothing else asked): read as they are
+        host, chosen = None, tokens.tolist()
+    out = _split(host, chosen, picks, counts, bool(want_conf), k)
     for d, p, s, n in zip(out, picks, starts, counts):
         if p.logits:  # a machine that truly needs logits: a second transfer, its own
             d.logits = raw[s : s + n].float().cpu()
@@ -350,11 +354,10 @@ def _logprobs(raw: torch.Tensor, tokens: torch.Tensor, k: int) -> list[torch.Ten
     return out
 
 
-def _split(host: torch.Tensor, picks: Sequence[Pick], counts: list[int], probs: bool,
+def _split(host: torch.Tensor | None, chosen: list[int], picks: Sequence[Pick], counts: list[int], probs: bool,
            k: int | None) -> list[Decision]:
     """Each pick's share of the step's host tensor (rows: tokens, [confidence, given], [logprob, top ids, top
     values]), as views made by one split per field."""
-    chosen = host[0].long().tolist()  # one read for every pick (a machine need not read its own)
     starts = list(accumulate(counts, initial=0))
     conf = given = logprob = ids = values = None
     at = 1

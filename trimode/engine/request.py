@@ -127,7 +127,10 @@ class RequestHandle:
         self.request = request
         self.decode = decode  # token ids -> text: the reader decodes deferred text with it (None: no tokenizer)
         self._text: DeferredText | None = None
-        self._cond = threading.Condition()
+        # The engine's side takes the plain lock (no Python-level frame per call: it does so twice per request per
+        # step); a blocking reader waits on the condition over the same lock.
+        self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)
         self._items: deque = deque()
         self._wakers: list[Waker] = []
         self._cancelled = threading.Event()
@@ -156,7 +159,7 @@ class RequestHandle:
         step's events as it makes them and wakes each client once, after the step, so woken client threads do
         not contend with the loop's Python work mid-step); asyncio readers are woken now, or added to `wakeups`
         (fired by the caller: one wake-up per event loop for a whole message)."""
-        with self._cond:
+        with self._lock:
             if self._closed:
                 return
             self._items.append(item)
@@ -168,7 +171,7 @@ class RequestHandle:
 
     def _wake(self, wakeups: Wakeups | None = None) -> None:
         """Wake the client (a blocked iterator, an asyncio reader) if something was queued since the last wake."""
-        with self._cond:
+        with self._lock:
             if not self._unread:
                 return
             self._unread = False
@@ -193,7 +196,7 @@ class RequestHandle:
     # -- a relay (the engine-core process forwards a handle's events to an API server process) ----------------
     def drain(self) -> list:
         """Every item queued so far, without waiting: events, the result, then the end (or a failure)."""
-        with self._cond:
+        with self._lock:
             items = list(self._items)
             self._items.clear()
         return items
@@ -240,11 +243,11 @@ class RequestHandle:
 
     async def aiter(self) -> AsyncIterator:
         waker = Waker(asyncio.get_running_loop())
-        with self._cond:
+        with self._lock:
             self._wakers.append(waker)
         try:
             while True:
-                with self._cond:
+                with self._lock:
                     item = self._pop() if self._items else None
                     if item is None:  # set under the lock: a later _put's wake-up resolves this future
                         waker.future = waker.loop.create_future()
@@ -255,5 +258,5 @@ class RequestHandle:
                     return
                 yield self._settle(item)
         finally:
-            with self._cond:
+            with self._lock:
                 self._wakers.remove(waker)

@@ -93,7 +93,7 @@ class Sequence:
         Returns the result when the request is over."""
         self.last, self.pending, self.chunk_done, self.pieces = self.pending, None, 0, []
         self.last_ids, self.pending_ids = self.pending_ids, None
-        if self.request.max_new_tokens == 0 and (self.scorer is None or self.scorer.done):
+        if self.handle.request.max_new_tokens == 0 and (self.scorer is None or self.scorer.done):
             return self.scored()
         while True:
             try:

@@ -12,7 +12,10 @@ is reported with its spread.
 Served-style: the engine's own background loop (`Engine.start()`) with every request's events consumed, its
 forwards replayed on the bare network the same way. Two kinds of clients (`served`): `asyncio`, every request read
 through `handle.aiter()` on one event loop in another thread, as the HTTP server's handlers read; `threads`, one
-client thread per request iterating its handle (a Python program calling the engine from many threads). Syncs per step:
+client thread per request iterating its handle (a Python program calling the engine from many threads). Reader CPU
+per step: the CPU time the clients' thread(s) spent per engine step (`time.thread_time`): in one process the
+readers and the engine's loop share the interpreter lock, so this work lengthens a served step unless it overlaps
+the forward (what an engine-core process spares the loop). Syncs per step:
 host reads of tensor values (`trimode.bench.syncs`) in the engine (runner, decision stage) and in the step
 machines, counted over one short separate run (the counting slows the run, so it is not timed).
 """
@@ -46,6 +49,7 @@ class Cell:
     # per kind of clients (`SERVED`): seconds served, seconds of the same forwards bare
     served_s: dict[str, list[float]] = field(default_factory=dict)
     served_bare_s: dict[str, list[float]] = field(default_factory=dict)
+    reader_cpu_ms: dict[str, list[float]] = field(default_factory=dict)  # per kind: the readers' CPU ms per step
     syncs: tuple[float, float] = (0.0, 0.0)  # per engine step: (engine, machines)
 
     def served_ratios(self, clients: str) -> list[float]:
@@ -91,10 +95,11 @@ SERVED = ("asyncio", "threads")
 
 
 def run_served(tm: TriMode, mode: str, prompts: list[list[int]], max_new_tokens: int, knobs: dict,
-               clients: str = "asyncio") -> tuple[float, int, list[ForwardShape]]:
+               clients: str = "asyncio") -> tuple[float, int, list[ForwardShape], float]:
     """Seconds to serve every prompt with the engine's background loop, every event consumed by `clients`
     (`SERVED`: one asyncio loop reading every handle, or one thread per request), tokens generated, the forwards
-    run. The clients are waiting before the first request is submitted, as a server's are."""
+    run, and the CPU milliseconds the readers' threads spent per engine step. The clients are waiting before the
+    first request is submitted, as a server's are."""
     if clients not in SERVED:
         raise ValueError(f"served clients must be one of {', '.join(SERVED)}, got {clients!r}")
     engine = Engine(tm, max_queue=len(prompts), max_running=max(64, len(prompts)),
@@ -103,10 +108,18 @@ def run_served(tm: TriMode, mode: str, prompts: list[list[int]], max_new_tokens:
     results: list = [None] * len(prompts)
     requests = [EngineRequest(p, mode=mode, max_new_tokens=max_new_tokens, knobs={"eos_token_id": -1, **knobs})
                 for p in prompts]
+    reader_cpu: list[float] = []  # each reader thread's CPU seconds
 
     def client(i: int, handle) -> None:
+        c0 = time.thread_time()
         for event in handle:
             results[i] = event
+        reader_cpu.append(time.thread_time() - c0)
+
+    def run_loop(box: list[float]) -> None:
+        c0 = time.thread_time()
+        box.append(asyncio.run(serve_all()))
+        reader_cpu.append(time.thread_time() - c0)
 
     async def read(i: int, handle) -> None:
         async for event in handle.aiter():
@@ -121,7 +134,7 @@ def run_served(tm: TriMode, mode: str, prompts: list[list[int]], max_new_tokens:
     try:
         if clients == "asyncio":
             box: list[float] = []
-            loop_thread = threading.Thread(target=lambda: box.append(asyncio.run(serve_all())))
+            loop_thread = threading.Thread(target=run_loop, args=(box,))
             loop_thread.start()
             loop_thread.join()
             seconds = box[0]
@@ -136,7 +149,8 @@ def run_served(tm: TriMode, mode: str, prompts: list[list[int]], max_new_tokens:
             seconds = time.perf_counter() - t0
     finally:
         engine.stop()
-    return seconds, sum(len(r.token_ids) for r in results), engine.trace
+    steps = max(1, engine.stats()["counters"].get("steps", 0))
+    return seconds, sum(len(r.token_ids) for r in results), engine.trace, sum(reader_cpu) * 1e3 / steps
 
 
 def count_syncs(tm: TriMode, mode: str, prompts: list[list[int]], knobs: dict, max_new_tokens: int = 8):
@@ -195,8 +209,10 @@ def run(tm: TriMode, modes: list[str], loads: list[int], prompt_tokens: int, max
                 cell.engine_s.append(seconds)
                 cell.bare_s.append(replay(tm, shapes))
                 for clients in served:
-                    seconds, _, served_shapes = run_served(tm, mode, prompts, max_new_tokens, knobs_of[mode], clients)
+                    seconds, _, served_shapes, cpu = run_served(tm, mode, prompts, max_new_tokens, knobs_of[mode],
+                                                                clients)
                     cell.served_s.setdefault(clients, []).append(seconds)
+                    cell.reader_cpu_ms.setdefault(clients, []).append(cpu)
                     cell.served_bare_s.setdefault(clients, []).append(replay(tm, served_shapes))
                 cell.tokens, cell.forwards = tokens, len(shapes)
                 cell.threads_alive = max(cell.threads_alive, threads)
@@ -220,8 +236,9 @@ def report(tm: TriMode, cells: list[Cell], prompt_tokens: int, max_new_tokens: i
         "the decision stage).",
         "",
         "| mode | requests | engine tok/s | bare forwards tok/s | engine / bare | "
-        + "".join(f"served ({c}) / bare | " for c in served) + "syncs / step | fused forwards | threads alive |",
-        "|---|---:|---:|---:|---:|" + "---:|" * len(served) + "---:|---:|---:|",
+        + "".join(f"served ({c}) / bare | " for c in served)
+        + "".join(f"reader CPU ms / step ({c}) | " for c in served) + "syncs / step | fused forwards | threads alive |",
+        "|---|---:|---:|---:|---:|" + "---:|" * (2 * len(served)) + "---:|---:|---:|",
     ]
     for c in cells:
         e = c.tokens / statistics.median(c.engine_s)
@@ -231,6 +248,9 @@ def report(tm: TriMode, cells: list[Cell], prompt_tokens: int, max_new_tokens: i
         for clients in served:
             sr = c.served_ratios(clients) or [0.0]
             cols += f"| {c.served_ratio(clients):.2f} ({min(sr):.2f}-{max(sr):.2f}) "
+        for clients in served:
+            cpu = c.reader_cpu_ms.get(clients) or [0.0]
+            cols += f"| {statistics.median(cpu):.2f} "
         lines.append(f"| {c.mode} | {c.requests} | {e:,.0f} | {b:,.0f} | {c.ratio:.2f} ({min(rs):.2f}-{max(rs):.2f}) "
                      f"{cols}| {c.syncs[0]:.1f} + {c.syncs[1]:.1f} | {c.forwards} | {c.threads_alive} |")
     return "\n".join(lines) + "\n"

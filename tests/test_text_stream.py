@@ -80,3 +80,33 @@ def test_the_engine_loop_decodes_nothing_for_a_request_without_stop_strings(tm):
     finally:
         tm.tokenizer.decode = decode
         engine.stop()
+
+
+def test_deferred_text_survives_preemption_and_cancellation(tm):
+    """A preempted request restarts and replays; its reader sees each token once, so the streamed text and the
+    result's are the request's text alone. A request cancelled mid-stream ends with the text it had shown."""
+    prompts = [tm.tokenizer.encode(p) for p in ("Once upon a time", "The capital of France is", "1, 2, 3,")]
+    engine = Engine(tm, kv_cache_tokens=64, page_size=8)
+    no_eos = {"eos_token_id": -1}  # full length, so the pool runs dry
+    handles = [engine.submit(EngineRequest(prompt_ids=p, max_new_tokens=40, knobs=no_eos)) for p in prompts]
+    while not all(h.done for h in handles):
+        engine.step()
+    assert engine.stats()["preemptions"] >= 1
+    for h, p in zip(handles, prompts):
+        events = list(h)
+        result = events[-1]
+        text = "".join(e.text for e in events if isinstance(e, Delta))
+        assert text == result.text
+        alone = tm.generate(p, max_new_tokens=40, **no_eos)
+        assert (result.token_ids, result.text) == (alone.token_ids, alone.text)
+
+    engine = Engine(tm)
+    handle = engine.submit(EngineRequest(prompt_ids=prompts[0], max_new_tokens=40, knobs=no_eos))
+    for _ in range(6):
+        engine.step()
+    handle.cancel()
+    while not handle.done:
+        engine.step()
+    events = list(handle)
+    assert events[-1].finish_reason == "cancelled"
+    assert "".join(e.text for e in events if isinstance(e, Delta)) == events[-1].text

@@ -51,15 +51,16 @@ class RowsView:
     def __init__(self, pool: KVPool, caches: list[PagedCache], t: int) -> None:
         dev = pool.k.device
         self.pool = pool
-        lengths = [c.length for c in caches]
-        self.pasts = torch.tensor(lengths, device=dev)
-        self.length = max(lengths)
+        self.lengths = [c.length for c in caches]  # host ints: positions and masks are built from them
+        self.length = max(self.lengths)
         width = self.length + t
         # One row whose slots are consecutive (pages handed out in order): read and write the pool in place.
         self.first_slot = None
+        self.pasts: torch.Tensor | None = None
         if len(caches) == 1 and caches[0].is_contiguous(width):
             self.first_slot = 1 + caches[0].pages[0] * pool.page_size
             return
+        self.pasts = torch.tensor(self.lengths, device=dev)
         # The slots of every row's first `width` positions, from its page list (one small tensor, no per-row tensor
         # op); a row with fewer pages is padded with page 0, which the next line masks: it reads the null slot
         # past its own prefix and pass.
@@ -71,6 +72,7 @@ class RowsView:
         cols = torch.arange(width, device=dev)
         self.read = torch.where(cols[None, :] < (self.pasts + t)[:, None], table, 0)  # [R, width]
         self.write = table.gather(1, self.pasts[:, None] + torch.arange(t, device=dev)[None, :]).flatten()
+        self.read_flat = self.read.flatten()
 
     def reserve(self, total: int) -> None:
         """The scheduler grew every row's cache to hold its pass before the forward."""
@@ -88,7 +90,7 @@ class RowsView:
         for pool, new in ((self.pool.k[layer], k), (self.pool.v[layer], v)):
             # index_copy_ / index_select: several times faster than advanced indexing for these shapes.
             pool.index_copy_(0, self.write, new.transpose(1, 2).reshape(r * t, h, d))
-            out.append(pool.index_select(0, self.read.flatten()).view(r, width, h, d).transpose(1, 2))
+            out.append(pool.index_select(0, self.read_flat).view(r, width, h, d).transpose(1, 2))
         return out[0], out[1]
 
 
@@ -97,8 +99,10 @@ def row_masks(rows: list[Row], pasts: torch.Tensor, width: int) -> torch.Tensor:
     t = rows[0].tokens
     dev = pasts.device
     cols = torch.arange(width, device=dev)
-    rel = cols[None, :] - pasts[:, None]  # [R, width]: key position inside the row's pass
     kinds = {id(r.mask) if isinstance(r.mask, torch.Tensor) else r.mask for r in rows}
+    if t == 1 and kinds <= {"causal", "bidirectional"}:  # one token (AR steps): it sees its prefix and itself
+        return (cols[None, :] <= pasts[:, None])[:, None, None]
+    rel = cols[None, :] - pasts[:, None]  # [R, width]: key position inside the row's pass
     if len(kinds) == 1 and not isinstance(rows[0].mask, torch.Tensor):
         patterns = pass_pattern(rows[0].mask, t, dev)[None].expand(len(rows), t, t)
     else:
@@ -207,8 +211,11 @@ def run_rows(net: NLDTransformer, pool: KVPool, rows: list[Row]) -> list[torch.T
     dev = net.device
     view = RowsView(pool, [r.cache for r in rows], t)
     ids = batch_ids(rows).view(len(rows), t).to(dev)
-    if all(r.positions is None for r in rows):
-        positions = view.pasts[:, None] + torch.arange(t, device=dev)[None, :]
+    if all(r.positions is None for r in rows):  # each row's pass right after its prefix
+        if t == 1:  # an AR step: one tensor op from the host lengths
+            positions = torch.tensor([[n] for n in view.lengths], device=dev)
+        else:
+            positions = torch.tensor(view.lengths, device=dev)[:, None] + torch.arange(t, device=dev)[None, :]
     else:
         positions = torch.stack([r.positions if r.positions is not None
                                  else r.cache.length + torch.arange(t) for r in rows]).to(dev)
@@ -220,7 +227,8 @@ def run_rows(net: NLDTransformer, pool: KVPool, rows: list[Row]) -> list[torch.T
     counts = [t if r.read is None else len(r.read) for r in rows]
     index = None
     if all(r.read == [t - 1] for r in rows):  # every row reads its last token (AR steps, prompt passes)
-        index = torch.arange(len(rows)) * t + (t - 1)
+        if t > 1:  # (with one token per row that is every token: no index)
+            index = torch.arange(len(rows)) * t + (t - 1)
     elif any(r.read is not None for r in rows):
         index = torch.cat([torch.arange(t) + i * t if r.read is None else torch.tensor(r.read, dtype=torch.long) + i * t
                            for i, r in enumerate(rows)])

@@ -57,3 +57,26 @@ def test_bench_engine_reports_both_kinds_of_served_clients(tmp_path):
         assert cells[1] == "3" and all(float(c.split()[0]) > 0 for c in cells[4:9]), row
     bad = CliRunner().invoke(app, ["bench", "engine", "--model", str(TINY_A), "--served", "processes"])
     assert bad.exit_code != 0 and "--served" in bad.output
+
+
+def test_bench_engine_served_by_an_engine_core_process(tmp_path):
+    """`--served process`: the engine core in its own process (the HTTP server's default layout); the forwards it
+    ran come back from the core's trace file and are replayed bare (so its ratio is a real one)."""
+    from trimode import load
+    from trimode.bench.engine_bench import _prompts, run_served
+
+    tm = load(TINY_A)
+    prompts = _prompts(3, 5, tm.config.vocab_size, 0)
+    seconds, tokens, trace, cpu = run_served(tm, "ar", prompts, 4, {}, "process")
+    assert seconds > 0 and tokens == 3 * 4 and cpu > 0
+    # every request's prompt pass and its 3 one-token steps, however the core batched them
+    shapes = [s for forward in trace for s in forward]
+    assert sum(s.rows for s in shapes if s.tokens == 5) == 3 and sum(s.rows for s in shapes if s.tokens == 1) == 9
+    out = tmp_path / "engine.md"
+    r = CliRunner().invoke(app, ["bench", "engine", "--model", str(TINY_A), "--modes", "ar", "--requests", "2", "-n",
+                                 "3", "--rounds", "1", "--served", "process", "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    table = [line for line in out.read_text().splitlines() if line.startswith("| ")]
+    assert "served (process) / bare" in table[0] and "reader CPU ms / step (process)" in table[0]
+    cells = [c.strip() for c in table[1].strip("|").split("|")]
+    assert float(cells[5].split()[0]) > 0, table[1]

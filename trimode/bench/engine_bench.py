@@ -12,10 +12,13 @@ is reported with its spread.
 Served-style: the engine's own background loop (`Engine.start()`) with every request's events consumed, its
 forwards replayed on the bare network the same way. Two kinds of clients (`served`): `asyncio`, every request read
 through `handle.aiter()` on one event loop in another thread, as the HTTP server's handlers read; `threads`, one
-client thread per request iterating its handle (a Python program calling the engine from many threads). Reader CPU
+client thread per request iterating its handle (a Python program calling the engine from many threads); `process`,
+the engine core in a process of its own as the HTTP server runs it by default, read by one event loop here through
+the client's handles (the core writes its forwards to a file for the replay). Reader CPU
 per step: the CPU time the clients' thread(s) spent per engine step (`time.thread_time`): in one process the
 readers and the engine's loop share the interpreter lock, so this work lengthens a served step unless it overlaps
-the forward (what an engine-core process spares the loop). Syncs per step:
+the forward (what an engine-core process spares the loop; for `process` it is this process's CPU, readers and the
+client's I/O thread, which runs beside the core's loop). Syncs per step:
 host reads of tensor values (`trimode.bench.syncs`) in the engine (runner, decision stage) and in the step
 machines, counted over one short separate run (the counting slows the run, so it is not timed).
 """
@@ -91,7 +94,7 @@ def run_engine(tm: TriMode, mode: str, prompts: list[list[int]], max_new_tokens:
     return seconds, sum(len(r.token_ids) for r in results), engine.trace, threads
 
 
-SERVED = ("asyncio", "threads")
+SERVED = ("asyncio", "threads", "process")
 
 
 def run_served(tm: TriMode, mode: str, prompts: list[list[int]], max_new_tokens: int, knobs: dict,
@@ -102,6 +105,8 @@ def run_served(tm: TriMode, mode: str, prompts: list[list[int]], max_new_tokens:
     first request is submitted, as a server's are."""
     if clients not in SERVED:
         raise ValueError(f"served clients must be one of {', '.join(SERVED)}, got {clients!r}")
+    if clients == "process":
+        return run_served_process(tm, mode, prompts, max_new_tokens, knobs)
     engine = Engine(tm, max_queue=len(prompts), max_running=max(64, len(prompts)),
                     cost=CostModel([(1, 1e-3), (1 << 16, 1e-3)]))
     engine.trace = []
@@ -151,6 +156,51 @@ def run_served(tm: TriMode, mode: str, prompts: list[list[int]], max_new_tokens:
         engine.stop()
     steps = max(1, engine.stats()["counters"].get("steps", 0))
     return seconds, sum(len(r.token_ids) for r in results), engine.trace, sum(reader_cpu) * 1e3 / steps
+
+
+def run_served_process(tm: TriMode, mode: str, prompts: list[list[int]], max_new_tokens: int,
+                       knobs: dict) -> tuple[float, int, list[ForwardShape], float]:
+    """`run_served` with the engine core in a process of its own, as the HTTP server runs it by default
+    (`trimode.engine.core_process`), and one asyncio loop in this process reading every request through the
+    client's handles (their text decoded here, as the API server does). The core records its forwards and writes
+    them to a file when it stops. The CPU per step is this process's (the readers and the client's I/O thread)."""
+    import json
+    import tempfile
+    from pathlib import Path
+
+    from trimode.engine.client import EngineClient
+    from trimode.engine.core_process import CoreSet, CoreSpec
+    from trimode.engine.engine import shape_from_json
+
+    requests = [EngineRequest(p, mode=mode, max_new_tokens=max_new_tokens, knobs={"eos_token_id": -1, **knobs})
+                for p in prompts]
+    results: list = [None] * len(prompts)
+    with tempfile.TemporaryDirectory(prefix="trimode-bench-") as tmp:
+        trace_file = Path(tmp) / "trace.json"
+        spec = CoreSpec(model=str(tm.path), dtype=str(tm.net.dtype).removeprefix("torch."),
+                        device=str(tm.net.device), threads=torch.get_num_threads(), trace_file=str(trace_file),
+                        engine={"max_queue": len(prompts), "max_running": max(64, len(prompts)),
+                                "cost": CostModel([(1, 1e-3), (1 << 16, 1e-3)])})
+        client = EngineClient(tm, CoreSet(spec), ready_timeout=120).start()
+        try:
+            async def read(i: int, handle) -> None:
+                async for event in handle.aiter():
+                    results[i] = event
+
+            async def serve_all() -> float:
+                t0 = time.perf_counter()
+                handles = client.submit_all(requests)  # one round trip to the core, as a request's choices go
+                await asyncio.gather(*(read(i, h) for i, h in enumerate(handles)))
+                return time.perf_counter() - t0
+
+            c0 = time.process_time()
+            seconds = asyncio.run(serve_all())
+            cpu = time.process_time() - c0
+            steps = max(1, client.stats().get("counters", {}).get("steps", 0))
+        finally:
+            client.stop()
+        trace = [[shape_from_json(d) for d in forward] for forward in json.loads(trace_file.read_text())]
+    return seconds, sum(len(r.token_ids) for r in results), trace, cpu * 1e3 / steps
 
 
 def count_syncs(tm: TriMode, mode: str, prompts: list[list[int]], knobs: dict, max_new_tokens: int = 8):

@@ -22,6 +22,7 @@ exits when its parent goes away, so it never outlives the server.
 
 from __future__ import annotations
 
+import json
 import logging
 import multiprocessing
 import os
@@ -52,6 +53,10 @@ class CoreSpec:
     device: str | None = None
     lora: bool | str = True
     engine: dict = field(default_factory=dict)
+    threads: int | None = None  # torch CPU threads of the core (None: torch's choice)
+    # Benchmarks (`trimode bench engine --served process`): record every fused forward's shapes and write them
+    # to this file as JSON when the core stops, so they can be replayed on the bare network.
+    trace_file: str | None = None
 
 
 def core_addresses(run_dir: Path, index: int) -> tuple[str, str]:
@@ -134,13 +139,23 @@ def run_core(spec: CoreSpec, in_addr: str, out_addr: str) -> None:
     """The core process's main: load, build the engine, measure its policy, serve until stopped."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s[%(process)d] %(levelname)s %(message)s")
-    import trimode
-    from trimode.engine.engine import Engine
+    import torch
 
+    import trimode
+    from trimode.engine.engine import Engine, shape_to_json
+
+    if spec.threads is not None:
+        torch.set_num_threads(spec.threads)
     tm = trimode.load(spec.model, dtype=spec.dtype, device=spec.device, lora=spec.lora)
     engine = Engine(tm, **spec.engine)
     engine.step()  # nothing queued: measures the auto policy's cost curve now, before "ready"
-    EngineCore(engine, in_addr, out_addr).run()
+    if spec.trace_file:
+        engine.trace = []
+    try:
+        EngineCore(engine, in_addr, out_addr).run()
+    finally:
+        if spec.trace_file:
+            Path(spec.trace_file).write_text(json.dumps([[shape_to_json(s) for s in f] for f in engine.trace]))
 
 
 class EngineCore:

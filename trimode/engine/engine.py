@@ -22,7 +22,7 @@ import logging
 import threading
 import time
 from collections import Counter
-from dataclasses import dataclass, replace
+from dataclasses import asdict, astuple, dataclass, replace
 
 import torch
 
@@ -37,6 +37,7 @@ from trimode.engine.runner import run_step
 from trimode.engine.scheduler import Scheduler
 from trimode.engine.sequence import Sequence, Status, read_pending_ids
 from trimode.model.handle import ModelHandle
+from trimode.model.masks import QuadraticInit, QuadraticStep
 from trimode.request import Prepared, fill_request, infill_request, prepare, revise_request
 
 log = logging.getLogger("trimode.engine")
@@ -63,6 +64,18 @@ class ForwardShape:
                     tuple(["tensor" if isinstance(r.mask, torch.Tensor) else r.mask for r in g]),
                     tuple([r.lora for r in g]), sum([t if r.read is None else len(r.read) for r in g]))
                 for t, g in widths.items()]
+
+
+def shape_to_json(shape: ForwardShape) -> dict:
+    """A ForwardShape as JSON (a benchmark's trace crossing a process boundary); `shape_from_json` reverses it."""
+    masks = [m if isinstance(m, str) else {type(m).__name__: astuple(m)[0]} for m in shape.masks]
+    return {**asdict(shape), "masks": masks}
+
+
+def shape_from_json(d: dict) -> ForwardShape:
+    kinds = {"QuadraticInit": QuadraticInit, "QuadraticStep": QuadraticStep}
+    masks = tuple(m if isinstance(m, str) else kinds[next(iter(m))](next(iter(m.values()))) for m in d["masks"])
+    return ForwardShape(d["rows"], d["tokens"], d["past"], masks, tuple(d["lora"]), d["logits"])
 DEFAULT_KV_BYTES = {"cuda": 0.5, "cpu": 1 << 30}  # CUDA: half the free memory; CPU: 1 GiB
 DEFAULT_PASS_BYTES = {"cuda": 0.25, "cpu": 2 << 30}  # the widest pass's activations: CUDA a quarter of free memory
 

@@ -140,3 +140,19 @@ def test_picks_decided_together_equal_each_decided_alone():
         if p.logprobs is not None:
             assert torch.equal(d.top_ids, alone.top_ids) and torch.allclose(d.logprobs, alone.logprobs)
     assert together[3].tokens.tolist() == [11]
+
+
+def test_blocked_argmax_equals_torch_argmax():
+    """`argmax_last` (by blocks on a CPU) returns exactly torch's argmax: first maximum, ties, -inf rows, NaN."""
+    from trimode.decode.sampling import argmax_last
+
+    g = torch.Generator().manual_seed(0)
+    for trial in range(300):
+        v = (2048, 4096, 2050)[trial % 3]  # 2050: not a multiple of the block, plain argmax
+        x = torch.randint(-3, 3, (20, v), generator=g).float()  # many ties
+        x[0] = float("-inf")
+        x[1, torch.randint(0, v, (1,), generator=g)] = float("nan")
+        x[2, torch.randint(0, v, (3,), generator=g)] = float("inf")
+        x[3] = torch.randn(v, generator=g)
+        for y in (x, x.double(), x[:1]):
+            assert torch.equal(argmax_last(y), y.argmax(-1)), trial

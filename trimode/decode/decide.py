@@ -28,7 +28,7 @@ from itertools import accumulate
 
 import torch
 
-from trimode.decode.sampling import SamplingParams, filter_logits, gumbel_noise
+from trimode.decode.sampling import SamplingParams, argmax_last, filter_logits, gumbel_noise
 
 
 @dataclass
@@ -295,7 +295,7 @@ def _blend(raw: torch.Tensor, picks: Sequence[Pick], starts: list[int]) -> torch
 def _choose(proc: torch.Tensor, picks: Sequence[Pick], starts: list[int], counts: list[int]) -> torch.Tensor:
     """`sampling.choose` for every position at once: sampled positions are grouped by their filter settings
     (the same tensor operations per row as one request alone), their noise drawn in one batch."""
-    tokens = proc.argmax(-1)
+    tokens = argmax_last(proc)
     groups: dict[tuple, list[int]] = {}
     for i, p in enumerate(picks):
         if not p.sampling.greedy:
@@ -316,10 +316,10 @@ def _choose(proc: torch.Tensor, picks: Sequence[Pick], starts: list[int], counts
         logits = proc.index_select(0, idx)
         filtered = filter_logits(logits, params).double()
         noise = gumbel_noise(seeds, torch.tensor(positions, dtype=torch.long), steps, proc.shape[-1], dev, rows)
-        sampled = (filtered + noise).argmax(-1)
+        sampled = argmax_last(filtered + noise)
         # A row whose top logit / temperature overflowed (a temperature near 0) is greedy, the limit it tends to.
-        overflowed = ~torch.isfinite(filtered.max(-1).values)
-        tokens.index_copy_(0, idx, torch.where(overflowed, logits.argmax(-1), sampled))
+        overflowed = ~torch.isfinite(filtered.amax(-1))
+        tokens.index_copy_(0, idx, torch.where(overflowed, argmax_last(logits), sampled))
     return tokens
 
 

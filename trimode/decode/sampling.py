@@ -160,6 +160,24 @@ def gumbel_noise(seed, positions: torch.Tensor, step: int, vocab: int, device, r
     return -torch.log(-torch.log(u))
 
 
+ARGMAX_BLOCK = 64
+
+
+def argmax_last(x: torch.Tensor) -> torch.Tensor:
+    """`x.argmax(-1)` of [N, V]: the same indices (each row's first maximum; a NaN counts as the maximum).
+
+    On a CPU torch's index-returning reductions go element by element while `amax` is vectorized, and at 64 rows
+    of a vocabulary the argmax cost a whole percent of an engine step. A large [N, V] is therefore reduced by
+    blocks of `ARGMAX_BLOCK`: the maximum of each block, the first block holding the row's maximum, then the first
+    maximum inside it, which is the row's first maximum (3-5x faster at 64 rows)."""
+    if x.dim() != 2 or x.device.type != "cpu" or x.shape[1] % ARGMAX_BLOCK or x.numel() < 1 << 15:
+        return x.argmax(-1)
+    n, v = x.shape
+    blocks = x.view(n, v // ARGMAX_BLOCK, ARGMAX_BLOCK)
+    best = blocks.amax(-1).argmax(-1)
+    return best * ARGMAX_BLOCK + blocks[torch.arange(n, device=x.device), best].argmax(-1)
+
+
 def choose(
     logits: torch.Tensor, positions: torch.Tensor | int, params: SamplingParams, step: int = 0, rows=None
 ) -> torch.Tensor:
@@ -170,15 +188,15 @@ def choose(
     [N] their batch rows.
     """
     if params.greedy:
-        return logits.argmax(-1)
+        return argmax_last(logits)
     if isinstance(positions, int):
         positions = torch.full((logits.shape[0],), positions, device=logits.device)
     filtered = filter_logits(logits, params).double()
     noise = gumbel_noise(params.seed, positions, step, logits.shape[-1], logits.device, rows)
-    sampled = (filtered + noise).argmax(-1)
+    sampled = argmax_last(filtered + noise)
     # A row whose top logit / temperature overflowed (a temperature near 0) is greedy, the limit it tends to.
-    overflowed = ~torch.isfinite(filtered.max(-1).values)
-    return torch.where(overflowed, logits.argmax(-1), sampled)
+    overflowed = ~torch.isfinite(filtered.amax(-1))
+    return torch.where(overflowed, argmax_last(logits), sampled)
 
 
 def confidence(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:

@@ -199,3 +199,20 @@ def test_auto_config_json_becomes_the_engines_settings():
 
     got = parse_auto_config('{"spec_margin": 0, "modes": ["ar", "quadratic_spec"], "explore_every": 0}')
     assert got == AutoConfig(spec_margin=0, modes=("ar", "quadratic_spec"), explore_every=0)
+
+
+def test_the_server_runs_on_uvloop_where_installed():
+    """`trimode serve` hands uvicorn `event_loop.NAME`; benchmarks read the engine on the same loop (`run`). uvloop
+    is a dependency except on Windows."""
+    import asyncio
+
+    from trimode.serve import event_loop
+
+    async def loop_module() -> str:
+        return type(asyncio.get_running_loop()).__module__
+
+    if sys.platform != "win32":
+        assert event_loop.NAME == "uvloop"
+        assert event_loop.run(loop_module()).startswith("uvloop")
+    else:
+        assert event_loop.run(loop_module()).startswith("asyncio")

@@ -11,7 +11,8 @@ is reported with its spread.
 
 Served-style: the engine's own background loop (`Engine.start()`) with every request's events consumed, its
 forwards replayed on the bare network the same way. Two kinds of clients (`served`): `asyncio`, every request read
-through `handle.aiter()` on one event loop in another thread, as the HTTP server's handlers read; `threads`, one
+through `handle.aiter()` on one event loop in another thread, as the HTTP server's handlers read (on the loop the
+server runs on, `trimode.serve.event_loop`: uvloop where installed); `threads`, one
 client thread per request iterating its handle (a Python program calling the engine from many threads); `process`,
 the engine core in a process of its own as the HTTP server runs it by default, read by one event loop here through
 the client's handles (the core writes its forwards to a file for the replay). Reader CPU
@@ -38,6 +39,7 @@ from trimode.bench.timing import machine_name
 from trimode.engine import Engine, EngineRequest
 from trimode.engine.auto import CostModel
 from trimode.engine.engine import ForwardShape
+from trimode.serve import event_loop
 
 
 @dataclass
@@ -123,7 +125,7 @@ def run_served(tm: TriMode, mode: str, prompts: list[list[int]], max_new_tokens:
 
     def run_loop(box: list[float]) -> None:
         c0 = time.thread_time()
-        box.append(asyncio.run(serve_all()))
+        box.append(event_loop.run(serve_all()))
         reader_cpu.append(time.thread_time() - c0)
 
     async def read(i: int, handle) -> None:
@@ -194,7 +196,7 @@ def run_served_process(tm: TriMode, mode: str, prompts: list[list[int]], max_new
                 return time.perf_counter() - t0
 
             c0 = time.process_time()
-            seconds = asyncio.run(serve_all())
+            seconds = event_loop.run(serve_all())
             cpu = time.process_time() - c0
             steps = max(1, client.stats().get("counters", {}).get("steps", 0))
         finally:
@@ -280,7 +282,8 @@ def report(tm: TriMode, cells: list[Cell], prompt_tokens: int, max_new_tokens: i
         f"{rounds} round(s) per cell, median ratio (min-max over rounds).",
         "",
         "Replay: the engine stepped in the caller's thread. Served: its background loop, every event consumed "
-        "(asyncio: one event loop reading every request through `handle.aiter()`, as the HTTP server does; "
+        f"(asyncio: one event loop ({event_loop.NAME}, the server's) reading every request through `handle.aiter()`, "
+        "as the HTTP server does; "
         "threads: one client thread per request). Syncs / step: host reads of tensor values per engine step in "
         "the engine (runner, decision stage: device syncs on a GPU) + in the step machines (host tensors since "
         "the decision stage).",

@@ -77,6 +77,7 @@ def serve_layout(tm, config, layout: Layout, host: str, port: int, log_level: st
     """Run the server in `layout` until it stops; its exit status."""
     import uvicorn
 
+    from trimode.serve import event_loop
     from trimode.serve.app import create_app
 
     if layout.api_server_count > 1:
@@ -93,7 +94,7 @@ def serve_layout(tm, config, layout: Layout, host: str, port: int, log_level: st
 
         engine = Engine(tm, **layout.engine)
     exit_flag.server = uvicorn.Server(uvicorn.Config(create_app(engine, config), host=host, port=port,
-                                                     log_level=log_level))
+                                                     log_level=log_level, loop=event_loop.NAME))
     exit_flag.server.run()
     return exit_flag.code
 
@@ -185,6 +186,7 @@ def api_worker(layout: Layout, config, audit_path: Path | None, addresses, host:
 
     import trimode
     from trimode.engine.client import EngineClient
+    from trimode.serve import event_loop
     from trimode.serve.app import create_app
     from trimode.serve.policy import AuditLog
 
@@ -194,6 +196,6 @@ def api_worker(layout: Layout, config, audit_path: Path | None, addresses, host:
         config = replace(config, audit_log=AuditLog(audit_path))
     engine = EngineClient(tm, [tuple(a) for a in addresses], stall_timeout=layout.engine_stall_timeout)
     sock = reuseport_socket(host, port)
-    server = uvicorn.Server(uvicorn.Config(create_app(engine, config), log_level=log_level))
+    server = uvicorn.Server(uvicorn.Config(create_app(engine, config), log_level=log_level, loop=event_loop.NAME))
     server.run(sockets=[sock])
     sys.exit(0)

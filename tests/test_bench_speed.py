@@ -46,15 +46,17 @@ def test_bench_speed_errors():
 def test_bench_engine_reports_both_kinds_of_served_clients(tmp_path):
     out = tmp_path / "engine.md"
     r = CliRunner().invoke(app, ["bench", "engine", "--model", str(TINY_A), "--modes", "ar,linear_spec", "--requests",
-                                 "3", "-n", "4", "--rounds", "1", "--served", "asyncio,threads", "--out", str(out)])
+                                 "3", "-n", "4", "--rounds", "1", "--served", "asyncio,asyncio-std,threads", "--out",
+                                 str(out)])
     assert r.exit_code == 0, r.output
     table = [line for line in out.read_text().splitlines() if line.startswith("| ")]
     assert "served (asyncio) / bare" in table[0] and "served (threads) / bare" in table[0]
+    assert "served (asyncio-std) / bare" in table[0]  # Python's own loop beside the server's (uvloop)
     assert "reader CPU ms / step (asyncio)" in table[0] and "reader CPU ms / step (threads)" in table[0]
     for row in table[1:]:
         cells = [c.strip() for c in row.strip("|").split("|")]
         # ratios, then the readers' CPU per step: they read every event, so it is never zero
-        assert cells[1] == "3" and all(float(c.split()[0]) > 0 for c in cells[4:9]), row
+        assert cells[1] == "3" and all(float(c.split()[0]) > 0 for c in cells[4:11]), row
     bad = CliRunner().invoke(app, ["bench", "engine", "--model", str(TINY_A), "--served", "processes"])
     assert bad.exit_code != 0 and "--served" in bad.output
 

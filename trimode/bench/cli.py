@@ -196,7 +196,9 @@ def engine(
     dtype: str | None = typer.Option(None, help="float32 / bfloat16 (default: float32 on CPU, bfloat16 on CUDA)."),
     threads: int | None = typer.Option(None, help="CPU threads for torch (default: torch's choice)."),
     served: str = typer.Option("asyncio", help="Clients of the served measurement, comma-separated: asyncio (one "
-                               "event loop reads every request, as the HTTP server's handlers), threads (one "
+                               "event loop reads every request, as the HTTP server's handlers, on the server's "
+                               "loop: uvloop where installed), asyncio-std (the same on Python's own asyncio "
+                               "loop), threads (one "
                                "thread per request) and/or process (the engine core in its own process, the HTTP "
                                "server's default layout, read by one event loop here)."),
 ) -> None:

@@ -12,7 +12,8 @@ is reported with its spread.
 Served-style: the engine's own background loop (`Engine.start()`) with every request's events consumed, its
 forwards replayed on the bare network the same way. Two kinds of clients (`served`): `asyncio`, every request read
 through `handle.aiter()` on one event loop in another thread, as the HTTP server's handlers read (on the loop the
-server runs on, `trimode.serve.event_loop`: uvloop where installed); `threads`, one
+server runs on, `trimode.serve.event_loop`: uvloop where installed); `asyncio-std`, the same on Python's own asyncio
+loop (the server's where uvloop is missing), to compare the two loops side by side in one run; `threads`, one
 client thread per request iterating its handle (a Python program calling the engine from many threads); `process`,
 the engine core in a process of its own as the HTTP server runs it by default, read by one event loop here through
 the client's handles (the core writes its forwards to a file for the replay). Reader CPU
@@ -96,7 +97,7 @@ def run_engine(tm: TriMode, mode: str, prompts: list[list[int]], max_new_tokens:
     return seconds, sum(len(r.token_ids) for r in results), engine.trace, threads
 
 
-SERVED = ("asyncio", "threads", "process")
+SERVED = ("asyncio", "asyncio-std", "threads", "process")
 
 
 def run_served(tm: TriMode, mode: str, prompts: list[list[int]], max_new_tokens: int, knobs: dict,
@@ -125,7 +126,7 @@ def run_served(tm: TriMode, mode: str, prompts: list[list[int]], max_new_tokens:
 
     def run_loop(box: list[float]) -> None:
         c0 = time.thread_time()
-        box.append(event_loop.run(serve_all()))
+        box.append((asyncio.run if clients == "asyncio-std" else event_loop.run)(serve_all()))
         reader_cpu.append(time.thread_time() - c0)
 
     async def read(i: int, handle) -> None:
@@ -139,7 +140,7 @@ def run_served(tm: TriMode, mode: str, prompts: list[list[int]], max_new_tokens:
 
     engine.start()
     try:
-        if clients == "asyncio":
+        if clients in ("asyncio", "asyncio-std"):
             box: list[float] = []
             loop_thread = threading.Thread(target=run_loop, args=(box,))
             loop_thread.start()

@@ -167,8 +167,8 @@ def argmax_last(x: torch.Tensor) -> torch.Tensor:
     """`x.argmax(-1)` of [N, V]: the same indices (each row's first maximum; a NaN counts as the maximum).
 
     On a CPU torch's index-returning reductions go element by element while `amax` is vectorized. A large [N, V]
-    is therefore reduced by blocks of `ARGMAX_BLOCK`: the maximum of each block, the first block holding the row's maximum, then the first
-    maximum inside it, which is the row's first maximum."""
+    is therefore reduced by blocks of `ARGMAX_BLOCK`: the maximum of each block, the first block holding the row's
+    maximum, then the first maximum inside it, which is the row's first maximum."""
     if x.dim() != 2 or x.device.type != "cpu" or x.shape[1] % ARGMAX_BLOCK or x.numel() < 1 << 15:
         return x.argmax(-1)
     n, v = x.shape

@@ -8,8 +8,8 @@ the engine's forward differs from the bare one; `trimode bench engine --served` 
         python scripts/paged_attention_cpu.py --rows 64 --past 96 [--model DIR] [--no-flex]
 
 (The tunables keep glibc from handing the gathered buffers back to the OS between calls: in this tight loop it
-may, in some processes and not others, and every call then page-faults its output; the engine's step, with other
-allocations between its gathers, showed no difference with them in `scripts/engine_step_split.py`.)
+may, in some processes and not others, and every call then page-faults its output; the engine as users run it,
+with other allocations between its gathers, showed no difference with them: docs/engine.md, "Later on 2026-12-05".)
 
 The pool and every row's pages are laid out by the engine's own code (`KVPool`, `PagedCache`: the prompt's pages
 at admission, then one page at a time as all rows grow together, as in the 64-request benchmark), and the gathered
